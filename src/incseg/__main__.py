@@ -1,0 +1,5 @@
+import sys
+
+from incseg.cli import main
+
+sys.exit(main())

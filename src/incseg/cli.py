@@ -1,0 +1,125 @@
+"""Command line: ``incseg run`` and ``incseg eval`` (also ``python -m incseg``).
+
+User errors (bad config, data or checkpoint) print one ``error:`` line and exit with code 2,
+without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from incseg.config import builtin_configs, load_config
+from incseg.errors import IncsegError
+
+RUN_MARKERS = ("config.yaml", "metrics.json", "summary.md", "step_0.pt")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="incseg", description="Class-incremental semantic segmentation (MiB and baselines)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="run every step of a class-incremental setting",
+        description="Run every step of the configured setting in one process; print per-step "
+        "tables and a summary; write config.yaml, step_K.pt, metrics.json and summary.md.",
+    )
+    run.add_argument(
+        "config", nargs="?", default=None,
+        help=f"YAML config file or built-in name {builtin_configs()} (default: demo)",
+    )  # fmt: skip
+    run.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=2 (repeatable)",
+    )  # fmt: skip
+    run.add_argument("--out", type=Path, default=None, help="run directory (default: runs/NAME-TIME)")
+    run.add_argument("--overwrite", action="store_true", help="allow writing into a directory that holds a run")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ev = sub.add_parser(
+        "eval",
+        help="re-evaluate a saved step",
+        description="Re-evaluate a saved step on its test set and print the same table as training.",
+    )
+    ev.add_argument("path", type=Path, help="run directory or step_K.pt checkpoint")
+    ev.add_argument("--step", type=int, default=None, help="step of a run directory (default: last saved)")
+    ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    out = args.out or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():
+        raise IncsegError(f"--out {out}: exists and is not a directory")
+    existing = [m for m in RUN_MARKERS if (out / m).exists()]
+    if existing and not args.overwrite:
+        raise IncsegError(
+            f"--out {out}: already holds a run ({', '.join(existing)}); choose another directory "
+            "or pass --overwrite"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise IncsegError(f"--out {out}: cannot create the run directory ({err.strerror})") from None
+    from incseg.engine.protocol import run_protocol  # heavy imports only once the config is valid
+
+    print(f"incseg run: {config.method.name} on {config.data.dataset} {config.protocol.setting} "
+          f"({config.protocol.mode}) -> {out}")  # fmt: skip
+    run_protocol(config, out, progress=not args.no_progress)
+    print(f"Run directory: {out}")
+    return 0
+
+
+def _checkpoint_path(path: Path, step: int | None) -> Path:
+    """``path`` itself, or ``step_K.pt`` of a run directory (default: the highest K)."""
+    if not path.is_dir():
+        if step is not None:
+            raise IncsegError("--step is only for run directories, not checkpoint files")
+        return path
+    if step is not None:
+        return path / f"step_{step}.pt"
+    steps = sorted(int(p.stem.split("_")[1]) for p in path.glob("step_*.pt") if p.stem.split("_")[1].isdigit())
+    if not steps:
+        raise IncsegError(f"{path}: no step_K.pt checkpoints in this directory")
+    return path / f"step_{steps[-1]}.pt"
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from incseg.engine.checkpoint import load_checkpoint
+    from incseg.engine.protocol import evaluate_checkpoint
+    from incseg.report import format_step_table
+
+    path = _checkpoint_path(args.path, args.step)
+    checkpoint = load_checkpoint(path)
+    report = evaluate_checkpoint(checkpoint, progress=not args.no_progress)
+    cfg = checkpoint["config"]
+    title = (f"Evaluation of {path}: step {report.step} of {cfg['data']['dataset']} "
+             f"{cfg['protocol']['setting']} ({cfg['protocol']['mode']}, {cfg['method']['name']})")  # fmt: skip
+    print(format_step_table(report, title))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code (0 ok, 2 user error)."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "eval":
+            return _eval(args)
+    except IncsegError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

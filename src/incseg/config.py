@@ -1,0 +1,307 @@
+"""Typed run configuration: frozen dataclasses, loaded from YAML, with dotted overrides.
+
+A YAML file lists only what differs from the defaults (the paper's setting, SPEC section 7)::
+
+    protocol: {setting: 15-5, mode: overlap}
+    model: {backbone: tiny}
+    method: {name: mib, kd_weight: 10}
+
+``--set train.lr=0.05`` overrides one key; values are parsed as YAML scalars. Unknown keys, unknown
+names and impossible values raise :class:`~incseg.errors.ConfigError` naming the key and listing
+the valid choices, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from incseg.errors import ConfigError
+from incseg.methods import METHODS
+from incseg.models.backbones import BACKBONES, OUTPUT_STRIDES, PRETRAINED
+from incseg.models.norm import NORMS
+from incseg.protocol import CONVENTIONS, MODES, get_setting
+
+DATASETS = {"shapes": "voc"}  # dataset name -> class family of its settings
+AMP_MODES = ("off", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset and transforms. ``image_size``, ``num_train``, ``num_test``, ``seed``: shapes only."""
+
+    dataset: str = "shapes"
+    image_size: int = 64
+    num_train: int = 1500
+    num_test: int = 300
+    seed: int = 0
+    crop_size: int = 512
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    test_crop: int | None = None
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """Setting, image selection mode, label convention and how many steps to run."""
+
+    setting: str = "15-5"
+    mode: str = "overlap"
+    labels: str = "mib"
+    last_step: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """DeepLabV3 (SPEC section 7)."""
+
+    backbone: str = "resnet101"
+    output_stride: int = 16
+    norm: str = "iabn"
+    head_channels: int = 256
+    pretrained: str = "none"
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Method name and its hyperparameters (the fields of the method's class)."""
+
+    name: str = "mib"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation. ``*_incremental`` apply to steps > 0 (None: same as step 0)."""
+
+    epochs: int = 30
+    epochs_incremental: int | None = None
+    lr: float = 0.01
+    lr_incremental: float = 0.001
+    batch_size: int = 24
+    eval_batch_size: int = 8
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    lr_power: float = 0.9
+    amp: str = "off"
+    device: str = "auto"
+    seed: int = 0
+    log_interval: int = 10
+
+    def epochs_at(self, step: int) -> int:
+        if step == 0 or self.epochs_incremental is None:
+            return self.epochs
+        return self.epochs_incremental
+
+    def lr_at(self, step: int) -> float:
+        return self.lr if step == 0 else self.lr_incremental
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run."""
+
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def family(self) -> str:
+        return DATASETS[self.data.dataset]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict; ``method`` is flattened to ``{name, **params}`` as in YAML."""
+        out = dataclasses.asdict(self)
+        out["method"] = {"name": self.method.name, **self.method.params}
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a typed config from plain data
+
+
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    """Return ``value`` as ``annotation`` (int widened to float), or raise naming ``key``."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{key}: a value is required (null given)")
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+    expected = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+    raise ConfigError(f"{key}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+
+def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, checking keys and scalar types.
+
+    Nested dataclass fields are built recursively. ``prefix`` is the dotted path used in errors.
+    """
+    where = prefix or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {names}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = build_dataclass(hint, value, key)
+        else:
+            kwargs[name] = _check_type(value, hint, key)
+    return cls(**kwargs)
+
+
+def _one_of(value: Any, choices: Any, key: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: unknown value {value!r}; valid choices: {list(choices)}")
+
+
+def _at_least(value: int | float | None, low: float, key: str) -> None:
+    if value is not None and value < low:
+        raise ConfigError(f"{key}: must be >= {low}, got {value}")
+
+
+def validate(config: Config) -> None:
+    """Check names and ranges that the types alone cannot."""
+    data, proto, model, train = config.data, config.protocol, config.model, config.train
+    _one_of(data.dataset, DATASETS, "data.dataset")
+    for key in ("image_size", "num_train", "num_test", "crop_size"):
+        _at_least(getattr(data, key), 1, f"data.{key}")
+    _at_least(data.num_workers, 0, "data.num_workers")
+    _at_least(data.test_crop, 1, "data.test_crop")
+    if not 0 < data.scale_min <= data.scale_max:
+        raise ConfigError(
+            f"data.scale_min/scale_max: need 0 < scale_min <= scale_max, got {data.scale_min}, {data.scale_max}"
+        )
+    try:
+        setting = get_setting(config.family, proto.setting)
+    except ConfigError as err:
+        raise ConfigError(f"protocol.setting: {err}") from None
+    _one_of(proto.mode, MODES, "protocol.mode")
+    _one_of(proto.labels, CONVENTIONS, "protocol.labels")
+    if proto.last_step is not None and not 0 <= proto.last_step < setting.num_steps:
+        raise ConfigError(
+            f"protocol.last_step: step {proto.last_step} is out of range for setting "
+            f"{setting.name!r}; valid steps are 0..{setting.num_steps - 1}"
+        )
+    _one_of(model.backbone, sorted(BACKBONES), "model.backbone")
+    _one_of(model.output_stride, OUTPUT_STRIDES, "model.output_stride")
+    _one_of(model.norm, NORMS, "model.norm")
+    _one_of(model.pretrained, PRETRAINED, "model.pretrained")
+    _at_least(model.head_channels, 1, "model.head_channels")
+    for key in ("epochs", "epochs_incremental", "weight_decay", "lr_power", "momentum", "seed"):
+        _at_least(getattr(train, key), 0, f"train.{key}")
+    for key in ("batch_size", "eval_batch_size", "log_interval"):
+        _at_least(getattr(train, key), 1, f"train.{key}")
+    for key in ("lr", "lr_incremental"):
+        if not getattr(train, key) > 0:
+            raise ConfigError(f"train.{key}: must be > 0, got {getattr(train, key)}")
+    _one_of(train.amp, AMP_MODES, "train.amp")
+    _one_of(train.device, DEVICES, "train.device")
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from nested plain data (as read from YAML)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {raw!r}")
+    raw = dict(raw)
+    method_raw = raw.pop("method", None) or {}
+    if not isinstance(method_raw, dict):
+        raise ConfigError(f"method: expected a mapping like {{name: mib}}, got {method_raw!r}")
+    method_raw = dict(method_raw)
+    name = method_raw.pop("name", MethodConfig.name)
+    _one_of(name, sorted(METHODS), "method.name")
+    params = dataclasses.asdict(build_dataclass(METHODS[name], method_raw, "method"))
+    config = build_dataclass(Config, raw, "")
+    config = dataclasses.replace(config, method=MethodConfig(name=name, params=params))
+    validate(config)
+    return config
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as a YAML scalar) to nested dict ``raw`` in place."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.lr=0.01")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {assignment!r}: cannot parse value: {err}") from None
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def builtin_configs() -> list[str]:
+    """Names of the configs shipped inside the package (``incseg run demo``)."""
+    folder = resources.files("incseg.configs")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def builtin_config_path(name: str) -> Path:
+    return Path(str(resources.files("incseg.configs").joinpath(f"{name}.yaml")))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config file; a name from :func:`builtin_configs` selects a shipped config."""
+    path = Path(path)
+    if not path.exists() and str(path) in builtin_configs():
+        path = builtin_config_path(str(path))
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {str(path)!r} not found; give a YAML path or a built-in config: "
+            f"{builtin_configs()}"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    return raw or {}
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (``None``: the demo config), apply ``--set`` overrides, validate."""
+    raw = read_yaml(path if path is not None else "demo")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    where = f"{path}: " if path is not None else ""
+    try:
+        return config_from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{where}{err}") from None

@@ -1,0 +1,1 @@
+"""Control flow: the protocol loop, one epoch of training, evaluation, checkpoints."""

@@ -1,0 +1,34 @@
+"""Evaluation: one confusion matrix over all test pixels of the seen classes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from incseg.metrics import confusion_matrix
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader,
+    num_classes: int,
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Return the ``(K, K)`` int64 confusion matrix of ``model`` on ``loader``.
+
+    The matrix stays on ``device`` while batches accumulate (no host copy per batch).
+    """
+    model.eval()
+    matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(images).logits
+        matrix += confusion_matrix(logits.argmax(1), targets, num_classes)
+    return matrix

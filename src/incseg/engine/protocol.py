@@ -1,0 +1,228 @@
+"""``run_protocol``: every step of a class-incremental setting, in one process.
+
+For each step: select the step's images and remap their labels, grow the classifier and let the
+method initialise it, train, evaluate on all seen classes, save a checkpoint, and freeze a copy of
+the model as the next step's old model. The next step starts from the last epoch's weights (no
+model selection on the test set), as in the MiB paper.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from incseg.config import Config, config_from_dict
+from incseg.data import Source, StepDataset, build_sources
+from incseg.data.transforms import test_transform, train_transform
+from incseg.engine.checkpoint import save_checkpoint
+from incseg.engine.evaluate import evaluate
+from incseg.engine.train import poly_lr_lambda, train_one_epoch
+from incseg.errors import CheckpointError, ConfigError, DataError
+from incseg.methods import Method, build_method
+from incseg.metrics import StepReport
+from incseg.models import IncrementalSegmenter, build_segmenter
+from incseg.protocol import StepInfo, get_setting, make_lut, select_test, select_train, step_info
+from incseg.report import format_step_table, format_summary, summary_markdown
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Seed of one step, so that a step's randomness does not depend on earlier steps' runs."""
+    return seed * 1000 + step
+
+
+def build_model(config: Config, info: StepInfo, *, pretrained: bool = True) -> IncrementalSegmenter:
+    """A fresh segmenter with the classifiers of steps ``0..info.step``; ``pretrained=False``
+    skips loading backbone weights (they are about to be overwritten by a checkpoint)."""
+    m = config.model
+    return build_segmenter(
+        m.backbone, info.channels_per_step, output_stride=m.output_stride, norm=m.norm,
+        head_channels=m.head_channels, pretrained=m.pretrained if pretrained else "none",
+    )  # fmt: skip
+
+
+def restore_step(checkpoint: dict) -> tuple[Config, StepInfo, IncrementalSegmenter]:
+    """Rebuild the config, step and model saved in a loaded checkpoint (see ``load_checkpoint``)."""
+    try:
+        config = config_from_dict(checkpoint["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint config is not valid for this version of incseg: {err}") from None
+    info = step_info(get_setting(config.family, config.protocol.setting), checkpoint["step"])
+    if tuple(checkpoint["channels_per_step"]) != info.channels_per_step:
+        raise CheckpointError(
+            f"checkpoint classifier sizes {checkpoint['channels_per_step']} do not match step "
+            f"{info.step} of {config.protocol.setting} {list(info.channels_per_step)}"
+        )
+    model = build_model(config, info, pretrained=False)
+    model.load_state_dict(checkpoint["model"])
+    return config, info, model
+
+
+def evaluate_checkpoint(checkpoint: dict, *, progress: bool = False) -> StepReport:
+    """Re-evaluate a saved step on its test set, exactly as at the end of training."""
+    config, info, model = restore_step(checkpoint)
+    device = resolve_device(config.train.device)
+    sources = build_sources(config.data)
+    presences = (sources[0].presence(), sources[1].presence())
+    _, test_loader = step_loaders(config, sources, presences, info)
+    matrix = evaluate(model.to(device), test_loader, info.num_channels, device=device,
+                      amp_dtype=AMP_DTYPES[config.train.amp], progress=progress)  # fmt: skip
+    return StepReport.from_confusion(matrix, info)
+
+
+def step_loaders(
+    config: Config,
+    sources: tuple[Source, Source],
+    presences: tuple[np.ndarray, np.ndarray],
+    info: StepInfo,
+) -> tuple[DataLoader, DataLoader]:
+    """Train and test loaders of a step, selected from the precomputed class-presence indices."""
+    data, train_cfg, proto = config.data, config.train, config.protocol
+    ignore_zero = config.family == "ade" and proto.labels == "mib"
+    train_idx = select_train(presences[0], info, proto.mode)
+    test_idx = select_test(presences[1], info)
+    for split, idx in (("training", train_idx), ("test", test_idx)):
+        if len(idx) == 0:
+            raise DataError(
+                f"step {info.step} of {proto.setting} ({proto.mode}) selects no {split} images "
+                f"(new classes {list(info.new_classes)}); the dataset is too small for this setting"
+            )
+    train_set = StepDataset(
+        sources[0], train_idx, make_lut(info, "train", proto.labels),
+        train_transform(data.crop_size, (data.scale_min, data.scale_max)),
+    )  # fmt: skip
+    test_set = StepDataset(
+        sources[1], test_idx,
+        make_lut(info, "test", proto.labels, ignore_zero_at_test=ignore_zero),
+        test_transform(data.test_crop),
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(step_seed(train_cfg.seed, info.step))
+    train_loader = DataLoader(
+        train_set, batch_size=train_cfg.batch_size, shuffle=True, generator=generator,
+        num_workers=data.num_workers, drop_last=len(train_set) >= train_cfg.batch_size,
+    )  # fmt: skip
+    test_loader = DataLoader(test_set, batch_size=train_cfg.eval_batch_size, num_workers=data.num_workers)
+    return train_loader, test_loader
+
+
+def train_step(
+    config: Config,
+    model: nn.Module,
+    old_model: nn.Module | None,
+    method: Method,
+    loader: DataLoader,
+    info: StepInfo,
+    device: torch.device,
+    progress: bool,
+) -> list[dict[str, float]]:
+    """Train one step with SGD (Nesterov momentum) and a per-iteration poly LR; return per-epoch
+    mean loss terms."""
+    cfg = config.train
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr_at(info.step), momentum=cfg.momentum,
+        nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay,
+    )  # fmt: skip
+    epochs = cfg.epochs_at(info.step)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, poly_lr_lambda(epochs * len(loader), cfg.lr_power)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    history = []
+    for epoch in tqdm(range(epochs), desc=f"step {info.step}", disable=not progress):
+        history.append(
+            train_one_epoch(
+                model, old_model, method, loader, optimizer, scheduler, scaler, info,
+                epoch=epoch, device=device, amp_dtype=AMP_DTYPES[cfg.amp],
+                log_interval=cfg.log_interval, progress=progress,
+            )  # fmt: skip
+        )
+    return history
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """The old model: a deep copy in eval mode with gradients off (never wrapped in DDP)."""
+    old = copy.deepcopy(model).eval()
+    old.requires_grad_(False)
+    return old
+
+
+def run_protocol(
+    config: Config,
+    run_dir: Path,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[StepReport]:
+    """Run every step of ``config``'s setting (up to ``protocol.last_step``); write into
+    ``run_dir`` the resolved config, ``step_K.pt`` per step, ``metrics.json`` and ``summary.md``.
+
+    Returns:
+        One :class:`StepReport` per step.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config.to_yaml())
+    setting = get_setting(config.family, config.protocol.setting)
+    last_step = setting.num_steps - 1 if config.protocol.last_step is None else config.protocol.last_step
+    device = resolve_device(config.train.device)
+    amp_dtype = AMP_DTYPES[config.train.amp]
+
+    sources = build_sources(config.data)
+    presences = (sources[0].presence(), sources[1].presence())  # once; every step selects from it
+    method = build_method(config.method.name, config.method.params)
+    model: IncrementalSegmenter | None = None
+    old_model: nn.Module | None = None
+    reports: list[StepReport] = []
+    metrics: dict = {"setting": setting.name, "mode": config.protocol.mode,
+                     "method": config.method.name, "steps": []}  # fmt: skip
+
+    for step in range(last_step + 1):
+        info = step_info(setting, step)
+        torch.manual_seed(step_seed(config.train.seed, step))
+        train_loader, test_loader = step_loaders(config, sources, presences, info)
+        if model is None:
+            model = build_model(config, info).to(device)
+        else:
+            model.add_classifier(info.channels_per_step[-1])
+            method.init_new_classifier(model, info)
+        teacher = old_model if method.needs_old_model else None
+        method.begin_step(info, model, teacher, train_loader)
+        losses = train_step(config, model, teacher, method, train_loader, info, device, progress)
+        method.end_step(info, model, train_loader)
+
+        matrix = evaluate(model, test_loader, info.num_channels, device=device, amp_dtype=amp_dtype,
+                          progress=progress)  # fmt: skip
+        report = StepReport.from_confusion(matrix, info)
+        reports.append(report)
+        save_checkpoint(run_dir / f"step_{step}.pt", {
+            "step": step, "setting": setting.name, "channels_per_step": list(info.channels_per_step),
+            "config": config.to_dict(), "model": model.state_dict(), "method": method.state_dict(),
+        })  # fmt: skip
+        metrics["steps"].append({**report.to_dict(), "num_train_images": len(train_loader.dataset),
+                                 "num_test_images": len(test_loader.dataset), "losses": losses})  # fmt: skip
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        title = (f"Step {step}/{last_step} of {config.data.dataset} {setting.name} "
+                 f"({config.protocol.mode}, {config.method.name}): "
+                 f"{len(train_loader.dataset)} train / {len(test_loader.dataset)} test images")  # fmt: skip
+        log(format_step_table(report, title))
+        old_model = frozen_copy(model)
+
+    log(format_summary(reports))
+    heading = f"{config.name}: {config.method.name} on {config.data.dataset} {setting.name} ({config.protocol.mode})"
+    (run_dir / "summary.md").write_text(summary_markdown(reports, heading, config.to_yaml()))
+    return reports

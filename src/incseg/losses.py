@@ -1,0 +1,86 @@
+"""Loss functions as pure functions of tensors.
+
+Conventions: ``logits`` are ``(B, C, H, W)`` floating point at input resolution; ``targets`` are
+``(B, H, W)`` integer channel indices with 255 = ignore; ``old_logits`` are the frozen old model's
+``(B, O, H, W)`` outputs. None of these functions modify their inputs.
+
+Reference: Cermelli et al., "Modeling the Background for Incremental Learning in Semantic
+Segmentation", CVPR 2020 (MiB), equations 4-5 and section 3.3; SPEC section 5.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = 255
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits are summed in float32 (logsumexp under autocast); others keep dtype."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over pixels whose target is not 255. Returns a scalar."""
+    return F.cross_entropy(logits, targets.long(), ignore_index=IGNORE_INDEX)
+
+
+def unbiased_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, num_old: int
+) -> torch.Tensor:
+    """MiB's unbiased cross-entropy (UNCE).
+
+    The background probability absorbs all old channels:
+    ``log p(bg) = logsumexp(z_0..z_{O-1}) - D`` and ``log p(c) = z_c - D`` for new channels
+    ``c >= O``, with ``D = logsumexp`` over all channels. Targets in ``1..O-1`` (old classes) count
+    as background. Mean negative log-likelihood over pixels not labelled 255.
+
+    Args:
+        logits: ``(B, C_t, H, W)``.
+        targets: ``(B, H, W)`` channel indices, 255 = ignore.
+        num_old: O, channels before this step (background included). ``O <= 1`` gives plain CE.
+
+    Returns:
+        Scalar loss (0-dim tensor, dtype of ``logits`` promoted to at least float32).
+    """
+    if num_old <= 1:
+        return cross_entropy(logits, targets)
+    logits = _upcast(logits)
+    denom = torch.logsumexp(logits, dim=1, keepdim=True)
+    log_bg = torch.logsumexp(logits[:, :num_old], dim=1, keepdim=True) - denom
+    log_new = logits[:, num_old:] - denom
+    log_probs = torch.cat([log_bg, log_new], dim=1)  # channel 0 = bg, k >= 1 = new channel O+k-1
+    targets = targets.long()
+    shifted = torch.where(targets < num_old, torch.zeros_like(targets), targets - num_old + 1)
+    shifted = torch.where(targets == IGNORE_INDEX, targets, shifted)
+    return F.nll_loss(log_probs, shifted, ignore_index=IGNORE_INDEX)
+
+
+def unbiased_knowledge_distillation(
+    logits: torch.Tensor, old_logits: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
+    """MiB's unbiased knowledge distillation (UNKD).
+
+    Soft targets ``q = softmax(alpha * old_logits)`` over the O old channels. The new model's
+    background probability absorbs the new channels:
+    ``log p(bg) = logsumexp(z_0, z_O..z_{C-1}) - D``; ``log p(c) = z_c - D`` for ``1 <= c < O``.
+    Loss ``= -(1/O) sum_c q_c log p(c)``, averaged over all pixels (no ignore mask).
+
+    Args:
+        logits: ``(B, C_t, H, W)`` new model outputs.
+        old_logits: ``(B, O, H, W)`` old model outputs, ``O < C_t``.
+        alpha: temperature-like scale of the old logits (1 in the paper).
+
+    Returns:
+        Scalar loss.
+    """
+    num_old = old_logits.shape[1]
+    logits = _upcast(logits)
+    denom = torch.logsumexp(logits, dim=1, keepdim=True)
+    bg_and_new = torch.cat([logits[:, :1], logits[:, num_old:]], dim=1)
+    log_bg = torch.logsumexp(bg_and_new, dim=1, keepdim=True) - denom
+    log_old = logits[:, 1:num_old] - denom
+    log_probs = torch.cat([log_bg, log_old], dim=1)
+    soft = torch.softmax(alpha * _upcast(old_logits), dim=1)
+    return -(soft * log_probs).mean(dim=1).mean()

@@ -1,0 +1,24 @@
+"""Methods, found by name. Add a method: write a :class:`Method` subclass, register it here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from incseg.errors import ConfigError
+from incseg.methods.base import FineTuning, Method
+from incseg.methods.mib import MiB
+
+METHODS: dict[str, type[Method]] = {
+    "ft": FineTuning,
+    "mib": MiB,
+}
+
+
+def build_method(name: str, params: dict[str, Any]) -> Method:
+    """Instantiate method ``name`` with hyperparameters ``params`` (already validated)."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
+    return METHODS[name](**params)
+
+
+__all__ = ["METHODS", "FineTuning", "Method", "MiB", "build_method"]

@@ -1,0 +1,72 @@
+"""The method interface: a small class with named hooks that return values (DESIGN.md).
+
+The engine calls, per step: ``begin_step`` -> (classifier grows) ``init_new_classifier`` ->
+``losses`` on every batch -> ``end_step``. A method never touches the optimizer, the grad scaler,
+distributed wrappers or logging. Hyperparameters are dataclass fields, filled from the YAML
+``method:`` section.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from incseg.losses import cross_entropy
+from incseg.models.segmenter import SegmenterOutput
+from incseg.protocol.steps import StepInfo
+
+
+@dataclass
+class Method:
+    """Fine-tuning: plain cross-entropy on the current labels, random init of new classifiers.
+
+    Capabilities (class attributes) tell the engine what to compute:
+    ``needs_old_model``: run the frozen previous-step model on every batch (steps > 0);
+    ``needs_features``: return backbone features of both models.
+    """
+
+    needs_old_model: ClassVar[bool] = False
+    needs_features: ClassVar[bool] = False
+
+    def begin_step(
+        self, info: StepInfo, model: nn.Module, old_model: nn.Module | None, loader: Any
+    ) -> None:
+        """Called before training a step."""
+
+    def init_new_classifier(self, model: nn.Module, info: StepInfo) -> None:
+        """Called once right after the step's classifier was added (steps > 0)."""
+
+    def losses(
+        self,
+        output: SegmenterOutput,
+        old_output: SegmenterOutput | None,
+        targets: torch.Tensor,
+        info: StepInfo,
+    ) -> dict[str, torch.Tensor]:
+        """Named, already weighted loss terms of a batch; the engine sums them.
+
+        Args:
+            output: current model outputs, logits ``(B, C_t, H, W)``.
+            old_output: old model outputs (``(B, O, H, W)``) or None at step 0 / if not needed.
+            targets: ``(B, H, W)`` uint8/long channel indices, 255 = ignore.
+            info: the step.
+        """
+        return {"ce": cross_entropy(output.logits, targets)}
+
+    def end_step(self, info: StepInfo, model: nn.Module, loader: Any) -> None:
+        """Called after a step's training, before evaluation."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State that must survive across steps and in checkpoints (none here)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+@dataclass
+class FineTuning(Method):
+    """FT: the lower bound; trains on the current step's labels only."""

@@ -1,0 +1,121 @@
+"""Confusion matrix, IoU and the paper's old / new / all report (SPEC section 7).
+
+One confusion matrix accumulates over all test pixels (label 255 excluded); IoU is per class and
+mIoU averages the classes that have ground-truth pixels. Never per-image averaged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from incseg.protocol.steps import StepInfo
+
+IGNORE_INDEX = 255
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Confusion matrix of one batch.
+
+    Args:
+        pred: ``(...)`` integer predicted channels in ``0..num_classes-1``.
+        target: same shape, integer ground-truth channels; 255 (or any value >= num_classes)
+            is ignored.
+        num_classes: K.
+
+    Returns:
+        ``(K, K)`` int64 matrix on ``pred``'s device; rows = ground truth, columns = prediction.
+    """
+    target = target.reshape(-1).long()
+    pred = pred.reshape(-1).long()
+    valid = target < num_classes
+    flat = target[valid] * num_classes + pred[valid]
+    return torch.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def iou_per_class(matrix: torch.Tensor) -> torch.Tensor:
+    """``(K,)`` float64 IoU; NaN for classes with no ground truth and no prediction."""
+    matrix = matrix.double()
+    tp = matrix.diag()
+    union = matrix.sum(0) + matrix.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+
+
+def _mean_present(iou: torch.Tensor, present: torch.Tensor) -> float:
+    values = iou[present]
+    return float(values.mean()) if len(values) else float("nan")
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """Evaluation of one step.
+
+    Attributes:
+        step: step index.
+        class_names: name per channel.
+        iou: IoU per channel (NaN where the class has no pixels at all).
+        present: per channel, whether it has ground-truth pixels in the test set.
+        num_base_channels: channels of step 0 (the paper's "old" group, background included).
+        pixel_accuracy: fraction of valid pixels predicted correctly.
+    """
+
+    step: int
+    class_names: tuple[str, ...]
+    iou: tuple[float, ...]
+    present: tuple[bool, ...]
+    num_base_channels: int
+    pixel_accuracy: float
+
+    @classmethod
+    def from_confusion(cls, matrix: torch.Tensor, info: StepInfo) -> StepReport:
+        matrix = matrix.cpu()
+        total = matrix.sum().clamp(min=1)
+        return cls(
+            step=info.step,
+            class_names=info.class_names,
+            iou=tuple(iou_per_class(matrix).tolist()),
+            present=tuple((matrix.sum(1) > 0).tolist()),
+            num_base_channels=info.num_base_channels,
+            pixel_accuracy=float(matrix.diag().sum() / total),
+        )
+
+    def _mean(self, start: int, stop: int) -> float:
+        iou = torch.tensor(self.iou[start:stop], dtype=torch.float64)
+        return _mean_present(iou, torch.tensor(self.present[start:stop], dtype=torch.bool))
+
+    @property
+    def miou_old(self) -> float:
+        """mIoU of step-0 classes, background included (the paper's "0-15" column)."""
+        return self._mean(0, self.num_base_channels)
+
+    @property
+    def miou_new(self) -> float:
+        """mIoU of classes added after step 0 (NaN at step 0)."""
+        return self._mean(self.num_base_channels, len(self.iou))
+
+    @property
+    def miou_all(self) -> float:
+        return self._mean(0, len(self.iou))
+
+    @property
+    def old_range(self) -> str:
+        return f"0-{self.num_base_channels - 1}"
+
+    @property
+    def new_range(self) -> str:
+        last = len(self.iou) - 1
+        return f"{self.num_base_channels}-{last}" if last >= self.num_base_channels else "none"
+
+    def to_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "miou_old": self.miou_old,
+            "miou_new": self.miou_new,
+            "miou_all": self.miou_all,
+            "pixel_accuracy": self.pixel_accuracy,
+            "per_class": {
+                name: (iou if present else None)
+                for name, iou, present in zip(self.class_names, self.iou, self.present, strict=True)
+            },
+        }

@@ -1,0 +1,139 @@
+"""Backbones: torchvision ResNets (dilated to output stride 16 or 8) and a tiny CPU backbone.
+
+Every backbone maps ``(B, 3, H, W)`` float images to ``(B, out_channels, H/OS, W/OS)`` features
+and has an ``out_channels`` attribute. Backbones are found by name in :data:`BACKBONES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from incseg.errors import ConfigError
+from incseg.models.norm import activation, norm_act
+
+OUTPUT_STRIDES = (8, 16)
+PRETRAINED = ("none", "imagenet")
+
+
+class TinyBackbone(nn.Module):
+    """A few conv layers (16-64 channels) for CPU demos and tests; random init only.
+
+    Output stride 16 uses four stride-2 convs; output stride 8 replaces the last by a conv with
+    dilation 2, as the ResNets do.
+    """
+
+    out_channels = 64
+
+    def __init__(self, output_stride: int = 16, norm: str = "bn") -> None:
+        super().__init__()
+
+        def conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+            layer = nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False)
+            return nn.Sequential(layer, norm_act(cout, norm))
+
+        last = conv(64, 64, stride=2) if output_stride == 16 else conv(64, 64, dilation=2)
+        self.layers = nn.Sequential(
+            conv(3, 16, stride=2),
+            conv(16, 32, stride=2),
+            conv(32, 64, stride=2),
+            conv(64, 64),
+            last,
+            conv(64, 64, dilation=1 if output_stride == 16 else 2),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class ResNetBackbone(nn.Module):
+    """A torchvision ResNet without its pooling and classifier, dilated per output stride.
+
+    OS16 dilates the last stage (dilation 2); OS8 dilates the last two (2 and 4), as DeepLabV3.
+    Submodule names are torchvision's (``conv1``, ``bn1``, ``layer1``..``layer4``), so torchvision
+    ImageNet state dicts load directly.
+    """
+
+    def __init__(self, depth: int, output_stride: int, norm: str, weights: str | None) -> None:
+        super().__init__()
+        dilate = [False, False, True] if output_stride == 16 else [False, True, True]
+        builder = getattr(torchvision.models, f"resnet{depth}")
+        net = builder(weights=None, replace_stride_with_dilation=dilate)
+        if weights is not None:
+            net.load_state_dict(_download_weights(f"ResNet{depth}_Weights.{weights}"))
+        if norm == "iabn":
+            _replace_relu(net, norm)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            net.layer1, net.layer2, net.layer3, net.layer4,
+        )  # fmt: skip
+        self.out_channels = net.fc.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def _replace_relu(module: nn.Module, norm: str) -> None:
+    """Swap every ReLU for the activation of ``norm`` (LeakyReLU 0.01 for ``iabn``)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.ReLU):
+            setattr(module, name, activation(norm))
+        else:
+            _replace_relu(child, norm)
+
+
+def _download_weights(name: str) -> dict[str, torch.Tensor]:
+    """Fetch torchvision weights ``name`` (e.g. ``ResNet101_Weights.IMAGENET1K_V1``).
+
+    Raises:
+        ConfigError: the file is neither cached nor downloadable; the message names the URL and
+            the cache folder to place it in.
+    """
+    weights = torchvision.models.get_weight(name)
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    filename = weights.url.rsplit("/", 1)[-1]
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError
+        raise ConfigError(
+            f"cannot load pretrained weights {name}: {err}. Without network access, download "
+            f"{weights.url} elsewhere and place it at {cache / filename}, "
+            "or set model.pretrained=none"
+        ) from None
+
+
+def _resnet(depth: int) -> Callable[..., nn.Module]:
+    def build(output_stride: int, norm: str, pretrained: str) -> nn.Module:
+        weights = "IMAGENET1K_V1" if pretrained == "imagenet" else None
+        return ResNetBackbone(depth, output_stride, norm, weights)
+
+    return build
+
+
+def _tiny(output_stride: int, norm: str, pretrained: str) -> nn.Module:
+    if pretrained != "none":
+        raise ConfigError("model.pretrained must be 'none' for the tiny backbone (no weights exist)")
+    return TinyBackbone(output_stride, norm)
+
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "tiny": _tiny,
+    "resnet50": _resnet(50),
+    "resnet101": _resnet(101),
+}
+
+
+def build_backbone(name: str, output_stride: int, norm: str, pretrained: str = "none") -> nn.Module:
+    """Build backbone ``name``; unknown names list the registered ones."""
+    if name not in BACKBONES:
+        raise ConfigError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
+    if output_stride not in OUTPUT_STRIDES:
+        raise ConfigError(f"output stride {output_stride} not supported; expected one of {OUTPUT_STRIDES}")
+    if pretrained not in PRETRAINED:
+        raise ConfigError(f"unknown pretrained weights {pretrained!r}; expected one of {PRETRAINED}")
+    return BACKBONES[name](output_stride=output_stride, norm=norm, pretrained=pretrained)

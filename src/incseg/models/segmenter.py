@@ -1,0 +1,84 @@
+"""Backbone + ASPP head + one 1x1 classifier per step (the MiB model, SPEC section 7)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from incseg.models.backbones import build_backbone
+from incseg.models.deeplab import ASPP, ASPP_RATES
+
+
+class SegmenterOutput(NamedTuple):
+    """``logits``: ``(B, C_t, H, W)`` at input size; ``features``: backbone output or None."""
+
+    logits: torch.Tensor
+    features: torch.Tensor | None
+
+
+class IncrementalSegmenter(nn.Module):
+    """DeepLabV3 whose classifier grows by one 1x1 conv per step.
+
+    Args:
+        backbone: module with ``out_channels``.
+        head_channels: ASPP output channels (256 in the paper).
+        channels_per_step: classifier outputs of steps 0..t (step 0 includes background).
+        rates: ASPP dilation rates.
+        norm: ``"bn"`` or ``"iabn"``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head_channels: int,
+        channels_per_step: tuple[int, ...],
+        rates: tuple[int, ...],
+        norm: str,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = ASPP(backbone.out_channels, head_channels, rates, norm)
+        self.head_channels = head_channels
+        self.classifiers = nn.ModuleList()
+        for num in channels_per_step:
+            self.add_classifier(num)
+
+    @property
+    def channels_per_step(self) -> tuple[int, ...]:
+        return tuple(c.out_channels for c in self.classifiers)
+
+    @property
+    def num_channels(self) -> int:
+        return sum(self.channels_per_step)
+
+    def add_classifier(self, num_channels: int) -> nn.Conv2d:
+        """Append a ``head_channels -> num_channels`` 1x1 conv (PyTorch default init)."""
+        ref = next(self.head.parameters())
+        conv = nn.Conv2d(self.head_channels, num_channels, 1).to(device=ref.device, dtype=ref.dtype)
+        self.classifiers.append(conv)
+        return conv
+
+    def forward(self, images: torch.Tensor, return_features: bool = False) -> SegmenterOutput:
+        """``(B, 3, H, W)`` normalised images -> logits ``(B, C_t, H, W)`` (channel order = steps)."""
+        features = self.backbone(images)
+        head = self.head(features)
+        logits = torch.cat([cls(head) for cls in self.classifiers], dim=1)
+        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return SegmenterOutput(logits, features if return_features else None)
+
+
+def build_segmenter(
+    backbone: str,
+    channels_per_step: tuple[int, ...],
+    *,
+    output_stride: int = 16,
+    norm: str = "bn",
+    head_channels: int = 256,
+    pretrained: str = "none",
+) -> IncrementalSegmenter:
+    """Build the segmenter of a step from names (see :data:`incseg.models.BACKBONES`)."""
+    net = build_backbone(backbone, output_stride, norm, pretrained)
+    return IncrementalSegmenter(net, head_channels, channels_per_step, ASPP_RATES[output_stride], norm)

@@ -1,0 +1,80 @@
+"""Which images belong to a step (SPEC section 3), from a per-image class-presence index.
+
+The index is a boolean matrix ``presence`` of shape ``(num_images, 256)``: ``presence[i, c]`` is
+True when label value ``c`` occurs in image ``i``. It is computed once per dataset (one pass over
+the labels) and every setting, mode and step is then selected from it with vectorised NumPy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from incseg.errors import ConfigError
+from incseg.protocol.steps import StepInfo
+
+MODES = ("disjoint", "overlap")
+NUM_LABEL_VALUES = 256  # labels are uint8; 255 = ignore
+
+
+def label_presence(label: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Presence vector of one label map.
+
+    Args:
+        label: integer label map of any shape, values in 0..255.
+
+    Returns:
+        ``(256,)`` bool array, True for every value that occurs.
+    """
+    flat = torch.as_tensor(label).reshape(-1).long()
+    return (torch.bincount(flat, minlength=NUM_LABEL_VALUES) > 0).numpy()
+
+
+def build_presence(labels: Iterable[np.ndarray | torch.Tensor]) -> np.ndarray:
+    """Stack :func:`label_presence` over labels into a ``(N, 256)`` bool matrix."""
+    rows = [label_presence(label) for label in labels]
+    if not rows:
+        return np.zeros((0, NUM_LABEL_VALUES), dtype=bool)
+    return np.stack(rows)
+
+
+def _mask(classes: Iterable[int]) -> np.ndarray:
+    mask = np.zeros(NUM_LABEL_VALUES, dtype=bool)
+    mask[list(classes)] = True
+    return mask
+
+
+def select_train(presence: np.ndarray, info: StepInfo, mode: str) -> np.ndarray:
+    """Indices of the training images of a step.
+
+    With C = classes present in an image (0 and 255 excluded):
+
+    * ``overlap``: keep the image if C contains a new class.
+    * ``disjoint``: keep it if C contains a new class and no future class. Classes outside the
+      setting (none for the shipped settings) also exclude the image.
+
+    Args:
+        presence: ``(N, 256)`` bool class-presence index.
+        info: the step.
+        mode: ``"disjoint"`` or ``"overlap"``.
+
+    Returns:
+        Sorted ``int64`` indices into the index rows.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode {mode!r}; expected one of {list(MODES)}")
+    has_new = presence[:, _mask(info.new_classes)].any(axis=1)
+    if mode == "overlap":
+        keep = has_new
+    else:
+        allowed = _mask((0, 255, *info.old_classes, *info.new_classes))
+        keep = has_new & ~presence[:, ~allowed].any(axis=1)
+    return np.flatnonzero(keep).astype(np.int64)
+
+
+def select_test(presence: np.ndarray, info: StepInfo) -> np.ndarray:
+    """Indices of the test images of a step: those with at least one seen class (0 excluded)."""
+    keep = presence[:, _mask(info.seen_classes)].any(axis=1)
+    return np.flatnonzero(keep).astype(np.int64)

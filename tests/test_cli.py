@@ -1,0 +1,90 @@
+"""End to end through ``cli.main``: a two-step run, its files, reload, determinism, user errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from incseg.cli import main
+from incseg.engine.checkpoint import load_checkpoint
+from incseg.engine.protocol import evaluate_checkpoint
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_config_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "mib"
+    assert main(["run", str(tiny_config_path), "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_two_step_run_writes_everything(run_dir, tiny_config_path, capsys):
+    for name in ("config.yaml", "step_0.pt", "step_1.pt", "metrics.json", "summary.md"):
+        assert (run_dir / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [s["step"] for s in metrics["steps"]] == [0, 1]
+    assert list(metrics["steps"][1]["per_class"])[-1] == "tvmonitor"
+    assert len(metrics["steps"][0]["per_class"]) == 16
+    assert set(metrics["steps"][1]["losses"][0]) == {"unce", "unkd"}  # per epoch
+    assert "| avg |" in (run_dir / "summary.md").read_text()
+
+
+def test_run_prints_tables_with_class_names(tiny_config_path, tmp_path, capsys):
+    out = tmp_path / "printed"
+    assert main(["run", str(tiny_config_path), "--out", str(out), "--no-progress",
+                 "--set", "protocol.last_step=0"]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "person" in text and "old (0-15)" in text and "Summary" in text
+    assert not (out / "step_1.pt").exists()
+
+
+def test_reloaded_checkpoint_reproduces_evaluation_exactly(run_dir, capsys):
+    metrics = json.loads((run_dir / "metrics.json").read_text())["steps"][1]
+    report = evaluate_checkpoint(load_checkpoint(run_dir / "step_1.pt"))
+    assert report.to_dict()["per_class"] == metrics["per_class"]
+    assert report.miou_all == metrics["miou_all"]
+    assert main(["eval", str(run_dir), "--no-progress"]) == 0
+    assert f"all {100 * metrics['miou_all']:5.1f}" in capsys.readouterr().out
+
+
+def test_same_seed_gives_same_losses(run_dir, tiny_config_path, tmp_path):
+    again = tmp_path / "again"
+    assert main(["run", str(tiny_config_path), "--out", str(again), "--no-progress"]) == 0
+    first = json.loads((run_dir / "metrics.json").read_text())
+    second = json.loads((again / "metrics.json").read_text())
+    assert [s["losses"] for s in first["steps"]] == [s["losses"] for s in second["steps"]]
+    a, b = load_checkpoint(run_dir / "step_1.pt"), load_checkpoint(again / "step_1.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_bad_config_exits_2_with_message(tiny_config_path, tmp_path, capsys):
+    code = main(["run", str(tiny_config_path), "--out", str(tmp_path / "x"), "--set", "train.epochs=-3"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "train.epochs: must be >= 0, got -3" in err and str(tiny_config_path) in err
+    assert not (tmp_path / "x").exists()  # rejected before any work
+
+
+def test_bad_config_in_a_real_process_has_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("protocol: {setting: 15-6}\n")
+    proc = subprocess.run([sys.executable, "-m", "incseg", "run", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "protocol.setting: unknown voc setting '15-6'; valid settings:" in proc.stderr
+
+
+def test_existing_run_is_not_overwritten(run_dir, tiny_config_path, capsys):
+    before = (run_dir / "metrics.json").read_text()
+    assert main(["run", str(tiny_config_path), "--out", str(run_dir)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run_dir / "metrics.json").read_text() == before
+
+
+def test_eval_rejects_non_checkpoints(tmp_path, capsys):
+    fake = tmp_path / "step_0.pt"
+    fake.write_text("not a checkpoint")
+    assert main(["eval", str(fake)]) == 2
+    assert str(fake) in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing.pt")]) == 2

@@ -1,0 +1,79 @@
+"""Typed config: defaults, YAML, overrides, and errors that name the key and the valid choices."""
+
+import pytest
+
+from incseg.config import Config, apply_override, builtin_configs, config_from_dict, load_config
+from incseg.errors import ConfigError
+
+
+def test_defaults_are_the_paper_setting():
+    config = config_from_dict({})
+    assert config.model.backbone == "resnet101" and config.model.output_stride == 16
+    assert config.model.norm == "iabn"
+    assert config.train.lr == 0.01 and config.train.lr_incremental == 0.001
+    assert config.train.batch_size == 24 and config.data.crop_size == 512
+    assert config.method.name == "mib" and config.method.params["kd_weight"] == 10.0
+
+
+def test_builtin_demo_configs_load():
+    assert {"demo", "demo-ft", "demo-offline"} <= set(builtin_configs())
+    demo = load_config(None)
+    assert demo.model.backbone == "tiny" and demo.method.name == "mib"
+    assert load_config("demo-ft").method.name == "ft"
+
+
+def test_overrides_are_typed_and_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("protocol: {setting: 15-5s}\nmethod: {name: mib, kd_weight: 100}\n")
+    config = load_config(path, ["train.lr=0.05", "train.epochs=3", "protocol.mode=disjoint",
+                                "data.test_crop=null", "method.unkd=false"])  # fmt: skip
+    assert config.train.lr == 0.05 and config.train.epochs == 3
+    assert config.protocol.setting == "15-5s" and config.protocol.mode == "disjoint"
+    assert config.method.params == {"kd_weight": 100.0, "alpha": 1.0, "unce": True, "unkd": False,
+                                    "init": "balanced"}  # fmt: skip
+    again = config_from_dict(config.to_dict())
+    assert again == config
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"trian": {}}, "unknown key(s) ['trian']; valid keys: ['name', 'data'"),
+        ({"train": {"epoch": 3}}, "train: unknown key(s) ['epoch']"),
+        ({"train": {"epochs": -1}}, "train.epochs: must be >= 0, got -1"),
+        ({"train": {"epochs": "ten"}}, "train.epochs: expected int, got 'ten'"),
+        ({"train": {"lr": 0}}, "train.lr: must be > 0"),
+        ({"protocol": {"setting": "15-6"}}, "protocol.setting: unknown voc setting '15-6'; valid settings: offline, 19-1"),
+        ({"protocol": {"mode": "overlapped"}}, "protocol.mode: unknown value 'overlapped'; valid choices: ['disjoint', 'overlap']"),
+        ({"protocol": {"last_step": 2}}, "protocol.last_step: step 2 is out of range for setting '15-5'; valid steps are 0..1"),
+        ({"model": {"backbone": "resnet152"}}, "model.backbone: unknown value 'resnet152'; valid choices: ['resnet101', 'resnet50', 'tiny']"),
+        ({"model": {"output_stride": 32}}, "model.output_stride: unknown value 32"),
+        ({"method": {"name": "icarl"}}, "method.name: unknown value 'icarl'; valid choices: ['ft', 'mib']"),
+        ({"method": {"name": "ft", "kd_weight": 10}}, "method: unknown key(s) ['kd_weight']"),
+        ({"method": {"name": "mib", "kd_weight": -1}}, "method.kd_weight: must be >= 0"),
+        ({"data": {"dataset": "coco"}}, "data.dataset: unknown value 'coco'; valid choices: ['shapes']"),
+        ({"train": {"nesterov": "yes"}}, "train.nesterov: expected bool"),
+        ({"train": {"amp": "fp8"}}, "train.amp: unknown value 'fp8'; valid choices: ['off', 'bf16', 'fp16']"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_key_and_choices(raw, needle):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert needle in str(err.value)
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_override({}, "train.lr")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+
+
+def test_config_is_frozen():
+    config = Config()
+    with pytest.raises(AttributeError):
+        config.name = "x"  # type: ignore[misc]

@@ -1,0 +1,103 @@
+"""Golden and invariant tests of the MiB losses (SPEC section 5)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from incseg.losses import cross_entropy, unbiased_cross_entropy, unbiased_knowledge_distillation
+
+
+def _pixel(values):
+    """One pixel: (1, C, 1, 1) logits."""
+    return torch.tensor(values, dtype=torch.float64).view(1, -1, 1, 1)
+
+
+def test_unce_worked_example_new_target():
+    loss = unbiased_cross_entropy(_pixel([2, 0, 1, 3]), torch.tensor([[[3]]]), num_old=3)
+    assert loss.item() == pytest.approx(0.440190, abs=1e-6)
+
+
+def test_unce_worked_example_old_target_counts_as_background():
+    loss = unbiased_cross_entropy(_pixel([2, 0, 1, 3]), torch.tensor([[[1]]]), num_old=3)
+    assert loss.item() == pytest.approx(1.032584, abs=1e-6)
+    # target 0 (background) gives the same value: old classes are absorbed into background
+    same = unbiased_cross_entropy(_pixel([2, 0, 1, 3]), torch.tensor([[[0]]]), num_old=3)
+    assert same.item() == pytest.approx(1.032584, abs=1e-6)
+
+
+@pytest.mark.parametrize("num_old", [0, 1])
+def test_unce_without_old_classes_is_cross_entropy(num_old):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 4, 3, generator=gen)
+    targets = torch.randint(0, 5, (2, 4, 3), generator=gen)
+    targets[0, 0, 0] = 255
+    expected = F.cross_entropy(logits, targets, ignore_index=255)
+    assert torch.allclose(unbiased_cross_entropy(logits, targets, num_old), expected)
+
+
+def test_unce_with_one_old_channel_equals_ce_on_remaining_channels():
+    # O = 1 means only background is old: UNCE reduces to CE (log p(bg) = z_0 - D).
+    logits = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(1))
+    targets = torch.tensor([[[0, 1], [2, 3]]])
+    assert torch.allclose(unbiased_cross_entropy(logits, targets, 1), cross_entropy(logits, targets))
+
+
+def test_ignored_pixels_contribute_nothing():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(1, 6, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 6, (1, 3, 4), generator=gen)
+    targets[0, 1, :] = 255
+    loss = unbiased_cross_entropy(logits, targets, num_old=3)
+    # same as the loss over the kept pixels only
+    keep = targets != 255
+    flat_logits = logits.detach().permute(0, 2, 3, 1)[keep].T.reshape(1, 6, -1, 1)
+    flat_targets = targets[keep].reshape(1, -1, 1)
+    assert loss.item() == pytest.approx(unbiased_cross_entropy(flat_logits, flat_targets, 3).item())
+    loss.backward()
+    assert torch.all(logits.grad[0, :, 1, :] == 0)
+    assert torch.any(logits.grad[0, :, 0, :] != 0)
+
+
+def test_unce_does_not_modify_targets():
+    targets = torch.tensor([[[1, 4], [255, 0]]])
+    before = targets.clone()
+    unbiased_cross_entropy(torch.randn(1, 5, 2, 2), targets, num_old=3)
+    assert torch.equal(targets, before)
+
+
+def test_unkd_hand_computed():
+    # New model: 4 channels (bg, old1, old2, new); old model: 3 channels.
+    z = [0.5, 1.0, -1.0, 2.0]
+    y = [1.0, 0.0, 2.0]
+    denom = math.log(sum(math.exp(v) for v in z))
+    log_bg = math.log(math.exp(z[0]) + math.exp(z[3])) - denom
+    log_p = [log_bg, z[1] - denom, z[2] - denom]
+    ysum = sum(math.exp(v) for v in y)
+    q = [math.exp(v) / ysum for v in y]
+    expected = -sum(qc * lp for qc, lp in zip(q, log_p)) / 3
+    loss = unbiased_knowledge_distillation(_pixel(z), _pixel(y))
+    assert loss.item() == pytest.approx(expected, abs=1e-9)
+    assert expected == pytest.approx(0.843881, abs=1e-6)  # worked by hand: -(1/3) sum q log p
+
+
+def test_unkd_alpha_scales_old_logits_and_averages_all_pixels():
+    z = torch.randn(2, 5, 3, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y = torch.randn(2, 3, 3, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert torch.allclose(
+        unbiased_knowledge_distillation(z, y, alpha=2.0), unbiased_knowledge_distillation(z, 2 * y)
+    )
+    per_pixel = [unbiased_knowledge_distillation(z[b : b + 1, :, i : i + 1, j : j + 1],
+                                                 y[b : b + 1, :, i : i + 1, j : j + 1])
+                 for b in range(2) for i in range(3) for j in range(3)]  # fmt: skip
+    assert unbiased_knowledge_distillation(z, y).item() == pytest.approx(torch.stack(per_pixel).mean().item())
+
+
+def test_gradcheck_float64():
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, 5, 2, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    old = torch.randn(1, 3, 2, 2, generator=gen, dtype=torch.float64)
+    targets = torch.tensor([[[0, 4], [2, 255]]])
+    assert torch.autograd.gradcheck(lambda x: unbiased_cross_entropy(x, targets, 3), (logits,))
+    assert torch.autograd.gradcheck(lambda x: unbiased_knowledge_distillation(x, old), (logits,))

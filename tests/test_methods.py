@@ -1,0 +1,73 @@
+"""MiB's classifier initialisation and loss terms; method lookup."""
+
+import pytest
+import torch
+
+from incseg.losses import cross_entropy
+from incseg.methods import METHODS, FineTuning, MiB, build_method
+from incseg.models import build_segmenter
+from incseg.protocol import get_setting, step_info
+from incseg.errors import ConfigError
+
+
+def _grown_model(new_channels=3):
+    torch.manual_seed(0)
+    model = build_segmenter("tiny", (4,), head_channels=8).eval()
+    with torch.no_grad():  # a non-trivial background bias
+        model.classifiers[0].bias.copy_(torch.tensor([0.7, -0.2, 0.1, 0.3]))
+    images = torch.randn(2, 3, 32, 32)
+    before = torch.softmax(model(images).logits, dim=1)
+    model.add_classifier(new_channels)
+    return model, images, before
+
+
+def test_balanced_init_keeps_old_probabilities_and_splits_background():
+    model, images, before = _grown_model(new_channels=3)
+    info = step_info(get_setting("voc", "15-5"), 1)  # any step > 0
+    MiB().init_new_classifier(model, info)
+    after = torch.softmax(model(images).logits, dim=1)
+    assert after.shape[1] == 7
+    torch.testing.assert_close(after[:, 1:4], before[:, 1:4])  # old classes unchanged
+    share = before[:, :1] / 4  # background and the 3 new classes split p(bg) equally
+    for channel in (0, 4, 5, 6):
+        torch.testing.assert_close(after[:, channel : channel + 1], share)
+
+
+def test_random_init_option_leaves_classifier_alone():
+    model, _, _ = _grown_model()
+    weights = model.classifiers[-1].weight.clone()
+    MiB(init="random").init_new_classifier(model, step_info(get_setting("voc", "15-5"), 1))
+    assert torch.equal(weights, model.classifiers[-1].weight)
+
+
+def test_mib_loss_terms():
+    info0 = step_info(get_setting("voc", "15-5"), 0)
+    info1 = step_info(get_setting("voc", "15-5"), 1)
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 21, 4, 4, generator=gen)
+    old = torch.randn(2, 16, 4, 4, generator=gen)
+    targets = torch.randint(0, 21, (2, 4, 4), generator=gen)
+
+    class Out:
+        def __init__(self, logits):
+            self.logits = logits
+
+    terms0 = MiB().losses(Out(logits[:, :16]), None, targets.clamp(max=15), info0)
+    assert set(terms0) == {"ce"}
+    terms = MiB(kd_weight=10).losses(Out(logits), Out(old), targets, info1)
+    assert set(terms) == {"unce", "unkd"}
+    terms100 = MiB(kd_weight=100).losses(Out(logits), Out(old), targets, info1)
+    torch.testing.assert_close(terms100["unkd"], 10 * terms["unkd"])
+    ablation = MiB(unce=False, unkd=False).losses(Out(logits), Out(old), targets, info1)
+    torch.testing.assert_close(ablation["ce"], cross_entropy(logits, targets))
+    ft = FineTuning().losses(Out(logits), None, targets, info1)
+    torch.testing.assert_close(ft["ce"], cross_entropy(logits, targets))
+
+
+def test_method_lookup_and_validation():
+    assert set(METHODS) >= {"ft", "mib"}
+    assert isinstance(build_method("mib", {"kd_weight": 100.0}), MiB)
+    with pytest.raises(ConfigError, match="ft"):
+        build_method("icarl", {})
+    with pytest.raises(ConfigError, match="balanced"):
+        MiB(init="zeros")

@@ -1,0 +1,51 @@
+"""Confusion matrix against a naive loop; IoU and the old / new / all split."""
+
+import math
+
+import pytest
+import torch
+
+from incseg.metrics import StepReport, confusion_matrix, iou_per_class
+from incseg.protocol import get_setting, step_info
+
+
+def test_confusion_matrix_matches_naive_loop():
+    gen = torch.Generator().manual_seed(0)
+    num = 7
+    target = torch.randint(0, num, (3, 11, 13), generator=gen)
+    target[torch.rand(target.shape, generator=gen) < 0.2] = 255
+    pred = torch.randint(0, num, (3, 11, 13), generator=gen)
+    naive = torch.zeros(num, num, dtype=torch.int64)
+    for t, p in zip(target.flatten().tolist(), pred.flatten().tolist()):
+        if t != 255:
+            naive[t, p] += 1
+    assert torch.equal(confusion_matrix(pred, target, num), naive)
+
+
+def test_iou_per_class_and_missing_classes():
+    matrix = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]])
+    iou = iou_per_class(matrix)
+    assert iou[0].item() == pytest.approx(3 / 4)
+    assert iou[1].item() == pytest.approx(2 / 3)
+    assert math.isnan(iou[2].item())
+
+
+def test_report_old_new_all_average_classes_with_ground_truth():
+    info = step_info(get_setting("voc", "19-1"), 1)  # 20 base channels + 1 new
+    matrix = torch.zeros(21, 21, dtype=torch.int64)
+    matrix[0, 0] = 8
+    matrix[0, 20] = 2  # background predicted as the new class
+    matrix[1, 1] = 5
+    matrix[20, 20] = 2
+    matrix[20, 1] = 2
+    matrix[3, 3] = 0  # class 3 never appears: no ground truth, not averaged
+    matrix[5, 4] = 1  # bottle never right: IoU 0; boat has no ground truth but a prediction
+    report = StepReport.from_confusion(matrix, info)
+    iou_bg, iou_aero, iou_bottle = 8 / 10, 5 / 7, 0.0
+    assert report.miou_old == pytest.approx((iou_bg + iou_aero + iou_bottle) / 3)
+    assert report.miou_new == pytest.approx(2 / 6)
+    assert report.miou_all == pytest.approx((iou_bg + iou_aero + iou_bottle + 2 / 6) / 4)
+    assert report.old_range == "0-19" and report.new_range == "20-20"
+    assert report.to_dict()["per_class"]["boat"] is None
+    assert report.to_dict()["per_class"]["tvmonitor"] == pytest.approx(2 / 6)
+    assert report.pixel_accuracy == pytest.approx(15 / 20)
