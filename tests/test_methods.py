@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from incseg.errors import ConfigError
 from incseg.losses import cross_entropy
 from incseg.methods import METHODS, FineTuning, MiB, build_method
 from incseg.models import build_segmenter
 from incseg.protocol import get_setting, step_info
-from incseg.errors import ConfigError
 
 
 def _grown_model(new_channels=3):

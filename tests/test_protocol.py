@@ -6,7 +6,14 @@ import torch
 
 from incseg.errors import ConfigError
 from incseg.protocol import (
-    build_presence, get_setting, make_lut, remap, select_test, select_train, setting_names, step_info,
+    build_presence,
+    get_setting,
+    make_lut,
+    remap,
+    select_test,
+    select_train,
+    setting_names,
+    step_info,
 )  # fmt: skip
 
 

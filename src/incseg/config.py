@@ -187,7 +187,7 @@ def _one_of(value: Any, choices: Any, key: str) -> None:
         raise ConfigError(f"{key}: unknown value {value!r}; valid choices: {list(choices)}")
 
 
-def _at_least(value: int | float | None, low: float, key: str) -> None:
+def _at_least(value: float | None, low: float, key: str) -> None:
     if value is not None and value < low:
         raise ConfigError(f"{key}: must be >= {low}, got {value}")
 

@@ -144,13 +144,12 @@ def train_step(
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     history = []
     for epoch in tqdm(range(epochs), desc=f"step {info.step}", disable=not progress):
-        history.append(
-            train_one_epoch(
-                model, old_model, method, loader, optimizer, scheduler, scaler, info,
-                epoch=epoch, device=device, amp_dtype=AMP_DTYPES[cfg.amp],
-                log_interval=cfg.log_interval, progress=progress,
-            )  # fmt: skip
-        )
+        terms = train_one_epoch(
+            model, old_model, method, loader, optimizer, scheduler, scaler, info,
+            epoch=epoch, device=device, amp_dtype=AMP_DTYPES[cfg.amp],
+            log_interval=cfg.log_interval, progress=progress,
+        )  # fmt: skip
+        history.append(terms)
     return history
 
 

@@ -1,7 +1,13 @@
 """The class-incremental protocol: settings, steps, image selection and label remapping."""
 
 from incseg.protocol.labels import CONVENTIONS, IGNORE_INDEX, make_lut, remap
-from incseg.protocol.selection import MODES, build_presence, label_presence, select_test, select_train
+from incseg.protocol.selection import (
+    MODES,
+    build_presence,
+    label_presence,
+    select_test,
+    select_train,
+)
 from incseg.protocol.settings import Setting, get_setting, setting_names
 from incseg.protocol.steps import StepInfo, step_info
 
