@@ -88,3 +88,12 @@ def test_eval_rejects_non_checkpoints(tmp_path, capsys):
     assert main(["eval", str(fake)]) == 2
     assert str(fake) in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "missing.pt")]) == 2
+
+
+def test_bf16_autocast_runs_a_step_on_cpu(tiny_config_path, tmp_path):
+    out = tmp_path / "bf16"
+    args = ["run", str(tiny_config_path), "--out", str(out), "--no-progress",
+            "--set", "train.amp=bf16", "--set", "protocol.last_step=0"]  # fmt: skip
+    assert main(args) == 0
+    losses = json.loads((out / "metrics.json").read_text())["steps"][0]["losses"][0]
+    assert all(value == value and abs(value) < 1e6 for value in losses.values())  # finite
