@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from incseg import __version__
 from incseg.config import builtin_configs, load_config
 from incseg.errors import IncsegError
 
@@ -22,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="incseg", description="Class-incremental semantic segmentation (MiB and baselines)."
     )
+    parser.add_argument("--version", action="version", version=f"incseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
         "run",
