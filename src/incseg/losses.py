@@ -84,3 +84,46 @@ def unbiased_knowledge_distillation(
     log_probs = torch.cat([log_bg, log_old], dim=1)
     soft = torch.softmax(alpha * _upcast(old_logits), dim=1)
     return -(soft * log_probs).mean(dim=1).mean()
+
+
+def knowledge_distillation(logits: torch.Tensor, old_logits: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """LwF's distillation on the old channels (Li & Hoiem, 2017; as in the MiB paper's baselines).
+
+    The new logits are cut to the O old channels and log-softmaxed over them; the soft targets are
+    ``softmax(alpha * old_logits)``. Loss ``= -mean_pixels(mean_c(q_c log p_c))``.
+
+    Args:
+        logits: ``(B, C_t, H, W)``; only the first O channels are used.
+        old_logits: ``(B, O, H, W)``.
+        alpha: scale of the old logits.
+    """
+    num_old = old_logits.shape[1]
+    log_probs = torch.log_softmax(_upcast(logits[:, :num_old]), dim=1)
+    soft = torch.softmax(alpha * _upcast(old_logits), dim=1)
+    return -(soft * log_probs).mean(dim=1).mean()
+
+
+def one_hot_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy against one-hot targets over all channels (LwF-MC / iCaRL's classifier
+    loss): summed over channels, averaged over pixels not labelled 255."""
+    logits = _upcast(logits)
+    targets = targets.long()
+    valid = targets != IGNORE_INDEX
+    one_hot = F.one_hot(torch.where(valid, targets, 0), logits.shape[1]).permute(0, 3, 1, 2)
+    per_pixel = F.binary_cross_entropy_with_logits(logits, one_hot.to(logits.dtype), reduction="none").sum(1)
+    return per_pixel[valid].mean() if valid.any() else per_pixel.sum() * 0.0
+
+
+def sigmoid_distillation(logits: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
+    """LwF-MC's distillation: BCE of the new logits' O old channels against ``sigmoid(old_logits)``,
+    averaged over all elements and multiplied by O (so it sums over the old channels)."""
+    num_old = old_logits.shape[1]
+    bce = F.binary_cross_entropy_with_logits(
+        _upcast(logits[:, :num_old]), torch.sigmoid(_upcast(old_logits)), reduction="mean"
+    )
+    return num_old * bce
+
+
+def feature_distillation(features: torch.Tensor, old_features: torch.Tensor) -> torch.Tensor:
+    """ILT's feature distillation: mean squared error between encoder outputs ``(B, F, h, w)``."""
+    return F.mse_loss(_upcast(features), _upcast(old_features))

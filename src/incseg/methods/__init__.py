@@ -6,10 +6,14 @@ from typing import Any
 
 from incseg.errors import ConfigError
 from incseg.methods.base import FineTuning, Method
+from incseg.methods.lwf import ILT, LwF, LwFMC
 from incseg.methods.mib import MiB
 
 METHODS: dict[str, type[Method]] = {
     "ft": FineTuning,
+    "lwf": LwF,
+    "lwf_mc": LwFMC,
+    "ilt": ILT,
     "mib": MiB,
 }
 
@@ -21,4 +25,4 @@ def build_method(name: str, params: dict[str, Any]) -> Method:
     return METHODS[name](**params)
 
 
-__all__ = ["METHODS", "FineTuning", "Method", "MiB", "build_method"]
+__all__ = ["ILT", "METHODS", "FineTuning", "LwF", "LwFMC", "Method", "MiB", "build_method"]
