@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from incseg.losses import feature_distillation, knowledge_distillation, one_hot_bce, sigmoid_distillation
+from incseg.losses import (
+    feature_distillation,
+    knowledge_distillation,
+    one_hot_bce,
+    sigmoid_distillation,
+)
 from incseg.methods import ILT, LwF, LwFMC, build_method
 from incseg.models.segmenter import SegmenterOutput
 from incseg.protocol import get_setting, step_info
@@ -25,7 +30,7 @@ def test_lwf_kd_hand_computed():
     zsum = sum(math.exp(v) for v in z[:3])
     ysum = sum(math.exp(v) for v in y)
     expected = -sum(math.exp(y[c]) / ysum * (z[c] - math.log(zsum)) for c in range(3)) / 3
-    assert expected == pytest.approx(0.374972, abs=1e-6)  # by hand: -(1/3) sum q log p
+    assert expected == pytest.approx(0.37497, abs=1e-5)  # by hand (5 digits): -(1/3) sum q log p
     assert knowledge_distillation(_pixel(z), _pixel(y)).item() == pytest.approx(expected, abs=1e-12)
 
 

@@ -16,7 +16,11 @@ import torch
 
 from incseg.errors import ConfigError
 from incseg.losses import (
-    cross_entropy, feature_distillation, knowledge_distillation, one_hot_bce, sigmoid_distillation,
+    cross_entropy,
+    feature_distillation,
+    knowledge_distillation,
+    one_hot_bce,
+    sigmoid_distillation,
 )  # fmt: skip
 from incseg.methods.base import Method
 from incseg.models.segmenter import SegmenterOutput
