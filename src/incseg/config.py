@@ -242,7 +242,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     method_raw = dict(method_raw)
     name = method_raw.pop("name", MethodConfig.name)
     _one_of(name, sorted(METHODS), "method.name")
-    params = dataclasses.asdict(build_dataclass(METHODS[name], method_raw, "method"))
+    method = build_dataclass(METHODS[name], method_raw, "method")
+    params = {f.name: getattr(method, f.name) for f in dataclasses.fields(method) if f.init}
     config = build_dataclass(Config, raw, "")
     config = dataclasses.replace(config, method=MethodConfig(name=name, params=params))
     validate(config)

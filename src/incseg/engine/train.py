@@ -61,8 +61,13 @@ def train_one_epoch(
             loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if method.needs_gradients:
+            scaler.unscale_(optimizer)  # importance estimates need the true gradients
+            method.after_backward(model)
         scaler.step(optimizer)
         scaler.update()
+        if method.needs_gradients:
+            method.after_update(model)
         scheduler.step()
         for name, value in terms.items():
             sums[name] += value.detach().float()

@@ -8,12 +8,16 @@ from incseg.errors import ConfigError
 from incseg.methods.base import FineTuning, Method
 from incseg.methods.lwf import ILT, LwF, LwFMC
 from incseg.methods.mib import MiB
+from incseg.methods.regularizers import EWC, PI, RW
 
 METHODS: dict[str, type[Method]] = {
     "ft": FineTuning,
     "lwf": LwF,
     "lwf_mc": LwFMC,
     "ilt": ILT,
+    "ewc": EWC,
+    "rw": RW,
+    "pi": PI,
     "mib": MiB,
 }
 
@@ -25,4 +29,4 @@ def build_method(name: str, params: dict[str, Any]) -> Method:
     return METHODS[name](**params)
 
 
-__all__ = ["ILT", "METHODS", "FineTuning", "LwF", "LwFMC", "Method", "MiB", "build_method"]
+__all__ = ["EWC", "ILT", "METHODS", "PI", "RW", "FineTuning", "LwF", "LwFMC", "Method", "MiB", "build_method"]

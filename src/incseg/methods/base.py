@@ -25,11 +25,14 @@ class Method:
 
     Capabilities (class attributes) tell the engine what to compute:
     ``needs_old_model``: run the frozen previous-step model on every batch (steps > 0);
-    ``needs_features``: return backbone features of both models.
+    ``needs_features``: return backbone features of both models;
+    ``needs_gradients``: call :meth:`after_backward` (unscaled gradients in ``.grad``) and
+    :meth:`after_update` (after the optimizer step) every iteration.
     """
 
     needs_old_model: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False
+    needs_gradients: ClassVar[bool] = False
 
     def begin_step(
         self, info: StepInfo, model: nn.Module, old_model: nn.Module | None, loader: Any
@@ -55,6 +58,12 @@ class Method:
             info: the step.
         """
         return {"ce": cross_entropy(output.logits, targets)}
+
+    def after_backward(self, model: nn.Module) -> None:
+        """Every iteration, after backward and before the optimizer step (``needs_gradients``)."""
+
+    def after_update(self, model: nn.Module) -> None:
+        """Every iteration, after the optimizer step (``needs_gradients``)."""
 
     def end_step(self, info: StepInfo, model: nn.Module, loader: Any) -> None:
         """Called after a step's training, before evaluation."""
