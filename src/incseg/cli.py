@@ -1,4 +1,4 @@
-"""Command line: ``incseg run`` and ``incseg eval`` (also ``python -m incseg``).
+"""Command line: ``incseg run``, ``compare`` and ``eval`` (also ``python -m incseg``).
 
 User errors (bad config, data or checkpoint) print one ``error:`` line and exit with code 2,
 without a traceback.
@@ -42,6 +42,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=None, help="run directory (default: runs/NAME-TIME)")
     run.add_argument("--overwrite", action="store_true", help="allow writing into a directory that holds a run")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    cmp = sub.add_parser(
+        "compare",
+        help="run several methods (and Joint) on one setting and tabulate them",
+        description="Run each method on the same setting, data and seed (a finished method is not "
+        "re-run) and write comparison.md, comparison.csv and comparison.png.",
+    )
+    cmp.add_argument("config", nargs="?", default=None, help="YAML config or built-in name (default: demo)")
+    cmp.add_argument("--methods", required=True, help="comma-separated method names, e.g. ft,lwf,ilt,mib")
+    cmp.add_argument("--joint", action="store_true", help="also train Joint (the offline setting)")
+    cmp.add_argument("--joint-epochs", type=int, default=None, help="epochs of Joint (default: train.epochs)")
+    cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key for every method (repeatable)")  # fmt: skip
+    cmp.add_argument("--out", type=Path, default=None, help="output directory (default: runs/compare-NAME)")
+    cmp.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ev = sub.add_parser(
         "eval",
         help="re-evaluate a saved step",
@@ -74,6 +88,25 @@ def _run(args: argparse.Namespace) -> int:
           f"({config.protocol.mode}) -> {out}")  # fmt: skip
     run_protocol(config, out, progress=not args.no_progress)
     print(f"Run directory: {out}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    base = load_config(args.config, args.overrides)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise IncsegError("--methods: give at least one method name")
+    if args.joint_epochs is not None and args.joint_epochs < 0:
+        raise IncsegError(f"--joint-epochs: must be >= 0, got {args.joint_epochs}")
+    out = args.out or Path("runs") / f"compare-{base.name}"
+    from incseg.compare import run_comparison
+    from incseg.engine.protocol import run_protocol
+
+    def run(config, run_dir):
+        run_protocol(config, run_dir, progress=not args.no_progress)
+
+    run_comparison(base, methods, out, joint=args.joint, joint_epochs=args.joint_epochs, run=run)
+    print(f"Comparison written to {out}/comparison.md, .csv and .png")
     return 0
 
 
@@ -114,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "compare":
+            return _compare(args)
     except IncsegError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
