@@ -19,6 +19,20 @@ from incseg.errors import IncsegError
 RUN_MARKERS = ("config.yaml", "metrics.json", "summary.md", "step_0.pt")
 
 
+def _config_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """CONFIG, --set, --out and --no-progress, shared by the commands that train."""
+    parser.add_argument(
+        "config", nargs="?", default=None,
+        help=f"YAML config file or built-in name {builtin_configs()} (default: demo)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=2 (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None, help=out_help)
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="incseg", description="Class-incremental semantic segmentation (MiB and baselines)."
@@ -31,31 +45,18 @@ def _parser() -> argparse.ArgumentParser:
         description="Run every step of the configured setting in one process; print per-step "
         "tables and a summary; write config.yaml, step_K.pt, metrics.json and summary.md.",
     )
-    run.add_argument(
-        "config", nargs="?", default=None,
-        help=f"YAML config file or built-in name {builtin_configs()} (default: demo)",
-    )  # fmt: skip
-    run.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.epochs=2 (repeatable)",
-    )  # fmt: skip
-    run.add_argument("--out", type=Path, default=None, help="run directory (default: runs/NAME-TIME)")
+    _config_arguments(run, out_help="run directory (default: runs/NAME-TIME)")
     run.add_argument("--overwrite", action="store_true", help="allow writing into a directory that holds a run")
-    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     cmp = sub.add_parser(
         "compare",
         help="run several methods (and Joint) on one setting and tabulate them",
         description="Run each method on the same setting, data and seed (a finished method is not "
         "re-run) and write comparison.md, comparison.csv and comparison.png.",
     )
-    cmp.add_argument("config", nargs="?", default=None, help="YAML config or built-in name (default: demo)")
+    _config_arguments(cmp, out_help="output directory (default: runs/compare-NAME)")
     cmp.add_argument("--methods", required=True, help="comma-separated method names, e.g. ft,lwf,ilt,mib")
     cmp.add_argument("--joint", action="store_true", help="also train Joint (the offline setting)")
     cmp.add_argument("--joint-epochs", type=int, default=None, help="epochs of Joint (default: train.epochs)")
-    cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key for every method (repeatable)")  # fmt: skip
-    cmp.add_argument("--out", type=Path, default=None, help="output directory (default: runs/compare-NAME)")
-    cmp.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ev = sub.add_parser(
         "eval",
         help="re-evaluate a saved step",
