@@ -74,7 +74,7 @@ def train_one_epoch(
         if (it + 1) % log_interval == 0 or it + 1 == len(loader):
             value = float(loss.detach())
             if not math.isfinite(value):
-                detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+                detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
                 raise NonFiniteLossError(
                     f"non-finite loss at step {info.step}, epoch {epoch + 1}, iteration {it + 1}: "
                     f"loss={value} ({detail})"
