@@ -6,10 +6,9 @@ from incseg.data.synthetic import ShapesSource
 __all__ = ["ShapesSource", "Source", "StepDataset"]
 
 
-def build_sources(config) -> tuple[Source, Source]:
-    """Train and test sources of ``config.data`` (a :class:`incseg.config.DataConfig`)."""
+def build_source(config, split: str) -> Source:
+    """The ``"train"`` or ``"test"`` source of ``config.data`` (a :class:`incseg.config.DataConfig`)."""
     if config.dataset == "shapes":
-        train = ShapesSource(config.num_train, config.image_size, config.seed, "train")
-        test = ShapesSource(config.num_test, config.image_size, config.seed, "test")
-        return train, test
+        num = config.num_train if split == "train" else config.num_test
+        return ShapesSource(num, config.image_size, config.seed, split)
     raise ValueError(f"unknown dataset {config.dataset!r}")  # config validation prevents this

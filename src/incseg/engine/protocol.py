@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from incseg.config import Config, config_from_dict
-from incseg.data import Source, StepDataset, build_sources
+from incseg.data import Source, StepDataset, build_source
 from incseg.data.transforms import test_transform, train_transform
 from incseg.engine.checkpoint import save_checkpoint
 from incseg.engine.evaluate import evaluate
@@ -77,47 +77,46 @@ def evaluate_checkpoint(checkpoint: dict, *, progress: bool = False) -> StepRepo
     """Re-evaluate a saved step on its test set, exactly as at the end of training."""
     config, info, model = restore_step(checkpoint)
     device = resolve_device(config.train.device)
-    sources = build_sources(config.data)
-    presences = (sources[0].presence(), sources[1].presence())
-    _, test_loader = step_loaders(config, sources, presences, info)
-    matrix = evaluate(model.to(device), test_loader, info.num_channels, device=device,
+    source = build_source(config.data, "test")
+    loader = build_test_loader(config, source, source.presence(), info)
+    matrix = evaluate(model.to(device), loader, info.num_channels, device=device,
                       amp_dtype=AMP_DTYPES[config.train.amp], progress=progress)  # fmt: skip
     return StepReport.from_confusion(matrix, info)
 
 
-def step_loaders(
-    config: Config,
-    sources: tuple[Source, Source],
-    presences: tuple[np.ndarray, np.ndarray],
-    info: StepInfo,
-) -> tuple[DataLoader, DataLoader]:
-    """Train and test loaders of a step, selected from the precomputed class-presence indices."""
-    data, train_cfg, proto = config.data, config.train, config.protocol
-    ignore_zero = config.family == "ade" and proto.labels == "mib"
-    train_idx = select_train(presences[0], info, proto.mode)
-    test_idx = select_test(presences[1], info)
-    for split, idx in (("training", train_idx), ("test", test_idx)):
-        if len(idx) == 0:
-            raise DataError(
-                f"step {info.step} of {proto.setting} ({proto.mode}) selects no {split} images "
-                f"(new classes {list(info.new_classes)}); the dataset is too small for this setting"
-            )
-    train_set = StepDataset(
-        sources[0], train_idx, make_lut(info, "train", proto.labels),
+def _selected(indices: np.ndarray, split: str, config: Config, info: StepInfo) -> np.ndarray:
+    if len(indices) == 0:
+        proto = config.protocol
+        raise DataError(
+            f"step {info.step} of {proto.setting} ({proto.mode}) selects no {split} images "
+            f"(new classes {list(info.new_classes)}); the dataset is too small for this setting"
+        )
+    return indices
+
+
+def build_train_loader(config: Config, source: Source, presence: np.ndarray, info: StepInfo) -> DataLoader:
+    """Shuffled training loader of a step, selected from the precomputed class-presence index."""
+    data, cfg, proto = config.data, config.train, config.protocol
+    indices = _selected(select_train(presence, info, proto.mode), "training", config, info)
+    dataset = StepDataset(
+        source, indices, make_lut(info, "train", proto.labels),
         train_transform(data.crop_size, (data.scale_min, data.scale_max)),
     )  # fmt: skip
-    test_set = StepDataset(
-        sources[1], test_idx,
-        make_lut(info, "test", proto.labels, ignore_zero_at_test=ignore_zero),
-        test_transform(data.test_crop),
+    generator = torch.Generator().manual_seed(step_seed(cfg.seed, info.step))
+    return DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+        num_workers=data.num_workers, drop_last=len(dataset) >= cfg.batch_size,
     )  # fmt: skip
-    generator = torch.Generator().manual_seed(step_seed(train_cfg.seed, info.step))
-    train_loader = DataLoader(
-        train_set, batch_size=train_cfg.batch_size, shuffle=True, generator=generator,
-        num_workers=data.num_workers, drop_last=len(train_set) >= train_cfg.batch_size,
-    )  # fmt: skip
-    test_loader = DataLoader(test_set, batch_size=train_cfg.eval_batch_size, num_workers=data.num_workers)
-    return train_loader, test_loader
+
+
+def build_test_loader(config: Config, source: Source, presence: np.ndarray, info: StepInfo) -> DataLoader:
+    """Test loader of a step: images with a seen class, labels in the step's test convention."""
+    proto = config.protocol
+    ignore_zero = config.family == "ade" and proto.labels == "mib"
+    indices = _selected(select_test(presence, info), "test", config, info)
+    lut = make_lut(info, "test", proto.labels, ignore_zero_at_test=ignore_zero)
+    dataset = StepDataset(source, indices, lut, test_transform(config.data.test_crop))
+    return DataLoader(dataset, batch_size=config.train.eval_batch_size, num_workers=config.data.num_workers)
 
 
 def train_step(
@@ -181,7 +180,7 @@ def run_protocol(
     device = resolve_device(config.train.device)
     amp_dtype = AMP_DTYPES[config.train.amp]
 
-    sources = build_sources(config.data)
+    sources = (build_source(config.data, "train"), build_source(config.data, "test"))
     presences = (sources[0].presence(), sources[1].presence())  # once; every step selects from it
     method = build_method(config.method.name, config.method.params)
     model: IncrementalSegmenter | None = None
@@ -193,18 +192,19 @@ def run_protocol(
     for step in range(last_step + 1):
         info = step_info(setting, step)
         torch.manual_seed(step_seed(config.train.seed, step))
-        train_loader, test_loader = step_loaders(config, sources, presences, info)
+        train_data = build_train_loader(config, sources[0], presences[0], info)
+        test_data = build_test_loader(config, sources[1], presences[1], info)
         if model is None:
             model = build_model(config, info).to(device)
         else:
             model.add_classifier(info.channels_per_step[-1])
             method.init_new_classifier(model, info)
         teacher = old_model if method.needs_old_model else None
-        method.begin_step(info, model, teacher, train_loader)
-        losses = train_step(config, model, teacher, method, train_loader, info, device, progress)
-        method.end_step(info, model, train_loader)
+        method.begin_step(info, model, teacher, train_data)
+        losses = train_step(config, model, teacher, method, train_data, info, device, progress)
+        method.end_step(info, model, train_data)
 
-        matrix = evaluate(model, test_loader, info.num_channels, device=device, amp_dtype=amp_dtype,
+        matrix = evaluate(model, test_data, info.num_channels, device=device, amp_dtype=amp_dtype,
                           progress=progress)  # fmt: skip
         report = StepReport.from_confusion(matrix, info)
         reports.append(report)
@@ -212,12 +212,12 @@ def run_protocol(
             "step": step, "setting": setting.name, "channels_per_step": list(info.channels_per_step),
             "config": config.to_dict(), "model": model.state_dict(), "method": method.state_dict(),
         })  # fmt: skip
-        metrics["steps"].append({**report.to_dict(), "num_train_images": len(train_loader.dataset),
-                                 "num_test_images": len(test_loader.dataset), "losses": losses})  # fmt: skip
+        metrics["steps"].append({**report.to_dict(), "num_train_images": len(train_data.dataset),
+                                 "num_test_images": len(test_data.dataset), "losses": losses})  # fmt: skip
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         title = (f"Step {step}/{last_step} of {config.data.dataset} {setting.name} "
                  f"({config.protocol.mode}, {config.method.name}): "
-                 f"{len(train_loader.dataset)} train / {len(test_loader.dataset)} test images")  # fmt: skip
+                 f"{len(train_data.dataset)} train / {len(test_data.dataset)} test images")  # fmt: skip
         log(format_step_table(report, title))
         old_model = frozen_copy(model)
 
