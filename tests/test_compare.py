@@ -36,3 +36,73 @@ def test_comparison_row_splits_joint_by_class_name():
     metrics = {"steps": [{"miou_all": 0.5, "per_class": {"background": 0.9, "cat": 0.5, "dog": 0.1, "cow": None}}]}
     row = comparison_row("joint", metrics, old_names={"background", "cat"})
     assert row["old"] == 0.7 and abs(row["new"] - 0.1) < 1e-12 and row["avg"] == 0.5
+
+
+def test_failed_method_is_recorded_and_the_others_still_run(tiny_config_path, tmp_path):
+    from incseg.compare import run_comparison
+    from incseg.config import load_config
+    from incseg.engine.protocol import run_protocol
+    from incseg.engine.train import NonFiniteLossError
+
+    base = load_config(tiny_config_path, ["protocol.setting=19-1"])
+    ran = []
+
+    def run(config, run_dir):
+        ran.append(config.method.name)
+        if config.method.name == "ewc":
+            raise NonFiniteLossError("non-finite loss at step 1, epoch 1, iteration 2: loss=nan")
+        run_protocol(config, run_dir, progress=False)
+
+    out = tmp_path / "cmp"
+    rows = run_comparison(base, ["ewc", "ft"], out, joint=False, joint_epochs=None, run=run,
+                          method_sets={"ewc": ["weight=5"]}, log=lambda _: None)  # fmt: skip
+    assert ran == ["ewc", "ft"]
+    assert rows[0]["failed"].startswith("non-finite loss at step 1") and rows[1].get("failed") is None
+    text = (out / "comparison.md").read_text()
+    assert "| ewc | - | - | - | - |" in text and "- ewc: non-finite loss at step 1" in text
+    csv_rows = list(csv.DictReader((out / "comparison.csv").open()))
+    assert csv_rows[0]["all"] == "" and float(csv_rows[1]["all"]) > 0
+    assert (out / "comparison.png").is_file()
+
+
+def test_method_set_reaches_only_that_method(tiny_config_path, tmp_path):
+    import yaml
+
+    out = tmp_path / "cmp"
+    args = ["compare", str(tiny_config_path), "--methods", "ewc,ft", "--out", str(out), "--no-progress",
+            "--set", "protocol.setting=19-1", "--method-set", "ewc.weight=7.5", "--method-set", "ewc.decay=0.5"]  # fmt: skip
+    assert main(args) == 0
+    saved = yaml.safe_load((out / "ewc" / "config.yaml").read_text())["method"]
+    assert saved["weight"] == 7.5 and saved["decay"] == 0.5
+    assert yaml.safe_load((out / "ft" / "config.yaml").read_text())["method"] == {"name": "ft"}
+
+
+def test_method_set_errors_name_the_problem(tiny_config_path, tmp_path, capsys):
+    base = ["compare", str(tiny_config_path), "--methods", "ewc,ft", "--out", str(tmp_path / "c")]
+    assert main([*base, "--method-set", "mib.kd_weight=5"]) == 2
+    assert "'mib' is not in --methods" in capsys.readouterr().err
+    assert main([*base, "--method-set", "ewc.wieght=5"]) == 2
+    err = capsys.readouterr().err
+    assert "--method-set for ewc" in err and "wieght" in err
+    assert main([*base, "--method-set", "ewc"]) == 2
+    assert "expected METHOD.KEY=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_compare_refuses_a_run_made_with_another_config(tiny_config_path, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", str(tiny_config_path), "--methods", "ewc", "--out", str(out), "--no-progress",
+            "--set", "protocol.setting=19-1", "--set", "protocol.last_step=0"]  # fmt: skip
+    assert main(args) == 0
+    mtime = (out / "ewc" / "step_0.pt").stat().st_mtime_ns
+    assert main([*args, "--method-set", "ewc.weight=50"]) == 2
+    err = capsys.readouterr().err
+    assert "different config" in err and "method.weight: 500.0 -> 50.0" in err
+    assert (out / "ewc" / "step_0.pt").stat().st_mtime_ns == mtime
+
+
+def test_config_diff_lists_dotted_keys():
+    from incseg.config import config_diff
+
+    diffs = config_diff({"a": 1, "b": {"c": 2, "d": 3}}, {"a": 1, "b": {"c": 5}, "e": 0})
+    assert diffs == ["b.c: 2 -> 5", "b.d: 3 -> '<absent>'", "e: '<absent>' -> 0"]

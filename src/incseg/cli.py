@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--methods", required=True, help="comma-separated method names, e.g. ft,lwf,ilt,mib")
     cmp.add_argument("--joint", action="store_true", help="also train Joint (the offline setting)")
     cmp.add_argument("--joint-epochs", type=int, default=None, help="epochs of Joint (default: train.epochs)")
+    cmp.add_argument(
+        "--method-set", dest="method_sets", action="append", default=[], metavar="METHOD.KEY=VALUE",
+        help="override one method's hyperparameter, e.g. --method-set ewc.weight=50 (repeatable)",
+    )  # fmt: skip
     ev = sub.add_parser(
         "eval",
         help="re-evaluate a saved step",
@@ -100,14 +104,21 @@ def _compare(args: argparse.Namespace) -> int:
     if args.joint_epochs is not None and args.joint_epochs < 0:
         raise IncsegError(f"--joint-epochs: must be >= 0, got {args.joint_epochs}")
     out = args.out or Path("runs") / f"compare-{base.name}"
-    from incseg.compare import run_comparison
+    from incseg.compare import parse_method_sets, run_comparison
     from incseg.engine.protocol import run_protocol
+
+    method_sets = parse_method_sets(args.method_sets, methods)
 
     def run(config, run_dir):
         run_protocol(config, run_dir, progress=not args.no_progress)
 
-    run_comparison(base, methods, out, joint=args.joint, joint_epochs=args.joint_epochs, run=run)
+    rows = run_comparison(base, methods, out, joint=args.joint, joint_epochs=args.joint_epochs, run=run,
+                          method_sets=method_sets)  # fmt: skip
     print(f"Comparison written to {out}/comparison.md, .csv and .png")
+    failed = [r["method"] for r in rows if r.get("failed")]
+    if failed:
+        print(f"error: {len(failed)} method(s) failed: {', '.join(failed)} (see comparison.md)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,22 +16,43 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from incseg.config import Config, MethodConfig, config_from_dict
-from incseg.errors import ConfigError
+import yaml
+
+from incseg.config import Config, MethodConfig, apply_override, config_diff, config_from_dict
+from incseg.errors import ConfigError, IncsegError
 from incseg.methods import METHODS
 from incseg.protocol import get_setting, step_info
 
 JOINT = "joint"
 
 
-def method_config(base: Config, name: str) -> Config:
+def method_config(base: Config, name: str, overrides: Sequence[str] = ()) -> Config:
     """``base`` with method ``name``; the base's method hyperparameters carry over only to the
-    same method (they are not valid for others)."""
+    same method (they are not valid for others). ``overrides`` are ``KEY=VALUE`` assignments
+    inside this method's section (``weight=50``), validated like ``--set method.KEY=VALUE``."""
     if name not in METHODS:
         raise ConfigError(f"--methods: unknown method {name!r}; valid choices: {sorted(METHODS)}")
     raw = base.to_dict()
     raw["method"] = dict(raw["method"]) if base.method.name == name else {"name": name}
-    return config_from_dict(raw)
+    for assignment in overrides:
+        apply_override(raw["method"], assignment)
+    try:
+        return config_from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"--method-set for {name}: {err}") from None
+
+
+def parse_method_sets(assignments: Sequence[str], methods: Sequence[str]) -> dict[str, list[str]]:
+    """``["ewc.weight=50", ...]`` -> ``{"ewc": ["weight=50"], ...}``; the method must be compared."""
+    per_method: dict[str, list[str]] = {}
+    for text in assignments:
+        name, dot, rest = text.partition(".")
+        if not dot or "=" not in rest:
+            raise ConfigError(f"--method-set {text!r}: expected METHOD.KEY=VALUE, e.g. ewc.weight=50")
+        if name not in methods:
+            raise ConfigError(f"--method-set {text!r}: {name!r} is not in --methods {list(methods)}")
+        per_method.setdefault(name, []).append(rest)
+    return per_method
 
 
 def joint_config(base: Config, epochs: int | None) -> Config:
@@ -49,6 +70,23 @@ def is_finished(run_dir: Path, num_steps: int) -> bool:
     except (OSError, ValueError):
         return False
     return (run_dir / "summary.md").is_file() and len(metrics.get("steps", [])) == num_steps
+
+
+def check_same_config(run_dir: Path, config: Config) -> None:
+    """Refuse to reuse or replace a run made with another configuration (names what differs)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read the saved config ({err})") from None
+    diffs = config_diff(saved if isinstance(saved, dict) else {}, config.to_dict())
+    if diffs:
+        raise ConfigError(
+            f"{run_dir} holds a run made with a different config ({'; '.join(diffs)}); "
+            "use another --out, or remove that run to replace it"
+        )
 
 
 def _mean(values: Sequence[float | None]) -> float:
@@ -71,6 +109,13 @@ def comparison_row(label: str, metrics: dict, old_names: set[str]) -> dict:
     }
 
 
+def failed_row(label: str, reason: str) -> dict:
+    """A row for a method whose run stopped with an error: no numbers, the reason kept."""
+    nan = math.nan
+    return {"method": label, "old": nan, "new": nan, "all": nan, "avg": nan,
+            "old_per_step": [], "all_per_step": [], "failed": reason}  # fmt: skip
+
+
 def _pct(value: float) -> str:
     return "-" if math.isnan(value) else f"{100 * value:.1f}"
 
@@ -81,12 +126,17 @@ def write_outputs(rows: list[dict], out: Path, title: str, old_range: str, new_r
              f"| method | old ({old_range}) | new ({new_range}) | all | avg |", "|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['method']} | {_pct(r['old'])} | {_pct(r['new'])} | {_pct(r['all'])} | {_pct(r['avg'])} |"
               for r in rows]  # fmt: skip
+    failures = [r for r in rows if r.get("failed")]
+    if failures:
+        lines += ["", "Failed runs (no numbers):", ""]
+        lines += [f"- {r['method']}: {r['failed']}" for r in failures]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     with (out / "comparison.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["method", f"old_{old_range}", f"new_{new_range}", "all", "avg_over_steps"])
         for r in rows:
-            writer.writerow([r["method"], *(f"{100 * r[k]:.2f}" for k in ("old", "new", "all", "avg"))])
+            writer.writerow([r["method"], *("" if math.isnan(r[k]) else f"{100 * r[k]:.2f}"
+                                            for k in ("old", "new", "all", "avg"))])  # fmt: skip
     _plot(rows, out / "comparison.png", title, old_range)
 
 
@@ -122,20 +172,29 @@ def run_comparison(
     joint: bool,
     joint_epochs: int | None,
     run: Callable[[Config, Path], None],
+    method_sets: dict[str, list[str]] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Run (or reuse) every method, then write the comparison files into ``out``.
 
+    A method whose run fails with a user-facing error (e.g. a non-finite loss) is recorded as
+    failed, with the message, in ``comparison.md``; the other methods still run. Running the
+    comparison again retries it.
+
     Args:
         run: ``run(config, run_dir)`` trains one configuration (``run_protocol`` in the CLI).
+        method_sets: per-method ``KEY=VALUE`` overrides, from :func:`parse_method_sets`.
     """
     setting = get_setting(base.family, base.protocol.setting)
     last = setting.num_steps - 1 if base.protocol.last_step is None else base.protocol.last_step
     info = step_info(setting, last)
     old_names = set(info.class_names[: info.num_base_channels])
-    jobs = [(m, method_config(base, m)) for m in methods]
+    method_sets = method_sets or {}
+    jobs = [(m, method_config(base, m, method_sets.get(m, ()))) for m in methods]
     if joint:
         jobs.append((JOINT, joint_config(base, joint_epochs)))
+    for label, config in jobs:
+        check_same_config(out / label, config)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for label, config in jobs:
@@ -145,7 +204,12 @@ def run_comparison(
             log(f"[compare] {label}: finished run found in {run_dir}, not re-run")
         else:
             log(f"[compare] {label}: running into {run_dir}")
-            run(config, run_dir)
+            try:
+                run(config, run_dir)
+            except IncsegError as err:
+                log(f"[compare] {label}: FAILED: {err}")
+                rows.append(failed_row(label, str(err)))
+                continue
         metrics = json.loads((run_dir / "metrics.json").read_text())
         rows.append(comparison_row(label, metrics, old_names))
     title = f"{base.data.dataset} {setting.name} ({base.protocol.mode})"

@@ -250,6 +250,19 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return config
 
 
+def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts, as ``key: a -> b``."""
+    diffs = []
+    for key in sorted(set(saved) | set(current), key=str):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_diff(a, b, f"{name}.")
+        elif a != b:
+            diffs.append(f"{name}: {a!r} -> {b!r}")
+    return diffs
+
+
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply ``a.b.c=value`` (value parsed as a YAML scalar) to nested dict ``raw`` in place."""
     key, sep, text = assignment.partition("=")
