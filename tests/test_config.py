@@ -51,7 +51,7 @@ def test_overrides_are_typed_and_round_trip(tmp_path):
         ({"method": {"name": "icarl"}}, "method.name: unknown value 'icarl'; valid choices: ["),
         ({"method": {"name": "ft", "kd_weight": 10}}, "method: unknown key(s) ['kd_weight']"),
         ({"method": {"name": "mib", "kd_weight": -1}}, "method.kd_weight: must be >= 0"),
-        ({"data": {"dataset": "coco"}}, "data.dataset: unknown value 'coco'; valid choices: ['shapes']"),
+        ({"data": {"dataset": "coco"}}, "data.dataset: unknown value 'coco'; valid choices: ['shapes', 'voc', 'ade']"),
         ({"train": {"nesterov": "yes"}}, "train.nesterov: expected bool"),
         ({"train": {"amp": "fp8"}}, "train.amp: unknown value 'fp8'; valid choices: ['off', 'bf16', 'fp16']"),
     ],

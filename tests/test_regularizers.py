@@ -48,9 +48,9 @@ def test_penalty_gradient_is_zero_at_the_anchor():
     assert torch.equal(params[0].grad, torch.zeros(2))
 
 
-def test_minmax_normalise_is_global():
-    out = minmax_normalise([torch.tensor([1.0, 3.0]), torch.tensor([5.0])])
-    assert out[0].tolist() == [0.0, 0.5] and out[1].tolist() == [1.0]
+def test_minmax_normalise_is_per_tensor():
+    out = minmax_normalise([torch.tensor([1.0, 3.0, 2.0]), torch.tensor([5.0]), torch.tensor([[2.0, 6.0]])])
+    assert out[0].tolist() == [0.0, 1.0, 0.5] and out[1].tolist() == [0.0] and out[2].tolist() == [[0.0, 1.0]]
 
 
 def test_ewc_fisher_running_mean_and_penalty_at_next_step():

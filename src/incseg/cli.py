@@ -1,4 +1,4 @@
-"""Command line: ``incseg run``, ``compare`` and ``eval`` (also ``python -m incseg``).
+"""Command line: ``incseg run``, ``compare``, ``eval`` and ``data`` (also ``python -m incseg``).
 
 User errors (bad config, data or checkpoint) print one ``error:`` line and exit with code 2,
 without a traceback.
@@ -61,6 +61,19 @@ def _parser() -> argparse.ArgumentParser:
         "--method-set", dest="method_sets", action="append", default=[], metavar="METHOD.KEY=VALUE",
         help="override one method's hyperparameter, e.g. --method-set ewc.weight=50 (repeatable)",
     )  # fmt: skip
+    data = sub.add_parser(
+        "data",
+        help="prepare or check a VOC / ADE20K dataset",
+        description="Prepare (download and arrange) or check a Pascal VOC 2012 or ADE20K dataset.",
+    )
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    for action, text in (("prepare", "download (or reuse), verify, extract and arrange the public archives"),
+                         ("check", ("report every missing, unpaired, broken or out-of-range file; "
+                                   "build the class index and print images per class"))):  # fmt: skip
+        act = data_sub.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
+        act.add_argument("family", choices=("voc", "ade"), help="dataset")
+        act.add_argument("--root", type=Path, required=True, help="dataset folder")
+        act.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ev = sub.add_parser(
         "eval",
         help="re-evaluate a saved step",
@@ -83,10 +96,6 @@ def _run(args: argparse.Namespace) -> int:
             f"--out {out}: already holds a run ({', '.join(existing)}); choose another directory "
             "or pass --overwrite"
         )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise IncsegError(f"--out {out}: cannot create the run directory ({err.strerror})") from None
     from incseg.engine.protocol import run_protocol  # heavy imports only once the config is valid
 
     print(f"incseg run: {config.method.name} on {config.data.dataset} {config.protocol.setting} "
@@ -151,6 +160,34 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    if args.data_command == "prepare":
+        from incseg.data.prepare import prepare
+
+        prepare(args.family, args.root, progress=not args.no_progress)
+        return 0
+    from incseg.data.check import check_dataset, class_table
+
+    report = check_dataset(args.family, args.root, progress=not args.no_progress)
+    print(f"\nImages per class (intact pairs; train = {len(report.names['train'])}, "
+          f"test = {len(report.names['test'])}):")  # fmt: skip
+    print(class_table(args.family, report))
+    if args.family == "voc":
+        print(f"\nOfficial split lists vs the selection rule: {report.split_checks} image/step checks, "
+              f"{len(report.split_mismatches)} mismatches")  # fmt: skip
+        for line in report.split_mismatches[:50]:
+            print(f"  {line}")
+    if report.problems:
+        print(f"\n{len(report.problems)} problem(s) found:", file=sys.stderr)
+        for path, what in report.problems:
+            print(f"  {path}: {what}", file=sys.stderr)
+        return 1
+    if report.split_mismatches:
+        return 1
+    print(f"\nOK: no problems found in {args.root}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 2 user error)."""
     args = _parser().parse_args(argv)
@@ -161,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _eval(args)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "data":
+            return _data(args)
     except IncsegError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

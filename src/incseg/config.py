@@ -28,17 +28,20 @@ from incseg.methods import METHODS
 from incseg.models.backbones import BACKBONES, OUTPUT_STRIDES, PRETRAINED
 from incseg.models.norm import NORMS
 from incseg.protocol import CONVENTIONS, MODES, get_setting
+from incseg.protocol.official import SPLIT_SOURCES, uses_official
 
-DATASETS = {"shapes": "voc"}  # dataset name -> class family of its settings
+DATASETS = {"shapes": "voc", "voc": "voc", "ade": "ade"}  # dataset name -> class family
 AMP_MODES = ("off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Dataset and transforms. ``image_size``, ``num_train``, ``num_test``, ``seed``: shapes only."""
+    """Dataset and transforms. ``root``: voc / ade only. ``image_size``, ``num_train``,
+    ``num_test``, ``seed``: shapes only."""
 
     dataset: str = "shapes"
+    root: str | None = None
     image_size: int = 64
     num_train: int = 1500
     num_test: int = 300
@@ -57,6 +60,7 @@ class ProtocolConfig:
     setting: str = "15-5"
     mode: str = "overlap"
     labels: str = "mib"
+    split_source: str = "auto"
     last_step: int | None = None
 
 
@@ -210,6 +214,10 @@ def validate(config: Config) -> None:
         raise ConfigError(f"protocol.setting: {err}") from None
     _one_of(proto.mode, MODES, "protocol.mode")
     _one_of(proto.labels, CONVENTIONS, "protocol.labels")
+    _one_of(proto.split_source, SPLIT_SOURCES, "protocol.split_source")
+    uses_official(data.dataset, setting.name, proto.mode, proto.split_source)
+    if data.dataset != "shapes" and not data.root:
+        raise ConfigError(f"data.root: required for dataset {data.dataset!r} (the folder holding it)")
     if proto.last_step is not None and not 0 <= proto.last_step < setting.num_steps:
         raise ConfigError(
             f"protocol.last_step: step {proto.last_step} is out of range for setting "

@@ -1,14 +1,29 @@
 """Datasets: sources of image/label pairs, step views, transforms."""
 
 from incseg.data.datasets import Source, StepDataset
+from incseg.data.files import FileSource
+from incseg.data.layouts import dataset_pairs
 from incseg.data.synthetic import ShapesSource
+from incseg.errors import DataError
 
-__all__ = ["ShapesSource", "Source", "StepDataset"]
+__all__ = ["FileSource", "ShapesSource", "Source", "StepDataset", "build_source"]
 
 
-def build_source(config, split: str) -> Source:
-    """The ``"train"`` or ``"test"`` source of ``config.data`` (a :class:`incseg.config.DataConfig`)."""
+def build_source(config, split: str, *, progress: bool = True) -> Source:
+    """The ``"train"`` or ``"test"`` source of ``config.data`` (a :class:`incseg.config.DataConfig`).
+
+    Raises:
+        DataError: the dataset root, a list or a listed file is missing, or files are unpaired.
+    """
     if config.dataset == "shapes":
         num = config.num_train if split == "train" else config.num_test
         return ShapesSource(num, config.image_size, config.seed, split)
-    raise ValueError(f"unknown dataset {config.dataset!r}")  # config validation prevents this
+    pairs = dataset_pairs(config.dataset, config.root, split)
+    if pairs.unpaired:
+        shown = ", ".join(str(p) for p in pairs.unpaired[:5])
+        raise DataError(f"{len(pairs.unpaired)} {config.dataset} file(s) without their image or label, e.g. "
+                        f"{shown}; run `incseg data check` for a full report")  # fmt: skip
+    if not pairs.names:
+        raise DataError(f"data.root {config.root}: the {split} split of {config.dataset} is empty")
+    return FileSource(pairs.names, pairs.images, pairs.labels, tag=f"{config.dataset}-{split}",
+                      progress=progress)  # fmt: skip

@@ -25,11 +25,12 @@ from incseg.data.transforms import test_transform, train_transform
 from incseg.engine.checkpoint import save_checkpoint
 from incseg.engine.evaluate import evaluate
 from incseg.engine.train import poly_lr_lambda, train_one_epoch
-from incseg.errors import CheckpointError, ConfigError, DataError
+from incseg.errors import CheckpointError, ConfigError, DataError, IncsegError
 from incseg.methods import Method, build_method
 from incseg.metrics import StepReport
 from incseg.models import IncrementalSegmenter, build_segmenter
 from incseg.protocol import StepInfo, get_setting, make_lut, select_test, select_train, step_info
+from incseg.protocol.official import official_split, select_listed, uses_official
 from incseg.report import format_step_table, format_summary, summary_markdown
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -77,7 +78,7 @@ def evaluate_checkpoint(checkpoint: dict, *, progress: bool = False) -> StepRepo
     """Re-evaluate a saved step on its test set, exactly as at the end of training."""
     config, info, model = restore_step(checkpoint)
     device = resolve_device(config.train.device)
-    source = build_source(config.data, "test")
+    source = build_source(config.data, "test", progress=progress)
     loader = build_test_loader(config, source, source.presence(), info)
     matrix = evaluate(model.to(device), loader, info.num_channels, device=device,
                       amp_dtype=AMP_DTYPES[config.train.amp], progress=progress)  # fmt: skip
@@ -94,10 +95,29 @@ def _selected(indices: np.ndarray, split: str, config: Config, info: StepInfo) -
     return indices
 
 
-def build_train_loader(config: Config, source: Source, presence: np.ndarray, info: StepInfo) -> DataLoader:
-    """Shuffled training loader of a step, selected from the precomputed class-presence index."""
+def train_indices(
+    config: Config, source: Source, presence: np.ndarray, info: StepInfo, log: Callable[[str], None] = print
+) -> np.ndarray:
+    """Training images of a step: the official lists where ``protocol.split_source`` picks them
+    (:mod:`incseg.protocol.official`), else the rule applied to the class-presence index."""
+    proto = config.protocol
+    setting = get_setting(config.family, proto.setting).name
+    if not uses_official(config.data.dataset, setting, proto.mode, proto.split_source):
+        return select_train(presence, info, proto.mode)
+    listed = official_split(config.data.dataset, setting, proto.mode)[info.step]
+    indices, absent = select_listed(source.names, listed)
+    if absent:
+        log(f"note: step {info.step}: {absent} of the {len(listed)} images of the official list "
+            f"are not in {config.data.root}")  # fmt: skip
+    return indices
+
+
+def build_train_loader(
+    config: Config, source: Source, presence: np.ndarray, info: StepInfo, log: Callable[[str], None] = print
+) -> DataLoader:
+    """Shuffled training loader of a step (images from :func:`train_indices`)."""
     data, cfg, proto = config.data, config.train, config.protocol
-    indices = _selected(select_train(presence, info, proto.mode), "training", config, info)
+    indices = _selected(train_indices(config, source, presence, info, log), "training", config, info)
     dataset = StepDataset(
         source, indices, make_lut(info, "train", proto.labels),
         train_transform(data.crop_size, (data.scale_min, data.scale_max)),
@@ -116,7 +136,11 @@ def build_test_loader(config: Config, source: Source, presence: np.ndarray, info
     indices = _selected(select_test(presence, info), "test", config, info)
     lut = make_lut(info, "test", proto.labels, ignore_zero_at_test=ignore_zero)
     dataset = StepDataset(source, indices, lut, test_transform(config.data.test_crop))
-    return DataLoader(dataset, batch_size=config.train.eval_batch_size, num_workers=config.data.num_workers)
+    # Full images of different sizes cannot share a batch; padding would change the ASPP's
+    # image-level pooling, so they are evaluated one at a time.
+    same_size = config.data.test_crop is not None or getattr(source, "fixed_size", True)
+    batch = config.train.eval_batch_size if same_size else 1
+    return DataLoader(dataset, batch_size=batch, num_workers=config.data.num_workers)
 
 
 def train_step(
@@ -172,16 +196,20 @@ def run_protocol(
     Returns:
         One :class:`StepReport` per step.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config.to_yaml())
     setting = get_setting(config.family, config.protocol.setting)
     last_step = setting.num_steps - 1 if config.protocol.last_step is None else config.protocol.last_step
     device = resolve_device(config.train.device)
     amp_dtype = AMP_DTYPES[config.train.amp]
-
-    sources = (build_source(config.data, "train"), build_source(config.data, "test"))
+    # Data problems surface before anything is written into the run directory.
+    sources = (build_source(config.data, "train", progress=progress),
+               build_source(config.data, "test", progress=progress))  # fmt: skip
     presences = (sources[0].presence(), sources[1].presence())  # once; every step selects from it
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config.to_yaml())
+    except OSError as err:
+        raise IncsegError(f"run directory {run_dir}: cannot write ({err.strerror})") from None
     method = build_method(config.method.name, config.method.params)
     model: IncrementalSegmenter | None = None
     old_model: nn.Module | None = None
@@ -192,7 +220,7 @@ def run_protocol(
     for step in range(last_step + 1):
         info = step_info(setting, step)
         torch.manual_seed(step_seed(config.train.seed, step))
-        train_data = build_train_loader(config, sources[0], presences[0], info)
+        train_data = build_train_loader(config, sources[0], presences[0], info, log)
         test_data = build_test_loader(config, sources[1], presences[1], info)
         if model is None:
             model = build_model(config, info).to(device)

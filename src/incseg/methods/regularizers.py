@@ -3,7 +3,8 @@
 Each keeps, across steps, an importance ``F_i`` per parameter and the parameters ``theta*`` at the
 end of the previous step, and adds ``weight * sum_i F_i (theta_i - theta*_i)^2`` to the
 cross-entropy at steps > 0. Parameters added at the current step (the new classifier) are not
-regularised. Importances are min-max normalised over all parameters before use.
+regularised. Importances are min-max normalised per parameter tensor before use, as in the
+official MiB code.
 
 - EWC (Kirkpatrick et al., PNAS 2017): ``F`` = running mean of squared gradients,
   ``F <- decay F + (1 - decay) g^2`` every iteration (decay 0.9), continued across steps.
@@ -36,11 +37,13 @@ Tensors = list[torch.Tensor]
 
 
 def minmax_normalise(tensors: Tensors) -> Tensors:
-    """``(x - min) / (max - min)`` with min and max over all tensors together (zeros if flat)."""
-    low = torch.stack([t.min() for t in tensors]).min()
-    high = torch.stack([t.max() for t in tensors]).max()
-    scale = torch.where(high > low, high - low, torch.ones_like(high))
-    return [(t - low) / scale for t in tensors]
+    """``(x - min) / (max - min)`` of each tensor separately (zeros where a tensor is flat), as
+    the official MiB code normalises each parameter's importance. Called once per step."""
+    out = []
+    for t in tensors:
+        low, high = t.min(), t.max()
+        out.append((t - low) / torch.where(high > low, high - low, torch.ones_like(high)))
+    return out
 
 
 def quadratic_penalty(params: Tensors, anchors: Tensors, importance: Tensors) -> torch.Tensor:

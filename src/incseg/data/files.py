@@ -1,0 +1,173 @@
+"""Image / label pairs stored as files (Pascal VOC, ADE20K) and their cached class index.
+
+Labels are PNGs holding class ids directly: VOC palette PNGs (mode ``P``, the palette index is the
+class, 0..20 and 255 = void) and ADE20K grey PNGs (mode ``L``, 0..150, 0 = "other"). They are read
+with PIL *without* palette conversion. Images are JPEGs decoded by PIL to uint8 RGB.
+
+The class index (``(N, 256)`` bool, :mod:`incseg.protocol.selection`) is built by reading only the
+label PNGs, in worker processes, and cached on disk under a key made of the label file names,
+sizes and modification times, so it is rebuilt only when the labels change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from incseg.errors import DataError
+from incseg.protocol.selection import NUM_LABEL_VALUES
+
+CACHE_ENV = "INCSEG_CACHE"
+PARALLEL_MIN = 256  # below this many labels, worker start-up costs more than it saves
+
+
+def cache_dir() -> Path:
+    """``$INCSEG_CACHE``, else ``$XDG_CACHE_HOME/incseg``, else ``~/.cache/incseg``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "incseg"
+
+
+def read_label(path: Path) -> np.ndarray:
+    """``(H, W)`` uint8 class ids of a label PNG (palette indices, not colours)."""
+    with Image.open(path) as img:
+        if img.mode not in ("P", "L"):
+            raise DataError(f"{path}: label mode is {img.mode}, expected a palette (P) or grey (L) PNG of class ids")
+        return np.array(img, dtype=np.uint8)
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """``(3, H, W)`` uint8 RGB image (grey JPEGs are expanded to three channels)."""
+    try:
+        with Image.open(path) as img:
+            array = np.array(img.convert("RGB"), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: cannot decode image ({err})") from None
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def _presence_row(path: str) -> np.ndarray:
+    label = read_label(Path(path))
+    return np.bincount(label.ravel(), minlength=NUM_LABEL_VALUES) > 0
+
+
+def _workers(count: int) -> int:
+    return 0 if count < PARALLEL_MIN else min(8, os.cpu_count() or 1)
+
+
+def scan_labels(paths: Sequence[Path], *, desc: str = "class index", progress: bool = True) -> np.ndarray:
+    """``(N, 256)`` bool presence of every label value in each label file (no caching)."""
+    names = [str(p) for p in paths]
+    workers = _workers(len(names))
+    bar = tqdm(total=len(names), desc=desc, unit="label", disable=not progress, leave=False)
+    rows = []
+    if workers:
+        with ProcessPoolExecutor(workers) as pool:
+            for row in pool.map(_presence_row, names, chunksize=64):
+                rows.append(row)
+                bar.update()
+    else:
+        for name in names:
+            rows.append(_presence_row(name))
+            bar.update()
+    bar.close()
+    return np.stack(rows) if rows else np.zeros((0, NUM_LABEL_VALUES), dtype=bool)
+
+
+def index_key(paths: Sequence[Path]) -> str:
+    """Cache key of a label list: hash of every file's name, size and modification time."""
+    digest = hashlib.sha256()
+    for path in paths:
+        st = path.stat()
+        digest.update(f"{path.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def _cache_path(paths: Sequence[Path], tag: str) -> Path:
+    return cache_dir() / f"{tag}-{index_key(paths)}.npy"
+
+
+def store_index(paths: Sequence[Path], tag: str, presence: np.ndarray) -> None:
+    """Write ``presence`` to the cache (atomically); a cache that cannot be written is skipped
+    with a note."""
+    path = _cache_path(paths, tag)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+            np.save(tmp, np.packbits(presence, axis=1))
+        os.replace(tmp.name, path)
+    except OSError as err:
+        print(f"note: class index not cached ({path.parent}: {err.strerror}); set {CACHE_ENV} to a writable folder")
+
+
+def cached_index(paths: Sequence[Path], tag: str, *, progress: bool = True) -> np.ndarray:
+    """:func:`scan_labels`, cached in :func:`cache_dir` as ``{tag}-{key}.npy`` (packed bits)."""
+    path = _cache_path(paths, tag)
+    if path.is_file():
+        try:
+            packed = np.load(path)
+            if packed.shape == (len(paths), NUM_LABEL_VALUES // 8):
+                return np.unpackbits(packed, axis=1).astype(bool)
+        except (OSError, ValueError):
+            pass  # unreadable cache: rebuild it
+    presence = scan_labels(paths, desc=f"class index ({tag})", progress=progress)
+    store_index(paths, tag, presence)
+    return presence
+
+
+@dataclass
+class FileSource:
+    """All image / label pairs of one split of a dataset on disk.
+
+    Attributes:
+        names: image ids, sorted (``2007_000032``, ``ADE_train_00000001``).
+        images, labels: file paths, aligned with ``names``.
+        tag: cache tag of the class index, e.g. ``voc-train``.
+    """
+
+    names: list[str]
+    images: list[Path]
+    labels: list[Path]
+    tag: str
+    progress: bool = True
+    fixed_size: bool = False  # images differ in size: full-image evaluation needs batch size 1
+
+    def __post_init__(self) -> None:
+        missing = [p for p in (*self.images, *self.labels) if not p.is_file()]
+        if missing:
+            shown = ", ".join(str(p) for p in missing[:5])
+            raise DataError(
+                f"{len(missing)} file(s) of the {self.tag} list are missing, e.g. {shown}; "
+                "run `incseg data check` for a full report"
+            )
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(3, H, W)`` uint8 image and ``(H, W)`` uint8 label with original class ids."""
+        image = read_image(self.images[index])
+        label = torch.from_numpy(read_label(self.labels[index]))
+        if image.shape[1:] != label.shape:
+            raise DataError(
+                f"{self.images[index]}: image size {tuple(image.shape[1:])} differs from its label "
+                f"{self.labels[index]} {tuple(label.shape)}"
+            )
+        return image, label
+
+    def presence(self) -> np.ndarray:
+        """``(N, 256)`` bool class-presence index, from the on-disk cache when it is current."""
+        if not hasattr(self, "_presence"):
+            self._presence = cached_index(self.labels, self.tag, progress=self.progress)
+        return self._presence

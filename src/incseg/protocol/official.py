@@ -1,0 +1,79 @@
+"""The official per-step training lists of the MiB code, shipped as image ids (SPEC section 3).
+
+The official MiB code ships, per setting and step, index arrays into its own image lists; they
+were converted once to image ids (``tools/convert_mib_splits.py``) and live in
+``incseg/resources/splits/{voc,ade}.json.gz``. VOC has lists for 19-1, 15-5 and 15-1, disjoint
+and overlap; for VOC they equal the rule of :func:`incseg.protocol.select_train`. ADE20K has lists
+for 100-50, 100-10, 50-50 and their order-b variants; they are a partition of the training
+images, not the rule's output, and the same lists serve both modes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Sequence
+from functools import cache
+from importlib import resources
+
+import numpy as np
+
+from incseg.errors import ConfigError
+
+SPLIT_SOURCES = ("auto", "official", "rule")
+
+
+@cache
+def _table(dataset: str) -> dict[str, tuple[tuple[str, ...], ...]]:
+    if dataset not in ("voc", "ade"):
+        return {}
+    raw = resources.files("incseg.resources").joinpath("splits", f"{dataset}.json.gz").read_bytes()
+    splits = json.loads(gzip.decompress(raw))["splits"]
+    return {key: tuple(tuple(step) for step in steps) for key, steps in splits.items()}
+
+
+def _key(dataset: str, setting: str, mode: str) -> str:
+    return f"{setting}/{mode}" if dataset == "voc" else setting
+
+
+def official_settings(dataset: str) -> list[str]:
+    """Keys with shipped lists: ``"15-5/overlap"`` for VOC, ``"100-50"`` for ADE."""
+    return sorted(_table(dataset))
+
+
+def official_split(dataset: str, setting: str, mode: str) -> tuple[tuple[str, ...], ...] | None:
+    """Per step, the sorted training image ids of the official lists (``None`` if not shipped).
+
+    Args:
+        dataset: ``"voc"`` or ``"ade"`` (other datasets have none).
+        setting: canonical setting name, e.g. ``"15-1"``.
+        mode: ``"disjoint"`` or ``"overlap"`` (ignored for ADE).
+    """
+    return _table(dataset).get(_key(dataset, setting, mode))
+
+
+def uses_official(dataset: str, setting: str, mode: str, split_source: str) -> bool:
+    """Whether training images come from the shipped lists for ``split_source``.
+
+    Only the real datasets ``voc`` and ``ade`` have lists (the built-in ``shapes`` has none).
+
+    Raises:
+        ConfigError: ``split_source`` is unknown, or ``official`` where no list is shipped.
+    """
+    if split_source not in SPLIT_SOURCES:
+        raise ConfigError(f"protocol.split_source: unknown value {split_source!r}; valid choices: {list(SPLIT_SOURCES)}")
+    available = official_split(dataset, setting, mode) is not None
+    if split_source == "official" and not available:
+        have = ", ".join(official_settings(dataset)) or "none"
+        raise ConfigError(
+            f"protocol.split_source: no official lists for {dataset} {setting} ({mode}); "
+            f"shipped: {have}; use split_source: rule"
+        )
+    return split_source != "rule" and available
+
+
+def select_listed(names: Sequence[str], listed: Sequence[str]) -> tuple[np.ndarray, int]:
+    """Indices (sorted) of ``names`` that are in ``listed``, and how many listed ids are absent."""
+    wanted = set(listed)
+    indices = np.array([i for i, name in enumerate(names) if name in wanted], dtype=np.int64)
+    return indices, len(wanted) - len(indices)
