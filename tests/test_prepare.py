@@ -7,8 +7,8 @@ import tarfile
 import zipfile
 
 import pytest
-
 from conftest import VOC_ROOT
+
 from incseg.cli import main
 from incseg.data import prepare as prep
 from incseg.errors import DataError

@@ -162,3 +162,25 @@ def test_remap_shuffled_order_and_ade_zero():
     assert remap(label, make_lut(info, "train", ignore_zero_at_test=True)).tolist() == [[0, 101, 0, 0, 110, 0]]
     with pytest.raises(ConfigError, match="mib"):
         make_lut(info, "train", "cil")
+
+
+def test_packed_selection_equals_a_python_scan_on_random_indexes():
+    from incseg.protocol.selection import pack_presence
+
+    rng = np.random.default_rng(3)
+    presence = rng.random((300, 256)) < 0.03
+    presence[:, 0] = True
+    presence[:5, 255] = True
+    words = pack_presence(presence)
+    assert words.shape == (300, 4) and words.dtype == np.uint64
+    assert bool(words[7, 1] >> np.uint64(3) & np.uint64(1)) == presence[7, 67]
+    for setting, step in (("15-1", 3), ("19-1", 1), ("10-5-5", 1)):
+        info = step_info(get_setting("voc", setting), step)
+        sets = [set(np.flatnonzero(row).tolist()) - {0, 255} for row in presence]
+        new, allowed, seen = set(info.new_classes), set(info.old_classes) | set(info.new_classes), set(info.seen_classes) - {0}
+        want_ovl = [i for i, c in enumerate(sets) if c & new]
+        want_dis = [i for i in want_ovl if sets[i] <= allowed]
+        for index in (presence, words):
+            assert select_train(index, info, "overlap").tolist() == want_ovl
+            assert select_train(index, info, "disjoint").tolist() == want_dis
+            assert select_test(index, info).tolist() == [i for i, c in enumerate(sets) if c & seen]

@@ -31,6 +31,7 @@ from incseg.metrics import StepReport
 from incseg.models import IncrementalSegmenter, build_segmenter
 from incseg.protocol import StepInfo, get_setting, make_lut, select_test, select_train, step_info
 from incseg.protocol.official import official_split, select_listed, uses_official
+from incseg.protocol.selection import pack_presence
 from incseg.report import format_step_table, format_summary, summary_markdown
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -203,7 +204,8 @@ def run_protocol(
     # Data problems surface before anything is written into the run directory.
     sources = (build_source(config.data, "train", progress=progress),
                build_source(config.data, "test", progress=progress))  # fmt: skip
-    presences = (sources[0].presence(), sources[1].presence())  # once; every step selects from it
+    # Built (or read from the cache) once; every step selects from the packed bit sets.
+    presences = (pack_presence(sources[0].presence()), pack_presence(sources[1].presence()))
     run_dir = Path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from incseg.protocol.selection import (
     MODES,
     build_presence,
     label_presence,
+    pack_presence,
     select_test,
     select_train,
 )
@@ -13,6 +14,6 @@ from incseg.protocol.steps import StepInfo, step_info
 
 __all__ = [
     "CONVENTIONS", "IGNORE_INDEX", "MODES", "Setting", "StepInfo", "build_presence", "get_setting",
-    "label_presence", "make_lut", "remap", "select_test", "select_train", "setting_names",
+    "label_presence", "make_lut", "pack_presence", "remap", "select_test", "select_train", "setting_names",
     "step_info",
 ]  # fmt: skip

@@ -73,5 +73,11 @@ def make_lut(
 
 
 def remap(label: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """Apply a lookup table: ``(..., H, W)`` integer label -> same shape, ``lut.dtype``."""
+    """Apply a lookup table: ``(..., H, W)`` integer label -> same shape, ``lut.dtype``.
+
+    On the CPU a uint8 label is looked up by NumPy directly (about 3x faster than widening it to
+    int64 for torch indexing); elsewhere torch indexing is used.
+    """
+    if label.device.type == "cpu" and lut.device.type == "cpu" and label.dtype == torch.uint8:
+        return torch.from_numpy(lut.numpy()[label.numpy()])
     return lut[label.long()]

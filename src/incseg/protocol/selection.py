@@ -3,6 +3,8 @@
 The index is a boolean matrix ``presence`` of shape ``(num_images, 256)``: ``presence[i, c]`` is
 True when label value ``c`` occurs in image ``i``. It is computed once per dataset (one pass over
 the labels) and every setting, mode and step is then selected from it with vectorised NumPy.
+:func:`pack_presence` turns it into four 64-bit words per image, so that a selection is a few
+bitwise operations per image; the selection functions accept either form.
 """
 
 from __future__ import annotations
@@ -40,10 +42,24 @@ def build_presence(labels: Iterable[np.ndarray | torch.Tensor]) -> np.ndarray:
     return np.stack(rows)
 
 
+def pack_presence(presence: np.ndarray) -> np.ndarray:
+    """``(N, 256)`` bool -> ``(N, 4)`` uint64 bit sets (bit ``c % 64`` of word ``c // 64``)."""
+    if presence.dtype == np.uint64:
+        return presence
+    packed = np.packbits(presence.astype(bool, copy=False), axis=1, bitorder="little")
+    return np.ascontiguousarray(packed).view("<u8")
+
+
 def _mask(classes: Iterable[int]) -> np.ndarray:
-    mask = np.zeros(NUM_LABEL_VALUES, dtype=bool)
-    mask[list(classes)] = True
-    return mask
+    """``(4,)`` uint64 bit set of ``classes``."""
+    mask = np.zeros((1, NUM_LABEL_VALUES), dtype=bool)
+    mask[0, list(classes)] = True
+    return pack_presence(mask)[0]
+
+
+def _any(words: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per image: does its bit set meet ``mask``?"""
+    return (words & mask).any(axis=1)
 
 
 def select_train(presence: np.ndarray, info: StepInfo, mode: str) -> np.ndarray:
@@ -56,7 +72,7 @@ def select_train(presence: np.ndarray, info: StepInfo, mode: str) -> np.ndarray:
       setting (none for the shipped settings) also exclude the image.
 
     Args:
-        presence: ``(N, 256)`` bool class-presence index.
+        presence: ``(N, 256)`` bool class-presence index, or its :func:`pack_presence` form.
         info: the step.
         mode: ``"disjoint"`` or ``"overlap"``.
 
@@ -65,16 +81,14 @@ def select_train(presence: np.ndarray, info: StepInfo, mode: str) -> np.ndarray:
     """
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; expected one of {list(MODES)}")
-    has_new = presence[:, _mask(info.new_classes)].any(axis=1)
-    if mode == "overlap":
-        keep = has_new
-    else:
-        allowed = _mask((0, 255, *info.old_classes, *info.new_classes))
-        keep = has_new & ~presence[:, ~allowed].any(axis=1)
+    words = pack_presence(presence)
+    keep = _any(words, _mask(info.new_classes))
+    if mode == "disjoint":
+        keep &= ~_any(words, ~_mask((0, 255, *info.old_classes, *info.new_classes)))
     return np.flatnonzero(keep).astype(np.int64)
 
 
 def select_test(presence: np.ndarray, info: StepInfo) -> np.ndarray:
     """Indices of the test images of a step: those with at least one seen class (0 excluded)."""
-    keep = presence[:, _mask(info.seen_classes)].any(axis=1)
+    keep = _any(pack_presence(presence), _mask(info.seen_classes))
     return np.flatnonzero(keep).astype(np.int64)

@@ -1,0 +1,1 @@
+"""incseg benchmarks: ``python -m benchmarks [NAME ...] [--json FILE]`` (see docs/benchmarks.md)."""

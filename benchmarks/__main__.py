@@ -1,0 +1,35 @@
+"""``python -m benchmarks [NAME ...] [--json FILE]``: run benchmarks, one JSON line per figure."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from benchmarks.common import machine
+from benchmarks.data_path import BENCHMARKS
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {list(BENCHMARKS)})")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results.json"), help="where to write all figures")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in BENCHMARKS]
+    if unknown:
+        print(f"error: unknown benchmark(s) {unknown}; valid: {list(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    figures = []
+    for name in args.names or BENCHMARKS:
+        for figure in BENCHMARKS[name]():
+            print(figure.line(), flush=True)
+            figures.append(asdict(figure))
+    args.json.write_text(json.dumps({"machine": machine(), "figures": figures}, indent=1))
+    print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Data-path benchmarks: label remapping, class-index build, step selection, metric update.
+
+Each has its naive baseline in the same run (what reference code does), so the ratio holds on a
+noisy machine.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.common import Figure, median_time
+from incseg.data import files
+from incseg.metrics import confusion_matrix
+from incseg.protocol import (
+    get_setting,
+    make_lut,
+    remap,
+    select_test,
+    select_train,
+    setting_names,
+    step_info,
+)
+from incseg.protocol.selection import pack_presence
+
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+VOC_LABEL = FIXTURES / "voc" / "VOCdevkit" / "VOC2012" / "SegmentationClassAug" / "2007_000904.png"
+
+
+def bench_remap() -> list[Figure]:
+    """VOC 15-1 step 1: a 500x375 label through the LUT vs a Python call per pixel
+    (``Tensor.apply_``, as the official MiB code's target transform does)."""
+    label = torch.from_numpy(files.read_label(VOC_LABEL))
+    assert label.shape == (375, 500)
+    info = step_info(get_setting("voc", "15-1"), 1)
+    out = []
+    for split in ("train", "test"):
+        lut = make_lut(info, split)
+        table = lut.tolist()
+        fast = median_time(lambda: remap(label, lut), repeats=50)
+        slow = median_time(lambda: label.clone().apply_(lambda v: table[v]), repeats=3)
+        assert torch.equal(remap(label, lut), label.clone().apply_(lambda v: table[v]))
+        out += [Figure(f"remap_{split}_lut", fast * 1e6, "us", "1 label 500x375"),
+                Figure(f"remap_{split}_per_pixel_python", slow * 1e6, "us", "1 label 500x375"),
+                Figure(f"remap_{split}_speedup", slow / fast, "x", "ratio")]  # fmt: skip
+    return out
+
+
+def _label_files(folder: Path, count: int) -> list[Path]:
+    """``count`` distinct label PNGs (copies of the real VOC fixture labels)."""
+    sources = sorted((FIXTURES / "voc" / "VOCdevkit" / "VOC2012" / "SegmentationClassAug").glob("*.png"))
+    paths = []
+    for i in range(count):
+        path = folder / f"{i:06d}.png"
+        path.write_bytes(sources[i % len(sources)].read_bytes())
+        paths.append(path)
+    return paths
+
+
+def bench_class_index(count: int = 1000) -> list[Figure]:
+    """Class index from label PNGs only (parallel) vs decoding image and label per sample."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _label_files(Path(tmp), count)
+        fast = median_time(lambda: files.scan_labels(paths, progress=False), repeats=3)
+        images = sorted((FIXTURES / "voc" / "VOCdevkit" / "VOC2012" / "JPEGImages").glob("*.jpg"))
+
+        def naive():
+            for i, path in enumerate(paths[:200]):  # image + label decode, as a dataset item would
+                files.read_image(images[i % len(images)])
+                np.unique(np.array(Image.open(path)))
+
+        slow = median_time(naive, repeats=3, warmup=0) * count / 200
+    return [Figure("class_index_labels_only", fast * 1000 / count, "s", "1000 labels"),
+            Figure("class_index_decode_image_and_label", slow * 1000 / count, "s", "1000 labels"),
+            Figure("class_index_speedup", slow / fast, "x", "ratio")]  # fmt: skip
+
+
+def _ade_like_index(num: int = 20210, seed: int = 0) -> np.ndarray:
+    """A (N, 256) index shaped like ADE20K's: 0 in every image, ~9 of 150 classes per image."""
+    rng = np.random.default_rng(seed)
+    presence = np.zeros((num, 256), dtype=bool)
+    presence[:, 0] = True
+    popularity = 1.0 / np.arange(1, 151) ** 0.8
+    popularity /= popularity.sum()
+    for i in range(num):
+        presence[i, 1 + rng.choice(150, size=rng.integers(2, 16), replace=False, p=popularity)] = True
+    return presence
+
+
+def bench_selection() -> list[Figure]:
+    """Every ADE setting, mode and step (train + test) selected from the cached index vs a Python
+    scan over image class sets per step."""
+    presence = _ade_like_index()
+    t_pack = median_time(lambda: pack_presence(presence), repeats=5)
+    words = pack_presence(presence)
+    jobs = [(step_info(get_setting("ade", name), t), mode) for name in setting_names("ade") if name != "offline"
+            for t in range(get_setting("ade", name).num_steps) for mode in ("disjoint", "overlap")]  # fmt: skip
+
+    def fast():
+        for info, mode in jobs:
+            select_train(words, info, mode)
+            select_test(words, info)
+
+    class_sets = [set(np.flatnonzero(row).tolist()) - {0, 255} for row in presence]
+
+    def naive(info, mode):
+        new, allowed = set(info.new_classes), set(info.old_classes) | set(info.new_classes)
+        return [i for i, c in enumerate(class_sets) if c & new and (mode == "overlap" or c <= allowed)]
+
+    info, mode = jobs[0]
+    np.testing.assert_array_equal(select_train(presence, info, mode), naive(info, mode))
+    t_fast = median_time(fast, repeats=3)
+    t_naive = median_time(lambda: [naive(i, m) for i, m in jobs[:6]], repeats=3, warmup=0) * len(jobs) / 6
+    return [Figure("selection_pack_index", t_pack * 1e3, "ms", "20210 images, once per run"),
+            Figure("selection_all_ade_steps", t_fast, "s", f"{len(jobs)} steps x (train+test), 20210 images"),
+            Figure("selection_per_step", t_fast / len(jobs) * 1e3, "ms", "1 step, 20210 images"),
+            Figure("selection_python_scan_all_steps", t_naive, "s", f"{len(jobs)} steps (train only)"),
+            Figure("selection_speedup", t_naive / t_fast, "x", "ratio")]  # fmt: skip
+
+
+def bench_metric(device: str = "cpu") -> list[Figure]:
+    """Confusion-matrix update, 4 x 512x512, 21 classes: torch bincount vs NumPy per image."""
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 21, (4, 512, 512), generator=gen)
+    target[:, :20] = 255
+    pred = torch.randint(0, 21, (4, 512, 512), generator=gen)
+    fast = median_time(lambda: confusion_matrix(pred, target, 21), repeats=10)
+    p_np, t_np = pred.numpy(), target.numpy()
+
+    def naive():
+        total = np.zeros((21, 21), dtype=np.int64)
+        for p, t in zip(p_np, t_np, strict=True):
+            keep = t != 255
+            total += np.bincount(21 * t[keep] + p[keep], minlength=21 * 21).reshape(21, 21)
+        return total
+
+    np.testing.assert_array_equal(confusion_matrix(pred, target, 21).numpy(), naive())
+    slow = median_time(naive, repeats=10)
+    return [Figure("metric_update_torch", fast * 1e3, "ms", "4 x 512x512, 21 classes"),
+            Figure("metric_update_numpy_per_image", slow * 1e3, "ms", "4 x 512x512, 21 classes"),
+            Figure("metric_update_speedup", slow / fast, "x", "ratio")]  # fmt: skip
+
+
+BENCHMARKS = {"remap": bench_remap, "class_index": bench_class_index, "selection": bench_selection,
+              "metric": bench_metric}  # fmt: skip
