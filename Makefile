@@ -23,7 +23,7 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/python -m pip install --quiet ruff
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks tools
 
 clean:
 	rm -rf runs .pytest_cache

@@ -41,9 +41,12 @@ def bench_remap() -> list[Figure]:
     for split in ("train", "test"):
         lut = make_lut(info, split)
         table = lut.tolist()
-        fast = median_time(lambda: remap(label, lut), repeats=50)
-        slow = median_time(lambda: label.clone().apply_(lambda v: table[v]), repeats=3)
-        assert torch.equal(remap(label, lut), label.clone().apply_(lambda v: table[v]))
+        def per_pixel(table=table):
+            return label.clone().apply_(lambda v: table[v])
+
+        fast = median_time(lambda lut=lut: remap(label, lut), repeats=50)
+        slow = median_time(per_pixel, repeats=3)
+        assert torch.equal(remap(label, lut), per_pixel())
         out += [Figure(f"remap_{split}_lut", fast * 1e6, "us", "1 label 500x375"),
                 Figure(f"remap_{split}_per_pixel_python", slow * 1e6, "us", "1 label 500x375"),
                 Figure(f"remap_{split}_speedup", slow / fast, "x", "ratio")]  # fmt: skip

@@ -98,3 +98,23 @@ def test_bf16_autocast_runs_a_step_on_cpu(tiny_config_path, tmp_path):
     assert main(args) == 0
     losses = json.loads((out / "metrics.json").read_text())["steps"][0]["losses"][0]
     assert losses and all(math.isfinite(value) for value in losses.values())
+
+
+def test_validation_during_training_is_recorded_and_changes_nothing(tiny_config_path, tmp_path):
+    import json
+
+    runs = {}
+    for name, extra in (("plain", []), ("val", ["--set", "train.val_interval=1"])):
+        out = tmp_path / name
+        assert main(["run", str(tiny_config_path), "--out", str(out), "--no-progress", *extra]) == 0
+        runs[name] = json.loads((out / "metrics.json").read_text())
+    for step in runs["val"]["steps"]:
+        assert all(0.0 <= epoch["val_miou"] <= 1.0 for epoch in step["losses"])
+    assert "val_miou" not in runs["plain"]["steps"][0]["losses"][0]
+    assert [s["miou_all"] for s in runs["val"]["steps"]] == [s["miou_all"] for s in runs["plain"]["steps"]]
+
+
+def test_validation_needs_the_mib_convention(tmp_path, capsys):
+    args = ["run", "--set", "train.val_interval=1", "--set", "protocol.labels=plop", "--out", str(tmp_path / "x")]
+    assert main(args) == 2
+    assert "train.val_interval: validation during training follows MiB's convention" in capsys.readouterr().err

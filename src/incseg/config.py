@@ -101,6 +101,7 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     log_interval: int = 10
+    val_interval: int = 0  # epochs between validations on the current classes; 0 = off
 
     def epochs_at(self, step: int) -> int:
         if step == 0 or self.epochs_incremental is None:
@@ -228,7 +229,10 @@ def validate(config: Config) -> None:
     _one_of(model.norm, NORMS, "model.norm")
     _one_of(model.pretrained, PRETRAINED, "model.pretrained")
     _at_least(model.head_channels, 1, "model.head_channels")
-    for key in ("epochs", "epochs_incremental", "weight_decay", "lr_power", "momentum", "seed"):
+    if train.val_interval and proto.labels != "mib":
+        raise ConfigError("train.val_interval: validation during training follows MiB's convention; "
+                          "it needs protocol.labels: mib")  # fmt: skip
+    for key in ("epochs", "epochs_incremental", "weight_decay", "lr_power", "momentum", "seed", "val_interval"):
         _at_least(getattr(train, key), 0, f"train.{key}")
     for key in ("batch_size", "eval_batch_size", "log_interval"):
         _at_least(getattr(train, key), 1, f"train.{key}")

@@ -27,7 +27,7 @@ from incseg.engine.evaluate import evaluate
 from incseg.engine.train import poly_lr_lambda, train_one_epoch
 from incseg.errors import CheckpointError, ConfigError, DataError, IncsegError
 from incseg.methods import Method, build_method
-from incseg.metrics import StepReport
+from incseg.metrics import StepReport, iou_per_class
 from incseg.models import IncrementalSegmenter, build_segmenter
 from incseg.protocol import StepInfo, get_setting, make_lut, select_test, select_train, step_info
 from incseg.protocol.official import official_split, select_listed, uses_official
@@ -130,18 +130,28 @@ def build_train_loader(
     )  # fmt: skip
 
 
-def build_test_loader(config: Config, source: Source, presence: np.ndarray, info: StepInfo) -> DataLoader:
-    """Test loader of a step: images with a seen class, labels in the step's test convention."""
+def build_test_loader(
+    config: Config, source: Source, presence: np.ndarray, info: StepInfo, split: str = "test"
+) -> DataLoader:
+    """Test loader of a step: images with a seen class, labels in the step's test convention.
+
+    ``split="val"`` gives MiB's validation during training instead: test-split images with a
+    class of the current step, old classes mapped to 255 (SPEC section 4).
+    """
     proto = config.protocol
     ignore_zero = config.family == "ade" and proto.labels == "mib"
-    indices = _selected(select_test(presence, info), "test", config, info)
-    lut = make_lut(info, "test", proto.labels, ignore_zero_at_test=ignore_zero)
+    chosen = select_test(presence, info) if split == "test" else select_train(presence, info, "overlap")
+    indices = _selected(chosen, split, config, info)
+    lut = make_lut(info, split, proto.labels, ignore_zero_at_test=ignore_zero)
     dataset = StepDataset(source, indices, lut, test_transform(config.data.test_crop))
     # Full images of different sizes cannot share a batch; padding would change the ASPP's
     # image-level pooling, so they are evaluated one at a time.
     same_size = config.data.test_crop is not None or getattr(source, "fixed_size", True)
     batch = config.train.eval_batch_size if same_size else 1
-    return DataLoader(dataset, batch_size=batch, num_workers=config.data.num_workers)
+    # An own generator: starting this loader must not draw from the global RNG that drives the
+    # training augmentations, so validating leaves training unchanged.
+    return DataLoader(dataset, batch_size=batch, num_workers=config.data.num_workers,
+                      generator=torch.Generator().manual_seed(0))  # fmt: skip
 
 
 def train_step(
@@ -153,9 +163,11 @@ def train_step(
     info: StepInfo,
     device: torch.device,
     progress: bool,
+    validate: Callable[[], float] | None = None,
 ) -> list[dict[str, float]]:
     """Train one step with SGD (Nesterov momentum) and a per-iteration poly LR; return per-epoch
-    mean loss terms."""
+    mean loss terms. With ``validate``, every ``train.val_interval`` epochs its value is added
+    to that epoch's entry as ``val_miou``."""
     cfg = config.train
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr_at(info.step), momentum=cfg.momentum,
@@ -173,8 +185,18 @@ def train_step(
             epoch=epoch, device=device, amp_dtype=AMP_DTYPES[cfg.amp],
             log_interval=cfg.log_interval, progress=progress,
         )  # fmt: skip
+        if validate is not None and cfg.val_interval and (epoch + 1) % cfg.val_interval == 0:
+            terms["val_miou"] = validate()
+            model.train()
         history.append(terms)
     return history
+
+
+def current_class_miou(matrix: torch.Tensor, info: StepInfo) -> float:
+    """Mean IoU over the current step's channels that have ground truth (validation)."""
+    iou = iou_per_class(matrix)[info.num_old_channels :]
+    present = matrix.sum(1)[info.num_old_channels :] > 0
+    return float(iou[present].mean()) if bool(present.any()) else float("nan")
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -231,7 +253,15 @@ def run_protocol(
             method.init_new_classifier(model, info)
         teacher = old_model if method.needs_old_model else None
         method.begin_step(info, model, teacher, train_data)
-        losses = train_step(config, model, teacher, method, train_data, info, device, progress)
+        validate = None
+        if config.train.val_interval:
+            val_data = build_test_loader(config, sources[1], presences[1], info, split="val")
+
+            def validate(model=model, val_data=val_data, info=info):
+                matrix = evaluate(model, val_data, info.num_channels, device=device, amp_dtype=amp_dtype)
+                return current_class_miou(matrix, info)
+
+        losses = train_step(config, model, teacher, method, train_data, info, device, progress, validate)
         method.end_step(info, model, train_data)
 
         matrix = evaluate(model, test_data, info.num_channels, device=device, amp_dtype=amp_dtype,
