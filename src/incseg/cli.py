@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     _config_arguments(run, out_help="run directory (default: runs/NAME-TIME)")
     run.add_argument("--overwrite", action="store_true", help="allow writing into a directory that holds a run")
+    run.add_argument(
+        "--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
+        help="continue an interrupted run from its last finished step: `--out DIR --resume`, or "
+        "`--resume RUN_DIR` (config read from RUN_DIR/config.yaml unless CONFIG is given)",
+    )  # fmt: skip
     cmp = sub.add_parser(
         "compare",
         help="run several methods (and Joint) on one setting and tabulate them",
@@ -86,21 +91,33 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if isinstance(args.resume, str):
+        if args.out is not None and args.out != Path(args.resume):
+            raise IncsegError(f"--resume {args.resume} and --out {args.out} name different directories")
+        args.out = Path(args.resume)
+        if args.config is None:
+            if not (args.out / "config.yaml").is_file():
+                raise IncsegError(f"--resume {args.out}: no config.yaml there; is it a run directory?")
+            args.config = str(args.out / "config.yaml")
+    if args.resume and args.overwrite:
+        raise IncsegError("--resume and --overwrite contradict each other; pass one")
     config = load_config(args.config, args.overrides)
+    if args.resume and args.out is None:
+        raise IncsegError("--resume needs the run directory: --out DIR --resume, or --resume DIR")
     out = args.out or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if out.exists() and not out.is_dir():
         raise IncsegError(f"--out {out}: exists and is not a directory")
     existing = [m for m in RUN_MARKERS if (out / m).exists()]
-    if existing and not args.overwrite:
+    if existing and not (args.overwrite or args.resume):
         raise IncsegError(
-            f"--out {out}: already holds a run ({', '.join(existing)}); choose another directory "
-            "or pass --overwrite"
+            f"--out {out}: already holds a run ({', '.join(existing)}); choose another directory, "
+            "pass --resume to continue it, or --overwrite to replace it"
         )
     from incseg.engine.protocol import run_protocol  # heavy imports only once the config is valid
 
     print(f"incseg run: {config.method.name} on {config.data.dataset} {config.protocol.setting} "
           f"({config.protocol.mode}) -> {out}")  # fmt: skip
-    run_protocol(config, out, progress=not args.no_progress)
+    run_protocol(config, out, progress=not args.no_progress, resume=bool(args.resume))
     print(f"Run directory: {out}")
     return 0
 
@@ -119,7 +136,7 @@ def _compare(args: argparse.Namespace) -> int:
     method_sets = parse_method_sets(args.method_sets, methods)
 
     def run(config, run_dir):
-        run_protocol(config, run_dir, progress=not args.no_progress)
+        run_protocol(config, run_dir, progress=not args.no_progress, resume=True)
 
     rows = run_comparison(base, methods, out, joint=args.joint, joint_epochs=args.joint_epochs, run=run,
                           method_sets=method_sets)  # fmt: skip

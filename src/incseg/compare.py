@@ -16,9 +16,7 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import yaml
-
-from incseg.config import Config, MethodConfig, apply_override, config_diff, config_from_dict
+from incseg.config import Config, MethodConfig, apply_override, check_saved_config, config_from_dict
 from incseg.errors import ConfigError, IncsegError
 from incseg.methods import METHODS
 from incseg.protocol import get_setting, step_info
@@ -70,23 +68,6 @@ def is_finished(run_dir: Path, num_steps: int) -> bool:
     except (OSError, ValueError):
         return False
     return (run_dir / "summary.md").is_file() and len(metrics.get("steps", [])) == num_steps
-
-
-def check_same_config(run_dir: Path, config: Config) -> None:
-    """Refuse to reuse or replace a run made with another configuration (names what differs)."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return
-    try:
-        saved = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read the saved config ({err})") from None
-    diffs = config_diff(saved if isinstance(saved, dict) else {}, config.to_dict())
-    if diffs:
-        raise ConfigError(
-            f"{run_dir} holds a run made with a different config ({'; '.join(diffs)}); "
-            "use another --out, or remove that run to replace it"
-        )
 
 
 def _mean(values: Sequence[float | None]) -> float:
@@ -182,7 +163,8 @@ def run_comparison(
     comparison again retries it.
 
     Args:
-        run: ``run(config, run_dir)`` trains one configuration (``run_protocol`` in the CLI).
+        run: ``run(config, run_dir)`` trains one configuration, continuing the finished steps
+            of an interrupted run (``run_protocol(..., resume=True)`` in the CLI).
         method_sets: per-method ``KEY=VALUE`` overrides, from :func:`parse_method_sets`.
     """
     setting = get_setting(base.family, base.protocol.setting)
@@ -194,7 +176,7 @@ def run_comparison(
     if joint:
         jobs.append((JOINT, joint_config(base, joint_epochs)))
     for label, config in jobs:
-        check_same_config(out / label, config)
+        check_saved_config(out / label, config, "reuse or continue")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for label, config in jobs:

@@ -275,6 +275,22 @@ def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = ""
     return diffs
 
 
+def check_saved_config(run_dir: Path, config: Config, action: str) -> None:
+    """Refuse to ``action`` (resume, reuse...) a run whose saved ``config.yaml`` differs from
+    ``config``; the error lists the differing keys. A directory without one passes."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read the saved config ({err})") from None
+    diffs = config_diff(saved if isinstance(saved, dict) else {}, config.to_dict())
+    if diffs:
+        raise ConfigError(f"cannot {action} {run_dir}: it holds a run made with a different config "
+                          f"({'; '.join(diffs)})")  # fmt: skip
+
+
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply ``a.b.c=value`` (value parsed as a YAML scalar) to nested dict ``raw`` in place."""
     key, sep, text = assignment.partition("=")

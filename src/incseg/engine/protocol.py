@@ -19,10 +19,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from incseg.config import Config, config_from_dict
+from incseg.config import Config, check_saved_config, config_from_dict
 from incseg.data import Source, StepDataset, build_source
 from incseg.data.transforms import test_transform, train_transform
-from incseg.engine.checkpoint import save_checkpoint
+from incseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from incseg.engine.evaluate import evaluate
 from incseg.engine.train import poly_lr_lambda, train_one_epoch
 from incseg.errors import CheckpointError, ConfigError, DataError, IncsegError
@@ -192,6 +192,35 @@ def train_step(
     return history
 
 
+def finished_steps(
+    run_dir: Path, config: Config, last_step: int, method: Method
+) -> tuple[list[dict], list[StepReport], IncrementalSegmenter | None]:
+    """What a resumed run keeps: the metrics and reports of the finished steps (those with both a
+    checkpoint and a metrics entry) and the model of the last one, whose method state is loaded
+    into ``method``.
+
+    Raises:
+        ConfigError: ``run_dir`` was made with another config (the differing keys are listed).
+    """
+    check_saved_config(run_dir, config, "resume")
+    try:
+        steps = json.loads((run_dir / "metrics.json").read_text())["steps"]
+    except (OSError, ValueError, KeyError):
+        steps = []
+    done = 0
+    while done < min(len(steps), last_step + 1) and (run_dir / f"step_{done}.pt").is_file():
+        done += 1
+    if done == 0:
+        return [], [], None
+    reports = []
+    for step in range(done):
+        checkpoint = load_checkpoint(run_dir / f"step_{step}.pt")
+        _, info, model = restore_step(checkpoint)
+        reports.append(StepReport.from_confusion(checkpoint["confusion"], info))
+    method.load_state_dict(checkpoint["method"])
+    return steps[:done], reports, model
+
+
 def current_class_miou(matrix: torch.Tensor, info: StepInfo) -> float:
     """Mean IoU over the current step's channels that have ground truth (validation)."""
     iou = iou_per_class(matrix)[info.num_old_channels :]
@@ -211,10 +240,16 @@ def run_protocol(
     run_dir: Path,
     *,
     progress: bool = True,
+    resume: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[StepReport]:
     """Run every step of ``config``'s setting (up to ``protocol.last_step``); write into
     ``run_dir`` the resolved config, ``step_K.pt`` per step, ``metrics.json`` and ``summary.md``.
+
+    With ``resume``, the steps already finished in ``run_dir`` (checkpoint and metrics written)
+    are restored instead of trained, and the run continues from the first unfinished step. Every
+    step re-seeds from ``train.seed``, so a resumed run gives the same numbers as one that was
+    never interrupted.
 
     Returns:
         One :class:`StepReport` per step.
@@ -229,19 +264,25 @@ def run_protocol(
     # Built (or read from the cache) once; every step selects from the packed bit sets.
     presences = (pack_presence(sources[0].presence()), pack_presence(sources[1].presence()))
     run_dir = Path(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config.to_yaml())
-    except OSError as err:
-        raise IncsegError(f"run directory {run_dir}: cannot write ({err.strerror})") from None
     method = build_method(config.method.name, config.method.params)
     model: IncrementalSegmenter | None = None
     old_model: nn.Module | None = None
     reports: list[StepReport] = []
     metrics: dict = {"setting": setting.name, "mode": config.protocol.mode,
                      "method": config.method.name, "steps": []}  # fmt: skip
+    if resume:
+        metrics["steps"], reports, model = finished_steps(run_dir, config, last_step, method)
+        if model is not None:
+            model = model.to(device)
+            old_model = frozen_copy(model)
+            log(f"resuming {run_dir}: steps 0..{len(reports) - 1} finished and restored")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config.to_yaml())
+    except OSError as err:
+        raise IncsegError(f"run directory {run_dir}: cannot write ({err.strerror})") from None
 
-    for step in range(last_step + 1):
+    for step in range(len(reports), last_step + 1):
         info = step_info(setting, step)
         torch.manual_seed(step_seed(config.train.seed, step))
         train_data = build_train_loader(config, sources[0], presences[0], info, log)
@@ -271,6 +312,7 @@ def run_protocol(
         save_checkpoint(run_dir / f"step_{step}.pt", {
             "step": step, "setting": setting.name, "channels_per_step": list(info.channels_per_step),
             "config": config.to_dict(), "model": model.state_dict(), "method": method.state_dict(),
+            "confusion": matrix.cpu(),
         })  # fmt: skip
         metrics["steps"].append({**report.to_dict(), "num_train_images": len(train_data.dataset),
                                  "num_test_images": len(test_data.dataset), "losses": losses})  # fmt: skip
