@@ -76,3 +76,37 @@ def test_sigkill_during_step_1_then_resume_is_exact(reference, tiny_config_path,
     assert not (run / "step_1.pt").exists(), "the run finished before it could be killed"
     assert main(["run", "--resume", str(run), "--no-progress"]) == 0
     assert _numbers(run) == _numbers(reference)
+
+
+EPOCHS2 = ["--set", "train.epochs=2", "--set", "train.epochs_incremental=2", "--set", "data.num_train=48",
+           "--set", "data.num_test=12"]
+
+
+@pytest.fixture(scope="module")
+def reference2(tiny_config_path, tmp_path_factory):
+    """An uninterrupted two-step run with two epochs per step."""
+    out = tmp_path_factory.mktemp("ref2") / "run"
+    assert main(["run", str(tiny_config_path), "--out", str(out), "--no-progress", *EPOCHS2]) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        "iteration:0:1:3",  # mid-epoch (step 0, second epoch)
+        "epoch:0:1",  # between epochs, just after the epoch checkpoint
+        "step:0",  # between steps
+        "write:last.pt",  # during the first epoch-checkpoint write
+        "iteration:1:0:2",  # mid-epoch in step 1 (old model and MiB losses in play)
+        "write:step_1.pt",  # during the last step checkpoint write
+        "write:metrics.json",  # during a metrics write
+    ],
+)
+def test_sigkill_at_a_point_then_resume_is_exact(point, reference2, tiny_config_path, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "incseg", "run", str(tiny_config_path), "--out", str(run), "--no-progress", *EPOCHS2]
+    proc = subprocess.run(cmd, capture_output=True, env={**os.environ, "INCSEG_KILL_AT": point}, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert main(["run", str(tiny_config_path), "--out", str(run), "--resume", "--no-progress", *EPOCHS2]) == 0
+    assert _numbers(run) == _numbers(reference2)
+    assert not list(run.glob(".*.tmp")) and not (run / "last.pt").exists()

@@ -102,6 +102,7 @@ class TrainConfig:
     seed: int = 0
     log_interval: int = 10
     val_interval: int = 0  # epochs between validations on the current classes; 0 = off
+    checkpoint_every: int = 1  # epochs between resumable checkpoints (last.pt); 0 = step ends only
 
     def epochs_at(self, step: int) -> int:
         if step == 0 or self.epochs_incremental is None:
@@ -232,7 +233,8 @@ def validate(config: Config) -> None:
     if train.val_interval and proto.labels != "mib":
         raise ConfigError("train.val_interval: validation during training follows MiB's convention; "
                           "it needs protocol.labels: mib")  # fmt: skip
-    for key in ("epochs", "epochs_incremental", "weight_decay", "lr_power", "momentum", "seed", "val_interval"):
+    for key in ("epochs", "epochs_incremental", "weight_decay", "lr_power", "momentum", "seed", "val_interval",
+                "checkpoint_every"):
         _at_least(getattr(train, key), 0, f"train.{key}")
     for key in ("batch_size", "eval_batch_size", "log_interval"):
         _at_least(getattr(train, key), 1, f"train.{key}")

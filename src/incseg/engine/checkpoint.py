@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from incseg import __version__
+from incseg.engine.faults import fault_point
 from incseg.errors import CheckpointError
 
 FORMAT = "incseg-checkpoint"
@@ -31,6 +32,7 @@ def atomic_write(path: Path, write: Any) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        fault_point(f"write:{path.name}")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

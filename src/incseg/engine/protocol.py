@@ -22,8 +22,9 @@ from tqdm import tqdm
 from incseg.config import Config, check_saved_config, config_from_dict
 from incseg.data import Source, StepDataset, build_source
 from incseg.data.transforms import test_transform, train_transform
-from incseg.engine.checkpoint import load_checkpoint, save_checkpoint
+from incseg.engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from incseg.engine.evaluate import evaluate
+from incseg.engine.faults import fault_point
 from incseg.engine.train import poly_lr_lambda, train_one_epoch
 from incseg.errors import CheckpointError, ConfigError, DataError, IncsegError
 from incseg.methods import Method, build_method
@@ -164,10 +165,18 @@ def train_step(
     device: torch.device,
     progress: bool,
     validate: Callable[[], float] | None = None,
+    *,
+    resume: dict | None = None,
+    on_epoch_end: Callable[[dict], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train one step with SGD (Nesterov momentum) and a per-iteration poly LR; return per-epoch
     mean loss terms. With ``validate``, every ``train.val_interval`` epochs its value is added
-    to that epoch's entry as ``val_miou``."""
+    to that epoch's entry as ``val_miou``.
+
+    ``on_epoch_end(state)`` receives after each epoch what an exact resume needs besides the
+    model and method: epochs done, optimizer, scheduler and scaler states, the data-order and
+    global RNG states and the history so far; ``resume`` is such a state to continue from.
+    """
     cfg = config.train
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr_at(info.step), momentum=cfg.momentum,
@@ -178,8 +187,15 @@ def train_step(
         optimizer, poly_lr_lambda(epochs * len(loader), cfg.lr_power)
     )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    history = []
-    for epoch in tqdm(range(epochs), desc=f"step {info.step}", disable=not progress):
+    history: list[dict[str, float]] = []
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        loader.generator.set_state(resume["loader_rng"])
+        torch.set_rng_state(resume["torch_rng"])
+        history = list(resume["history"])
+    for epoch in tqdm(range(len(history), epochs), desc=f"step {info.step}", disable=not progress):
         terms = train_one_epoch(
             model, old_model, method, loader, optimizer, scheduler, scaler, info,
             epoch=epoch, device=device, amp_dtype=AMP_DTYPES[cfg.amp],
@@ -189,7 +205,28 @@ def train_step(
             terms["val_miou"] = validate()
             model.train()
         history.append(terms)
+        if on_epoch_end is not None:
+            on_epoch_end({
+                "epochs_done": epoch + 1, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "loader_rng": loader.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "history": history,
+            })  # fmt: skip
     return history
+
+
+LAST = "last.pt"  # the latest epoch checkpoint of the unfinished step
+
+
+def interrupted_step(run_dir: Path, config: Config, step: int) -> dict | None:
+    """The epoch checkpoint of ``step`` in ``run_dir``, if the run was interrupted during it."""
+    path = run_dir / LAST
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path)
+    if state.get("kind") != "epoch" or state.get("step") != step or state.get("config") != config.to_dict():
+        return None
+    return state
 
 
 def finished_steps(
@@ -271,6 +308,8 @@ def run_protocol(
     metrics: dict = {"setting": setting.name, "mode": config.protocol.mode,
                      "method": config.method.name, "steps": []}  # fmt: skip
     if resume:
+        for stale in run_dir.glob(".*.tmp"):  # our own temporary files, left by a killed write
+            stale.unlink()
         metrics["steps"], reports, model = finished_steps(run_dir, config, last_step, method)
         if model is not None:
             model = model.to(device)
@@ -293,7 +332,14 @@ def run_protocol(
             model.add_classifier(info.channels_per_step[-1])
             method.init_new_classifier(model, info)
         teacher = old_model if method.needs_old_model else None
+        partial = interrupted_step(run_dir, config, step) if resume else None
+        if partial is not None:
+            model.load_state_dict(partial["model"])
+            method.load_state_dict(partial["method"])
+            log(f"resuming step {step} after epoch {partial['epochs_done']}")
         method.begin_step(info, model, teacher, train_data)
+        if partial is not None:
+            method.load_step_state_dict(partial["method_step"])
         validate = None
         if config.train.val_interval:
             val_data = build_test_loader(config, sources[1], presences[1], info, split="val")
@@ -302,7 +348,18 @@ def run_protocol(
                 matrix = evaluate(model, val_data, info.num_channels, device=device, amp_dtype=amp_dtype)
                 return current_class_miou(matrix, info)
 
-        losses = train_step(config, model, teacher, method, train_data, info, device, progress, validate)
+        def save_epoch(state, step=step, model=model):
+            every = config.train.checkpoint_every
+            if every and (state["epochs_done"] % every == 0 or state["epochs_done"] == config.train.epochs_at(step)):
+                save_checkpoint(run_dir / LAST, {
+                    **state, "kind": "epoch", "step": step, "config": config.to_dict(),
+                    "model": model.state_dict(), "method": method.state_dict(),
+                    "method_step": method.step_state_dict(),
+                })  # fmt: skip
+                fault_point(f"epoch:{step}:{state['epochs_done']}")
+
+        losses = train_step(config, model, teacher, method, train_data, info, device, progress, validate,
+                            resume=partial, on_epoch_end=save_epoch)  # fmt: skip
         method.end_step(info, model, train_data)
 
         matrix = evaluate(model, test_data, info.num_channels, device=device, amp_dtype=amp_dtype,
@@ -316,7 +373,9 @@ def run_protocol(
         })  # fmt: skip
         metrics["steps"].append({**report.to_dict(), "num_train_images": len(train_data.dataset),
                                  "num_test_images": len(test_data.dataset), "losses": losses})  # fmt: skip
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+        (run_dir / LAST).unlink(missing_ok=True)  # superseded by step_K.pt
+        fault_point(f"step:{step}")
         title = (f"Step {step}/{last_step} of {config.data.dataset} {setting.name} "
                  f"({config.protocol.mode}, {config.method.name}): "
                  f"{len(train_data.dataset)} train / {len(test_data.dataset)} test images")  # fmt: skip

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from incseg.engine.faults import fault_point
 from incseg.errors import IncsegError
 from incseg.methods import Method
 from incseg.protocol.steps import StepInfo
@@ -69,6 +70,7 @@ def train_one_epoch(
         if method.needs_gradients:
             method.after_update(model)
         scheduler.step()
+        fault_point(f"iteration:{info.step}:{epoch}:{it + 1}")
         for name, value in terms.items():
             sums[name] += value.detach().float()
         if (it + 1) % log_interval == 0 or it + 1 == len(loader):

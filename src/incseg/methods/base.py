@@ -75,6 +75,14 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
 
+    def step_state_dict(self) -> dict[str, Any]:
+        """State accumulated *within* the current step beyond :meth:`state_dict` (saved in
+        epoch checkpoints so that an interrupted step resumes exactly; none here)."""
+        return {}
+
+    def load_step_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`step_state_dict`; called after :meth:`begin_step`."""
+
 
 @dataclass
 class FineTuning(Method):

@@ -164,6 +164,13 @@ class PI(_Importance):
         delta = torch._foreach_sub(self._data, self._before)
         torch._foreach_addcmul_(self._omega, self._grad, delta, value=-1.0)
 
+    def step_state_dict(self) -> dict[str, Any]:
+        return {"omega": list(self._omega), "start": list(self._start)}
+
+    def load_step_state_dict(self, state: dict[str, Any]) -> None:
+        torch._foreach_copy_(self._omega, state["omega"])
+        torch._foreach_copy_(self._start, state["start"])
+
     def finish_estimate(self) -> Tensors:
         moved = torch._foreach_sub(self._data, self._start)
         denom = torch._foreach_add(torch._foreach_mul(moved, moved), self.damping)
@@ -204,6 +211,14 @@ class RW(EWC):
             torch._foreach_add_(self._score, torch._foreach_clamp_min(torch._foreach_div(self._window, denom), 0.0))
             torch._foreach_zero_(self._window)
             self._last = torch._foreach_mul(self._data, 1.0)
+
+    def step_state_dict(self) -> dict[str, Any]:
+        return {"window": list(self._window), "last": list(self._last), "iteration": self._iteration}
+
+    def load_step_state_dict(self, state: dict[str, Any]) -> None:
+        torch._foreach_copy_(self._window, state["window"])
+        torch._foreach_copy_(self._last, state["last"])
+        self._iteration = int(state["iteration"])
 
     def finish_estimate(self) -> Tensors:
         return torch._foreach_add(minmax_normalise(self._fisher), minmax_normalise(self._score))
