@@ -72,7 +72,17 @@ def restore_step(checkpoint: dict) -> tuple[Config, StepInfo, IncrementalSegment
             f"{info.step} of {config.protocol.setting} {list(info.channels_per_step)}"
         )
     model = build_model(config, info, pretrained=False)
-    model.load_state_dict(checkpoint["model"])
+    state = checkpoint["model"]
+    missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint weights do not fit a {config.model.backbone} model: missing "
+            f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # same names, other shapes
+        raise CheckpointError(f"checkpoint weights do not fit the model: {str(err).splitlines()[-1].strip()}") from None
     return config, info, model
 
 

@@ -1,0 +1,120 @@
+"""Every bad input we know of gets a one-line error naming the file, key or value (exit 2, no
+traceback). ``CASES`` is also what ``tools/guards_table.py`` runs to write docs/guards.md."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from incseg.cli import main
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = ["--set", "data.image_size=32", "--set", "data.num_train=40", "--set", "data.num_test=12",
+        "--set", "data.crop_size=32", "--set", "model.head_channels=8", "--set", "train.epochs=1",
+        "--set", "train.batch_size=8", "--set", "protocol.last_step=0"]  # fmt: skip
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _checkpoint(tmp: Path) -> Path:
+    """A real step-0 checkpoint of a tiny run."""
+    assert main(["run", *TINY, "--out", str(tmp / "run"), "--no-progress"]) == 0
+    return tmp / "run" / "step_0.pt"
+
+
+def _tampered(tmp: Path, change) -> Path:
+    ckpt = torch.load(_checkpoint(tmp), weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, tmp / "bad.pt")
+    return tmp / "bad.pt"
+
+
+def _foreign(tmp: Path) -> Path:
+    """A valid torch file that is not an incseg checkpoint."""
+    torch.save({"w": torch.zeros(1)}, tmp / "w.pt")
+    return tmp / "w.pt"
+
+
+def _broken_voc(tmp: Path) -> Path:
+    root = tmp / "voc"
+    shutil.copytree(FIXTURES / "voc", root)
+    jpg = root / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000904.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:3000])
+    return root
+
+
+# (what, argv factory given a temporary folder, expected text in the error)
+CASES = [
+    ("config key typo", lambda t: ["run", "--set", "train.lr_incremetal=0.1", "--out", str(t / "o")],
+     "train: unknown key(s) ['lr_incremetal']; valid keys:"),
+    ("YAML file with an unknown section", lambda t: ["run", str(_write(t / "c.yaml", "trian: {lr: 1}\n")), "--out", str(t / "o")],
+     "unknown key(s) ['trian']"),
+    ("wrong type", lambda t: ["run", "--set", "train.epochs=ten", "--out", str(t / "o")],
+     "train.epochs: expected int"),
+    ("unknown setting", lambda t: ["run", "--set", "protocol.setting=15-6", "--out", str(t / "o")],
+     "protocol.setting: unknown voc setting '15-6'; valid settings:"),
+    ("unknown method", lambda t: ["run", "--set", "method.name=icarl", "--out", str(t / "o")],
+     "method.name: unknown value 'icarl'; valid choices:"),
+    ("hyperparameter of another method", lambda t: ["run", "--set", "method={name: ft, kd_weight: 10}", "--out", str(t / "o")],
+     "method: unknown key(s) ['kd_weight']"),
+    ("impossible value", lambda t: ["run", "--set", "train.lr=0", "--out", str(t / "o")],
+     "train.lr: must be > 0, got 0"),
+    ("malformed YAML", lambda t: ["run", str(_write(t / "c.yaml", "train: {lr: [\n")), "--out", str(t / "o")],
+     "c.yaml: invalid YAML at line 2, column 1: expected the node content, but found '<stream end>'"),
+    ("config file missing", lambda t: ["run", str(t / "nope.yaml")], "nope.yaml"),
+    ("dataset root missing", lambda t: ["run", "--set", "data.dataset=voc", "--set", f"data.root={t / 'none'}", "--out", str(t / "o")],
+     "does not exist (expected a Pascal VOC dataset"),
+    ("dataset root not given", lambda t: ["run", "--set", "data.dataset=ade", "--set", "protocol.setting=100-50", "--out", str(t / "o")],
+     "data.root: required for dataset 'ade'"),
+    ("truncated image met during a run", lambda t: ["run", *TINY, "--set", "data.dataset=voc", "--set", f"data.root={_broken_voc(t)}",
+                                                    "--set", "protocol.setting=19-1", "--set", "train.batch_size=4", "--out", str(t / "o"), "--no-progress"],
+     "2007_000904.jpg: cannot decode image"),
+    ("run directory holds a run", lambda t: ["run", *TINY, "--out", str(_checkpoint(t).parent)],
+     "already holds a run (config.yaml, metrics.json, summary.md, step_0.pt)"),
+    ("unwritable output folder", lambda t: ["run", *TINY, "--out", str(_write(t / "file", "x") / "run"), "--no-progress"],
+     "cannot write (Not a directory)"),
+    ("resume with another config", lambda t: ["run", *TINY, "--set", "train.lr=0.5", "--out", str(_checkpoint(t).parent), "--resume"],
+     "train.lr: 0.05 -> 0.5"),
+    ("eval of a file that is not a checkpoint", lambda t: ["eval", str(_write(t / "notes.pt", "hello"))],
+     "notes.pt: not a readable checkpoint"),
+    ("eval of a foreign torch file", lambda t: ["eval", str(_foreign(t))],
+     "w.pt: not an incseg checkpoint"),
+    ("eval of a missing checkpoint", lambda t: ["eval", str(t / "step_9.pt")], "step_9.pt' not found"),
+    ("checkpoint with other classifier sizes", lambda t: ["eval", str(_tampered(t, lambda c: c.update(channels_per_step=[11])))],
+     "checkpoint classifier sizes [11] do not match step 0 of 15-5 [16]"),
+    ("checkpoint weights of another model", lambda t: ["eval", str(_tampered(t, lambda c: c["model"].update({"backbone.layer9.weight": torch.zeros(1)})))],
+     "checkpoint weights do not fit a tiny model: missing [], unexpected ['backbone.layer9.weight']"),
+    ("compare: unknown method", lambda t: ["compare", "--methods", "ft,icarl", "--out", str(t / "o")],
+     "--methods: unknown method 'icarl'"),
+    ("data check of a missing root", lambda t: ["data", "check", "voc", "--root", str(t / "none")],
+     "does not exist"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("what", "argv", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_a_clear_error(what, argv, expected, tmp_path, capsys):
+    args = argv(tmp_path)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert expected in err
+
+
+def test_non_finite_loss_stops_with_terms_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", *TINY, "--set", "protocol.last_step=1", "--set", "method={name: ewc, weight: 1.0e+30}",
+            "--set", "train.lr_incremental=1.0", "--set", "train.log_interval=1", "--set", "train.epochs_incremental=3", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: non-finite loss at step 1, epoch " in err and ", iteration " in err
+    assert "ce=" in err and "penalty=" in err and "Traceback" not in err
+    from incseg.engine.checkpoint import load_checkpoint
+
+    assert load_checkpoint(out / "step_0.pt")["step"] == 0 and not (out / "step_1.pt").exists()
