@@ -9,7 +9,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.common import machine
-from benchmarks.data_path import BENCHMARKS
+from benchmarks.data_path import BENCHMARKS as DATA_BENCHMARKS
+from benchmarks.train_step import bench_train_step
+
+BENCHMARKS = {**DATA_BENCHMARKS, "train_step": bench_train_step}
 
 
 def main(argv=None) -> int:

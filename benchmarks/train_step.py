@@ -1,0 +1,148 @@
+"""One MiB training iteration at step 1 (ResNet-101 OS16, VOC 15-5) and one evaluation forward.
+
+Each variant runs in a fresh process so that its peak resident memory (``ru_maxrss``) is its own:
+
+* ``incseg``: the engine's iteration (``train_one_epoch`` on one batch): the old model is frozen
+  and runs under ``no_grad`` in eval mode, so none of its activations are kept for backward;
+* ``naive``: the straightforward version: a second full model that still records its graph
+  (a deep copy whose parameters require gradients), its outputs kept through backward.
+
+``python -m benchmarks.train_step VARIANT CROP [--batch B] [--iters N] [--device cpu|cuda]
+[--amp off|bf16] [--channels-last]`` prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+from incseg.engine.train import train_one_epoch
+from incseg.methods import MiB
+from incseg.metrics import confusion_matrix
+from incseg.models import build_segmenter
+from incseg.protocol import get_setting, step_info
+
+
+def _model(device, channels_last):
+    info = step_info(get_setting("voc", "15-5"), 1)
+    model = build_segmenter("resnet101", info.channels_per_step[:1], output_stride=16, norm="iabn",
+                            head_channels=256, pretrained="none")  # fmt: skip
+    old = copy.deepcopy(model)
+    model.add_classifier(info.channels_per_step[-1])
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return info, model.to(device, memory_format=fmt), old.to(device, memory_format=fmt)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(variant: str, crop: int, batch: int, iters: int, device: torch.device, amp: str, channels_last: bool) -> dict:
+    torch.manual_seed(0)
+    info, model, old = _model(device, channels_last)
+    images = torch.randn(batch, 3, crop, crop, device=device)
+    targets = torch.randint(0, info.num_channels, (batch, crop, crop), device=device, dtype=torch.uint8)
+    method = MiB()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    amp_dtype = torch.bfloat16 if amp == "bf16" else None
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    if variant == "incseg":
+        old.eval().requires_grad_(False)
+
+        def step():
+            train_one_epoch(model, old, method, [(images, targets)], optimizer, scheduler, scaler, info,
+                            epoch=0, device=device, amp_dtype=amp_dtype, log_interval=1, progress=False)  # fmt: skip
+    elif variant == "naive":
+        def step():
+            model.train()
+            output = model(images)
+            old_output = old(images)  # graph recorded and kept alive until the end of the step
+            terms = method.losses(output, type(old_output)(old_output.logits.detach(), None), targets, info)
+            optimizer.zero_grad()
+            sum(terms.values()).backward()
+            optimizer.step()
+            del old_output
+    elif variant == "eval":
+        model.eval()
+
+        @torch.no_grad()
+        def step():
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                pred = model(images).logits.argmax(1)
+            confusion_matrix(pred, targets, info.num_channels)
+    else:
+        raise SystemExit(f"unknown variant {variant!r}")
+    step()  # warm-up
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
+    return {"variant": variant, "crop": crop, "batch": batch, "device": str(device), "amp": amp,
+            "channels_last": channels_last, "threads": torch.get_num_threads(),
+            "median_s": statistics.median(times), "images_per_s": batch / statistics.median(times),
+            "peak_mib": peak, "peak_kind": "cuda allocated" if device.type == "cuda" else "process RSS"}  # fmt: skip
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step")
+    parser.add_argument("variant", choices=("incseg", "naive", "eval"))
+    parser.add_argument("crop", type=int)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", choices=("off", "bf16"), default="off")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = run(args.variant, args.crop, args.batch, args.iters, torch.device(args.device), args.amp, args.channels_last)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def _subprocess(*args: str) -> dict:
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.train_step", *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmarks.train_step {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_train_step(crops=(256, 512)) -> list:
+    """Figures for ``python -m benchmarks``: MiB iteration (incseg vs naive) and eval forward, CPU."""
+    from benchmarks.common import Figure
+
+    figures = []
+    for crop in crops:
+        ours, naive = _subprocess("incseg", str(crop)), _subprocess("naive", str(crop))
+        work = f"ResNet-101 OS16, batch 2, crop {crop}, CPU {ours['threads']} threads"
+        figures += [Figure(f"mib_iteration_{crop}_incseg", ours["median_s"], "s", work),
+                    Figure(f"mib_iteration_{crop}_naive", naive["median_s"], "s", work),
+                    Figure(f"mib_iteration_{crop}_incseg_peak_rss", ours["peak_mib"], "MiB", work),
+                    Figure(f"mib_iteration_{crop}_naive_peak_rss", naive["peak_mib"], "MiB", work)]  # fmt: skip
+    ev = _subprocess("eval", "512", "--batch", "1")
+    figures.append(Figure("eval_forward_metric_512", ev["median_s"], "s", "ResNet-101 OS16, batch 1, 512x512, CPU"))
+    return figures
