@@ -77,3 +77,25 @@ def test_config_is_frozen():
     config = Config()
     with pytest.raises(AttributeError):
         config.name = "x"  # type: ignore[misc]
+
+
+def test_every_builtin_config_loads_and_paper_configs_hold_the_paper_setting():
+    from incseg.config import builtin_configs, load_config
+
+    names = builtin_configs(with_folders=True)
+    paper = [n for n in names if "/" in n]
+    assert len(paper) == 68 and "voc/15-1-overlap-mib" in paper and "ade/100-50-mib" in paper
+    for name in names:
+        config = load_config(name)
+        if name not in paper:
+            continue
+        m, t, d = config.model, config.train, config.data
+        assert (m.backbone, m.output_stride, m.norm, m.pretrained) == ("resnet101", 16, "iabn", "imagenet")
+        assert (t.batch_size, d.crop_size, d.test_crop, t.lr, t.lr_incremental) == (24, 512, 512, 0.01, 0.001)
+        assert t.epochs == (60 if name.startswith("ade/") else 30)
+        assert config.data.dataset == name.split("/")[0]
+        assert config.protocol.setting in name or (name.endswith("/joint") and config.protocol.setting == "offline")
+        if config.method.name == "mib":
+            high = name.startswith(("voc/15-1", "voc/10-1"))
+            assert config.method.params["kd_weight"] == (100 if high else 10)
+    assert load_config("voc/joint").protocol.setting == "offline"

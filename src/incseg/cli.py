@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
         "--method-set", dest="method_sets", action="append", default=[], metavar="METHOD.KEY=VALUE",
         help="override one method's hyperparameter, e.g. --method-set ewc.weight=50 (repeatable)",
     )  # fmt: skip
+    sub.add_parser(
+        "configs",
+        help="list the built-in configs (demo and the paper-reproduction configs)",
+        description="List the built-in configs; pass a name to `incseg run`, e.g. voc/15-5-overlap-mib.",
+    )
     data = sub.add_parser(
         "data",
         help="prepare or check a VOC / ADE20K dataset",
@@ -217,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _compare(args)
         if args.command == "data":
             return _data(args)
+        if args.command == "configs":
+            print("\n".join(builtin_configs(with_folders=True)))
+            return 0
     except IncsegError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

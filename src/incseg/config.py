@@ -312,10 +312,15 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def builtin_configs() -> list[str]:
-    """Names of the configs shipped inside the package (``incseg run demo``)."""
-    folder = resources.files("incseg.configs")
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+def builtin_configs(*, with_folders: bool = False) -> list[str]:
+    """Names of the configs shipped inside the package: ``demo``, ... and, with ``with_folders``,
+    the paper-reproduction configs ``voc/15-5-overlap-mib``, ``ade/100-50-mib``, ..."""
+    root = resources.files("incseg.configs")
+    names = [p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml")]
+    if with_folders:
+        for folder in (p for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")):
+            names += [f"{folder.name}/{p.name[: -len('.yaml')]}" for p in folder.iterdir() if p.name.endswith(".yaml")]
+    return sorted(names)
 
 
 def builtin_config_path(name: str) -> Path:
@@ -325,12 +330,12 @@ def builtin_config_path(name: str) -> Path:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a config file; a name from :func:`builtin_configs` selects a shipped config."""
     path = Path(path)
-    if not path.exists() and str(path) in builtin_configs():
+    if not path.exists() and str(path) in builtin_configs(with_folders=True):
         path = builtin_config_path(str(path))
     if not path.is_file():
         raise ConfigError(
             f"config file {str(path)!r} not found; give a YAML path or a built-in config: "
-            f"{builtin_configs()}"
+            f"{builtin_configs()} or a paper config such as voc/15-5-overlap-mib (list: incseg configs)"
         )
     try:
         raw = yaml.safe_load(path.read_text())
