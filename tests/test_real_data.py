@@ -250,6 +250,27 @@ def test_voc_run_end_to_end_on_fixtures(voc_config_path, tmp_path, capsys):
     assert [s["num_train_images"] for s in metrics["steps"]] == [11, 5]
     assert [s["num_test_images"] for s in metrics["steps"]] == [4, 6]  # the two sheep-only val images are seen only at step 1
     assert main(["eval", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--full-image", "--no-progress"]) == 0
+    assert "Evaluation of" in capsys.readouterr().out
+
+    # predict: palette masks of dataset class ids, overlays side by side
+    from PIL import Image
+
+    images = [VOC2012 / "JPEGImages" / f"{i}.jpg" for i in ("2007_003169", "2009_000039")]
+    assert main(["predict", str(out), *map(str, images), "--out", str(tmp_path / "pred")]) == 0
+    for image in images:
+        with Image.open(tmp_path / "pred" / f"{image.stem}.png") as mask, Image.open(image) as rgb:
+            assert mask.mode == "P" and mask.size == rgb.size
+            assert set(np.unique(np.array(mask)).tolist()) <= set(range(21))
+            assert mask.getpalette()[3 * 8 : 3 * 9] == [64, 0, 0]  # VOC colour of class 8 (cat)
+            with Image.open(tmp_path / "pred" / f"{image.stem}_overlay.jpg") as overlay:
+                assert overlay.size == (2 * rgb.size[0], rgb.size[1])
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    assert main(["predict", str(out), str(images[0]), str(bad), "--out", str(tmp_path / "pred2")]) == 2
+    assert "bad.jpg: cannot decode image" in capsys.readouterr().err
+    assert not (tmp_path / "pred2").exists()
 
 
 def test_full_image_evaluation_uses_batches_of_one(voc_config_path):

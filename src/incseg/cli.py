@@ -1,4 +1,5 @@
-"""Command line: ``incseg run``, ``compare``, ``eval`` and ``data`` (also ``python -m incseg``).
+"""Command line: ``incseg run``, ``compare``, ``eval``, ``predict``, ``data`` and ``configs``
+(also ``python -m incseg``).
 
 User errors (bad config, data or checkpoint) print one ``error:`` line and exit with code 2,
 without a traceback.
@@ -91,7 +92,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("path", type=Path, help="run directory or step_K.pt checkpoint")
     ev.add_argument("--step", type=int, default=None, help="step of a run directory (default: last saved)")
+    ev.add_argument("--full-image", action="store_true", help="evaluate full images (batch 1), not the config's test crop")
     ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    pr = sub.add_parser(
+        "predict",
+        help="segment images with a saved step",
+        description="Segment images with a saved step; write palette PNG masks (dataset class ids) "
+        "and side-by-side overlays.",
+    )
+    pr.add_argument("checkpoint", type=Path, help="step_K.pt checkpoint or run directory (last step)")
+    pr.add_argument("images", type=Path, nargs="+", help="image files")
+    pr.add_argument("--out", type=Path, required=True, help="output folder")
     return parser
 
 
@@ -174,6 +185,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     path = _checkpoint_path(args.path, args.step)
     checkpoint = load_checkpoint(path)
+    if args.full_image:
+        checkpoint["config"]["data"]["test_crop"] = None
     report = evaluate_checkpoint(checkpoint, progress=not args.no_progress)
     cfg = checkpoint["config"]
     title = (f"Evaluation of {path}: step {report.step} of {cfg['data']['dataset']} "
@@ -210,6 +223,15 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from incseg.engine.checkpoint import load_checkpoint
+    from incseg.predict import predict_images
+
+    checkpoint = load_checkpoint(_checkpoint_path(args.checkpoint, None))
+    predict_images(checkpoint, args.images, args.out)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 2 user error)."""
     args = _parser().parse_args(argv)
@@ -222,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _compare(args)
         if args.command == "data":
             return _data(args)
+        if args.command == "predict":
+            return _predict(args)
         if args.command == "configs":
             print("\n".join(builtin_configs(with_folders=True)))
             return 0
