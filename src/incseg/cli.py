@@ -67,6 +67,19 @@ def _parser() -> argparse.ArgumentParser:
         "--method-set", dest="method_sets", action="append", default=[], metavar="METHOD.KEY=VALUE",
         help="override one method's hyperparameter, e.g. --method-set ewc.weight=50 (repeatable)",
     )  # fmt: skip
+    imp = sub.add_parser(
+        "import-checkpoint",
+        help="convert an official MiB step checkpoint into an incseg checkpoint",
+        description="Convert a checkpoint of the official MiB code (model_state with module.body / "
+        "head / cls.i keys) into an incseg step checkpoint for the given config and step, so that "
+        "`incseg eval` can evaluate it. Every key is accounted for.",
+    )
+    imp.add_argument("source", type=Path, help="official checkpoint (.pth)")
+    imp.add_argument("config", help="incseg config of the same setting, e.g. voc/15-5-overlap-mib")
+    imp.add_argument("--step", type=int, required=True, help="step the checkpoint was saved at")
+    imp.add_argument("--out", type=Path, required=True, help="incseg checkpoint to write (not overwritten)")
+    imp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key (repeatable)")
     sub.add_parser(
         "configs",
         help="list the built-in configs (demo and the paper-reproduction configs)",
@@ -223,6 +236,38 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_checkpoint(args: argparse.Namespace) -> int:
+    import torch
+
+    from incseg.engine.checkpoint import save_checkpoint
+    from incseg.engine.protocol import build_model
+    from incseg.models.official import convert_official
+    from incseg.protocol import get_setting, step_info
+
+    if args.out.exists():
+        raise IncsegError(f"--out {args.out}: exists; choose another file")
+    config = load_config(args.config, args.overrides)
+    setting = get_setting(config.family, config.protocol.setting)
+    if not 0 <= args.step < setting.num_steps:
+        raise IncsegError(f"--step {args.step}: setting {setting.name} has steps 0..{setting.num_steps - 1}")
+    try:
+        data = torch.load(args.source, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- torch raises many types for foreign files
+        raise IncsegError(f"{args.source}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict) or "model_state" not in data:
+        raise IncsegError(f"{args.source}: no 'model_state' entry; not a checkpoint of the official MiB code")
+    info = step_info(setting, args.step)
+    model = build_model(config, info, pretrained=False)
+    model.load_state_dict(convert_official(data["model_state"], model), strict=False)
+    save_checkpoint(args.out, {
+        "step": args.step, "setting": setting.name, "channels_per_step": list(info.channels_per_step),
+        "config": config.to_dict(), "model": model.state_dict(), "method": {},
+        "imported_from": str(args.source),
+    })  # fmt: skip
+    print(f"wrote {args.out} (step {args.step} of {setting.name}); evaluate it with `incseg eval {args.out}`")
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from incseg.engine.checkpoint import load_checkpoint
     from incseg.predict import predict_images
@@ -244,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _compare(args)
         if args.command == "data":
             return _data(args)
+        if args.command == "import-checkpoint":
+            return _import_checkpoint(args)
         if args.command == "predict":
             return _predict(args)
         if args.command == "configs":

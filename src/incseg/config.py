@@ -73,6 +73,7 @@ class ModelConfig:
     norm: str = "iabn"
     head_channels: int = 256
     pretrained: str = "none"
+    backbone_weights: str | None = None  # In-Place ABN ImageNet checkpoint (resnet101_iabn_sync.pth.tar)
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,9 @@ def validate(config: Config) -> None:
     _one_of(model.norm, NORMS, "model.norm")
     _one_of(model.pretrained, PRETRAINED, "model.pretrained")
     _at_least(model.head_channels, 1, "model.head_channels")
+    if model.backbone_weights and (model.pretrained != "none" or model.backbone == "tiny"):
+        raise ConfigError("model.backbone_weights: needs a ResNet backbone and model.pretrained: none "
+                          "(the file replaces the ImageNet weights)")  # fmt: skip
     if train.val_interval and proto.labels != "mib":
         raise ConfigError("train.val_interval: validation during training follows MiB's convention; "
                           "it needs protocol.labels: mib")  # fmt: skip

@@ -30,6 +30,7 @@ from incseg.errors import CheckpointError, ConfigError, DataError, IncsegError
 from incseg.methods import Method, build_method
 from incseg.metrics import StepReport, iou_per_class
 from incseg.models import IncrementalSegmenter, build_segmenter
+from incseg.models.official import load_iabn_imagenet
 from incseg.protocol import StepInfo, get_setting, make_lut, select_test, select_train, step_info
 from incseg.protocol.official import official_split, select_listed, uses_official
 from incseg.protocol.selection import pack_presence
@@ -53,10 +54,13 @@ def build_model(config: Config, info: StepInfo, *, pretrained: bool = True) -> I
     """A fresh segmenter with the classifiers of steps ``0..info.step``; ``pretrained=False``
     skips loading backbone weights (they are about to be overwritten by a checkpoint)."""
     m = config.model
-    return build_segmenter(
+    model = build_segmenter(
         m.backbone, info.channels_per_step, output_stride=m.output_stride, norm=m.norm,
         head_channels=m.head_channels, pretrained=m.pretrained if pretrained else "none",
     )  # fmt: skip
+    if pretrained and m.backbone_weights:
+        load_iabn_imagenet(model, m.backbone_weights)
+    return model
 
 
 def restore_step(checkpoint: dict) -> tuple[Config, StepInfo, IncrementalSegmenter]:
