@@ -4,7 +4,6 @@ tested on state dicts built with the official names and shapes (ResNet-101)."""
 import pytest
 import torch
 
-from conftest import VOC_ROOT
 from incseg.cli import main
 from incseg.errors import CheckpointError
 from incseg.models import build_segmenter
