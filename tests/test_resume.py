@@ -110,3 +110,15 @@ def test_sigkill_at_a_point_then_resume_is_exact(point, reference2, tiny_config_
     assert main(["run", str(tiny_config_path), "--out", str(run), "--resume", "--no-progress", *EPOCHS2]) == 0
     assert _numbers(run) == _numbers(reference2)
     assert not list(run.glob(".*.tmp")) and not (run / "last.pt").exists()
+
+
+def test_a_run_saved_before_new_config_keys_existed_is_still_the_same_config(reference, tmp_path, capsys):
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["train"]["checkpoint_every"], saved["protocol"]["split_source"]  # keys of a newer incseg, at defaults
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert main(["run", "--resume", str(run), "--no-progress"]) == 0
+    assert "steps 0..1 finished and restored" in capsys.readouterr().out

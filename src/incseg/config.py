@@ -291,7 +291,12 @@ def check_saved_config(run_dir: Path, config: Config, action: str) -> None:
         saved = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: cannot read the saved config ({err})") from None
-    diffs = config_diff(saved if isinstance(saved, dict) else {}, config.to_dict())
+    saved = saved if isinstance(saved, dict) else {}
+    try:  # keys added to incseg since the run was made take their defaults
+        saved = config_from_dict(saved).to_dict()
+    except ConfigError:
+        pass  # compare the raw file: the differences will show what no longer validates
+    diffs = config_diff(saved, config.to_dict())
     if diffs:
         raise ConfigError(f"cannot {action} {run_dir}: it holds a run made with a different config "
                           f"({'; '.join(diffs)})")  # fmt: skip
