@@ -129,11 +129,16 @@ def _plot(rows: list[dict], path: Path, title: str, old_range: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for r in rows:
+        if r["method"] == JOINT:  # one step: its final numbers are the upper bound at every step
+            for ax, key in zip(axes, ("all", "old"), strict=True):
+                ax.axhline(100 * r[key], linestyle="--", color="black", alpha=0.6, label="joint")
+            continue
         steps = range(len(r["all_per_step"]))
-        style = {"linestyle": "--"} if r["method"] == JOINT else {"marker": "o"}
-        axes[0].plot(steps, [100 * v for v in r["all_per_step"]], label=r["method"], **style)
-        axes[1].plot(steps, [100 * v for v in r["old_per_step"]], label=r["method"], **style)
+        axes[0].plot(steps, [100 * v for v in r["all_per_step"]], label=r["method"], marker="o")
+        axes[1].plot(steps, [100 * v for v in r["old_per_step"]], label=r["method"], marker="o")
+    num_steps = max((len(r["all_per_step"]) for r in rows if r["method"] != JOINT), default=1)
     for ax, name in zip(axes, ("all seen classes", f"old classes ({old_range})"), strict=True):
+        ax.set_xticks(range(num_steps))
         ax.set_xlabel("step")
         ax.set_ylabel("mIoU (%)")
         ax.set_title(name)
