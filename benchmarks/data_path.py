@@ -158,3 +158,34 @@ def bench_metric(device: str = "cpu") -> list[Figure]:
 
 BENCHMARKS = {"remap": bench_remap, "class_index": bench_class_index, "selection": bench_selection,
               "metric": bench_metric}  # fmt: skip
+
+
+def bench_loader(epochs: int = 3) -> list[Figure]:
+    """Training-loader throughput (images/s) on the real VOC fixture images: decode, random resized
+    crop 512, flip, normalise, LUT remap; 0 and 2 worker processes."""
+    from torch.utils.data import DataLoader
+
+    from incseg.data import StepDataset
+    from incseg.data.layouts import voc_pairs
+    from incseg.data.transforms import train_transform
+
+    pairs = voc_pairs(FIXTURES / "voc", "train")
+    source = files.FileSource(pairs.names, pairs.images, pairs.labels, tag="bench", progress=False)
+    lut = make_lut(step_info(get_setting("voc", "15-5"), 0), "train")
+    dataset = StepDataset(source, np.arange(len(source)), lut, train_transform(512))
+    out = []
+    for workers in (0, 2):
+        loader = DataLoader(dataset, batch_size=4, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+
+        def run(loader=loader):
+            for _ in range(epochs):
+                for _batch in loader:
+                    pass
+
+        seconds = median_time(run, repeats=3)
+        out.append(Figure(f"loader_images_per_s_{workers}_workers", epochs * len(dataset) / seconds, "images/s",
+                          "VOC fixture (500x375-ish JPEG), crop 512, batch 4"))  # fmt: skip
+    return out
+
+
+BENCHMARKS["loader"] = bench_loader
