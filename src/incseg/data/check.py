@@ -11,15 +11,13 @@ are compared with the selection rule on the images present.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from incseg.data.files import _workers, read_label, store_index
+from incseg.data.files import parallel_map, read_label, store_index
 from incseg.data.layouts import NUM_CLASSES, dataset_pairs
 from incseg.errors import DataError
 from incseg.protocol import get_setting, select_train, step_info
@@ -88,16 +86,12 @@ def check_dataset(family: str, root: str | Path, *, progress: bool = True, log: 
                 jobs.append((str(image), str(label), family))
                 kept.append(name)
         rows, names = [], []
-        bar = tqdm(total=len(jobs), desc=f"checking {split}", unit="pair", disable=not progress, leave=False)
-        workers = _workers(len(jobs))
-        with ProcessPoolExecutor(workers) if workers else _Inline() as pool:
-            for name, (row, problems) in zip(kept, pool.map(inspect_pair, jobs, chunksize=32), strict=True):
-                report.problems += [(Path(p), what) for p, what in problems]
-                if row is not None:
-                    rows.append(row)
-                    names.append(name)
-                bar.update()
-        bar.close()
+        results = parallel_map(inspect_pair, jobs, desc=f"checking {split}", unit="pair", progress=progress, chunksize=32)
+        for name, (row, problems) in zip(kept, results, strict=True):
+            report.problems += [(Path(p), what) for p, what in problems]
+            if row is not None:
+                rows.append(row)
+                names.append(name)
         presence = np.stack(rows) if rows else np.zeros((0, NUM_LABEL_VALUES), dtype=bool)
         report.names[split], report.presence[split] = names, presence
         if len(names) == len(pairs.names) and names:
@@ -105,19 +99,6 @@ def check_dataset(family: str, root: str | Path, *, progress: bool = True, log: 
     if family == "voc":
         _compare_official(report)
     return report
-
-
-class _Inline:
-    """Stands in for a process pool when the work is too small for one."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def map(self, fn, items, chunksize=1):
-        return map(fn, items)
 
 
 def _compare_official(report: CheckReport) -> None:

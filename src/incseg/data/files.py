@@ -62,26 +62,26 @@ def _presence_row(path: str) -> np.ndarray:
     return np.bincount(label.ravel(), minlength=NUM_LABEL_VALUES) > 0
 
 
-def _workers(count: int) -> int:
-    return 0 if count < PARALLEL_MIN else min(8, os.cpu_count() or 1)
+def parallel_map(fn, items: Sequence, *, desc: str, unit: str, progress: bool, chunksize: int = 64):
+    """Yield ``fn(item)`` in order, in worker processes (up to 8) when there are at least
+    ``PARALLEL_MIN`` items, in this process otherwise; with a progress bar."""
+    workers = 0 if len(items) < PARALLEL_MIN else min(8, os.cpu_count() or 1)
+    with tqdm(total=len(items), desc=desc, unit=unit, disable=not progress, leave=False) as bar:
+        if workers:
+            with ProcessPoolExecutor(workers) as pool:
+                for result in pool.map(fn, items, chunksize=chunksize):
+                    bar.update()
+                    yield result
+        else:
+            for item in items:
+                result = fn(item)
+                bar.update()
+                yield result
 
 
 def scan_labels(paths: Sequence[Path], *, desc: str = "class index", progress: bool = True) -> np.ndarray:
     """``(N, 256)`` bool presence of every label value in each label file (no caching)."""
-    names = [str(p) for p in paths]
-    workers = _workers(len(names))
-    bar = tqdm(total=len(names), desc=desc, unit="label", disable=not progress, leave=False)
-    rows = []
-    if workers:
-        with ProcessPoolExecutor(workers) as pool:
-            for row in pool.map(_presence_row, names, chunksize=64):
-                rows.append(row)
-                bar.update()
-    else:
-        for name in names:
-            rows.append(_presence_row(name))
-            bar.update()
-    bar.close()
+    rows = list(parallel_map(_presence_row, [str(p) for p in paths], desc=desc, unit="label", progress=progress))
     return np.stack(rows) if rows else np.zeros((0, NUM_LABEL_VALUES), dtype=bool)
 
 
