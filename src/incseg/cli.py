@@ -133,7 +133,20 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if args.resume and args.out is None:
         raise IncsegError("--resume needs the run directory: --out DIR --resume, or --resume DIR")
-    out = args.out or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from incseg.engine.distributed import (
+        broadcast_object,
+        init_distributed,
+        is_main_process,
+        local_device,
+    )
+    from incseg.engine.protocol import (  # heavy imports once the config is valid
+        resolve_device,
+        run_protocol,
+    )
+
+    # Under torchrun every process must agree on a generated run name: rank 0's is used.
+    init_distributed(local_device(resolve_device(config.train.device)))
+    out = broadcast_object(args.out or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and not out.is_dir():
         raise IncsegError(f"--out {out}: exists and is not a directory")
     existing = [m for m in RUN_MARKERS if (out / m).exists()]
@@ -142,12 +155,13 @@ def _run(args: argparse.Namespace) -> int:
             f"--out {out}: already holds a run ({', '.join(existing)}); choose another directory, "
             "pass --resume to continue it, or --overwrite to replace it"
         )
-    from incseg.engine.protocol import run_protocol  # heavy imports only once the config is valid
-
-    print(f"incseg run: {config.method.name} on {config.data.dataset} {config.protocol.setting} "
-          f"({config.protocol.mode}) -> {out}")  # fmt: skip
+    main_process = is_main_process()
+    if main_process:
+        print(f"incseg run: {config.method.name} on {config.data.dataset} {config.protocol.setting} "
+              f"({config.protocol.mode}) -> {out}")  # fmt: skip
     run_protocol(config, out, progress=not args.no_progress, resume=bool(args.resume))
-    print(f"Run directory: {out}")
+    if main_process:
+        print(f"Run directory: {out}")
     return 0
 
 
@@ -302,6 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:
+            from incseg.engine.distributed import shutdown_distributed
+
+            shutdown_distributed()
     return 1
 
 

@@ -32,6 +32,7 @@ from incseg.protocol.official import SPLIT_SOURCES, uses_official
 
 DATASETS = {"shapes": "voc", "voc": "voc", "ade": "ade"}  # dataset name -> class family
 AMP_MODES = ("off", "bf16", "fp16")
+TENSORBOARD = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -104,6 +105,10 @@ class TrainConfig:
     log_interval: int = 10
     val_interval: int = 0  # epochs between validations on the current classes; 0 = off
     checkpoint_every: int = 1  # epochs between resumable checkpoints (last.pt); 0 = step ends only
+    sync_bn: bool = True  # with several processes (torchrun), batch-norm statistics over the global batch
+    channels_last: bool = False  # NHWC memory format for the model and its inputs (faster convs on GPU)
+    compile: bool = False  # torch.compile the model being trained
+    tensorboard: str = "auto"  # auto: write TensorBoard logs if the package is installed; on | off
 
     def epochs_at(self, step: int) -> int:
         if step == 0 or self.epochs_incremental is None:
@@ -159,6 +164,8 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
             return float(value)
         if option is str and isinstance(value, str):
             return value
+        if option is str and isinstance(value, bool):  # YAML 1.1 reads unquoted on/off as booleans
+            return "on" if value else "off"
     expected = " or ".join("null" if o is type(None) else o.__name__ for o in options)
     raise ConfigError(f"{key}: expected {expected}, got {value!r} ({type(value).__name__})")
 
@@ -247,6 +254,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"train.{key}: must be > 0, got {getattr(train, key)}")
     _one_of(train.amp, AMP_MODES, "train.amp")
     _one_of(train.device, DEVICES, "train.device")
+    _one_of(train.tensorboard, TENSORBOARD, "train.tensorboard")
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

@@ -34,6 +34,10 @@ class StepDataset(Dataset):
 
     Items are ``(image, label)``: float32 ``(3, h, w)`` normalised image and uint8 ``(h, w)``
     channel-index label (255 = ignore). Remapping is one lookup-table gather per label.
+
+    A key is an item number or ``(item, seed)``: with a seed, the random transforms draw from a
+    generator seeded with it (the global RNG is left as it was), so an image's augmentation does
+    not depend on the number of loader workers or processes (see ``EpochBatchSampler``).
     """
 
     def __init__(
@@ -47,7 +51,14 @@ class StepDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        item, seed = key if isinstance(key, tuple) else (key, None)
         image, label = self.source.load(int(self.indices[item]))
-        image, label = apply_pair(self.transform, image, label)
+        if seed is None:
+            image, label = apply_pair(self.transform, image, label)
+        else:
+            # torchvision's v2 transforms draw from the global RNG; fork it for this one image.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                image, label = apply_pair(self.transform, image, label)
         return image, remap(label, self.lut)

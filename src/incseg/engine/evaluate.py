@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from incseg.engine.distributed import all_reduce_sum
 from incseg.metrics import confusion_matrix
 
 
@@ -18,17 +19,21 @@ def evaluate(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """Return the ``(K, K)`` int64 confusion matrix of ``model`` on ``loader``.
 
-    The matrix stays on ``device`` while batches accumulate (no host copy per batch).
+    The matrix stays on ``device`` while batches accumulate (no host copy per batch). Under
+    ``torchrun`` each rank evaluates its own shard of the images (``build_test_loader``) and the
+    matrices are summed over ranks here, so every rank returns the matrix of the whole test set.
     """
     model.eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress):
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images).logits
         matrix += confusion_matrix(logits.argmax(1), targets, num_classes)
-    return matrix
+    return all_reduce_sum(matrix)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -23,8 +24,19 @@ from incseg.config import Config, check_saved_config, config_from_dict
 from incseg.data import Source, StepDataset, build_source
 from incseg.data.transforms import test_transform, train_transform
 from incseg.engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from incseg.engine.distributed import (
+    DistInfo,
+    EpochBatchSampler,
+    barrier,
+    convert_sync_bn,
+    init_distributed,
+    local_batch_size,
+    local_device,
+    shard_indices,
+)  # fmt: skip
 from incseg.engine.evaluate import evaluate
 from incseg.engine.faults import fault_point
+from incseg.engine.tensorboard import Scalars, check_tensorboard, open_scalars
 from incseg.engine.train import poly_lr_lambda, train_one_epoch
 from incseg.errors import CheckpointError, ConfigError, DataError, IncsegError
 from incseg.methods import Method, build_method
@@ -37,6 +49,7 @@ from incseg.protocol.selection import pack_presence
 from incseg.report import format_step_table, format_summary, summary_markdown
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SINGLE = DistInfo()  # one process
 
 
 def resolve_device(name: str) -> torch.device:
@@ -129,29 +142,42 @@ def train_indices(
 
 
 def build_train_loader(
-    config: Config, source: Source, presence: np.ndarray, info: StepInfo, log: Callable[[str], None] = print
+    config: Config, source: Source, presence: np.ndarray, info: StepInfo, log: Callable[[str], None] = print,
+    dist: DistInfo = SINGLE,
 ) -> DataLoader:
-    """Shuffled training loader of a step (images from :func:`train_indices`)."""
+    """Shuffled training loader of a step (images from :func:`train_indices`).
+
+    Batches come from an :class:`EpochBatchSampler`: the order and each image's augmentation
+    seed depend only on ``train.seed``, the step and the epoch (call ``set_epoch``), and under
+    ``torchrun`` this rank gets its share of every global batch.
+    """
     data, cfg, proto = config.data, config.train, config.protocol
     indices = _selected(train_indices(config, source, presence, info, log), "training", config, info)
+    if len(indices) < dist.world_size:
+        raise DataError(f"step {info.step} has {len(indices)} training images, fewer than the "
+                        f"{dist.world_size} processes")  # fmt: skip
     dataset = StepDataset(
         source, indices, make_lut(info, "train", proto.labels),
         train_transform(data.crop_size, (data.scale_min, data.scale_max)),
     )  # fmt: skip
-    generator = torch.Generator().manual_seed(step_seed(cfg.seed, info.step))
-    return DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-        num_workers=data.num_workers, drop_last=len(dataset) >= cfg.batch_size,
-    )  # fmt: skip
+    sampler = EpochBatchSampler(len(dataset), cfg.batch_size, step_seed(cfg.seed, info.step),
+                                dist.rank, dist.world_size)  # fmt: skip
+    # The generator only seeds the workers (transforms are seeded per image); having one keeps
+    # starting an epoch from drawing on the global RNG.
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=data.num_workers,
+                      generator=torch.Generator().manual_seed(0))  # fmt: skip
 
 
 def build_test_loader(
-    config: Config, source: Source, presence: np.ndarray, info: StepInfo, split: str = "test"
+    config: Config, source: Source, presence: np.ndarray, info: StepInfo, split: str = "test",
+    dist: DistInfo = SINGLE,
 ) -> DataLoader:
     """Test loader of a step: images with a seen class, labels in the step's test convention.
 
     ``split="val"`` gives MiB's validation during training instead: test-split images with a
-    class of the current step, old classes mapped to 255 (SPEC section 4).
+    class of the current step, old classes mapped to 255 (SPEC section 4). Under ``torchrun``
+    the loader holds this rank's shard (every N-th image, none repeated); ``evaluate`` sums the
+    ranks' matrices.
     """
     proto = config.protocol
     ignore_zero = config.family == "ade" and proto.labels == "mib"
@@ -166,6 +192,7 @@ def build_test_loader(
     # An own generator: starting this loader must not draw from the global RNG that drives the
     # training augmentations, so validating leaves training unchanged.
     return DataLoader(dataset, batch_size=batch, num_workers=config.data.num_workers,
+                      sampler=shard_indices(len(dataset), dist.rank, dist.world_size),
                       generator=torch.Generator().manual_seed(0))  # fmt: skip
 
 
@@ -182,14 +209,18 @@ def train_step(
     *,
     resume: dict | None = None,
     on_epoch_end: Callable[[dict], None] | None = None,
+    net: nn.Module | None = None,
+    scalars: Scalars | None = None,
 ) -> list[dict[str, float]]:
     """Train one step with SGD (Nesterov momentum) and a per-iteration poly LR; return per-epoch
     mean loss terms. With ``validate``, every ``train.val_interval`` epochs its value is added
     to that epoch's entry as ``val_miou``.
 
     ``on_epoch_end(state)`` receives after each epoch what an exact resume needs besides the
-    model and method: epochs done, optimizer, scheduler and scaler states, the data-order and
-    global RNG states and the history so far; ``resume`` is such a state to continue from.
+    model and method: epochs done, optimizer, scheduler and scaler states, the global RNG state
+    and the history so far (the data order is a function of the epoch); ``resume`` is such a
+    state to continue from. ``net`` is the DDP / compiled wrapper that runs the forward pass;
+    ``scalars`` receives the logged losses and LR.
     """
     cfg = config.train
     optimizer = torch.optim.SGD(
@@ -206,24 +237,28 @@ def train_step(
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
-        loader.generator.set_state(resume["loader_rng"])
         torch.set_rng_state(resume["torch_rng"])
         history = list(resume["history"])
+    scalars = scalars or Scalars(None)
+    prefix = f"step_{info.step}"
     for epoch in tqdm(range(len(history), epochs), desc=f"step {info.step}", disable=not progress):
+        loader.batch_sampler.set_epoch(epoch)
         terms = train_one_epoch(
             model, old_model, method, loader, optimizer, scheduler, scaler, info,
             epoch=epoch, device=device, amp_dtype=AMP_DTYPES[cfg.amp],
-            log_interval=cfg.log_interval, progress=progress,
+            log_interval=cfg.log_interval, progress=progress, net=net, channels_last=cfg.channels_last,
+            on_log=(lambda it, values: scalars.add(f"{prefix}/train", values, it)) if scalars.enabled else None,
         )  # fmt: skip
         if validate is not None and cfg.val_interval and (epoch + 1) % cfg.val_interval == 0:
             terms["val_miou"] = validate()
             model.train()
         history.append(terms)
+        scalars.add(f"{prefix}/epoch", terms, epoch + 1)
         if on_epoch_end is not None:
             on_epoch_end({
                 "epochs_done": epoch + 1, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "loader_rng": loader.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "torch_rng": torch.get_rng_state(),
                 "history": history,
             })  # fmt: skip
     return history
@@ -286,6 +321,25 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return old
 
 
+def wrap_for_training(model: nn.Module, config: Config, dist: DistInfo, device: torch.device) -> nn.Module:
+    """The module that runs the training forward pass: ``model`` itself, or its DDP wrapper
+    (several processes), compiled when ``train.compile`` is set. Parameters stay shared."""
+    net: nn.Module = model
+    if dist.distributed:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.train.compile:
+        net = torch.compile(net)
+    return net
+
+
+def prepare_model(model: nn.Module, config: Config, dist: DistInfo, device: torch.device) -> nn.Module:
+    """Move to ``device`` (channels-last if asked) and synchronise batch norm across processes."""
+    if dist.distributed and config.train.sync_bn:
+        convert_sync_bn(model, device)
+    memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
+    return model.to(device, memory_format=memory_format)
+
+
 def run_protocol(
     config: Config,
     run_dir: Path,
@@ -295,23 +349,38 @@ def run_protocol(
     log: Callable[[str], None] = print,
 ) -> list[StepReport]:
     """Run every step of ``config``'s setting (up to ``protocol.last_step``); write into
-    ``run_dir`` the resolved config, ``step_K.pt`` per step, ``metrics.json`` and ``summary.md``.
+    ``run_dir`` the resolved config, ``step_K.pt`` per step, ``metrics.json``, ``summary.md``
+    and (``train.tensorboard``) TensorBoard scalars under ``tensorboard/``.
 
     With ``resume``, the steps already finished in ``run_dir`` (checkpoint and metrics written)
     are restored instead of trained, and the run continues from the first unfinished step. Every
     step re-seeds from ``train.seed``, so a resumed run gives the same numbers as one that was
     never interrupted.
 
+    Launched by ``torchrun``, every process runs this function: each trains on its share of
+    every global batch (DDP), evaluates its shard of the test set, and rank 0 alone logs and
+    writes files (``run_dir`` must be on a file system all ranks see, to resume).
+
     Returns:
-        One :class:`StepReport` per step.
+        One :class:`StepReport` per step (the same on every rank).
     """
     setting = get_setting(config.family, config.protocol.setting)
     last_step = setting.num_steps - 1 if config.protocol.last_step is None else config.protocol.last_step
-    device = resolve_device(config.train.device)
+    device = local_device(resolve_device(config.train.device))
     amp_dtype = AMP_DTYPES[config.train.amp]
-    # Data problems surface before anything is written into the run directory.
+    dist = init_distributed(device)
+    local_batch_size(config.train.batch_size, dist.world_size)
+    check_tensorboard(config.train.tensorboard)
+    if not dist.is_main:
+        log, progress = (lambda _message: None), False
+    # Data problems surface before anything is written into the run directory. Rank 0 builds
+    # the class index (and its cache) first; the others then read the cache.
+    if not dist.is_main:
+        barrier()
     sources = (build_source(config.data, "train", progress=progress),
                build_source(config.data, "test", progress=progress))  # fmt: skip
+    if dist.is_main:
+        barrier()
     # Built (or read from the cache) once; every step selects from the packed bit sets.
     presences = (pack_presence(sources[0].presence()), pack_presence(sources[1].presence()))
     run_dir = Path(run_dir)
@@ -322,81 +391,95 @@ def run_protocol(
     metrics: dict = {"setting": setting.name, "mode": config.protocol.mode,
                      "method": config.method.name, "steps": []}  # fmt: skip
     if resume:
-        for stale in run_dir.glob(".*.tmp"):  # our own temporary files, left by a killed write
-            stale.unlink()
         metrics["steps"], reports, model = finished_steps(run_dir, config, last_step, method)
         if model is not None:
-            model = model.to(device)
+            model = prepare_model(model, config, dist, device)
             old_model = frozen_copy(model)
             log(f"resuming {run_dir}: steps 0..{len(reports) - 1} finished and restored")
+    barrier()  # every rank has read the run directory before rank 0 writes into it
+    if dist.is_main:
+        for stale in run_dir.glob(".*.tmp") if resume else ():  # left by a killed write
+            stale.unlink()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(config.to_yaml())
+        except OSError as err:
+            raise IncsegError(f"run directory {run_dir}: cannot write ({err.strerror})") from None
+    scalars = open_scalars(config.train.tensorboard, run_dir, dist.is_main)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config.to_yaml())
-    except OSError as err:
-        raise IncsegError(f"run directory {run_dir}: cannot write ({err.strerror})") from None
+        for step in range(len(reports), last_step + 1):
+            info = step_info(setting, step)
+            torch.manual_seed(step_seed(config.train.seed, step))
+            train_data = build_train_loader(config, sources[0], presences[0], info, log, dist)
+            test_data = build_test_loader(config, sources[1], presences[1], info, dist=dist)
+            if model is None:
+                model = build_model(config, info)
+            else:
+                model.add_classifier(info.channels_per_step[-1])
+                method.init_new_classifier(model, info)
+            model = prepare_model(model, config, dist, device)
+            teacher = old_model if method.needs_old_model else None
+            partial = interrupted_step(run_dir, config, step) if resume else None
+            if partial is not None:
+                model.load_state_dict(partial["model"])
+                method.load_state_dict(partial["method"])
+                log(f"resuming step {step} after epoch {partial['epochs_done']}")
+            method.begin_step(info, model, teacher, train_data)
+            if partial is not None:
+                method.load_step_state_dict(partial["method_step"])
+            validate = None
+            if config.train.val_interval:
+                val_data = build_test_loader(config, sources[1], presences[1], info, split="val", dist=dist)
 
-    for step in range(len(reports), last_step + 1):
-        info = step_info(setting, step)
-        torch.manual_seed(step_seed(config.train.seed, step))
-        train_data = build_train_loader(config, sources[0], presences[0], info, log)
-        test_data = build_test_loader(config, sources[1], presences[1], info)
-        if model is None:
-            model = build_model(config, info).to(device)
-        else:
-            model.add_classifier(info.channels_per_step[-1])
-            method.init_new_classifier(model, info)
-        teacher = old_model if method.needs_old_model else None
-        partial = interrupted_step(run_dir, config, step) if resume else None
-        if partial is not None:
-            model.load_state_dict(partial["model"])
-            method.load_state_dict(partial["method"])
-            log(f"resuming step {step} after epoch {partial['epochs_done']}")
-        method.begin_step(info, model, teacher, train_data)
-        if partial is not None:
-            method.load_step_state_dict(partial["method_step"])
-        validate = None
-        if config.train.val_interval:
-            val_data = build_test_loader(config, sources[1], presences[1], info, split="val")
+                def validate(model=model, val_data=val_data, info=info):
+                    matrix = evaluate(model, val_data, info.num_channels, device=device, amp_dtype=amp_dtype,
+                                      channels_last=config.train.channels_last)  # fmt: skip
+                    return current_class_miou(matrix, info)
 
-            def validate(model=model, val_data=val_data, info=info):
-                matrix = evaluate(model, val_data, info.num_channels, device=device, amp_dtype=amp_dtype)
-                return current_class_miou(matrix, info)
+            def save_epoch(state, step=step, model=model):
+                every = config.train.checkpoint_every
+                done = state["epochs_done"]
+                if dist.is_main and every and (done % every == 0 or done == config.train.epochs_at(step)):
+                    save_checkpoint(run_dir / LAST, {
+                        **state, "kind": "epoch", "step": step, "config": config.to_dict(),
+                        "model": model.state_dict(), "method": method.state_dict(),
+                        "method_step": method.step_state_dict(),
+                    })  # fmt: skip
+                    fault_point(f"epoch:{step}:{done}")
 
-        def save_epoch(state, step=step, model=model):
-            every = config.train.checkpoint_every
-            if every and (state["epochs_done"] % every == 0 or state["epochs_done"] == config.train.epochs_at(step)):
-                save_checkpoint(run_dir / LAST, {
-                    **state, "kind": "epoch", "step": step, "config": config.to_dict(),
-                    "model": model.state_dict(), "method": method.state_dict(),
-                    "method_step": method.step_state_dict(),
+            losses = train_step(
+                config, model, teacher, method, train_data, info, device, progress, validate,
+                resume=partial, on_epoch_end=save_epoch, net=wrap_for_training(model, config, dist, device),
+                scalars=scalars,
+            )  # fmt: skip
+            method.end_step(info, model, train_data)
+
+            matrix = evaluate(model, test_data, info.num_channels, device=device, amp_dtype=amp_dtype,
+                              progress=progress, channels_last=config.train.channels_last)  # fmt: skip
+            report = StepReport.from_confusion(matrix, info)
+            reports.append(report)
+            metrics["steps"].append({**report.to_dict(), "num_train_images": len(train_data.dataset),
+                                     "num_test_images": len(test_data.dataset), "losses": losses})  # fmt: skip
+            if dist.is_main:
+                save_checkpoint(run_dir / f"step_{step}.pt", {
+                    "step": step, "setting": setting.name, "channels_per_step": list(info.channels_per_step),
+                    "config": config.to_dict(), "model": model.state_dict(), "method": method.state_dict(),
+                    "confusion": matrix.cpu(),
                 })  # fmt: skip
-                fault_point(f"epoch:{step}:{state['epochs_done']}")
-
-        losses = train_step(config, model, teacher, method, train_data, info, device, progress, validate,
-                            resume=partial, on_epoch_end=save_epoch)  # fmt: skip
-        method.end_step(info, model, train_data)
-
-        matrix = evaluate(model, test_data, info.num_channels, device=device, amp_dtype=amp_dtype,
-                          progress=progress)  # fmt: skip
-        report = StepReport.from_confusion(matrix, info)
-        reports.append(report)
-        save_checkpoint(run_dir / f"step_{step}.pt", {
-            "step": step, "setting": setting.name, "channels_per_step": list(info.channels_per_step),
-            "config": config.to_dict(), "model": model.state_dict(), "method": method.state_dict(),
-            "confusion": matrix.cpu(),
-        })  # fmt: skip
-        metrics["steps"].append({**report.to_dict(), "num_train_images": len(train_data.dataset),
-                                 "num_test_images": len(test_data.dataset), "losses": losses})  # fmt: skip
-        atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
-        (run_dir / LAST).unlink(missing_ok=True)  # superseded by step_K.pt
-        fault_point(f"step:{step}")
-        title = (f"Step {step}/{last_step} of {config.data.dataset} {setting.name} "
-                 f"({config.protocol.mode}, {config.method.name}): "
-                 f"{len(train_data.dataset)} train / {len(test_data.dataset)} test images")  # fmt: skip
-        log(format_step_table(report, title))
-        old_model = frozen_copy(model)
+                atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+                (run_dir / LAST).unlink(missing_ok=True)  # superseded by step_K.pt
+                fault_point(f"step:{step}")
+            scalars.add("miou", {k: 100 * getattr(report, f"miou_{k}") for k in ("old", "new", "all")}, step)
+            title = (f"Step {step}/{last_step} of {config.data.dataset} {setting.name} "
+                     f"({config.protocol.mode}, {config.method.name}): "
+                     f"{len(train_data.dataset)} train / {len(test_data.dataset)} test images")  # fmt: skip
+            log(format_step_table(report, title))
+            old_model = frozen_copy(model)
+    finally:
+        scalars.close()
 
     log(format_summary(reports))
     heading = f"{config.name}: {config.method.name} on {config.data.dataset} {setting.name} ({config.protocol.mode})"
-    (run_dir / "summary.md").write_text(summary_markdown(reports, heading, config.to_yaml()))
+    if dist.is_main:
+        (run_dir / "summary.md").write_text(summary_markdown(reports, heading, config.to_yaml()))
     return reports

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from incseg.engine.distributed import all_reduce_mean
 from incseg.engine.faults import fault_point
 from incseg.errors import IncsegError
 from incseg.methods import Method
@@ -39,21 +41,30 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None,
     log_interval: int,
     progress: bool,
+    net: nn.Module | None = None,
+    channels_last: bool = False,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` for one pass over ``loader``; return the mean of each loss term.
 
-    ``old_model`` (frozen, eval mode) runs under ``no_grad`` inside the same autocast as the
-    student; it is only given when the method needs it. Loss values are read back to the host
-    only every ``log_interval`` iterations, to avoid a device sync per batch.
+    ``net`` is what runs the forward pass when it is not ``model`` itself: its DDP and/or
+    ``torch.compile`` wrapper (the method's hooks always see the bare ``model``). ``old_model``
+    (frozen, eval mode) runs under ``no_grad`` inside the same autocast as the student; it is only
+    given when the method needs it. Loss values are read back to the host only every
+    ``log_interval`` iterations, to avoid a device sync per batch; then ``on_log(iteration,
+    values)`` gets this rank's terms, the total and the LR (``iteration`` counts from 1 within
+    the step). The returned epoch means are averaged over all ranks.
     """
+    net = model if net is None else net
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.train()
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
     bar = tqdm(loader, desc=f"step {info.step} epoch {epoch + 1}", leave=False, disable=not progress)
     for it, (images, targets) in enumerate(bar):
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            output = model(images, return_features=method.needs_features)
+            output = net(images, return_features=method.needs_features)
             old_output = None
             if old_model is not None:
                 with torch.no_grad():
@@ -81,6 +92,12 @@ def train_one_epoch(
                     f"non-finite loss at step {info.step}, epoch {epoch + 1}, iteration {it + 1}: "
                     f"loss={value} ({detail})"
                 )
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-    count = max(len(loader), 1)
-    return {name: float(total) / count for name, total in sums.items()}
+            lr = scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+            if on_log is not None:
+                values = {name: float(v.detach()) for name, v in terms.items()}
+                on_log(epoch * len(loader) + it + 1, {**values, "total": value, "lr": lr})
+    # Epoch means over all ranks' batches (one reduction per epoch), as one process would log.
+    names = sorted(sums)
+    means = all_reduce_mean(torch.stack([sums[n] for n in names]) / max(len(loader), 1)) if names else []
+    return {name: float(mean) for name, mean in zip(names, means, strict=True)}

@@ -1,0 +1,58 @@
+"""TensorBoard scalars of a run (``train.tensorboard``), written by rank 0 next to metrics.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from incseg.errors import ConfigError
+
+
+class Scalars:
+    """Scalar logger: a ``SummaryWriter`` under ``RUN_DIR/tensorboard``, or nothing at all.
+
+    Tags: ``step_K/train/TERM`` (per logged iteration of step K, with ``lr`` and ``total``),
+    ``step_K/epoch/TERM`` (epoch means, ``val_miou``), ``miou/{old,new,all}`` (per step, in %).
+    """
+
+    def __init__(self, log_dir: Path | None) -> None:
+        self._writer = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(log_dir))
+
+    @property
+    def enabled(self) -> bool:
+        return self._writer is not None
+
+    def add(self, prefix: str, values: dict[str, float], x: int) -> None:
+        if self._writer is not None:
+            for name, value in values.items():
+                self._writer.add_scalar(f"{prefix}/{name}", value, x)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_tensorboard(mode: str) -> None:
+    """``train.tensorboard: on`` without the package is a config error that says how to install it."""
+    if mode == "on" and not tensorboard_available():
+        raise ConfigError("train.tensorboard: 'on' needs the tensorboard package "
+                          "(pip install tensorboard, or pip install 'incseg[tensorboard]')")  # fmt: skip
+
+
+def open_scalars(mode: str, run_dir: Path, is_main: bool) -> Scalars:
+    """``mode`` is ``train.tensorboard``: ``auto`` logs when the package is installed, ``on``
+    requires it (see :func:`check_tensorboard`), ``off`` never logs. Only rank 0 logs."""
+    check_tensorboard(mode)
+    enabled = is_main and mode != "off" and tensorboard_available()
+    return Scalars(run_dir / "tensorboard" if enabled else None)

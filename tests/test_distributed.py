@@ -1,0 +1,170 @@
+"""torchrun / DDP: sharding, synchronised batch norm, and two gloo processes against one."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from incseg.engine.distributed import (
+    DistributedBatchNorm2d,
+    EpochBatchSampler,
+    convert_sync_bn,
+    local_batch_size,
+    shard_indices,
+)  # fmt: skip
+from incseg.errors import ConfigError
+
+HELPERS = Path(__file__).parent / "helpers"
+
+
+def torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize("n", [10, 11, 3])
+def test_rank_batches_are_slices_of_the_single_process_batches(n):
+    single = EpochBatchSampler(n, 4, seed=7)
+    ranks = [EpochBatchSampler(n, 4, seed=7, rank=r, world_size=2) for r in range(2)]
+    for sampler in (single, *ranks):
+        sampler.set_epoch(3)
+    assert len(ranks[0]) == len(ranks[1]) == len(single) == (n // 4 if n >= 4 else 1)
+    for whole, part0, part1 in zip(single, *ranks, strict=True):
+        assert part0 + part1 == whole  # same images, same augmentation seeds, rank 0 first
+        assert abs(len(part0) - len(part1)) <= 1
+
+
+def test_order_depends_only_on_seed_and_epoch():
+    def epoch(seed, e):
+        sampler = EpochBatchSampler(50, 8, seed=seed)
+        sampler.set_epoch(e)
+        return list(sampler)
+
+    assert epoch(1, 0) == epoch(1, 0)
+    assert epoch(1, 0) != epoch(1, 1)
+    assert epoch(1, 0) != epoch(2, 0)
+    items = [i for batch in epoch(1, 0) for i, _ in batch]
+    assert len(set(items)) == len(items) == 48  # a permutation, last incomplete batch dropped
+
+
+def test_test_shards_count_every_image_once():
+    for n in (7, 8, 1):
+        shards = [list(shard_indices(n, r, 3)) for r in range(3)]
+        assert sorted(i for shard in shards for i in shard) == list(range(n))
+
+
+def test_global_batch_must_split_over_processes():
+    assert local_batch_size(24, 4) == 6
+    with pytest.raises(ConfigError, match=r"train.batch_size: 6 is the global batch and must be divisible by .*\(4\)"):
+        local_batch_size(6, 4)
+
+
+def test_sync_bn_conversion_keeps_weights_and_is_batchnorm_in_one_process():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4)))
+    model[1].weight.data.uniform_(0.5, 1.5)
+    reference = nn.Sequential(*[m for m in __import__("copy").deepcopy(model)])
+    keys = list(model.state_dict())
+    convert_sync_bn(model, torch.device("cpu"))
+    assert isinstance(model[1], DistributedBatchNorm2d) and isinstance(model[2][0], DistributedBatchNorm2d)
+    assert list(model.state_dict()) == keys
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model(x), reference(x))
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var)
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """The worker run by one process (in this one) and by two gloo processes, with and without sync BN."""
+    sys.path.insert(0, str(HELPERS))
+    try:
+        import ddp_worker
+    finally:
+        sys.path.remove(str(HELPERS))
+    out = {name: tmp_path_factory.mktemp(name) for name in ("single", "sync", "nosync")}
+    ddp_worker.main(out["single"], sync_bn=True)
+    torchrun([str(HELPERS / "ddp_worker.py"), str(out["sync"])], cwd=HELPERS)
+    torchrun([str(HELPERS / "ddp_worker.py"), str(out["nosync"]), "0"], cwd=HELPERS)
+    load = lambda path: torch.load(path, weights_only=False)
+    return ddp_worker, {
+        name: [load(p) for p in sorted(folder.glob("rank*.pt"))] for name, folder in out.items()
+    }
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def test_two_processes_train_like_one_with_the_global_batch(ddp_runs):
+    _, runs = ddp_runs
+    (single,), (rank0, rank1) = runs["single"], runs["sync"]
+    assert rank0["world_size"] == 2 and single["world_size"] == 1
+    assert rank0["keys"] + rank1["keys"] != single["keys"]  # interleaved per batch, not concatenated
+    assert sorted(rank0["keys"] + rank1["keys"]) == sorted(single["keys"])
+    # After two iterations both ranks hold the very same parameters and BN statistics ...
+    for key in rank0["model"]:
+        assert torch.equal(rank0["model"][key], rank1["model"][key]), key
+    # ... equal (to float rounding) to one process that saw the global batches of 4.
+    assert _max_difference(single["model"], rank0["model"]) < 1e-5
+    # Without synchronised BN each rank normalises with its own 2 images: clearly different.
+    assert _max_difference(single["model"], runs["nosync"][0]["model"]) > 1e-3
+
+
+def test_sharded_evaluation_counts_each_image_once(ddp_runs):
+    worker, runs = ddp_runs
+    rank0, rank1 = runs["sync"]
+    assert sorted(rank0["test_items"] + rank1["test_items"]) == list(range(7))  # odd: 4 + 3 images
+    assert torch.equal(rank0["matrix"], rank1["matrix"])
+    # The same weights evaluated by one process over all 7 images give the same matrix.
+    from incseg.config import config_from_dict
+    from incseg.data import build_source
+    from incseg.engine.evaluate import evaluate
+    from incseg.engine.protocol import build_model, build_test_loader
+    from incseg.protocol import get_setting, step_info
+    from incseg.protocol.selection import pack_presence
+
+    config = config_from_dict(worker.CONFIG)
+    info = step_info(get_setting("voc", "15-5"), 0)
+    model = build_model(config, info)
+    model.load_state_dict(rank0["model"])
+    source = build_source(config.data, "test")
+    loader = build_test_loader(config, source, pack_presence(source.presence()), info)
+    assert len(loader.dataset) == 7
+    matrix = evaluate(model, loader, info.num_channels, device=torch.device("cpu"))
+    assert torch.equal(matrix, rank0["matrix"])
+    valid = sum(int((label != 255).sum()) for _, label in loader.dataset)
+    assert int(matrix.sum()) == valid  # every labelled pixel of every image, once
+
+
+def test_torchrun_runs_the_cli_and_rank_zero_writes_once(tmp_path, tiny_config_path):
+    out = tmp_path / "ddp"
+    result = torchrun(["-m", "incseg", "run", str(tiny_config_path), "--out", str(out), "--no-progress",
+                       "--set", "train.device=cpu", "--set", "data.num_train=40"], cwd=tmp_path)  # fmt: skip
+    assert result.stdout.count("Run directory:") == 1  # rank 1 prints nothing
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [s["step"] for s in metrics["steps"]] == [0, 1]
+    assert {p.name for p in out.glob("step_*.pt")} == {"step_0.pt", "step_1.pt"}
+    assert not list(out.glob(".*.tmp")) and not (out / "last.pt").exists()
+    # The same run in one process: same images per step, same metrics up to float rounding.
+    from incseg.config import load_config
+    from incseg.engine.protocol import run_protocol
+
+    config = load_config(str(tiny_config_path), ["train.device=cpu", "data.num_train=40"])
+    run_protocol(config, tmp_path / "one", progress=False, log=lambda _: None)
+    single = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    for a, b in zip(single["steps"], metrics["steps"], strict=True):
+        assert a["num_train_images"] == b["num_train_images"] and a["num_test_images"] == b["num_test_images"]
+        for term, value in a["losses"][0].items():
+            assert b["losses"][0][term] == pytest.approx(value, rel=1e-3, abs=1e-4), term
+    for key in ("step_0.pt", "step_1.pt"):
+        ours = torch.load(out / key, weights_only=True)["model"]
+        reference = torch.load(tmp_path / "one" / key, weights_only=True)["model"]
+        assert _max_difference(reference, ours) < 1e-3
