@@ -168,3 +168,16 @@ def test_torchrun_runs_the_cli_and_rank_zero_writes_once(tmp_path, tiny_config_p
         ours = torch.load(out / key, weights_only=True)["model"]
         reference = torch.load(tmp_path / "one" / key, weights_only=True)["model"]
         assert _max_difference(reference, ours) < 1e-3
+
+
+def test_compare_under_torchrun_writes_its_table_once(tmp_path, tiny_config_path):
+    out = tmp_path / "cmp"
+    result = torchrun(["-m", "incseg", "compare", str(tiny_config_path), "--methods", "ft,mib", "--out", str(out),
+                       "--no-progress", "--set", "train.device=cpu", "--set", "data.num_train=40"],
+                      cwd=tmp_path)  # fmt: skip
+    assert result.stdout.count("Comparison written to") == 1
+    table = (out / "comparison.md").read_text()
+    assert "| ft |" in table and "| mib |" in table
+    for method in ("ft", "mib"):
+        steps = json.loads((out / method / "metrics.json").read_text())["steps"]
+        assert [s["step"] for s in steps] == [0, 1]

@@ -183,10 +183,14 @@ def _compare(args: argparse.Namespace) -> int:
 
     rows = run_comparison(base, methods, out, joint=args.joint, joint_epochs=args.joint_epochs, run=run,
                           method_sets=method_sets)  # fmt: skip
-    print(f"Comparison written to {out}/comparison.md, .csv and .png")
+    from incseg.engine.distributed import is_main_process
+
+    if is_main_process():
+        print(f"Comparison written to {out}/comparison.md, .csv and .png")
     failed = [r["method"] for r in rows if r.get("failed")]
     if failed:
-        print(f"error: {len(failed)} method(s) failed: {', '.join(failed)} (see comparison.md)", file=sys.stderr)
+        if is_main_process():
+            print(f"error: {len(failed)} method(s) failed: {', '.join(failed)} (see comparison.md)", file=sys.stderr)
         return 1
     return 0
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from incseg.config import Config, MethodConfig, apply_override, check_saved_config, config_from_dict
+from incseg.engine.distributed import is_main_process
 from incseg.errors import ConfigError, IncsegError
 from incseg.methods import METHODS
 from incseg.protocol import get_setting, step_info
@@ -163,6 +164,9 @@ def run_comparison(
 ) -> list[dict]:
     """Run (or reuse) every method, then write the comparison files into ``out``.
 
+    Under ``torchrun`` every rank runs this (each method's training is distributed); only
+    rank 0 logs and writes the comparison files.
+
     A method whose run fails with a user-facing error (e.g. a non-finite loss) is recorded as
     failed, with the message, in ``comparison.md``; the other methods still run. Running the
     comparison again retries it.
@@ -184,6 +188,8 @@ def run_comparison(
         check_saved_config(out / label, config, "reuse or continue")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    if not is_main_process():
+        log = lambda _message: None
     for label, config in jobs:
         run_dir = out / label
         steps = 1 if label == JOINT else last + 1
@@ -201,6 +207,7 @@ def run_comparison(
         rows.append(comparison_row(label, metrics, old_names))
     title = f"{base.data.dataset} {setting.name} ({base.protocol.mode})"
     new_range = f"{info.num_base_channels}-{info.num_channels - 1}"
-    write_outputs(rows, out, title, f"0-{info.num_base_channels - 1}", new_range)
-    log((out / "comparison.md").read_text())
+    if is_main_process():  # under torchrun every rank trains; rank 0 writes
+        write_outputs(rows, out, title, f"0-{info.num_base_channels - 1}", new_range)
+        log((out / "comparison.md").read_text())
     return rows

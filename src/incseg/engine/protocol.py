@@ -482,4 +482,5 @@ def run_protocol(
     heading = f"{config.name}: {config.method.name} on {config.data.dataset} {setting.name} ({config.protocol.mode})"
     if dist.is_main:
         (run_dir / "summary.md").write_text(summary_markdown(reports, heading, config.to_yaml()))
+    barrier()  # no rank returns before rank 0's files exist (compare reads them next)
     return reports
