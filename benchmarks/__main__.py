@@ -18,18 +18,26 @@ BENCHMARKS = {**DATA_BENCHMARKS, "train_step": bench_train_step}
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {list(BENCHMARKS)})")
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/results.json"), help="where to write all figures")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results.json"),
+                        help="JSON file of figures; figures of the same name from the same machine are replaced, "
+                        "others kept")  # fmt: skip
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         print(f"error: unknown benchmark(s) {unknown}; valid: {list(BENCHMARKS)}", file=sys.stderr)
         return 2
-    figures = []
+    figures = {}
+    try:
+        previous = json.loads(args.json.read_text())
+        if previous.get("machine") == machine():  # figures from another machine do not mix
+            figures = {f["name"]: f for f in previous["figures"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     for name in args.names or BENCHMARKS:
         for figure in BENCHMARKS[name]():
             print(figure.line(), flush=True)
-            figures.append(asdict(figure))
-    args.json.write_text(json.dumps({"machine": machine(), "figures": figures}, indent=1))
+            figures[figure.name] = asdict(figure)
+    args.json.write_text(json.dumps({"machine": machine(), "figures": list(figures.values())}, indent=1))
     print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

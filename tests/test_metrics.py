@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,3 +50,23 @@ def test_report_old_new_all_average_classes_with_ground_truth():
     assert report.to_dict()["per_class"]["boat"] is None
     assert report.to_dict()["per_class"]["tvmonitor"] == pytest.approx(2 / 6)
     assert report.pixel_accuracy == pytest.approx(15 / 20)
+
+
+@pytest.mark.parametrize("num_classes", [3, 21, 151])  # 151 (ADE) takes the int32 code path
+@pytest.mark.parametrize("target_dtype", [torch.uint8, torch.int64])
+def test_confusion_matrix_matches_a_numpy_reference(num_classes, target_dtype):
+    gen = torch.Generator().manual_seed(num_classes)
+    pred = torch.randint(0, num_classes, (3, 17, 19), generator=gen)
+    target = torch.randint(0, num_classes, (3, 17, 19), generator=gen)
+    target[0, :5] = 255
+    target[1, :, :3] = num_classes  # >= K: ignored as well
+    if target_dtype == torch.int64:
+        target[2, 0] = -1
+        target[2, 1] = 70_000  # would overflow a 16-bit code
+    t, p = target.numpy().ravel(), pred.numpy().ravel()
+    keep = (t >= 0) & (t < num_classes)
+    expected = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(expected, (t[keep], p[keep]), 1)
+    got = confusion_matrix(pred, target.to(target_dtype) if target_dtype == torch.uint8 else target, num_classes)
+    assert got.dtype == torch.int64
+    np.testing.assert_array_equal(got.numpy(), expected)

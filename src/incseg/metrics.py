@@ -27,18 +27,24 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int)
     Returns:
         ``(K, K)`` int64 matrix on ``pred``'s device; rows = ground truth, columns = prediction.
     """
-    bins = num_classes * num_classes
-    # Ignored pixels go to an extra bin instead of being removed: boolean-mask indexing would cost
-    # a copy on the CPU and a device sync on the GPU. int16 codes halve the memory traffic.
-    dtype = torch.int16 if bins < 2**15 and pred.device.type == "cpu" else torch.int64
-    target = target.reshape(-1).to(dtype)
-    pred = pred.reshape(-1).to(dtype)
-    flat = torch.where(target < num_classes, target * num_classes + pred, bins)
-    if flat.device.type == "cpu":
-        counts = torch.bincount(flat, minlength=bins + 1)
+    k = num_classes
+    bins = k * k
+    target = target.reshape(-1)
+    if target.dtype != torch.uint8:  # uint8 targets are <= 255 already; others could overflow
+        target = torch.where((target < 0) | (target >= k), k, target)
+    # code = target * K + pred: every ignored target (>= K) lands at or beyond bin K*K, so the
+    # ignored pixels need no mask (boolean indexing costs a copy on the CPU and a device sync on
+    # the GPU) and no select; the first K*K bins are the matrix. Codes are at most 255*K + K-1.
+    if pred.device.type == "cpu":
+        # int16 halves the memory traffic and bincount's input; in-place ops of one dtype
+        # avoid temporaries (about 2.5x NumPy's per-image bincount; benchmarks/).
+        dtype = torch.int16 if 256 * k < 2**15 else torch.int32
+        code = target.to(dtype).mul_(k).add_(pred.reshape(-1).to(dtype))
+        counts = torch.bincount(code, minlength=bins)
     else:  # bincount sizes its output from the data (a sync); index_add_ into fixed bins does not
-        counts = torch.zeros(bins + 1, dtype=torch.int64, device=flat.device)
-        counts.index_add_(0, flat, torch.ones(1, dtype=torch.int64, device=flat.device).expand(flat.numel()))
+        code = target.long() * k + pred.reshape(-1)
+        counts = torch.zeros(256 * k, dtype=torch.int64, device=pred.device)
+        counts.index_add_(0, code, torch.ones(1, dtype=torch.int64, device=pred.device).expand(code.numel()))
     return counts[:bins].reshape(num_classes, num_classes)
 
 
