@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
         "run",
         help="run every step of a class-incremental setting",
         description="Run every step of the configured setting in one process; print per-step "
-        "tables and a summary; write config.yaml, step_K.pt, metrics.json and summary.md.",
+        "tables and a summary; write config.yaml, step_K.pt, metrics.json and summary.md "
+        "(and TensorBoard scalars). On N GPUs: torchrun --nproc_per_node=N -m incseg run ... "
+        "(train.batch_size is the global batch; rank 0 writes).",
     )
     _config_arguments(run, out_help="run directory (default: runs/NAME-TIME)")
     run.add_argument("--overwrite", action="store_true", help="allow writing into a directory that holds a run")
