@@ -22,11 +22,16 @@ from incseg.errors import ConfigError
 HELPERS = Path(__file__).parent / "helpers"
 
 
-def torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], cwd: Path, nproc: int = 2, kill_at: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    if kill_at:
+        env["INCSEG_KILL_AT"] = kill_at
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    if kill_at:
+        assert result.returncode != 0, "the fault point was not reached"
+    else:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
@@ -181,3 +186,15 @@ def test_compare_under_torchrun_writes_its_table_once(tmp_path, tiny_config_path
     for method in ("ft", "mib"):
         steps = json.loads((out / method / "metrics.json").read_text())["steps"]
         assert [s["step"] for s in steps] == [0, 1]
+
+
+def test_torchrun_run_killed_mid_step_resumes_to_identical_results(tmp_path, tiny_config_path):
+    args = ["-m", "incseg", "run", str(tiny_config_path), "--no-progress", "--set", "train.device=cpu",
+            "--set", "data.num_train=40", "--set", "train.epochs_incremental=2", "--set", "train.tensorboard=off"]
+    torchrun([*args, "--out", str(tmp_path / "whole")], cwd=tmp_path)
+    torchrun([*args, "--out", str(tmp_path / "cut")], cwd=tmp_path, kill_at="epoch:1:1")  # rank 0 dies
+    assert (tmp_path / "cut" / "last.pt").is_file() and not (tmp_path / "cut" / "step_1.pt").exists()
+    result = torchrun([*args, "--out", str(tmp_path / "cut"), "--resume"], cwd=tmp_path)
+    assert "resuming step 1 after epoch 1" in result.stdout
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "cut" / "metrics.json").read_text()) == whole
