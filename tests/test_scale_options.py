@@ -79,3 +79,10 @@ def test_compiled_model_trains_to_the_same_numbers(tiny_config_path, tmp_path):
                     "train.compile=true")  # fmt: skip
     for term, value in plain["steps"][0]["losses"][0].items():
         assert compiled["steps"][0]["losses"][0][term] == pytest.approx(value, rel=1e-3), term
+
+
+def test_loader_workers_do_not_change_the_results(tiny_config_path, tmp_path):
+    # Each image's augmentation has its own seed, so worker processes draw the same crops.
+    none = _run(tiny_config_path, tmp_path / "w0", "train.tensorboard=off", "protocol.last_step=0")
+    two = _run(tiny_config_path, tmp_path / "w2", "train.tensorboard=off", "protocol.last_step=0", "data.num_workers=2")
+    assert two["steps"] == none["steps"]
