@@ -385,7 +385,7 @@ def run_protocol(
     presences = (pack_presence(sources[0].presence()), pack_presence(sources[1].presence()))
     run_dir = Path(run_dir)
     method = build_method(config.method.name, config.method.params)
-    model: IncrementalSegmenter | None = None
+    model: IncrementalSegmenter | None = None  # the model of the last finished step
     old_model: nn.Module | None = None
     reports: list[StepReport] = []
     metrics: dict = {"setting": setting.name, "mode": config.protocol.mode,
@@ -396,6 +396,9 @@ def run_protocol(
             model = prepare_model(model, config, dist, device)
             old_model = frozen_copy(model)
             log(f"resuming {run_dir}: steps 0..{len(reports) - 1} finished and restored")
+    if model is None:  # built now so that missing or foreign weights surface before any write
+        torch.manual_seed(step_seed(config.train.seed, 0))
+        model = build_model(config, step_info(setting, 0))
     barrier()  # every rank has read the run directory before rank 0 writes into it
     if dist.is_main:
         for stale in run_dir.glob(".*.tmp") if resume else ():  # left by a killed write
@@ -409,12 +412,10 @@ def run_protocol(
     try:
         for step in range(len(reports), last_step + 1):
             info = step_info(setting, step)
-            torch.manual_seed(step_seed(config.train.seed, step))
             train_data = build_train_loader(config, sources[0], presences[0], info, log, dist)
             test_data = build_test_loader(config, sources[1], presences[1], info, dist=dist)
-            if model is None:
-                model = build_model(config, info)
-            else:
+            if len(model.classifiers) == step:  # the model of step - 1: grow it
+                torch.manual_seed(step_seed(config.train.seed, step))
                 model.add_classifier(info.channels_per_step[-1])
                 method.init_new_classifier(model, info)
             model = prepare_model(model, config, dist, device)
