@@ -185,9 +185,9 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
 
     ``torch.nn.SyncBatchNorm`` runs on CUDA only; this one computes per-rank sums, reduces them
     with a differentiable all-reduce (so gradients flow through the shared statistics as well),
-    and normalises with the global mean and biased
-    variance; running statistics use the unbiased variance like ``nn.BatchNorm2d``. With one
-    process or in eval mode it is ``nn.BatchNorm2d``. Input ``(B, C, H, W)`` float.
+    and normalises with the global mean and biased variance; running statistics use the unbiased
+    variance like ``nn.BatchNorm2d``. With one process or in eval mode it is ``nn.BatchNorm2d``.
+    Input ``(B, C, H, W)`` float.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,12 +203,8 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
         total = stats[-1]
         mean = stats[:c] / total
         var = (stats[c : 2 * c] / total - mean * mean).clamp(min=0)
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            unbiased = var * (total / (total - 1).clamp(min=1))
-            self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
-            self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        if self.track_running_stats:
+            self._update_running_stats(mean, var, total)
         mean, var = mean.float(), var.float()
         scale = torch.rsqrt(var + self.eps)
         if self.affine:
@@ -217,6 +213,14 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
         else:
             shift = -mean * scale
         return (xf * scale[None, :, None, None] + shift[None, :, None, None]).to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, total: torch.Tensor) -> None:
+        self.num_batches_tracked += 1
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        unbiased = var * (total / (total - 1).clamp(min=1))
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
 
 
 def convert_sync_bn(model: nn.Module, device: torch.device) -> nn.Module:
