@@ -8,7 +8,8 @@ Each variant runs in a fresh process so that its peak resident memory (``ru_maxr
   (a deep copy whose parameters require gradients), its outputs kept through backward.
 
 ``python -m benchmarks.train_step VARIANT CROP [--batch B] [--iters N] [--device cpu|cuda]
-[--amp off|bf16] [--channels-last]`` prints one JSON line.
+[--amp off|bf16] [--channels-last] [--compile]`` prints one JSON line (with ``--compile`` the
+first, compiling, iteration is a warm-up and not timed).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run(variant: str, crop: int, batch: int, iters: int, device: torch.device, amp: str, channels_last: bool) -> dict:
+def run(variant: str, crop: int, batch: int, iters: int, device: torch.device, amp: str, channels_last: bool,
+        compile_model: bool = False) -> dict:
     torch.manual_seed(0)
     info, model, old = _model(device, channels_last)
     images = torch.randn(batch, 3, crop, crop, device=device)
@@ -60,9 +62,12 @@ def run(variant: str, crop: int, batch: int, iters: int, device: torch.device, a
     if variant == "incseg":
         old.eval().requires_grad_(False)
 
+        net = torch.compile(model) if compile_model else model
+
         def step():
             train_one_epoch(model, old, method, [(images, targets)], optimizer, scheduler, scaler, info,
-                            epoch=0, device=device, amp_dtype=amp_dtype, log_interval=1, progress=False)  # fmt: skip
+                            epoch=0, device=device, amp_dtype=amp_dtype, log_interval=1, progress=False,
+                            net=net, channels_last=channels_last)  # fmt: skip
     elif variant == "naive":
         def step():
             model.train()
@@ -96,7 +101,7 @@ def run(variant: str, crop: int, batch: int, iters: int, device: torch.device, a
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
     return {"variant": variant, "crop": crop, "batch": batch, "device": str(device), "amp": amp,
-            "channels_last": channels_last, "threads": torch.get_num_threads(),
+            "channels_last": channels_last, "compile": compile_model, "threads": torch.get_num_threads(),
             "median_s": statistics.median(times), "images_per_s": batch / statistics.median(times),
             "peak_mib": peak, "peak_kind": "cuda allocated" if device.type == "cuda" else "process RSS"}  # fmt: skip
 
@@ -110,10 +115,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=("off", "bf16"), default="off")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the trained model (incseg variant)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = run(args.variant, args.crop, args.batch, args.iters, torch.device(args.device), args.amp, args.channels_last)
+    result = run(args.variant, args.crop, args.batch, args.iters, torch.device(args.device), args.amp,
+                 args.channels_last, args.compile)
     print(json.dumps(result), flush=True)
     return 0
 
