@@ -70,3 +70,13 @@ def test_confusion_matrix_matches_a_numpy_reference(num_classes, target_dtype):
     got = confusion_matrix(pred, target.to(target_dtype) if target_dtype == torch.uint8 else target, num_classes)
     assert got.dtype == torch.int64
     np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def test_fixed_bin_counts_used_on_gpus_match_bincount():
+    from incseg.metrics import _fixed_bin_counts
+
+    gen = torch.Generator().manual_seed(3)
+    code = torch.randint(0, 256 * 21, (5000,), generator=gen)
+    counts = _fixed_bin_counts(code, 21)
+    assert counts.shape == (256 * 21,) and counts.dtype == torch.int64
+    assert torch.equal(counts, torch.bincount(code, minlength=256 * 21))

@@ -41,11 +41,17 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int)
         dtype = torch.int16 if 256 * k < 2**15 else torch.int32
         code = target.to(dtype).mul_(k).add_(pred.reshape(-1).to(dtype))
         counts = torch.bincount(code, minlength=bins)
-    else:  # bincount sizes its output from the data (a sync); index_add_ into fixed bins does not
-        code = target.long() * k + pred.reshape(-1)
-        counts = torch.zeros(256 * k, dtype=torch.int64, device=pred.device)
-        counts.index_add_(0, code, torch.ones(1, dtype=torch.int64, device=pred.device).expand(code.numel()))
+    else:
+        counts = _fixed_bin_counts(target.long() * k + pred.reshape(-1), k)
     return counts[:bins].reshape(num_classes, num_classes)
+
+
+def _fixed_bin_counts(code: torch.Tensor, k: int) -> torch.Tensor:
+    """Counts of ``code`` (int64, values < 256 * k) in ``256 * k`` bins. Unlike ``bincount``, whose
+    output size depends on the data (a device-to-host sync on GPUs), the size is fixed, so a GPU
+    evaluation never waits on the host per batch."""
+    counts = torch.zeros(256 * k, dtype=torch.int64, device=code.device)
+    return counts.index_add_(0, code, torch.ones(1, dtype=torch.int64, device=code.device).expand(code.numel()))
 
 
 def iou_per_class(matrix: torch.Tensor) -> torch.Tensor:
