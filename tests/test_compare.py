@@ -106,3 +106,33 @@ def test_config_diff_lists_dotted_keys():
 
     diffs = config_diff({"a": 1, "b": {"c": 2, "d": 3}}, {"a": 1, "b": {"c": 5}, "e": 0})
     assert diffs == ["b.c: 2 -> 5", "b.d: 3 -> '<absent>'", "e: '<absent>' -> 0"]
+
+
+def test_methods_with_a_plain_first_step_share_it_and_match_their_own_runs(tiny_config_path, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    common = [str(tiny_config_path), "--no-progress", "--set", "protocol.setting=19-1", "--set", "train.tensorboard=off"]
+    assert main(["compare", *common, "--methods", "ft,lwf_mc,mib", "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "mib: step 0 is the one of ft (plain cross-entropy), not retrained" in log
+    assert "lwf_mc: step 0 is" not in log  # binary CE from step 0: trained on its own
+    mib = json.loads((out / "mib" / "metrics.json").read_text())
+    assert mib["steps"][0]["first_step_from"] == str(out / "ft")
+    assert "first_step_from" not in json.loads((out / "lwf_mc" / "metrics.json").read_text())["steps"][0]
+    # The shared step 0 changes nothing: MiB run on its own gives the same numbers at every step.
+    assert main(["run", *common, "--set", "method.name=mib", "--out", str(tmp_path / "alone")]) == 0
+    alone = json.loads((tmp_path / "alone" / "metrics.json").read_text())
+    for shared, own in zip(mib["steps"], alone["steps"], strict=True):
+        shared.pop("first_step_from", None)
+        assert shared == own
+    from incseg.engine.checkpoint import load_checkpoint
+
+    assert load_checkpoint(out / "mib" / "step_0.pt")["config"]["method"]["name"] == "mib"
+
+
+def test_retrain_first_step_trains_it_for_every_method(tiny_config_path, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", str(tiny_config_path), "--no-progress", "--set", "protocol.setting=19-1",
+            "--set", "protocol.last_step=1", "--methods", "ft,mib", "--retrain-first-step", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert "step 0 is the one of" not in capsys.readouterr().out
+    assert "first_step_from" not in json.loads((out / "mib" / "metrics.json").read_text())["steps"][0]

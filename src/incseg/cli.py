@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--joint", action="store_true", help="also train Joint (the offline setting)")
     cmp.add_argument("--joint-epochs", type=int, default=None, help="epochs of Joint (default: train.epochs)")
     cmp.add_argument(
+        "--retrain-first-step", action="store_true",
+        help="train step 0 for every method (default: FT, LwF, ILT and MiB, whose step 0 is the same "
+        "plain cross-entropy training, share the first one's)",
+    )  # fmt: skip
+    cmp.add_argument(
         "--method-set", dest="method_sets", action="append", default=[], metavar="METHOD.KEY=VALUE",
         help="override one method's hyperparameter, e.g. --method-set ewc.weight=50 (repeatable)",
     )  # fmt: skip
@@ -184,7 +189,7 @@ def _compare(args: argparse.Namespace) -> int:
         run_protocol(config, run_dir, progress=not args.no_progress, resume=True)
 
     rows = run_comparison(base, methods, out, joint=args.joint, joint_epochs=args.joint_epochs, run=run,
-                          method_sets=method_sets)  # fmt: skip
+                          method_sets=method_sets, share_first_step=not args.retrain_first_step)  # fmt: skip
     from incseg.engine.distributed import is_main_process
 
     if is_main_process():

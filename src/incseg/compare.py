@@ -161,6 +161,7 @@ def run_comparison(
     run: Callable[[Config, Path], None],
     method_sets: dict[str, list[str]] | None = None,
     log: Callable[[str], None] = print,
+    share_first_step: bool = True,
 ) -> list[dict]:
     """Run (or reuse) every method, then write the comparison files into ``out``.
 
@@ -175,7 +176,13 @@ def run_comparison(
         run: ``run(config, run_dir)`` trains one configuration, continuing the finished steps
             of an interrupted run (``run_protocol(..., resume=True)`` in the CLI).
         method_sets: per-method ``KEY=VALUE`` overrides, from :func:`parse_method_sets`.
+        share_first_step: methods whose step 0 is plain cross-entropy (FT, LwF, ILT, MiB; see
+            ``Method.plain_first_step``) and whose configs differ only in the method train step 0
+            once: later ones start from the first one's finished step 0.
     """
+    from incseg.engine.distributed import barrier
+    from incseg.engine.protocol import adopt_first_step, first_step_key
+
     setting = get_setting(base.family, base.protocol.setting)
     last = setting.num_steps - 1 if base.protocol.last_step is None else base.protocol.last_step
     info = step_info(setting, last)
@@ -190,12 +197,20 @@ def run_comparison(
     rows = []
     if not is_main_process():
         log = lambda _message: None
+    first_steps: dict[str, Path] = {}  # first_step_key -> a run directory with that step 0 done
     for label, config in jobs:
         run_dir = out / label
         steps = 1 if label == JOINT else last + 1
+        key = first_step_key(config) if share_first_step and label != JOINT else None
         if is_finished(run_dir, steps):
             log(f"[compare] {label}: finished run found in {run_dir}, not re-run")
         else:
+            source = first_steps.get(key)
+            if source is not None and steps > 1 and not (run_dir / "step_0.pt").exists():
+                log(f"[compare] {label}: step 0 is the one of {source.name} (plain cross-entropy), not retrained")
+                if is_main_process():
+                    adopt_first_step(source, run_dir, config)
+                barrier()
             log(f"[compare] {label}: running into {run_dir}")
             try:
                 run(config, run_dir)
@@ -205,6 +220,8 @@ def run_comparison(
                 continue
         metrics = json.loads((run_dir / "metrics.json").read_text())
         rows.append(comparison_row(label, metrics, old_names))
+        if key is not None:
+            first_steps.setdefault(key, run_dir)
     title = f"{base.data.dataset} {setting.name} ({base.protocol.mode})"
     new_range = f"{info.num_base_channels}-{info.num_channels - 1}"
     if is_main_process():  # under torchrun every rank trains; rank 0 writes

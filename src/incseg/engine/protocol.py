@@ -39,7 +39,7 @@ from incseg.engine.faults import fault_point
 from incseg.engine.tensorboard import Scalars, check_tensorboard, open_scalars
 from incseg.engine.train import poly_lr_lambda, train_one_epoch
 from incseg.errors import CheckpointError, ConfigError, DataError, IncsegError
-from incseg.methods import Method, build_method
+from incseg.methods import METHODS, Method, build_method
 from incseg.metrics import StepReport, iou_per_class
 from incseg.models import IncrementalSegmenter, build_segmenter
 from incseg.models.official import load_iabn_imagenet
@@ -305,6 +305,40 @@ def finished_steps(
         reports.append(StepReport.from_confusion(checkpoint["confusion"], info))
     method.load_state_dict(checkpoint["method"])
     return steps[:done], reports, model
+
+
+def first_step_key(config: Config) -> str | None:
+    """Runs with equal keys train the same step-0 model: everything but the method (and the run
+    name) equal, and a method whose step 0 is plain cross-entropy without state. None otherwise."""
+    if not METHODS[config.method.name].plain_first_step:
+        return None
+    rest = {k: v for k, v in config.to_dict().items() if k not in ("method", "name")}
+    return json.dumps(rest, sort_keys=True)
+
+
+def adopt_first_step(source_dir: Path, run_dir: Path, config: Config) -> None:
+    """Start ``run_dir`` with the finished step 0 of ``source_dir`` (same :func:`first_step_key`),
+    so that ``run_protocol(config, run_dir, resume=True)`` continues at step 1.
+
+    The checkpoint is rewritten with ``config`` and the fresh state of ``config``'s method (such
+    methods keep none from step 0); the metrics entry of step 0 is copied and records
+    ``first_step_from``. Raises ``CheckpointError`` if the source has no finished step 0.
+    """
+    checkpoint = load_checkpoint(source_dir / "step_0.pt")
+    key = first_step_key(config)
+    if key is None or checkpoint.get("step") != 0 or key != first_step_key(config_from_dict(checkpoint["config"])):
+        raise CheckpointError(f"{source_dir}: its step 0 was not trained like the one of {config.method.name}")
+    try:
+        source_metrics = json.loads((source_dir / "metrics.json").read_text())
+        first = source_metrics["steps"][0]
+    except (OSError, ValueError, KeyError, IndexError):
+        raise CheckpointError(f"{source_dir}: no metrics of a finished step 0") from None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    method = build_method(config.method.name, config.method.params)
+    save_checkpoint(run_dir / "step_0.pt", {**checkpoint, "config": config.to_dict(), "method": method.state_dict()})
+    metrics = {**source_metrics, "method": config.method.name,
+               "steps": [{**first, "first_step_from": str(source_dir)}]}  # fmt: skip
+    atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
 
 
 def current_class_miou(matrix: torch.Tensor, info: StepInfo) -> float:

@@ -27,12 +27,15 @@ class Method:
     ``needs_old_model``: run the frozen previous-step model on every batch (steps > 0);
     ``needs_features``: return backbone features of both models;
     ``needs_gradients``: call :meth:`after_backward` (unscaled gradients in ``.grad``) and
-    :meth:`after_update` (after the optimizer step) every iteration.
+    :meth:`after_update` (after the optimizer step) every iteration;
+    ``plain_first_step``: step 0 is plain cross-entropy and leaves no method state, so methods
+    that declare it train the very same step-0 model (``incseg compare`` trains it once).
     """
 
     needs_old_model: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False
     needs_gradients: ClassVar[bool] = False
+    plain_first_step: ClassVar[bool] = False
 
     def begin_step(
         self, info: StepInfo, model: nn.Module, old_model: nn.Module | None, loader: Any
@@ -87,3 +90,5 @@ class Method:
 @dataclass
 class FineTuning(Method):
     """FT: the lower bound; trains on the current step's labels only."""
+
+    plain_first_step: ClassVar[bool] = True

@@ -38,6 +38,7 @@ class LwF(Method):
     """Cross-entropy + ``kd_weight`` x distillation of the old channels' softmax."""
 
     needs_old_model: ClassVar[bool] = True
+    plain_first_step: ClassVar[bool] = True
 
     kd_weight: float = 100.0
     alpha: float = 1.0
@@ -83,6 +84,7 @@ class ILT(Method):
 
     needs_old_model: ClassVar[bool] = True
     needs_features: ClassVar[bool] = True
+    plain_first_step: ClassVar[bool] = True
 
     kd_weight: float = 100.0
     feature_weight: float = 100.0

@@ -31,6 +31,7 @@ class MiB(Method):
     """
 
     needs_old_model: ClassVar[bool] = True
+    plain_first_step: ClassVar[bool] = True
 
     kd_weight: float = 10.0
     alpha: float = 1.0
