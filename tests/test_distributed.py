@@ -181,11 +181,13 @@ def test_compare_under_torchrun_writes_its_table_once(tmp_path, tiny_config_path
                        "--no-progress", "--set", "train.device=cpu", "--set", "data.num_train=40"],
                       cwd=tmp_path)  # fmt: skip
     assert result.stdout.count("Comparison written to") == 1
+    assert result.stdout.count("mib: step 0 is the one of ft") == 1  # adopted by rank 0, logged once
     table = (out / "comparison.md").read_text()
     assert "| ft |" in table and "| mib |" in table
     for method in ("ft", "mib"):
         steps = json.loads((out / method / "metrics.json").read_text())["steps"]
         assert [s["step"] for s in steps] == [0, 1]
+    assert json.loads((out / "mib" / "metrics.json").read_text())["steps"][0]["first_step_from"] == str(out / "ft")
 
 
 def test_torchrun_run_killed_mid_step_resumes_to_identical_results(tmp_path, tiny_config_path):
