@@ -267,6 +267,11 @@ def train_step(
 LAST = "last.pt"  # the latest epoch checkpoint of the unfinished step
 
 
+def write_metrics(run_dir: Path, metrics: dict) -> None:
+    """``RUN_DIR/metrics.json``, written atomically (a reader never sees half a file)."""
+    atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+
+
 def interrupted_step(run_dir: Path, config: Config, step: int) -> dict | None:
     """The epoch checkpoint of ``step`` in ``run_dir``, if the run was interrupted during it."""
     path = run_dir / LAST
@@ -338,7 +343,7 @@ def adopt_first_step(source_dir: Path, run_dir: Path, config: Config) -> None:
     save_checkpoint(run_dir / "step_0.pt", {**checkpoint, "config": config.to_dict(), "method": method.state_dict()})
     metrics = {**source_metrics, "method": config.method.name,
                "steps": [{**first, "first_step_from": str(source_dir)}]}  # fmt: skip
-    atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    write_metrics(run_dir, metrics)
 
 
 def current_class_miou(matrix: torch.Tensor, info: StepInfo) -> float:
@@ -501,7 +506,7 @@ def run_protocol(
                     "config": config.to_dict(), "model": model.state_dict(), "method": method.state_dict(),
                     "confusion": matrix.cpu(),
                 })  # fmt: skip
-                atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+                write_metrics(run_dir, metrics)
                 (run_dir / LAST).unlink(missing_ok=True)  # superseded by step_K.pt
                 fault_point(f"step:{step}")
             scalars.add("miou", {k: 100 * getattr(report, f"miou_{k}") for k in ("old", "new", "all")}, step)
