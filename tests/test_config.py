@@ -99,3 +99,15 @@ def test_every_builtin_config_loads_and_paper_configs_hold_the_paper_setting():
             high = name.startswith(("voc/15-1", "voc/10-1"))
             assert config.method.params["kd_weight"] == (100 if high else 10)
     assert load_config("voc/joint").protocol.setting == "offline"
+
+
+def test_unquoted_on_off_in_yaml_are_the_strings_they_look_like(tmp_path):
+    # YAML 1.1 reads unquoted on/off as booleans; string options accept them as "on"/"off".
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {amp: off, tensorboard: on}\n")
+    train = load_config(path).train
+    assert (train.amp, train.tensorboard) == ("off", "on")
+    with pytest.raises(ConfigError, match=r"train.amp: unknown value 'on'; valid choices: \['off', 'bf16', 'fp16'\]"):
+        load_config(path, ["train.amp=on"])
+    with pytest.raises(ConfigError, match=r"train.sync_bn: expected bool, got 'sometimes'"):
+        load_config(path, ["train.sync_bn=sometimes"])
