@@ -66,6 +66,13 @@ def init_distributed(device: torch.device) -> DistInfo:
     return info
 
 
+def current_dist() -> DistInfo:
+    """This process's place in an already joined process group (one process when there is none)."""
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0))
+    return DistInfo()
+
+
 def local_device(device: torch.device) -> torch.device:
     """``cuda`` becomes ``cuda:LOCAL_RANK`` so that each process of a node drives its own GPU."""
     if device.type == "cuda" and device.index is None:

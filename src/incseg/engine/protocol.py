@@ -29,6 +29,7 @@ from incseg.engine.distributed import (
     EpochBatchSampler,
     barrier,
     convert_sync_bn,
+    current_dist,
     init_distributed,
     local_batch_size,
     local_device,
@@ -108,7 +109,8 @@ def evaluate_checkpoint(checkpoint: dict, *, progress: bool = False) -> StepRepo
     config, info, model = restore_step(checkpoint)
     device = resolve_device(config.train.device)
     source = build_source(config.data, "test", progress=progress)
-    loader = build_test_loader(config, source, source.presence(), info)
+    # Inside a joined process group evaluate() sums over ranks, so each rank takes its shard.
+    loader = build_test_loader(config, source, source.presence(), info, dist=current_dist())
     matrix = evaluate(model.to(device), loader, info.num_channels, device=device,
                       amp_dtype=AMP_DTYPES[config.train.amp], progress=progress)  # fmt: skip
     return StepReport.from_confusion(matrix, info)
