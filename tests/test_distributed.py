@@ -1,5 +1,6 @@
 """torchrun / DDP: sharding, synchronised batch norm, and two gloo processes against one."""
 
+import copy
 import json
 import os
 import subprocess
@@ -76,7 +77,7 @@ def test_sync_bn_conversion_keeps_weights_and_is_batchnorm_in_one_process():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4)))
     model[1].weight.data.uniform_(0.5, 1.5)
-    reference = nn.Sequential(*[m for m in __import__("copy").deepcopy(model)])
+    reference = copy.deepcopy(model)
     keys = list(model.state_dict())
     convert_sync_bn(model, torch.device("cpu"))
     assert isinstance(model[1], DistributedBatchNorm2d) and isinstance(model[2][0], DistributedBatchNorm2d)

@@ -181,6 +181,7 @@ def _compare(args: argparse.Namespace) -> int:
         raise IncsegError(f"--joint-epochs: must be >= 0, got {args.joint_epochs}")
     out = args.out or Path("runs") / f"compare-{base.name}"
     from incseg.compare import parse_method_sets, run_comparison
+    from incseg.engine.distributed import is_main_process
     from incseg.engine.protocol import run_protocol
 
     method_sets = parse_method_sets(args.method_sets, methods)
@@ -190,13 +191,12 @@ def _compare(args: argparse.Namespace) -> int:
 
     rows = run_comparison(base, methods, out, joint=args.joint, joint_epochs=args.joint_epochs, run=run,
                           method_sets=method_sets, share_first_step=not args.retrain_first_step)  # fmt: skip
-    from incseg.engine.distributed import is_main_process
-
-    if is_main_process():
+    main_process = is_main_process()
+    if main_process:
         print(f"Comparison written to {out}/comparison.md, .csv and .png")
     failed = [r["method"] for r in rows if r.get("failed")]
     if failed:
-        if is_main_process():
+        if main_process:
             print(f"error: {len(failed)} method(s) failed: {', '.join(failed)} (see comparison.md)", file=sys.stderr)
         return 1
     return 0

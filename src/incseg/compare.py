@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from incseg.config import Config, MethodConfig, apply_override, check_saved_config, config_from_dict
-from incseg.engine.distributed import is_main_process
+from incseg.engine.distributed import barrier, is_main_process
 from incseg.errors import ConfigError, IncsegError
 from incseg.methods import METHODS
 from incseg.protocol import get_setting, step_info
@@ -180,8 +180,10 @@ def run_comparison(
             ``Method.plain_first_step``) and whose configs differ only in the method train step 0
             once: later ones start from the first one's finished step 0.
     """
-    from incseg.engine.distributed import barrier
-    from incseg.engine.protocol import adopt_first_step, first_step_key
+    from incseg.engine.protocol import (  # torchvision: only when running
+        adopt_first_step,
+        first_step_key,
+    )
 
     setting = get_setting(base.family, base.protocol.setting)
     last = setting.num_steps - 1 if base.protocol.last_step is None else base.protocol.last_step

@@ -29,7 +29,6 @@ class DistInfo:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -57,7 +56,7 @@ def init_distributed(device: torch.device) -> DistInfo:
         This process's :class:`DistInfo`. On CUDA, ``device`` should be ``cuda:LOCAL_RANK``
         (see :func:`local_device`).
     """
-    info = DistInfo(_env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0))
+    info = DistInfo(_env_int("RANK", 0), _env_int("WORLD_SIZE", 1))
     if info.distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
@@ -69,7 +68,7 @@ def init_distributed(device: torch.device) -> DistInfo:
 def current_dist() -> DistInfo:
     """This process's place in an already joined process group (one process when there is none)."""
     if dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0))
+        return DistInfo(dist.get_rank(), dist.get_world_size())
     return DistInfo()
 
 
@@ -85,9 +84,14 @@ def is_main_process() -> bool:
     return _env_int("RANK", 0) == 0
 
 
+def _several() -> bool:
+    """A process group of more than one process is joined (collectives are needed)."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def broadcast_object(value):
     """Rank 0's ``value`` on every rank (identity for one process), e.g. a generated run name."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _several():
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -101,21 +105,18 @@ def shutdown_distributed() -> None:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over all ranks in place (identity for one process); returns it."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _several():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean of ``tensor`` over all ranks, in place (identity for one process); returns it."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor /= dist.get_world_size()
-    return tensor
+    return all_reduce_sum(tensor).div_(dist.get_world_size()) if _several() else tensor
 
 
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _several():
         dist.barrier()
 
 
@@ -142,7 +143,7 @@ class EpochBatchSampler:
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.local = local_batch_size(batch_size, world_size)
+        local_batch_size(batch_size, world_size)  # the global batch must split evenly
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -198,7 +199,7 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and _several()):
             return super().forward(x)
         c = x.shape[1]
         xf = x.float()
