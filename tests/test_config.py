@@ -40,9 +40,9 @@ def test_overrides_are_typed_and_round_trip(tmp_path):
     [
         ({"trian": {}}, "unknown key(s) ['trian']; valid keys: ['name', 'data'"),
         ({"train": {"epoch": 3}}, "train: unknown key(s) ['epoch']"),
-        ({"train": {"epochs": -1}}, "train.epochs: must be >= 0, got -1"),
+        ({"train": {"epochs": -1}}, "train.epochs: must be in [1, 10,000], got -1 (epochs per step"),
         ({"train": {"epochs": "ten"}}, "train.epochs: expected int, got 'ten'"),
-        ({"train": {"lr": 0}}, "train.lr: must be > 0"),
+        ({"train": {"lr": 0}}, "train.lr: must be in (0, 10], got 0.0"),
         ({"protocol": {"setting": "15-6"}}, "protocol.setting: unknown voc setting '15-6'; valid settings: offline, 19-1"),
         ({"protocol": {"mode": "overlapped"}}, "protocol.mode: unknown value 'overlapped'; valid choices: ['disjoint', 'overlap']"),
         ({"protocol": {"last_step": 2}}, "protocol.last_step: step 2 is out of range for setting '15-5'; valid steps are 0..1"),
@@ -50,7 +50,7 @@ def test_overrides_are_typed_and_round_trip(tmp_path):
         ({"model": {"output_stride": 32}}, "model.output_stride: unknown value 32"),
         ({"method": {"name": "icarl"}}, "method.name: unknown value 'icarl'; valid choices: ["),
         ({"method": {"name": "ft", "kd_weight": 10}}, "method: unknown key(s) ['kd_weight']"),
-        ({"method": {"name": "mib", "kd_weight": -1}}, "method.kd_weight: must be >= 0"),
+        ({"method": {"name": "mib", "kd_weight": -1}}, "method.kd_weight: must be in [0, 1,000,000], got -1.0"),
         ({"data": {"dataset": "coco"}}, "data.dataset: unknown value 'coco'; valid choices: ['shapes', 'voc', 'ade']"),
         ({"train": {"nesterov": "yes"}}, "train.nesterov: expected bool"),
         ({"train": {"amp": "fp8"}}, "train.amp: unknown value 'fp8'; valid choices: ['off', 'bf16', 'fp16']"),
@@ -111,3 +111,16 @@ def test_unquoted_on_off_in_yaml_are_the_strings_they_look_like(tmp_path):
         load_config(path, ["train.amp=on"])
     with pytest.raises(ConfigError, match=r"train.sync_bn: expected bool, got 'sometimes'"):
         load_config(path, ["train.sync_bn=sometimes"])
+
+
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    # YAML 1.1 reads 1e-4 as a string; float keys take it as the number it looks like.
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {weight_decay: 1e-4, lr: 2E-2}\nmethod: {name: ewc, weight: +5e2}\n")
+    config = load_config(path, ["train.lr_incremental=1e-3"])
+    assert (config.train.weight_decay, config.train.lr, config.train.lr_incremental) == (1e-4, 2e-2, 1e-3)
+    assert config.method.params["weight"] == 500.0
+    with pytest.raises(ConfigError, match=r"train.epochs: expected int, got '1e2' \(str\)"):
+        load_config(path, ["train.epochs=1e2"])
+    with pytest.raises(ConfigError, match=r"train.lr: expected float, got '1e-3x' \(str\)"):
+        load_config(path, ["train.lr=1e-3x"])

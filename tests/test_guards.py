@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from incseg.cli import main
+from incseg.config import RANGES
+from incseg.methods import METHODS
+from incseg.ranges import Range
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = ["--set", "data.image_size=32", "--set", "data.num_train=40", "--set", "data.num_test=12",
@@ -64,7 +67,7 @@ CASES = [
     ("hyperparameter of another method", lambda t: ["run", "--set", "method={name: ft, kd_weight: 10}", "--out", str(t / "o")],
      "method: unknown key(s) ['kd_weight']"),
     ("impossible value", lambda t: ["run", "--set", "train.lr=0", "--out", str(t / "o")],
-     "train.lr: must be > 0, got 0"),
+     "train.lr: must be in (0, 10], got 0.0"),
     ("malformed YAML", lambda t: ["run", str(_write(t / "c.yaml", "train: {lr: [\n")), "--out", str(t / "o")],
      "c.yaml: invalid YAML at line 2, column 1: expected the node content, but found '<stream end>'"),
     ("config file missing", lambda t: ["run", str(t / "nope.yaml")], "nope.yaml"),
@@ -99,7 +102,42 @@ CASES = [
      "--methods: unknown method 'icarl'"),
     ("data check of a missing root", lambda t: ["data", "check", "voc", "--root", str(t / "none")],
      "does not exist"),
+    ("momentum 0 with Nesterov", lambda t: ["run", "--set", "train.momentum=0", "--out", str(t / "o")],
+     "train.momentum: Nesterov momentum (train.nesterov: true) needs momentum > 0"),
+    ("scale_min above scale_max", lambda t: ["run", "--set", "data.scale_min=1.5", "--set", "data.scale_max=1", "--out", str(t / "o")],
+     "data.scale_min/scale_max: need scale_min <= scale_max, got 1.5, 1.0"),
+    ("shapes set too large for memory", lambda t: ["run", "--set", "data.image_size=1024", "--set", "data.num_train=5000", "--out", str(t / "o")],
+     "data.num_train/num_test/image_size: 5000 + 300 shapes images of 1024 px take 20.7 GiB in memory"),
+    ("fewer training images than batch norm needs", lambda t: ["run", *TINY, "--set", "data.num_train=1", "--out", str(t / "o"), "--no-progress"],
+     "step 0: 1 training image(s) and train.batch_size 8 give batches of 1 image(s) per process; batch norm needs 2"),
 ]  # fmt: skip
+
+
+def _below_case(key: str, valid: Range, method: str | None = None) -> tuple:
+    """The case of ``key`` set just below its range (``method``: a hyperparameter of it)."""
+    value = valid.low if valid.low_open else valid.low - 1
+    if method is None:
+        return (f"{key} = {value:g}", lambda t: ["run", "--set", f"{key}={value}", "--out", str(t / "o")],
+                f"{key}: must be in {valid.describe()}")  # fmt: skip
+    name = key.removeprefix("method.")
+    return (f"{key} = {value:g} ({method})",
+            lambda t: ["run", "--set", f"method={{name: {method}, {name}: {value}}}", "--out", str(t / "o")],
+            f"{key}: must be in {valid.describe()}")  # fmt: skip
+
+
+def _range_cases() -> list:
+    """One case per ranged key (a method hyperparameter once, with the first method that has it)."""
+    cases = [_below_case(key, valid) for key, valid in RANGES.items()]
+    seen = set()
+    for name, cls in sorted(METHODS.items()):
+        for key, valid in cls.ranges.items():
+            if (key, valid) not in seen:
+                seen.add((key, valid))
+                cases.append(_below_case(f"method.{key}", valid, name))
+    return cases
+
+
+CASES += _range_cases()
 
 
 @pytest.mark.parametrize(("what", "argv", "expected"), CASES, ids=[c[0] for c in CASES])
@@ -114,7 +152,7 @@ def test_bad_input_gets_a_clear_error(what, argv, expected, tmp_path, capsys):
 
 def test_non_finite_loss_stops_with_terms_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["run", *TINY, "--set", "protocol.last_step=1", "--set", "method={name: ewc, weight: 1.0e+30}",
+    args = ["run", *TINY, "--set", "protocol.last_step=1", "--set", "method={name: ewc, weight: 1e6}",
             "--set", "train.lr_incremental=1.0", "--set", "train.log_interval=1", "--set", "train.epochs_incremental=3", "--out", str(out), "--no-progress"]  # fmt: skip
     assert main(args) == 2
     err = capsys.readouterr().err

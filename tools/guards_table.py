@@ -17,6 +17,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from test_guards import CASES
 
 from incseg.cli import main
+from incseg.config import RANGES
+from incseg.methods import METHODS
 
 
 def run(argv_factory) -> tuple[int, str]:
@@ -43,8 +45,22 @@ def main_table() -> None:
         if len(text) > 260:
             text = text[:257] + "..."
         print(f"| {what} | `{text.replace('|', '/')}` (exit {code}) |")
-    print("| a non-finite loss (EWC, weight 1e30) | `error: non-finite loss at step 1, epoch 2, iteration 1: "
+    print("| a non-finite loss (EWC, weight 1e6, LR 1) | `error: non-finite loss at step 1, epoch 3, iteration 1: "
           "loss=nan (ce=nan, penalty=inf)` (exit 2; step_0.pt kept) |")
+    print("\n## Valid ranges of numeric keys\n")
+    print("Checked when the config is built (`src/incseg/config.py` `RANGES`, each method's `ranges`);")
+    print("`protocol.last_step` must be a step of the setting and `model.output_stride` 8 or 16.")
+    print("`tests/test_ranges.py` sets every numeric key to 0, -1 and 10^15.\n")
+    print("| key | valid | why |")
+    print("|---|---|---|")
+    for key, valid in RANGES.items():
+        print(f"| `{key}` | {valid.describe()} | {valid.why} |")
+    rows: dict[tuple[str, str, str], list[str]] = {}
+    for name, cls in sorted(METHODS.items()):
+        for key, valid in cls.ranges.items():
+            rows.setdefault((key, valid.describe(), valid.why), []).append(name)
+    for (key, described, why), names in rows.items():
+        print(f"| `method.{key}` ({', '.join(names)}) | {described} | {why} |")
 
 
 if __name__ == "__main__":

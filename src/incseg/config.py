@@ -14,6 +14,7 @@ the valid choices, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,11 +30,13 @@ from incseg.models.backbones import BACKBONES, OUTPUT_STRIDES, PRETRAINED
 from incseg.models.norm import NORMS
 from incseg.protocol import CONVENTIONS, MODES, get_setting
 from incseg.protocol.official import SPLIT_SOURCES, uses_official
+from incseg.ranges import SEED, Range, check_range
 
 DATASETS = {"shapes": "voc", "voc": "voc", "ade": "ade"}  # dataset name -> class family
 AMP_MODES = ("off", "bf16", "fp16")
 TENSORBOARD = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,8 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
             return float(value)
         if option is str and isinstance(value, str):
             return value
+        if option is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot, no sign) as a string
         if option is str and isinstance(value, bool):  # YAML 1.1 reads unquoted on/off as booleans
             return "on" if value else "off"
     expected = " or ".join("null" if o is type(None) else o.__name__ for o in options)
@@ -201,22 +206,63 @@ def _one_of(value: Any, choices: Any, key: str) -> None:
         raise ConfigError(f"{key}: unknown value {value!r}; valid choices: {list(choices)}")
 
 
-def _at_least(value: float | None, low: float, key: str) -> None:
-    if value is not None and value < low:
-        raise ConfigError(f"{key}: must be >= {low}, got {value}")
+_EPOCHS = Range(1, 10_000, "epochs per step; every step trains at least one")
+_LR = Range(0, 10, "SGD learning rate; above 10 SGD diverges on these losses", low_open=True)
+_SIZE = Range(16, 4096, "pixels; a side under 16 leaves less than one feature cell at output stride 16, "
+              "one over 4096 does not fit in memory at batch > 1")  # fmt: skip
+_SCALE = Range(0, 10, "area scale of the random resized crop (0.5..2.0 in the paper)", low_open=True)
+
+# Every numeric key of the config and its valid values (docs/guards.md lists them with the reasons).
+RANGES: dict[str, Range] = {
+    "data.image_size": Range(16, 1024, "side of the rendered shapes images (64 in the demo)"),
+    "data.num_train": Range(1, 100_000, "shapes images rendered in memory"),
+    "data.num_test": Range(1, 100_000, "shapes images rendered in memory"),
+    "data.seed": SEED,
+    "data.crop_size": _SIZE,
+    "data.scale_min": _SCALE,
+    "data.scale_max": _SCALE,
+    "data.test_crop": _SIZE,
+    "data.num_workers": Range(0, 256, "loader worker processes; 0 loads in the main process"),
+    "model.head_channels": Range(1, 4096, "ASPP output channels (256 in the paper)"),
+    "train.epochs": _EPOCHS,
+    "train.epochs_incremental": _EPOCHS,
+    "train.lr": _LR,
+    "train.lr_incremental": _LR,
+    "train.batch_size": Range(2, 4096, "global batch; batch norm in training needs 2 or more images "
+                              "(the ASPP pooling branch has one value per image)"),
+    "train.eval_batch_size": Range(1, 4096, "images per evaluation batch"),
+    "train.momentum": Range(0, 1, "SGD momentum (0.9 in the paper); 1 or more never decays and diverges",
+                            high_open=True),
+    "train.weight_decay": Range(0, 1, "L2 factor of SGD (1e-4 in the paper)", high_open=True),
+    "train.lr_power": Range(0, 10, "exponent of the poly schedule (0.9 in the paper); 0 keeps the LR constant"),
+    "train.seed": SEED,
+    "train.log_interval": Range(1, 1_000_000, "iterations between loss read-backs"),
+    "train.val_interval": Range(0, 10_000, "epochs between validations on the current classes; 0 = off"),
+    "train.checkpoint_every": Range(0, 10_000, "epochs between resumable checkpoints; 0 = only at step ends"),
+}
+# Numeric keys checked otherwise: against the setting's steps, or against a list of choices.
+RELATIVE_KEYS = ("protocol.last_step", "model.output_stride")
+MAX_SHAPES_BYTES = 8 * 2**30
 
 
 def validate(config: Config) -> None:
     """Check names and ranges that the types alone cannot."""
     data, proto, model, train = config.data, config.protocol, config.model, config.train
     _one_of(data.dataset, DATASETS, "data.dataset")
-    for key in ("image_size", "num_train", "num_test", "crop_size"):
-        _at_least(getattr(data, key), 1, f"data.{key}")
-    _at_least(data.num_workers, 0, "data.num_workers")
-    _at_least(data.test_crop, 1, "data.test_crop")
-    if not 0 < data.scale_min <= data.scale_max:
+    for key, valid in RANGES.items():
+        section, name = key.split(".")
+        check_range(getattr(getattr(config, section), name), valid, key)
+    if data.dataset == "shapes":
+        size = (data.num_train + data.num_test) * data.image_size**2 * 4  # uint8 RGB + label
+        if size > MAX_SHAPES_BYTES:
+            raise ConfigError(
+                f"data.num_train/num_test/image_size: {data.num_train} + {data.num_test} shapes images of "
+                f"{data.image_size} px take {size / 2**30:.1f} GiB in memory; keep it under "
+                f"{MAX_SHAPES_BYTES // 2**30} GiB"
+            )
+    if data.scale_min > data.scale_max:
         raise ConfigError(
-            f"data.scale_min/scale_max: need 0 < scale_min <= scale_max, got {data.scale_min}, {data.scale_max}"
+            f"data.scale_min/scale_max: need scale_min <= scale_max, got {data.scale_min}, {data.scale_max}"
         )
     try:
         setting = get_setting(config.family, proto.setting)
@@ -237,21 +283,15 @@ def validate(config: Config) -> None:
     _one_of(model.output_stride, OUTPUT_STRIDES, "model.output_stride")
     _one_of(model.norm, NORMS, "model.norm")
     _one_of(model.pretrained, PRETRAINED, "model.pretrained")
-    _at_least(model.head_channels, 1, "model.head_channels")
     if model.backbone_weights and (model.pretrained != "none" or model.backbone == "tiny"):
         raise ConfigError("model.backbone_weights: needs a ResNet backbone and model.pretrained: none "
                           "(the file replaces the ImageNet weights)")  # fmt: skip
     if train.val_interval and proto.labels != "mib":
         raise ConfigError("train.val_interval: validation during training follows MiB's convention; "
                           "it needs protocol.labels: mib")  # fmt: skip
-    for key in ("epochs", "epochs_incremental", "weight_decay", "lr_power", "momentum", "seed", "val_interval",
-                "checkpoint_every"):
-        _at_least(getattr(train, key), 0, f"train.{key}")
-    for key in ("batch_size", "eval_batch_size", "log_interval"):
-        _at_least(getattr(train, key), 1, f"train.{key}")
-    for key in ("lr", "lr_incremental"):
-        if not getattr(train, key) > 0:
-            raise ConfigError(f"train.{key}: must be > 0, got {getattr(train, key)}")
+    if train.nesterov and train.momentum == 0:
+        raise ConfigError("train.momentum: Nesterov momentum (train.nesterov: true) needs momentum > 0; "
+                          "set train.nesterov: false for plain SGD")  # fmt: skip
     _one_of(train.amp, AMP_MODES, "train.amp")
     _one_of(train.device, DEVICES, "train.device")
     _one_of(train.tensorboard, TENSORBOARD, "train.tensorboard")
@@ -270,6 +310,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     _one_of(name, sorted(METHODS), "method.name")
     method = build_dataclass(METHODS[name], method_raw, "method")
     params = {f.name: getattr(method, f.name) for f in dataclasses.fields(method) if f.init}
+    for key, valid in METHODS[name].ranges.items():
+        check_range(params[key], valid, f"method.{key}")
     config = build_dataclass(Config, raw, "")
     config = dataclasses.replace(config, method=MethodConfig(name=name, params=params))
     validate(config)

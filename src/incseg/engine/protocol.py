@@ -158,6 +158,16 @@ def build_train_loader(
     if len(indices) < dist.world_size:
         raise DataError(f"step {info.step} has {len(indices)} training images, fewer than the "
                         f"{dist.world_size} processes")  # fmt: skip
+    # Batch norm in training needs two or more values per channel, and the ASPP pooling branch
+    # has one per image: over the global batch with synchronised BN, else per process.
+    batch = min(cfg.batch_size, len(indices))
+    shared = dist.world_size > 1 and cfg.sync_bn
+    if batch < 2 or (not shared and batch // dist.world_size < 2):
+        raise DataError(
+            f"step {info.step}: {len(indices)} training image(s) and train.batch_size {cfg.batch_size} give "
+            f"batches of {batch // (1 if shared else dist.world_size)} image(s) per process; batch norm "
+            "needs 2 or more (use more images or a larger batch)"
+        )
     dataset = StepDataset(
         source, indices, make_lut(info, "train", proto.labels),
         train_transform(data.crop_size, (data.scale_min, data.scale_max)),

@@ -17,6 +17,7 @@ from torch import nn
 from incseg.losses import cross_entropy
 from incseg.models.segmenter import SegmenterOutput
 from incseg.protocol.steps import StepInfo
+from incseg.ranges import Range
 
 
 @dataclass
@@ -36,6 +37,9 @@ class Method:
     needs_features: ClassVar[bool] = False
     needs_gradients: ClassVar[bool] = False
     plain_first_step: ClassVar[bool] = False
+    # Valid values of each numeric hyperparameter (every one must have an entry; checked with the
+    # config, the error names ``method.KEY``).
+    ranges: ClassVar[dict[str, Range]] = {}
 
     def begin_step(
         self, info: StepInfo, model: nn.Module, old_model: nn.Module | None, loader: Any

@@ -14,7 +14,6 @@ from typing import ClassVar
 
 import torch
 
-from incseg.errors import ConfigError
 from incseg.losses import (
     cross_entropy,
     feature_distillation,
@@ -25,12 +24,7 @@ from incseg.losses import (
 from incseg.methods.base import Method
 from incseg.models.segmenter import SegmenterOutput
 from incseg.protocol.steps import StepInfo
-
-
-def _non_negative(**weights: float) -> None:
-    for name, value in weights.items():
-        if value < 0:
-            raise ConfigError(f"method.{name}: must be >= 0, got {value}")
+from incseg.ranges import ALPHA, LOSS_WEIGHT, Range
 
 
 @dataclass
@@ -40,11 +34,10 @@ class LwF(Method):
     needs_old_model: ClassVar[bool] = True
     plain_first_step: ClassVar[bool] = True
 
+    ranges: ClassVar[dict[str, Range]] = {"kd_weight": LOSS_WEIGHT, "alpha": ALPHA}
+
     kd_weight: float = 100.0
     alpha: float = 1.0
-
-    def __post_init__(self) -> None:
-        _non_negative(kd_weight=self.kd_weight)
 
     def losses(
         self, output: SegmenterOutput, old_output: SegmenterOutput | None, targets: torch.Tensor,
@@ -63,10 +56,9 @@ class LwFMC(Method):
 
     needs_old_model: ClassVar[bool] = True
 
-    kd_weight: float = 10.0
+    ranges: ClassVar[dict[str, Range]] = {"kd_weight": LOSS_WEIGHT}
 
-    def __post_init__(self) -> None:
-        _non_negative(kd_weight=self.kd_weight)
+    kd_weight: float = 10.0
 
     def losses(
         self, output: SegmenterOutput, old_output: SegmenterOutput | None, targets: torch.Tensor,
@@ -86,12 +78,11 @@ class ILT(Method):
     needs_features: ClassVar[bool] = True
     plain_first_step: ClassVar[bool] = True
 
+    ranges: ClassVar[dict[str, Range]] = {"kd_weight": LOSS_WEIGHT, "feature_weight": LOSS_WEIGHT, "alpha": ALPHA}
+
     kd_weight: float = 100.0
     feature_weight: float = 100.0
     alpha: float = 1.0
-
-    def __post_init__(self) -> None:
-        _non_negative(kd_weight=self.kd_weight, feature_weight=self.feature_weight)
 
     def losses(
         self, output: SegmenterOutput, old_output: SegmenterOutput | None, targets: torch.Tensor,

@@ -14,6 +14,7 @@ from incseg.losses import cross_entropy, unbiased_cross_entropy, unbiased_knowle
 from incseg.methods.base import Method
 from incseg.models.segmenter import SegmenterOutput
 from incseg.protocol.steps import StepInfo
+from incseg.ranges import ALPHA, LOSS_WEIGHT, Range
 
 INITS = ("balanced", "random")
 
@@ -33,6 +34,8 @@ class MiB(Method):
     needs_old_model: ClassVar[bool] = True
     plain_first_step: ClassVar[bool] = True
 
+    ranges: ClassVar[dict[str, Range]] = {"kd_weight": LOSS_WEIGHT, "alpha": ALPHA}
+
     kd_weight: float = 10.0
     alpha: float = 1.0
     unce: bool = True
@@ -42,8 +45,6 @@ class MiB(Method):
     def __post_init__(self) -> None:
         if self.init not in INITS:
             raise ConfigError(f"method.init: unknown value {self.init!r}; valid choices: {list(INITS)}")
-        if self.kd_weight < 0:
-            raise ConfigError(f"method.kd_weight: must be >= 0, got {self.kd_weight}")
 
     def init_new_classifier(self, model: nn.Module, info: StepInfo) -> None:
         """Background-balanced init: each new class and the background start with an equal share

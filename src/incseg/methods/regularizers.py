@@ -27,11 +27,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from incseg.errors import ConfigError
 from incseg.losses import cross_entropy
 from incseg.methods.base import Method
 from incseg.models.segmenter import SegmenterOutput
 from incseg.protocol.steps import StepInfo
+from incseg.ranges import LOSS_WEIGHT, Range
 
 Tensors = list[torch.Tensor]
 
@@ -59,16 +59,13 @@ class _Importance(Method):
     """Shared machinery: anchors, importance, the penalty; subclasses estimate importance."""
 
     needs_gradients: ClassVar[bool] = True
+    ranges: ClassVar[dict[str, Range]] = {"weight": LOSS_WEIGHT}
 
     weight: float = 500.0
     _state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
     _names: list[str] = field(default_factory=list, init=False, repr=False)
     _params: Tensors = field(default_factory=list, init=False, repr=False)
     _penalised: tuple[Tensors, Tensors, Tensors] | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.weight < 0:
-            raise ConfigError(f"method.weight: must be >= 0, got {self.weight}")
 
     # -- state kept across steps: {"anchor": {...}, "importance": {...}, ...}, tensors by name --
     def state_dict(self) -> dict[str, Any]:
@@ -130,6 +127,11 @@ class _Importance(Method):
 class EWC(_Importance):
     """Elastic weight consolidation with a running-mean Fisher (weight 500, decay 0.9)."""
 
+    ranges: ClassVar[dict[str, Range]] = {
+        "weight": LOSS_WEIGHT,
+        "decay": Range(0, 1, "share of the running Fisher kept at each update"),
+    }
+
     weight: float = 500.0
     decay: float = 0.9
 
@@ -148,6 +150,11 @@ class EWC(_Importance):
 @dataclass
 class PI(_Importance):
     """Path integral (synaptic intelligence), weight 500, damping 1e-3."""
+
+    ranges: ClassVar[dict[str, Range]] = {
+        "weight": LOSS_WEIGHT,
+        "damping": Range(0, 1, "added to the squared parameter change; 0 divides by zero", low_open=True),
+    }
 
     weight: float = 500.0
     damping: float = 1e-3
@@ -182,6 +189,12 @@ class PI(_Importance):
 @dataclass
 class RW(EWC):
     """Riemannian Walk: EWC's Fisher plus a path score updated every ``interval`` iterations."""
+
+    ranges: ClassVar[dict[str, Range]] = {
+        **EWC.ranges,
+        "interval": Range(1, 1_000_000, "iterations between path-score updates"),
+        "eps": Range(0, 1, "added to the score's denominator; 0 divides by zero", low_open=True),
+    }
 
     weight: float = 100.0
     interval: int = 10

@@ -1,0 +1,148 @@
+"""Every numeric config key has a validated range: no value reachable from ``--set`` ends in a
+traceback. Out-of-range values exit with code 2 and a message naming the key; the few in-range
+edge values the walk meets (0 where 0 is valid) complete a real run."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import pytest
+
+from incseg.cli import main
+from incseg.config import RANGES, RELATIVE_KEYS, Config, config_from_dict, load_config
+from incseg.errors import ConfigError
+from incseg.methods import METHODS
+from incseg.ranges import Range, check_range
+
+TINY = ["--set", "data.image_size=32", "--set", "data.num_train=24", "--set", "data.num_test=6",
+        "--set", "data.crop_size=32", "--set", "model.head_channels=8", "--set", "train.epochs=1",
+        "--set", "train.batch_size=4", "--set", "train.eval_batch_size=6"]  # fmt: skip
+WALK = (0, -1, 10**15)  # zero, negative, absurd
+
+
+def _numeric(annotation) -> bool:
+    options = typing.get_args(annotation) or (annotation,)
+    return any(o in (int, float) for o in options)
+
+
+def config_numeric_keys() -> list[str]:
+    keys = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        if dataclasses.is_dataclass(cls):
+            hints = typing.get_type_hints(cls)
+            keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(cls) if _numeric(hints[f.name])]
+    return keys
+
+
+def method_numeric_keys() -> list[tuple[str, str]]:
+    pairs = []
+    for name, cls in sorted(METHODS.items()):
+        hints = typing.get_type_hints(cls)
+        pairs += [(name, f.name) for f in dataclasses.fields(cls) if f.init and _numeric(hints[f.name])]
+    return pairs
+
+
+def test_every_numeric_key_has_a_range():
+    assert set(config_numeric_keys()) == set(RANGES) | set(RELATIVE_KEYS)
+    for name, key in method_numeric_keys():
+        assert key in METHODS[name].ranges, f"{name}.{key} has no range"
+    # Every upper bound is below the walk's absurd value, so the walk meets it.
+    every = list(RANGES.values()) + [r for cls in METHODS.values() for r in cls.ranges.values()]
+    assert all(r.high < WALK[-1] and r.low >= 0 for r in every)
+
+
+def test_range_ends_and_message():
+    closed, half = Range(1, 4, "why"), Range(0, 1, "because", low_open=True, high_open=True)
+    assert [closed.contains(v) for v in (0.999, 1, 4, 4.001)] == [False, True, True, False]
+    assert [half.contains(v) for v in (0, 1e-9, 0.999, 1)] == [False, True, True, False]
+    assert not closed.contains(float("nan")) and not closed.contains(float("inf"))
+    assert closed.describe() == "[1, 4]" and half.describe() == "(0, 1)"
+    assert Range(0, 1e6, "").describe() == "[0, 1,000,000]" and Range(1e-8, 0.5, "").describe() == "[1e-08, 0.5]"
+    check_range(None, closed, "a.b")
+    with pytest.raises(ConfigError, match=r"^a\.b: must be in \(0, 1\), got 1 \(because\)$"):
+        check_range(1, half, "a.b")
+
+
+def test_cross_key_ranges():
+    with pytest.raises(ConfigError, match="train.momentum: Nesterov momentum"):
+        config_from_dict({"train": {"momentum": 0}})
+    assert config_from_dict({"train": {"momentum": 0, "nesterov": False}}).train.momentum == 0
+    with pytest.raises(ConfigError, match="data.scale_min/scale_max: need scale_min <= scale_max"):
+        config_from_dict({"data": {"scale_min": 1.5, "scale_max": 1.0}})
+    with pytest.raises(ConfigError, match=r"data.num_train/num_test/image_size: .* take 12.0 GiB"):
+        config_from_dict({"data": {"num_train": 12288, "num_test": 0 + 1, "image_size": 512}})
+
+
+def _outcome(argv: list[str], capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def _walk(key: str, prefix: list[str], valid: Range | None, tmp_path, capsys) -> list[str]:
+    """Run ``incseg run`` with every out-of-range walked value of ``key`` (each must exit 2 with
+    a message naming the key); return the in-range ``key=value`` ones, which the run test runs."""
+    accepted = []
+    overrides = [a for flag, a in zip(prefix[2::2], prefix[3::2], strict=True) if flag == "--set"]
+    for value in WALK:
+        if valid is not None and valid.contains(value):
+            try:  # in range, but maybe refused with another key (momentum 0 with Nesterov)
+                load_config("demo", [*overrides, f"{key}={value}"])
+                accepted.append(f"{key}={value}")
+                continue
+            except ConfigError:
+                pass
+        code, err = _outcome([*prefix, "--set", f"{key}={value}", "--out", str(tmp_path / "never")], capsys)
+        assert code == 2, (key, value, err)
+        assert err.startswith("error: ") and key in err and "Traceback" not in err, (key, value, err)
+    assert not (tmp_path / "never").exists()
+    return accepted
+
+
+ACCEPTED_RUNS = {  # the in-range values the walk meets, grouped into real runs
+    "config": ["protocol.last_step=0", "data.seed=0", "data.num_workers=0", "train.weight_decay=0",
+               "train.lr_power=0", "train.seed=0", "train.val_interval=0", "train.checkpoint_every=0"],
+    "mib": ["method.kd_weight=0"], "lwf": ["method.kd_weight=0"], "lwf_mc": ["method.kd_weight=0"],
+    "ilt": ["method.kd_weight=0", "method.feature_weight=0"], "ewc": ["method.weight=0", "method.decay=0"],
+    "rw": ["method.weight=0", "method.decay=0"], "pi": ["method.weight=0"],
+}  # fmt: skip
+
+
+def test_walk_every_numeric_key_with_zero_negative_and_absurd(tmp_path, capsys):
+    met = set()
+    for key in config_numeric_keys():
+        # protocol.last_step's range depends on the setting (15-5: steps 0..1); output_stride is 8 or 16.
+        valid = {"protocol.last_step": Range(0, 1, ""), "model.output_stride": None}.get(key, RANGES.get(key))
+        met |= {("config", a) for a in _walk(key, ["run", "demo"], valid, tmp_path, capsys)}
+    for name, key in method_numeric_keys():
+        prefix = ["run", "demo", "--set", f"method={{name: {name}}}"]
+        met |= {(name, a) for a in _walk(f"method.{key}", prefix, METHODS[name].ranges[key], tmp_path, capsys)}
+    assert met == {(group, a) for group, values in ACCEPTED_RUNS.items() for a in values}
+
+
+@pytest.mark.parametrize("group", sorted(ACCEPTED_RUNS))
+def test_accepted_edge_values_complete_a_run(group, tmp_path, capsys):
+    method = [] if group == "config" else ["--set", f"method={{name: {group}}}"]
+    sets = [arg for value in ACCEPTED_RUNS[group] for arg in ("--set", value)]
+    code, err = _outcome(["run", "demo", *TINY, *method, *sets, "--out", str(tmp_path / "run"), "--no-progress"],
+                         capsys)  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "run" / "summary.md").is_file()
+
+
+def test_lowest_valid_sizes_complete_a_run(tmp_path, capsys):
+    lowest = ["data.image_size=16", "data.crop_size=16", "data.test_crop=16", "train.batch_size=2",
+              "train.eval_batch_size=1", "model.head_channels=1", "model.output_stride=8", "data.num_train=2"]  # fmt: skip
+    sets = [arg for value in lowest for arg in ("--set", value)]
+    code, err = _outcome(["run", "demo", *TINY, *sets, "--set", "protocol.last_step=0", "--out", str(tmp_path / "r"),
+                          "--no-progress"], capsys)  # fmt: skip
+    assert code == 0, err
+
+
+def test_too_few_images_for_batch_norm_is_a_clear_error(tmp_path, capsys):
+    code, err = _outcome(["run", "demo", *TINY, "--set", "data.num_train=1", "--out", str(tmp_path / "r"),
+                          "--no-progress"], capsys)  # fmt: skip
+    assert code == 2 and "Traceback" not in err
+    assert "step 0: 1 training image(s) and train.batch_size 4 give batches of 1 image(s) per process" in err
