@@ -63,7 +63,7 @@ def test_bad_config_exits_2_with_message(tiny_config_path, tmp_path, capsys):
     code = main(["run", str(tiny_config_path), "--out", str(tmp_path / "x"), "--set", "train.epochs=-3"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "train.epochs: must be >= 0, got -3" in err and str(tiny_config_path) in err
+    assert "train.epochs: must be in [1, 10,000], got -3" in err and str(tiny_config_path) in err
     assert not (tmp_path / "x").exists()  # rejected before any work
 
 

@@ -3,6 +3,9 @@ traceback). ``CASES`` is also what ``tools/guards_table.py`` runs to write docs/
 
 from __future__ import annotations
 
+import argparse
+import pickle
+import random
 import shutil
 from pathlib import Path
 
@@ -38,10 +41,41 @@ def _tampered(tmp: Path, change) -> Path:
     return tmp / "bad.pt"
 
 
+def _truncated_step(tmp: Path) -> Path:
+    """A run directory whose step_0.pt was cut short (a full disk while copying the run)."""
+    run = _checkpoint(tmp).parent
+    data = (run / "step_0.pt").read_bytes()
+    (run / "step_0.pt").write_bytes(data[: len(data) // 2])
+    return run
+
+
 def _foreign(tmp: Path) -> Path:
     """A valid torch file that is not an incseg checkpoint."""
     torch.save({"w": torch.zeros(1)}, tmp / "w.pt")
     return tmp / "w.pt"
+
+
+def _truncated(tmp: Path) -> Path:
+    """A real step-0 checkpoint cut to half its length (as a full disk or a killed copy leaves it)."""
+    data = _checkpoint(tmp).read_bytes()
+    (tmp / "cut.pt").write_bytes(data[: len(data) // 2])
+    return tmp / "cut.pt"
+
+
+def _random_bytes(tmp: Path) -> Path:
+    (tmp / "noise.pt").write_bytes(random.Random(0).randbytes(4096))
+    return tmp / "noise.pt"
+
+
+def _refused(tmp: Path) -> Path:
+    """A PyTorch file holding a Python object that a weights-only load refuses."""
+    torch.save({"model": torch.zeros(1), "args": argparse.Namespace(lr=0.1)}, tmp / "other.pt")
+    return tmp / "other.pt"
+
+
+def _plain_pickle(tmp: Path) -> Path:
+    (tmp / "plain.pkl").write_bytes(pickle.dumps({"model": [1.0, 2.0]}))
+    return tmp / "plain.pkl"
 
 
 def _broken_voc(tmp: Path) -> Path:
@@ -84,8 +118,24 @@ CASES = [
      "cannot write (Not a directory)"),
     ("resume with another config", lambda t: ["run", *TINY, "--set", "train.lr=0.5", "--out", str(_checkpoint(t).parent), "--resume"],
      "train.lr: 0.05 -> 0.5"),
-    ("eval of a file that is not a checkpoint", lambda t: ["eval", str(_write(t / "notes.pt", "hello"))],
-     "notes.pt: not a readable checkpoint"),
+    ("eval of a text file", lambda t: ["eval", str(_write(t / "notes.pt", "hello"))],
+     "notes.pt: is not a PyTorch file (corrupt bytes or another format); expected an incseg checkpoint"),
+    ("eval of random bytes", lambda t: ["eval", str(_random_bytes(t))],
+     "noise.pt: is not a PyTorch file (corrupt bytes or another format)"),
+    ("eval of an empty file", lambda t: ["eval", str(_write(t / "empty.pt", ""))], "empty.pt: is empty"),
+    ("eval of a truncated checkpoint", lambda t: ["eval", str(_truncated(t))],
+     "cut.pt: is truncated or corrupt (an incomplete PyTorch zip archive); expected an incseg checkpoint"),
+    ("eval of a PyTorch file holding other Python objects", lambda t: ["eval", str(_refused(t))],
+     "other.pt: holds Python objects that a safe (weights-only) load refuses: it was written by another program"),
+    ("predict with a plain Python pickle", lambda t: ["predict", str(_plain_pickle(t)), str(FIXTURES / "voc" / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000904.jpg"), "--out", str(t / "p")],
+     "plain.pkl: is a pickle that a safe (weights-only) load refuses"),
+    ("resume of a run whose step checkpoint is truncated", lambda t: ["run", *TINY, "--out", str(_truncated_step(t)), "--resume", "--no-progress"],
+     "step_0.pt: is truncated or corrupt (an incomplete PyTorch zip archive); expected an incseg checkpoint"),
+    ("import-checkpoint of random bytes", lambda t: ["import-checkpoint", str(_random_bytes(t)), "demo", "--step", "0", "--out", str(t / "i.pt")],
+     "noise.pt: is not a PyTorch file (corrupt bytes or another format); expected a step checkpoint of the official MiB code"),
+    ("backbone weights that are a truncated file", lambda t: ["run", *TINY, "--set", "model.backbone=resnet50", "--set", "model.pretrained=none",
+                                                             "--set", f"model.backbone_weights={_truncated(t)}", "--out", str(t / "o")],
+     "cut.pt: is truncated or corrupt (an incomplete PyTorch zip archive); expected In-Place ABN's ImageNet ResNet"),
     ("eval of a foreign torch file", lambda t: ["eval", str(_foreign(t))],
      "w.pt: not an incseg checkpoint"),
     ("eval of a missing checkpoint", lambda t: ["eval", str(t / "step_9.pt")], "step_9.pt' not found"),
@@ -148,6 +198,7 @@ def test_bad_input_gets_a_clear_error(what, argv, expected, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
     assert expected in err
+    assert "weights_only" not in err  # never suggest unsafe loading
 
 
 def test_non_finite_loss_stops_with_terms_and_keeps_the_last_good_checkpoint(tmp_path, capsys):

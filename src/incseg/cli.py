@@ -262,12 +262,11 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _import_checkpoint(args: argparse.Namespace) -> int:
-    import torch
-
     from incseg.engine.checkpoint import save_checkpoint
     from incseg.engine.protocol import build_model
     from incseg.models.official import convert_official
     from incseg.protocol import get_setting, step_info
+    from incseg.torchfile import load_torch_file
 
     if args.out.exists():
         raise IncsegError(f"--out {args.out}: exists; choose another file")
@@ -275,10 +274,7 @@ def _import_checkpoint(args: argparse.Namespace) -> int:
     setting = get_setting(config.family, config.protocol.setting)
     if not 0 <= args.step < setting.num_steps:
         raise IncsegError(f"--step {args.step}: setting {setting.name} has steps 0..{setting.num_steps - 1}")
-    try:
-        data = torch.load(args.source, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 -- torch raises many types for foreign files
-        raise IncsegError(f"{args.source}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    data = load_torch_file(args.source, "a step checkpoint of the official MiB code")
     if not isinstance(data, dict) or "model_state" not in data:
         raise IncsegError(f"{args.source}: no 'model_state' entry; not a checkpoint of the official MiB code")
     info = step_info(setting, args.step)

@@ -17,6 +17,7 @@ import torch
 from incseg import __version__
 from incseg.engine.faults import fault_point
 from incseg.errors import CheckpointError
+from incseg.torchfile import load_torch_file
 
 FORMAT = "incseg-checkpoint"
 VERSION = 1
@@ -50,15 +51,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load an incseg checkpoint safely (``weights_only=True``).
 
     Raises:
-        CheckpointError: missing file, unreadable file, or not an incseg checkpoint.
+        CheckpointError: missing file, a file a safe load cannot read (the message says why:
+            empty, truncated, not a PyTorch file, or holding objects it refuses; see
+            :func:`incseg.torchfile.diagnose`), or not an incseg checkpoint.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} not found")
-    try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 -- torch raises many types for corrupt or foreign files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    data = load_torch_file(path, "an incseg checkpoint (step_K.pt or last.pt of a run)", map_location=map_location)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an incseg checkpoint (no 'format: {FORMAT}' entry)")
     if data.get("version") != VERSION:

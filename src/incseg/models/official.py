@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from incseg.errors import CheckpointError
+from incseg.torchfile import load_torch_file
 
 IABN_EPS = 1e-5
 _RULES = [  # (incseg pattern, official template)
@@ -115,12 +116,8 @@ def convert_official(
 
 def load_iabn_imagenet(model: nn.Module, path: str) -> None:
     """Load In-Place ABN's ImageNet ResNet checkpoint into ``model``'s backbone."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"model.backbone_weights {path}: not found") from None
-    except Exception as err:  # noqa: BLE001 -- torch raises many types for foreign files
-        raise CheckpointError(f"model.backbone_weights {path}: not readable ({type(err).__name__}: {err})") from None
+    data = load_torch_file(path, "In-Place ABN's ImageNet ResNet checkpoint (resnet101_iabn_sync.pth.tar)",
+                           key="model.backbone_weights")  # fmt: skip
     state = data.get("state_dict", data) if isinstance(data, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"model.backbone_weights {path}: no state_dict inside")
