@@ -2,13 +2,18 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from incseg.cli import main
 from incseg.config import load_config
-from incseg.engine import tensorboard
+from incseg.engine import protocol, tensorboard
+from incseg.engine.checkpoint import load_checkpoint
+from incseg.engine.evaluate import evaluate
+from incseg.engine.protocol import evaluate_checkpoint, restore_step
 from incseg.errors import ConfigError
+from incseg.metrics import StepReport
 
 
 def _run(config_path, out, *sets):
@@ -60,16 +65,28 @@ def test_tensorboard_on_without_the_package_is_a_config_error(tiny_config_path, 
         load_config(str(tiny_config_path), ["train.tensorboard=always"])
 
 
-def test_channels_last_trains_to_the_same_numbers(tiny_config_path, tmp_path):
+def test_channels_last_trains_to_the_same_numbers(tiny_config_path, tmp_path, monkeypatch):
     plain = _run(tiny_config_path, tmp_path / "plain", "train.tensorboard=off")
     nhwc = _run(tiny_config_path, tmp_path / "nhwc", "train.tensorboard=off", "train.channels_last=true")
     for a, b in zip(plain["steps"], nhwc["steps"], strict=True):
         for term, value in a["losses"][0].items():
             assert b["losses"][0][term] == pytest.approx(value, rel=1e-3), term
         assert b["miou_all"] == pytest.approx(a["miou_all"], abs=0.02)
-    state = torch.load(tmp_path / "nhwc" / "step_1.pt", weights_only=True)["model"]
+    checkpoint = load_checkpoint(tmp_path / "nhwc" / "step_1.pt")
     assert any(t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-               for t in state.values())  # fmt: skip
+               for t in checkpoint["model"].values())  # fmt: skip
+    # `incseg eval` evaluates in the training's memory format, so it reproduces the run exactly.
+    trained = StepReport.from_confusion(checkpoint["confusion"], restore_step(checkpoint)[1])
+    seen = {}
+
+    def recording_evaluate(model, *args, channels_last=False, **kwargs):
+        seen.update(channels_last=channels_last, weight=model.backbone.layers[0][0].weight)
+        return evaluate(model, *args, channels_last=channels_last, **kwargs)
+
+    monkeypatch.setattr(protocol, "evaluate", recording_evaluate)
+    again = evaluate_checkpoint(checkpoint)
+    assert seen["channels_last"] and seen["weight"].is_contiguous(memory_format=torch.channels_last)
+    assert np.array_equal(again.iou, trained.iou, equal_nan=True) and again.pixel_accuracy == trained.pixel_accuracy
 
 
 @pytest.mark.slow

@@ -21,6 +21,12 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _scaled(old_logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha * old_logits`` (upcast); alpha = 1 (the paper's) returns them without a copy."""
+    old_logits = _upcast(old_logits)
+    return old_logits if alpha == 1 else alpha * old_logits
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over pixels whose target is not 255. Returns a scalar."""
     return F.cross_entropy(logits, targets.long(), ignore_index=IGNORE_INDEX)
@@ -82,7 +88,7 @@ def unbiased_knowledge_distillation(
     log_bg = torch.logsumexp(bg_and_new, dim=1, keepdim=True) - denom
     log_old = logits[:, 1:num_old] - denom
     log_probs = torch.cat([log_bg, log_old], dim=1)
-    soft = torch.softmax(alpha * _upcast(old_logits), dim=1)
+    soft = torch.softmax(_scaled(old_logits, alpha), dim=1)
     return -(soft * log_probs).mean(dim=1).mean()
 
 
@@ -99,7 +105,7 @@ def knowledge_distillation(logits: torch.Tensor, old_logits: torch.Tensor, alpha
     """
     num_old = old_logits.shape[1]
     log_probs = torch.log_softmax(_upcast(logits[:, :num_old]), dim=1)
-    soft = torch.softmax(alpha * _upcast(old_logits), dim=1)
+    soft = torch.softmax(_scaled(old_logits, alpha), dim=1)
     return -(soft * log_probs).mean(dim=1).mean()
 
 

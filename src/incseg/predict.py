@@ -16,6 +16,7 @@ from PIL import Image
 
 from incseg.data.files import read_image
 from incseg.data.transforms import test_transform
+from incseg.engine.evaluate import predict_channels
 from incseg.engine.protocol import AMP_DTYPES, resolve_device, restore_step
 from incseg.errors import DataError
 
@@ -50,7 +51,8 @@ def predict_images(
         decoded.append(read_image(Path(path)))
     config, info, model = restore_step(checkpoint)
     device = resolve_device(config.train.device)
-    model = model.to(device).eval()
+    memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format).eval()
     amp_dtype = AMP_DTYPES[config.train.amp]
     normalise = test_transform(None)  # full image: only scaling and ImageNet normalisation
     to_class = torch.tensor(info.order, dtype=torch.uint8)
@@ -58,9 +60,9 @@ def predict_images(
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path, image in zip(images, decoded, strict=True):
-        x = normalise(image).unsqueeze(0).to(device)
+        x = normalise(image).unsqueeze(0).to(device, memory_format=memory_format)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            channels = model(x).logits.argmax(1)[0].cpu()
+            channels = predict_channels(model(x).logits)[0].cpu()
         mask = to_class[channels].numpy()
         stem = Path(path).stem
         png = Image.fromarray(mask, mode="P")

@@ -111,8 +111,11 @@ def evaluate_checkpoint(checkpoint: dict, *, progress: bool = False) -> StepRepo
     source = build_source(config.data, "test", progress=progress)
     # Inside a joined process group evaluate() sums over ranks, so each rank takes its shard.
     loader = build_test_loader(config, source, source.presence(), info, dist=current_dist())
-    matrix = evaluate(model.to(device), loader, info.num_channels, device=device,
-                      amp_dtype=AMP_DTYPES[config.train.amp], progress=progress)  # fmt: skip
+    # The memory format of training too: channels-last convolutions round differently.
+    channels_last = config.train.channels_last
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    matrix = evaluate(model, loader, info.num_channels, device=device, amp_dtype=AMP_DTYPES[config.train.amp],
+                      progress=progress, channels_last=channels_last)  # fmt: skip
     return StepReport.from_confusion(matrix, info)
 
 

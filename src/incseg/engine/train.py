@@ -63,15 +63,23 @@ def train_one_epoch(
     for it, (images, targets) in enumerate(bar):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
+        # Free the previous iteration's gradients before the forwards, not after: kept alive, they
+        # (one copy of every parameter) add to the activation peak (docs/benchmarks.md). The
+        # official code also clears them before the student's forward (fcdl94/MiB train.py:98).
+        optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            output = net(images, return_features=method.needs_features)
+            # The old model runs first, as in the official code (train.py:94-99): its transient
+            # activations then never coexist with the student's graph, only its outputs do.
             old_output = None
             if old_model is not None:
                 with torch.no_grad():
                     old_output = old_model(images, return_features=method.needs_features)
+            output = net(images, return_features=method.needs_features)
             terms = method.losses(output, old_output, targets, info)
             loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
+        # What the losses need is saved in the graph; dropping these references lets backward
+        # free the full-resolution logits as soon as it has used them.
+        del output, old_output
         scaler.scale(loss).backward()
         if method.needs_gradients:
             scaler.unscale_(optimizer)  # importance estimates need the true gradients
