@@ -5,7 +5,11 @@ Each variant runs in a fresh process so that its peak resident memory (``ru_maxr
 * ``incseg``: the engine's iteration (``train_one_epoch`` on one batch): the old model is frozen
   and runs under ``no_grad`` in eval mode, so none of its activations are kept for backward;
 * ``naive``: the straightforward version: a second full model that still records its graph
-  (a deep copy whose parameters require gradients), its outputs kept through backward.
+  (a deep copy whose parameters require gradients), its outputs kept through backward;
+* ``late_zero``: the engine's iteration as it was before, gradients cleared *after* the forwards
+  (the previous iteration's gradients, one copy of every parameter, alive through both forwards);
+* ``eval``: ``incseg.engine.evaluate.evaluate`` on one batch (forward, upsample, prediction with
+  ``max(1).indices``, confusion matrix); ``eval_argmax``: the same with ``argmax(1)``, as before.
 
 ``python -m benchmarks.train_step VARIANT CROP [--batch B] [--iters N] [--device cpu|cuda]
 [--amp off|bf16] [--channels-last] [--compile]`` prints one JSON line (with ``--compile`` the
@@ -24,6 +28,7 @@ import time
 
 import torch
 
+from incseg.engine.evaluate import evaluate
 from incseg.engine.train import train_one_epoch
 from incseg.methods import MiB
 from incseg.metrics import confusion_matrix
@@ -78,7 +83,23 @@ def run(variant: str, crop: int, batch: int, iters: int, device: torch.device, a
             sum(terms.values()).backward()
             optimizer.step()
             del old_output
+    elif variant == "late_zero":
+        old.eval().requires_grad_(False)
+
+        def step():
+            model.train()
+            output = model(images)
+            with torch.no_grad():
+                old_output = old(images)
+            loss = sum(method.losses(output, old_output, targets, info).values())
+            optimizer.zero_grad(set_to_none=True)  # the previous gradients lived through both forwards
+            loss.backward()
+            optimizer.step()
     elif variant == "eval":
+        def step():
+            evaluate(model, [(images, targets)], info.num_channels, device=device, amp_dtype=amp_dtype,
+                     channels_last=channels_last)  # fmt: skip
+    elif variant == "eval_argmax":
         model.eval()
 
         @torch.no_grad()
@@ -108,10 +129,10 @@ def run(variant: str, crop: int, batch: int, iters: int, device: torch.device, a
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step")
-    parser.add_argument("variant", choices=("incseg", "naive", "eval"))
+    parser.add_argument("variant", choices=("incseg", "naive", "late_zero", "eval", "eval_argmax"))
     parser.add_argument("crop", type=int)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=3, help="timed repeats (median reported)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=("off", "bf16"), default="off")
     parser.add_argument("--channels-last", action="store_true")
@@ -139,17 +160,39 @@ def _subprocess(*args: str) -> dict:
 
 
 def bench_train_step(crops=(256, 512)) -> list:
-    """Figures for ``python -m benchmarks``: MiB iteration (incseg vs naive) and eval forward, CPU."""
+    """Figures for ``python -m benchmarks``: MiB iteration (incseg vs naive vs gradients cleared
+    late) and evaluation of one 512x512 image (``max`` vs ``argmax``), CPU. Variants alternate, so
+    a change of machine load hits both sides."""
     from benchmarks.common import Figure
 
     figures = []
     for crop in crops:
-        ours, naive = _subprocess("incseg", str(crop)), _subprocess("naive", str(crop))
+        ours, naive, late = (_subprocess(v, str(crop)) for v in ("incseg", "naive", "late_zero"))
         work = f"ResNet-101 OS16, batch 2, crop {crop}, CPU {ours['threads']} threads"
-        figures += [Figure(f"mib_iteration_{crop}_incseg", ours["median_s"], "s", work),
-                    Figure(f"mib_iteration_{crop}_naive", naive["median_s"], "s", work),
-                    Figure(f"mib_iteration_{crop}_incseg_peak_rss", ours["peak_mib"], "MiB", work),
-                    Figure(f"mib_iteration_{crop}_naive_peak_rss", naive["peak_mib"], "MiB", work)]  # fmt: skip
-    ev = _subprocess("eval", "512", "--batch", "1")
-    figures.append(Figure("eval_forward_metric_512", ev["median_s"], "s", "ResNet-101 OS16, batch 1, 512x512, CPU"))
+        for name, result in (("incseg", ours), ("naive", naive), ("late_zero", late)):
+            figures += [Figure(f"mib_iteration_{crop}_{name}", result["median_s"], "s", work),
+                        Figure(f"mib_iteration_{crop}_{name}_peak_rss", result["peak_mib"], "MiB", work)]  # fmt: skip
+    work = "ResNet-101 OS16, 1 image 512x512, forward + upsample + prediction + metric, CPU"
+    ev, arg = (_subprocess(v, "512", "--batch", "1", "--iters", "7") for v in ("eval", "eval_argmax"))
+    figures += [Figure("eval_image_512_max", ev["median_s"], "s", work),
+                Figure("eval_image_512_argmax", arg["median_s"], "s", work)]  # fmt: skip
+    return figures
+
+
+def bench_prediction() -> list:
+    """``max(1).indices`` vs ``argmax(1)`` on the logits of one 512x512 image (21 channels)."""
+    from benchmarks.common import Figure, median_time
+
+    torch.manual_seed(0)
+    figures = []
+    for layout in ("contiguous", "channels_last"):
+        logits = torch.randn(1, 21, 512, 512)
+        if layout == "channels_last":
+            logits = logits.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(logits.max(1).indices, logits.argmax(1))
+        work = f"logits 1x21x512x512 float32, {layout}"
+        by_max = median_time(lambda x=logits: x.max(1).indices, repeats=21)
+        by_argmax = median_time(lambda x=logits: x.argmax(1), repeats=21)
+        figures += [Figure(f"prediction_max_{layout}", by_max * 1e3, "ms", work),
+                    Figure(f"prediction_argmax_{layout}", by_argmax * 1e3, "ms", work)]  # fmt: skip
     return figures

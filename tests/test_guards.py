@@ -148,6 +148,8 @@ CASES = [
      "iabn.pth.tar"),
     ("TensorBoard option misspelt", lambda t: ["run", "--set", "train.tensorboard=always", "--out", str(t / "o")],
      "train.tensorboard: unknown value 'always'; valid choices: ['auto', 'on', 'off']"),
+    ("compare: Joint with 0 epochs", lambda t: ["compare", "--methods", "ft", "--joint", "--joint-epochs", "0", "--out", str(t / "o")],
+     "--joint-epochs: must be in [1, 10,000], got 0"),
     ("compare: unknown method", lambda t: ["compare", "--methods", "ft,icarl", "--out", str(t / "o")],
      "--methods: unknown method 'icarl'"),
     ("data check of a missing root", lambda t: ["data", "check", "voc", "--root", str(t / "none")],

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from incseg import __version__
-from incseg.config import builtin_configs, load_config
+from incseg.config import RANGES, builtin_configs, load_config
 from incseg.errors import IncsegError
+from incseg.ranges import check_range
 
 RUN_MARKERS = ("config.yaml", "metrics.json", "summary.md", "step_0.pt")
 
@@ -177,8 +178,8 @@ def _compare(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise IncsegError("--methods: give at least one method name")
-    if args.joint_epochs is not None and args.joint_epochs < 0:
-        raise IncsegError(f"--joint-epochs: must be >= 0, got {args.joint_epochs}")
+    if args.joint_epochs is not None:
+        check_range(args.joint_epochs, RANGES["train.epochs"], "--joint-epochs")
     out = args.out or Path("runs") / f"compare-{base.name}"
     from incseg.compare import parse_method_sets, run_comparison
     from incseg.engine.distributed import is_main_process

@@ -1,7 +1,8 @@
 """The method interface: a small class with named hooks that return values (DESIGN.md).
 
-The engine calls, per step: ``begin_step`` -> (classifier grows) ``init_new_classifier`` ->
-``losses`` on every batch -> ``end_step``. A method never touches the optimizer, the grad scaler,
+The engine calls, per step: (classifier grows) ``init_new_classifier`` -> ``begin_step`` ->
+``losses`` on every batch -> ``end_step``. On resume, ``begin_step`` runs after the mid-step
+weights are loaded, then ``load_step_state_dict``. A method never touches the optimizer, the grad scaler,
 distributed wrappers or logging. Hyperparameters are dataclass fields, filled from the YAML
 ``method:`` section.
 """
