@@ -207,9 +207,9 @@ def _one_of(value: Any, choices: Any, key: str) -> None:
 
 
 _EPOCHS = Range(1, 10_000, "epochs per step; every step trains at least one")
-_LR = Range(0, 10, "SGD learning rate; above 10 SGD diverges on these losses", low_open=True)
+_LR = Range(0, 10, "SGD learning rate (0.01 / 0.001 in the paper)", low_open=True)
 _SIZE = Range(16, 4096, "pixels; a side under 16 leaves less than one feature cell at output stride 16, "
-              "one over 4096 does not fit in memory at batch > 1")  # fmt: skip
+              "over 4096 is far past any published crop (512 in the paper)")  # fmt: skip
 _SCALE = Range(0, 10, "area scale of the random resized crop (0.5..2.0 in the paper)", low_open=True)
 
 # Every numeric key of the config and its valid values (docs/guards.md lists them with the reasons).

@@ -17,7 +17,7 @@ from PIL import Image
 from incseg.data.files import read_image
 from incseg.data.transforms import test_transform
 from incseg.engine.evaluate import predict_channels
-from incseg.engine.protocol import AMP_DTYPES, resolve_device, restore_step
+from incseg.engine.protocol import AMP_DTYPES, SINGLE, prepare_model, resolve_device, restore_step
 from incseg.errors import DataError
 
 
@@ -51,8 +51,8 @@ def predict_images(
         decoded.append(read_image(Path(path)))
     config, info, model = restore_step(checkpoint)
     device = resolve_device(config.train.device)
+    model = prepare_model(model, config, SINGLE, device).eval()  # the run's memory format
     memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format).eval()
     amp_dtype = AMP_DTYPES[config.train.amp]
     normalise = test_transform(None)  # full image: only scaling and ImageNet normalisation
     to_class = torch.tensor(info.order, dtype=torch.uint8)

@@ -52,7 +52,8 @@ def check_range(value: float | None, valid: Range, key: str) -> None:
     raise ConfigError(f"{key}: must be in {valid.describe()}, got {value!r} ({valid.why})")
 
 
-SEED = Range(0, 2**32 - 1, "NumPy and PyTorch seeds are unsigned 32-bit integers here")
-LOSS_WEIGHT = Range(0, 1e6, "a loss weight; 0 turns the term off, above 1e6 it swamps every other term")
+SEED = Range(0, 2**32 - 1, "a seed; the per-step, per-epoch seeds derived from it (about seed x 1e8) "
+             "must fit PyTorch's 64-bit seeds")  # fmt: skip
+LOSS_WEIGHT = Range(0, 1e6, "a loss weight; 0 turns the term off (the largest published weight is 500)")
 ALPHA = Range(0, 100, "scale of the old logits in the soft targets (1 in the paper); 0 makes them uniform",
               low_open=True)  # fmt: skip

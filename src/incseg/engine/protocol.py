@@ -112,10 +112,9 @@ def evaluate_checkpoint(checkpoint: dict, *, progress: bool = False) -> StepRepo
     # Inside a joined process group evaluate() sums over ranks, so each rank takes its shard.
     loader = build_test_loader(config, source, source.presence(), info, dist=current_dist())
     # The memory format of training too: channels-last convolutions round differently.
-    channels_last = config.train.channels_last
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model = prepare_model(model, config, SINGLE, device)
     matrix = evaluate(model, loader, info.num_channels, device=device, amp_dtype=AMP_DTYPES[config.train.amp],
-                      progress=progress, channels_last=channels_last)  # fmt: skip
+                      progress=progress, channels_last=config.train.channels_last)  # fmt: skip
     return StepReport.from_confusion(matrix, info)
 
 

@@ -128,7 +128,7 @@ class EWC(_Importance):
     """Elastic weight consolidation with a running-mean Fisher (weight 500, decay 0.9)."""
 
     ranges: ClassVar[dict[str, Range]] = {
-        "weight": LOSS_WEIGHT,
+        **_Importance.ranges,
         "decay": Range(0, 1, "share of the running Fisher kept at each update"),
     }
 
@@ -152,7 +152,7 @@ class PI(_Importance):
     """Path integral (synaptic intelligence), weight 500, damping 1e-3."""
 
     ranges: ClassVar[dict[str, Range]] = {
-        "weight": LOSS_WEIGHT,
+        **_Importance.ranges,
         "damping": Range(0, 1, "added to the squared parameter change; 0 divides by zero", low_open=True),
     }
 
