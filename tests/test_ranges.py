@@ -105,8 +105,8 @@ ACCEPTED_RUNS = {  # the in-range values the walk meets, grouped into real runs
     "config": ["protocol.last_step=0", "data.seed=0", "data.num_workers=0", "train.weight_decay=0",
                "train.lr_power=0", "train.seed=0", "train.val_interval=0", "train.checkpoint_every=0"],
     "mib": ["method.kd_weight=0"], "lwf": ["method.kd_weight=0"], "lwf_mc": ["method.kd_weight=0"],
-    "ilt": ["method.kd_weight=0", "method.feature_weight=0"], "ewc": ["method.weight=0", "method.decay=0"],
-    "rw": ["method.weight=0", "method.decay=0"], "pi": ["method.weight=0"],
+    "ilt": ["method.kd_weight=0", "method.feature_weight=0"], "ewc": ["method.weight=0", "method.alpha=0"],
+    "rw": ["method.weight=0", "method.alpha=0"], "pi": ["method.weight=0"],
 }  # fmt: skip
 
 

@@ -1,22 +1,41 @@
-"""Parameter-importance baselines of the MiB paper's Table 1 (SPEC section 6): EWC, PI and RW.
+"""Parameter-importance baselines of the MiB paper's Table 1 (SPEC section 6): EWC, PI and RW,
+exactly as the official MiB code computes them (fcdl94/MiB ``utils/regularizer.py``, called from
+``train.py:124-139``).
 
-Each keeps, across steps, an importance ``F_i`` per parameter and the parameters ``theta*`` at the
-end of the previous step, and adds ``weight * sum_i F_i (theta_i - theta*_i)^2`` to the
-cross-entropy at steps > 0. Parameters added at the current step (the new classifier) are not
-regularised. Importances are min-max normalised per parameter tensor before use, as in the
-official MiB code.
+Each keeps, across steps, a raw importance estimate per parameter and the parameters ``theta*`` at
+the end of the previous step (the old model). At steps > 0 the loss gets
+``weight * sum_i F_i (theta_i - theta*_i)^2`` (``regularizer.py:101-109``) where ``F`` is the
+previous step's importance, min-max normalised per parameter tensor with the official epsilon,
+``norm(m) = (m - min m) / (max m - min m + 1e-8)`` (``regularizer.py:37-38``). Parameters added at
+the current step (the new classifier) are not penalised.
 
-- EWC (Kirkpatrick et al., PNAS 2017): ``F`` = running mean of squared gradients,
-  ``F <- decay F + (1 - decay) g^2`` every iteration (decay 0.9), continued across steps.
-- PI, path integral / synaptic intelligence (Zenke et al., ICML 2017): ``w += -g * delta`` every
-  iteration; at the end of a step ``Omega += w / ((theta_end - theta_start)^2 + damping)``.
-- RW, Riemannian Walk (Chaudhry et al., ECCV 2018): EWC's Fisher plus a path score; every
-  ``interval`` iterations ``s += w / (0.5 F (theta - theta_prev)^2 + eps)`` where ``w`` is the
-  path integral over those iterations; importance = norm(F) + norm(s).
+Order within an iteration, as the official trainer (``train.py:127-139``): backward of the task
+loss; the importance update reads *those* gradients (the penalty's are not in them); then the
+penalty's gradient is added; then the optimizer step. incseg adds the penalty's gradient in closed
+form, ``d/dtheta [w sum F (theta - theta*)^2] = 2 w F (theta - theta*)``, inside
+:meth:`~_Importance.after_backward` instead of running a second backward: the same gradient, one
+graph. The ``penalty`` loss term is reported (logged, summed into the total) but carries no
+gradient itself.
 
-The gradients seen are those of the whole loss, unscaled (the engine unscales fp16 gradients
-before calling :meth:`after_backward`). Per iteration, all updates are ``torch._foreach_*`` calls
-over the parameter list: no host copies and no per-parameter Python arithmetic.
+- EWC (Kirkpatrick et al., PNAS 2017), ``regularizer.py:59-123``: running Fisher
+  ``F <- alpha g^2 + (1 - alpha) F`` every iteration (alpha 0.9: the newest squared gradient
+  weighs 0.9), continued across steps; entries for parameters new at a step start at 1.
+  Importance at the next step: ``norm(F)``.
+- PI, path integral / synaptic intelligence (Zenke et al., ICML 2017), ``regularizer.py:126-206``:
+  from the second iteration of a step on, ``w += g_k (theta_{k-1} - theta_k)``, the gradient at
+  the current weights times the last update that led to them (``:164-174``). At the end of the
+  step ``s = max(w / ((theta_end - theta_start)^2 + 1e-20), 0)``, summed over steps
+  (``:185-193``). Importance: ``norm(sum of s)``.
+- RW, Riemannian Walk (Chaudhry et al., ECCV 2018), ``regularizer.py:209-313``: EWC's Fisher plus
+  a score. Every ``interval`` iterations (iterations 0, 10, 20, ... of the step, counting from 0),
+  from the second such iteration on, with ``d = theta_then - theta_now`` over the window,
+  ``s += g d / (0.5 F d^2 + 1e-8)`` using the current gradient and the Fisher *before* this
+  iteration's update (``:261-279``). At the end of the step ``s = max(s, 0)``, averaged 0.5/0.5
+  with the previous step's score (``:281-287``). Importance: ``norm(F) + norm(s)``, not
+  normalised again (``:231-245``).
+
+Per iteration, all updates are ``torch._foreach_*`` calls over the parameter list: no host copies
+and no per-parameter Python arithmetic.
 """
 
 from __future__ import annotations
@@ -35,28 +54,37 @@ from incseg.ranges import LOSS_WEIGHT, Range
 
 Tensors = list[torch.Tensor]
 
+EPS = 1e-8  # fcdl94/MiB utils/regularizer.py:4 (normalisation and RW's score denominator)
+
 
 def minmax_normalise(tensors: Tensors) -> Tensors:
-    """``(x - min) / (max - min)`` of each tensor separately (zeros where a tensor is flat), as
-    the official MiB code normalises each parameter's importance. Called once per step."""
-    out = []
-    for t in tensors:
-        low, high = t.min(), t.max()
-        out.append((t - low) / torch.where(high > low, high - low, torch.ones_like(high)))
-    return out
+    """``(x - min) / (max - min + 1e-8)`` of each tensor separately (``regularizer.py:37-38``);
+    a flat tensor becomes zeros. Called once per step."""
+    return [(t - t.min()) / (t.max() - t.min() + EPS) for t in tensors]
 
 
 def quadratic_penalty(params: Tensors, anchors: Tensors, importance: Tensors) -> torch.Tensor:
-    """``sum_i F_i (theta_i - theta*_i)^2`` over lists of same-shaped tensors (differentiable)."""
+    """``sum_i F_i (theta_i - theta*_i)^2`` over lists of same-shaped tensors (a 0-dim tensor)."""
     diffs = torch._foreach_sub(params, anchors)
     weighted = torch._foreach_mul(torch._foreach_mul(diffs, diffs), importance)
     # The L1 norm of a non-negative tensor is its sum: one fused reduction per tensor.
     return torch.stack(torch._foreach_norm(weighted, 1)).sum()
 
 
+def add_penalty_gradient(
+    grads: Tensors, params: Tensors, anchors: Tensors, importance: Tensors, weight: float
+) -> None:
+    """In place ``g_i += 2 weight F_i (theta_i - theta*_i)``: the gradient of
+    ``weight * quadratic_penalty`` (what the official second backward adds, ``train.py:131-137``)."""
+    diffs = torch._foreach_sub(params, anchors)
+    torch._foreach_mul_(diffs, importance)
+    torch._foreach_add_(grads, diffs, alpha=2.0 * weight)
+
+
 @dataclass
 class _Importance(Method):
-    """Shared machinery: anchors, importance, the penalty; subclasses estimate importance."""
+    """Shared machinery: anchors, importance, the penalty and its gradient; subclasses estimate
+    the raw importance (:meth:`update` every iteration, :meth:`finish_estimate` per step)."""
 
     needs_gradients: ClassVar[bool] = True
     ranges: ClassVar[dict[str, Range]] = {"weight": LOSS_WEIGHT}
@@ -65,7 +93,8 @@ class _Importance(Method):
     _state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
     _names: list[str] = field(default_factory=list, init=False, repr=False)
     _params: Tensors = field(default_factory=list, init=False, repr=False)
-    _penalised: tuple[Tensors, Tensors, Tensors] | None = field(default=None, init=False, repr=False)
+    # (indices into the parameter list, anchors, normalised importance) of the penalised ones
+    _penalised: tuple[list[int], Tensors, Tensors] | None = field(default=None, init=False, repr=False)
 
     # -- state kept across steps: {"anchor": {...}, "importance": {...}, ...}, tensors by name --
     def state_dict(self) -> dict[str, Any]:
@@ -74,12 +103,12 @@ class _Importance(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._state = {key: dict(values) for key, values in state.items()}
 
-    def _buffer(self, key: str) -> Tensors:
-        """Per-parameter buffer ``key`` (zeros for parameters it does not cover yet)."""
+    def _buffer(self, key: str, fill: float = 0.0) -> Tensors:
+        """Per-parameter buffer ``key``; parameters it does not cover yet start at ``fill``."""
         stored = self._state.setdefault(key, {})
         for name, p in zip(self._names, self._params, strict=True):
             if name not in stored or stored[name].shape != p.shape:
-                stored[name] = torch.zeros_like(p).detach()
+                stored[name] = torch.full_like(p, fill).detach()
         return [stored[name] for name in self._names]
 
     def begin_step(self, info: StepInfo, model: nn.Module, old_model: nn.Module | None, loader) -> None:
@@ -91,7 +120,7 @@ class _Importance(Method):
         self._penalised = None
         if info.step > 0 and shared:
             self._penalised = (
-                [self._params[i] for i in shared],
+                shared,
                 [anchors[self._names[i]] for i in shared],
                 [importance[self._names[i]] for i in shared],
             )
@@ -103,53 +132,72 @@ class _Importance(Method):
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         terms = {"ce": cross_entropy(output.logits, targets)}
         if self._penalised is not None and self.weight > 0:
-            terms["penalty"] = self.weight * quadratic_penalty(*self._penalised)
+            shared, anchors, importance = self._penalised
+            with torch.no_grad():  # its gradient is added in after_backward (module docstring)
+                params = [self._data[i] for i in shared]
+                terms["penalty"] = self.weight * quadratic_penalty(params, anchors, importance)
         return terms
 
+    def after_backward(self, model: nn.Module) -> None:
+        """Update the importance from the task loss's gradients, then add the penalty's."""
+        # A parameter without a gradient counts as gradient 0 (it is not given one: the optimizer
+        # must still skip it); a penalised one gets one, as the official second backward gives it.
+        self.update([p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params])
+        if self._penalised is not None and self.weight > 0:
+            shared, anchors, importance = self._penalised
+            params = [self._params[i] for i in shared]
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            data = [p.detach() for p in params]
+            add_penalty_gradient([p.grad for p in params], data, anchors, importance, self.weight)
+
     def end_step(self, info: StepInfo, model: nn.Module, loader) -> None:
-        importance = minmax_normalise(self.finish_estimate())
-        self._state["importance"] = dict(zip(self._names, importance, strict=True))
+        self._state["importance"] = dict(zip(self._names, self.finish_estimate(), strict=True))
         self._state["anchor"] = {n: p.detach().clone() for n, p in zip(self._names, self._params, strict=True)}
 
-    def _grads(self) -> Tensors:
-        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+    def _copy(self, tensors: Tensors) -> Tensors:
+        return torch._foreach_mul(tensors, 1.0)  # fused copies
 
     # -- importance estimation, implemented by subclasses --
     def start_estimate(self) -> None:
         raise NotImplementedError
 
+    def update(self, grads: Tensors) -> None:
+        """Every iteration, with the task loss's (unscaled) gradients, before the optimizer step."""
+        raise NotImplementedError
+
     def finish_estimate(self) -> Tensors:
-        """Raw (unnormalised) importance per parameter at the end of the step."""
+        """The importance the next step penalises with (normalised), per parameter."""
         raise NotImplementedError
 
 
 @dataclass
 class EWC(_Importance):
-    """Elastic weight consolidation with a running-mean Fisher (weight 500, decay 0.9)."""
+    """Elastic weight consolidation with the official running Fisher (weight 500, alpha 0.9)."""
 
     ranges: ClassVar[dict[str, Range]] = {
         **_Importance.ranges,
-        "decay": Range(0, 1, "share of the running Fisher kept at each update"),
+        "alpha": Range(0, 1, "weight of the newest squared gradient in the running Fisher"),
     }
 
     weight: float = 500.0
-    decay: float = 0.9
+    alpha: float = 0.9
 
     def start_estimate(self) -> None:
-        self._fisher = self._buffer("fisher")
+        self._fisher = self._buffer("fisher", fill=1.0)  # regularizer.py:92-94: new entries are 1
 
-    def after_backward(self, model: nn.Module) -> None:
-        grads = self._grads()
-        torch._foreach_mul_(self._fisher, self.decay)
-        torch._foreach_addcmul_(self._fisher, grads, grads, value=1 - self.decay)
+    def update(self, grads: Tensors) -> None:
+        torch._foreach_mul_(self._fisher, 1 - self.alpha)  # regularizer.py:99
+        torch._foreach_addcmul_(self._fisher, grads, grads, value=self.alpha)
 
     def finish_estimate(self) -> Tensors:
-        return self._fisher
+        return minmax_normalise(self._fisher)
 
 
 @dataclass
 class PI(_Importance):
-    """Path integral (synaptic intelligence), weight 500, damping 1e-3."""
+    """Path integral (synaptic intelligence), weight 500, damping 1e-20 (``regularizer.py:187``)."""
 
     ranges: ClassVar[dict[str, Range]] = {
         **_Importance.ranges,
@@ -157,81 +205,80 @@ class PI(_Importance):
     }
 
     weight: float = 500.0
-    damping: float = 1e-3
+    damping: float = 1e-20
 
     def start_estimate(self) -> None:
-        self._omega = torch._foreach_mul(self._data, 0.0)
-        self._start = torch._foreach_mul(self._data, 1.0)
+        self._path = self._copy(self._data)
+        torch._foreach_zero_(self._path)
+        self._start = self._copy(self._data)
+        self._last: Tensors | None = None  # the weights at the previous iteration's update
 
-    def after_backward(self, model: nn.Module) -> None:
-        self._grad = torch._foreach_mul(self._grads(), 1.0)  # fused copies
-        self._before = torch._foreach_mul(self._data, 1.0)
-
-    def after_update(self, model: nn.Module) -> None:
-        delta = torch._foreach_sub(self._data, self._before)
-        torch._foreach_addcmul_(self._omega, self._grad, delta, value=-1.0)
+    def update(self, grads: Tensors) -> None:
+        if self._last is not None:  # regularizer.py:166-171
+            torch._foreach_addcmul_(self._path, grads, torch._foreach_sub(self._last, self._data))
+        self._last = self._copy(self._data)
 
     def step_state_dict(self) -> dict[str, Any]:
-        return {"omega": list(self._omega), "start": list(self._start)}
+        return {"path": list(self._path), "start": list(self._start), "last": self._last}
 
     def load_step_state_dict(self, state: dict[str, Any]) -> None:
-        torch._foreach_copy_(self._omega, state["omega"])
+        torch._foreach_copy_(self._path, state["path"])
         torch._foreach_copy_(self._start, state["start"])
+        self._last = None if state["last"] is None else self._copy(state["last"])
 
     def finish_estimate(self) -> Tensors:
         moved = torch._foreach_sub(self._data, self._start)
         denom = torch._foreach_add(torch._foreach_mul(moved, moved), self.damping)
-        total = self._buffer("omega_total")
-        torch._foreach_add_(total, torch._foreach_div(self._omega, denom))
-        return total
+        step_score = torch._foreach_clamp_min(torch._foreach_div(self._path, denom), 0.0)
+        total = self._buffer("score")  # summed over steps (regularizer.py:191-192)
+        torch._foreach_add_(total, step_score)
+        return minmax_normalise(total)
 
 
 @dataclass
 class RW(EWC):
-    """Riemannian Walk: EWC's Fisher plus a path score updated every ``interval`` iterations."""
+    """Riemannian Walk: EWC's Fisher plus a score updated every ``interval`` iterations (weight 100)."""
 
     ranges: ClassVar[dict[str, Range]] = {
         **EWC.ranges,
-        "interval": Range(1, 1_000_000, "iterations between path-score updates"),
-        "eps": Range(0, 1, "added to the score's denominator; 0 divides by zero", low_open=True),
+        "interval": Range(1, 1_000_000, "iterations between score updates"),
     }
 
     weight: float = 100.0
     interval: int = 10
-    eps: float = 1e-8
 
     def start_estimate(self) -> None:
         super().start_estimate()
-        self._score = self._buffer("score")
-        self._window = torch._foreach_mul(self._data, 0.0)
-        self._last = torch._foreach_mul(self._data, 1.0)
+        self._score = self._copy(self._data)  # a fresh score each step (regularizer.py:252-253)
+        torch._foreach_zero_(self._score)
+        self._last: Tensors | None = None
         self._iteration = 0
 
-    def after_backward(self, model: nn.Module) -> None:
-        super().after_backward(model)
-        self._grad = torch._foreach_mul(self._grads(), 1.0)  # fused copies
-        self._before = torch._foreach_mul(self._data, 1.0)
-
-    def after_update(self, model: nn.Module) -> None:
-        delta = torch._foreach_sub(self._data, self._before)
-        torch._foreach_addcmul_(self._window, self._grad, delta, value=-1.0)
+    def update(self, grads: Tensors) -> None:
+        if self._iteration % self.interval == 0:  # regularizer.py:263-273
+            if self._last is not None:
+                moved = torch._foreach_sub(self._last, self._data)
+                denom = torch._foreach_mul(torch._foreach_mul(moved, moved), self._fisher)
+                torch._foreach_mul_(denom, 0.5)
+                torch._foreach_add_(denom, EPS)
+                torch._foreach_add_(self._score, torch._foreach_div(torch._foreach_mul(grads, moved), denom))
+            self._last = self._copy(self._data)
         self._iteration += 1
-        if self._iteration % self.interval == 0:
-            moved = torch._foreach_sub(self._data, self._last)
-            denom = torch._foreach_mul(torch._foreach_mul(moved, moved), self._fisher)
-            torch._foreach_mul_(denom, 0.5)
-            torch._foreach_add_(denom, self.eps)
-            torch._foreach_add_(self._score, torch._foreach_clamp_min(torch._foreach_div(self._window, denom), 0.0))
-            torch._foreach_zero_(self._window)
-            self._last = torch._foreach_mul(self._data, 1.0)
+        super().update(grads)  # the Fisher after the score, as regularizer.py:276-279
 
     def step_state_dict(self) -> dict[str, Any]:
-        return {"window": list(self._window), "last": list(self._last), "iteration": self._iteration}
+        return {"score": list(self._score), "last": self._last, "iteration": self._iteration}
 
     def load_step_state_dict(self, state: dict[str, Any]) -> None:
-        torch._foreach_copy_(self._window, state["window"])
-        torch._foreach_copy_(self._last, state["last"])
+        torch._foreach_copy_(self._score, state["score"])
+        self._last = None if state["last"] is None else self._copy(state["last"])
         self._iteration = int(state["iteration"])
 
     def finish_estimate(self) -> Tensors:
-        return torch._foreach_add(minmax_normalise(self._fisher), minmax_normalise(self._score))
+        score = list(torch._foreach_clamp_min(self._score, 0.0))
+        previous = self._state.get("score", {})
+        for i, name in enumerate(self._names):  # regularizer.py:285-286
+            if name in previous:
+                score[i] = 0.5 * (score[i] + previous[name])
+        self._state["score"] = dict(zip(self._names, score, strict=True))
+        return torch._foreach_add(minmax_normalise(self._fisher), minmax_normalise(score))
