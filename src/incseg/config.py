@@ -77,7 +77,9 @@ class ModelConfig:
     norm: str = "iabn"
     head_channels: int = 256
     pretrained: str = "none"
-    backbone_weights: str | None = None  # In-Place ABN ImageNet checkpoint (resnet101_iabn_sync.pth.tar)
+    # In-Place ABN's ImageNet checkpoint (resnet101_iabn_sync.pth.tar) at this path instead of
+    # the cache path of ``pretrained: iabn`` (models/official.py)
+    backbone_weights: str | None = None
 
 
 @dataclass(frozen=True)
@@ -283,9 +285,12 @@ def validate(config: Config) -> None:
     _one_of(model.output_stride, OUTPUT_STRIDES, "model.output_stride")
     _one_of(model.norm, NORMS, "model.norm")
     _one_of(model.pretrained, PRETRAINED, "model.pretrained")
-    if model.backbone_weights and (model.pretrained != "none" or model.backbone == "tiny"):
-        raise ConfigError("model.backbone_weights: needs a ResNet backbone and model.pretrained: none "
-                          "(the file replaces the ImageNet weights)")  # fmt: skip
+    if model.backbone_weights and (model.pretrained == "imagenet" or model.backbone == "tiny"):
+        raise ConfigError("model.backbone_weights: needs a ResNet backbone and model.pretrained: iabn "
+                          "or none (the file replaces torchvision's ImageNet weights)")  # fmt: skip
+    if model.pretrained == "iabn" and model.backbone != "resnet101":
+        raise ConfigError(f"model.pretrained: iabn is In-Place ABN's ResNet-101; model.backbone is "
+                          f"{model.backbone!r} (use resnet101, or pretrained: imagenet / none)")  # fmt: skip
     if train.val_interval and proto.labels != "mib":
         raise ConfigError("train.val_interval: validation during training follows MiB's convention; "
                           "it needs protocol.labels: mib")  # fmt: skip

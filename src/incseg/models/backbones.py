@@ -17,7 +17,9 @@ from incseg.errors import ConfigError
 from incseg.models.norm import activation, norm_act
 
 OUTPUT_STRIDES = (8, 16)
-PRETRAINED = ("none", "imagenet")
+# none: random init; imagenet: torchvision's ImageNet weights; iabn: In-Place ABN's ImageNet
+# ResNet-101, the MiB paper's (loaded into the built model by the engine, models/official.py).
+PRETRAINED = ("none", "imagenet", "iabn")
 
 
 class TinyBackbone(nn.Module):
@@ -54,8 +56,12 @@ class ResNetBackbone(nn.Module):
     """A torchvision ResNet without its pooling and classifier, dilated per output stride.
 
     OS16 dilates the last stage (dilation 2); OS8 dilates the last two (2 and 4), as DeepLabV3.
-    Submodule names are torchvision's (``conv1``, ``bn1``, ``layer1``..``layer4``), so torchvision
-    ImageNet state dicts load directly.
+    Every 3x3 conv of a dilated stage has the stage's dilation, its first block's too, as the
+    ResNet of the official MiB code builds it (fcdl94/MiB ``models/resnet.py:47-51, 104-108``:
+    ``_stride_dilation`` gives each block of a stage the same dilation). torchvision's
+    ``replace_stride_with_dilation`` keeps the previous stage's dilation in that first conv (1 at
+    OS16); the weights' shapes are the same either way, so official and torchvision state dicts
+    both load. Submodule names are torchvision's (``conv1``, ``bn1``, ``layer1``..``layer4``).
     """
 
     def __init__(self, depth: int, output_stride: int, norm: str, weights: str | None) -> None:
@@ -65,6 +71,9 @@ class ResNetBackbone(nn.Module):
         net = builder(weights=None, replace_stride_with_dilation=dilate)
         if weights is not None:
             net.load_state_dict(_download_weights(f"ResNet{depth}_Weights.{weights}"))
+        for layer in (net.layer3, net.layer4):
+            dilation = layer[-1].conv2.dilation
+            layer[0].conv2.dilation = layer[0].conv2.padding = dilation
         if norm == "iabn":
             _replace_relu(net, norm)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool

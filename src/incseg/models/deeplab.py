@@ -3,6 +3,11 @@
 Four parallel branches without bias (1x1, and 3x3 with dilations ``rates``), concatenated, then
 norm+act and a 1x1 reduction. A global pooling branch (mean, 1x1, norm+act, 1x1) is *added* to the
 reduced map (not concatenated as in torchvision's DeepLabV3), then a final norm+act. No dropout.
+
+Initialisation as the official head (fcdl94/MiB ``modules/deeplab.py:38-51``): every conv
+Xavier-normal with the gain of the norm's activation (``calculate_gain("leaky_relu", 0.01)`` for
+``iabn``, the official code's only activation; ``relu`` for ``bn``), conv biases 0, norm weights 1
+and biases 0.
 """
 
 from __future__ import annotations
@@ -36,6 +41,22 @@ class ASPP(nn.Module):
             nn.Conv2d(hidden, out_channels, 1, bias=False),
         )
         self.out_norm = norm_act(out_channels, norm)
+        self.reset_parameters(self.out_norm[1])
+
+    def reset_parameters(self, act: nn.Module) -> None:
+        """The official head's initialisation (module docstring); ``act`` is the norm's activation."""
+        if isinstance(act, nn.LeakyReLU):
+            gain = nn.init.calculate_gain("leaky_relu", act.negative_slope)
+        else:
+            gain = nn.init.calculate_gain("relu")
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_normal_(m.weight, gain)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         main = torch.cat([branch(x) for branch in self.branches], dim=1)

@@ -23,16 +23,22 @@ body without ``body.``; its ``classifier.fc`` is ImageNet's and is dropped. In-P
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from incseg.errors import CheckpointError
+from incseg.errors import CheckpointError, ConfigError
 from incseg.torchfile import load_torch_file
 
 IABN_EPS = 1e-5
+# In-Place ABN's ImageNet ResNet-101 (the MiB paper's backbone weights), as re-hosted by PLOP's
+# authors: the In-Place ABN README's own link points to a file host without a stable direct URL.
+IABN_FILE = "resnet101_iabn_sync.pth.tar"
+IABN_URL = f"https://github.com/arthurdouillard/CVPR2021_PLOP/releases/download/v1.0/{IABN_FILE}"
 _RULES = [  # (incseg pattern, official template)
     (r"backbone\.(conv1|bn1)\.(.+)", "body.mod1.{0}.{1}"),
     (r"backbone\.layer(\d)\.(\d+)\.downsample\.0\.(.+)", "body.mod{N}.block{K}.proj_conv.{2}"),
@@ -122,3 +128,36 @@ def load_iabn_imagenet(model: nn.Module, path: str) -> None:
     if not isinstance(state, dict):
         raise CheckpointError(f"model.backbone_weights {path}: no state_dict inside")
     model.load_state_dict(convert_official(state, model, part="body"), strict=False)
+
+
+def iabn_cache_path() -> Path:
+    """Where ``model.pretrained: iabn`` looks for the file: torch's hub cache, beside torchvision's
+    weights (``$TORCH_HOME/hub/checkpoints/``, by default ``~/.cache/torch/hub/checkpoints/``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / IABN_FILE
+
+
+def ensure_iabn_weights(url: str | None = None) -> Path:
+    """The cached In-Place ABN ImageNet ResNet-101, downloaded to :func:`iabn_cache_path` first
+    if absent.
+
+    Raises:
+        ConfigError: not cached and the download failed (offline); the message names the URL to
+            fetch by hand, the path to put the file at, and the alternative keys.
+    """
+    path, url = iabn_cache_path(), url or IABN_URL
+    if path.is_file():
+        return path
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(partial), progress=True)
+        partial.replace(path)  # never leave a truncated file under the final name
+    except (OSError, RuntimeError) as err:  # URLError is an OSError
+        partial.unlink(missing_ok=True)
+        raise ConfigError(
+            f"model.pretrained: iabn needs In-Place ABN's ImageNet ResNet-101, which is not at "
+            f"{path} and could not be downloaded ({err}). Download {url} and put it at {path}, "
+            "or set model.backbone_weights: FILE, or model.pretrained: imagenet (torchvision's "
+            "weights) or none"
+        ) from None
+    return path
