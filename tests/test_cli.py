@@ -36,7 +36,7 @@ def test_run_prints_tables_with_class_names(tiny_config_path, tmp_path, capsys):
     assert main(["run", str(tiny_config_path), "--out", str(out), "--no-progress",
                  "--set", "protocol.last_step=0"]) == 0  # fmt: skip
     text = capsys.readouterr().out
-    assert "person" in text and "old (0-15)" in text and "Summary" in text
+    assert "person" in text and "old (1-15)" in text and "w/ bg (0-15)" in text and "Summary" in text
     assert not (out / "step_1.pt").exists()
 
 
@@ -46,7 +46,7 @@ def test_reloaded_checkpoint_reproduces_evaluation_exactly(run_dir, capsys):
     assert report.to_dict()["per_class"] == metrics["per_class"]
     assert report.miou_all == metrics["miou_all"]
     assert main(["eval", str(run_dir), "--no-progress"]) == 0
-    assert f"all {100 * metrics['miou_all']:5.1f}" in capsys.readouterr().out
+    assert f"all (1-20) {100 * metrics['miou_all']:5.1f}" in capsys.readouterr().out
 
 
 def test_same_seed_gives_same_losses(run_dir, tiny_config_path, tmp_path):

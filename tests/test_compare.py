@@ -3,6 +3,8 @@
 import csv
 import json
 
+import pytest
+
 from incseg.cli import main
 from incseg.compare import comparison_row
 
@@ -16,7 +18,7 @@ def test_compare_writes_table_and_reuses_finished_runs(tiny_config_path, tmp_pat
         assert (out / name).is_file()
     rows = list(csv.DictReader((out / "comparison.csv").open()))
     assert [r["method"] for r in rows] == ["ft", "mib", "joint"]
-    assert "old_0-19" in rows[0] and "new_20-20" in rows[0]
+    assert {"old_1-19", "new_20-20", "all_1-20", "with_bg_0-20"} <= rows[0].keys()
     assert "| mib |" in (out / "comparison.md").read_text()
     joint = json.loads((out / "joint" / "metrics.json").read_text())
     assert joint["setting"] == "offline" and len(joint["steps"]) == 1
@@ -33,9 +35,10 @@ def test_compare_rejects_unknown_methods(tiny_config_path, tmp_path, capsys):
 
 
 def test_comparison_row_splits_joint_by_class_name():
-    metrics = {"steps": [{"miou_all": 0.5, "per_class": {"background": 0.9, "cat": 0.5, "dog": 0.1, "cow": None}}]}
-    row = comparison_row("joint", metrics, old_names={"background", "cat"})
-    assert row["old"] == 0.7 and abs(row["new"] - 0.1) < 1e-12 and row["avg"] == 0.5
+    metrics = {"steps": [{"per_class": {"background": 0.9, "cat": 0.5, "dog": 0.1, "cow": None}}]}
+    row = comparison_row("joint", metrics, old_names={"background", "cat"}, background="background")
+    assert row["old"] == 0.5 and abs(row["new"] - 0.1) < 1e-12  # background in no paper group
+    assert row["all"] == pytest.approx(0.3) and row["with_bg"] == pytest.approx(0.5) and row["avg"] == row["all"]
 
 
 def test_failed_method_is_recorded_and_the_others_still_run(tiny_config_path, tmp_path):
@@ -59,9 +62,9 @@ def test_failed_method_is_recorded_and_the_others_still_run(tiny_config_path, tm
     assert ran == ["ewc", "ft"]
     assert rows[0]["failed"].startswith("non-finite loss at step 1") and rows[1].get("failed") is None
     text = (out / "comparison.md").read_text()
-    assert "| ewc | - | - | - | - |" in text and "- ewc: non-finite loss at step 1" in text
+    assert "| ewc | - | - | - | - | - |" in text and "- ewc: non-finite loss at step 1" in text
     csv_rows = list(csv.DictReader((out / "comparison.csv").open()))
-    assert csv_rows[0]["all"] == "" and float(csv_rows[1]["all"]) > 0
+    assert csv_rows[0]["all_1-20"] == "" and float(csv_rows[1]["with_bg_0-20"]) > 0
     assert (out / "comparison.png").is_file()
 
 
@@ -70,10 +73,10 @@ def test_method_set_reaches_only_that_method(tiny_config_path, tmp_path):
 
     out = tmp_path / "cmp"
     args = ["compare", str(tiny_config_path), "--methods", "ewc,ft", "--out", str(out), "--no-progress",
-            "--set", "protocol.setting=19-1", "--method-set", "ewc.weight=7.5", "--method-set", "ewc.decay=0.5"]  # fmt: skip
+            "--set", "protocol.setting=19-1", "--method-set", "ewc.weight=7.5", "--method-set", "ewc.alpha=0.5"]  # fmt: skip
     assert main(args) == 0
     saved = yaml.safe_load((out / "ewc" / "config.yaml").read_text())["method"]
-    assert saved["weight"] == 7.5 and saved["decay"] == 0.5
+    assert saved["weight"] == 7.5 and saved["alpha"] == 0.5
     assert yaml.safe_load((out / "ft" / "config.yaml").read_text())["method"] == {"name": "ft"}
 
 

@@ -43,13 +43,35 @@ def test_report_old_new_all_average_classes_with_ground_truth():
     matrix[5, 4] = 1  # bottle never right: IoU 0; boat has no ground truth but a prediction
     report = StepReport.from_confusion(matrix, info)
     iou_bg, iou_aero, iou_bottle = 8 / 10, 5 / 7, 0.0
-    assert report.miou_old == pytest.approx((iou_bg + iou_aero + iou_bottle) / 3)
+    assert report.miou_old == pytest.approx((iou_aero + iou_bottle) / 2)  # background excluded
     assert report.miou_new == pytest.approx(2 / 6)
-    assert report.miou_all == pytest.approx((iou_bg + iou_aero + iou_bottle + 2 / 6) / 4)
-    assert report.old_range == "0-19" and report.new_range == "20-20"
+    assert report.miou_all == pytest.approx((iou_aero + iou_bottle + 2 / 6) / 3)
+    assert report.miou_with_bg == pytest.approx((iou_bg + iou_aero + iou_bottle + 2 / 6) / 4)
+    assert (report.old_range, report.new_range, report.all_range, report.with_bg_range) == (
+        "1-19", "20-20", "1-20", "0-20"
+    )
+    assert report.to_dict()["miou_with_bg"] == report.miou_with_bg
     assert report.to_dict()["per_class"]["boat"] is None
     assert report.to_dict()["per_class"]["tvmonitor"] == pytest.approx(2 / 6)
     assert report.pixel_accuracy == pytest.approx(15 / 20)
+
+
+def test_paper_grouping_on_a_worked_15_5_example():
+    """Every class has ground truth: the paper's all = (15 old + 5 new) / 20 exactly, and the
+    background only enters the with-background mean (21 classes)."""
+    info = step_info(get_setting("voc", "15-5"), 1)
+    matrix = torch.zeros(21, 21, dtype=torch.int64)
+    for k in range(21):  # class k: 10 pixels right, k % 4 taken for the next class
+        matrix[k, k] = 10
+        matrix[k, (k + 1) % 21] = k % 4
+    report = StepReport.from_confusion(matrix, info)
+    iou = [10 / (10 + matrix[k].sum().item() - 10 + matrix[:, k].sum().item() - 10) for k in range(21)]
+    old, new = sum(iou[1:16]) / 15, sum(iou[16:21]) / 5
+    assert report.miou_old == pytest.approx(old) and report.miou_new == pytest.approx(new)
+    assert report.miou_all == pytest.approx((15 * old + 5 * new) / 20)
+    assert report.miou_with_bg == pytest.approx((iou[0] + 15 * old + 5 * new) / 21)
+    assert report.miou_all != pytest.approx(report.miou_with_bg)
+    assert (report.old_range, report.new_range, report.all_range) == ("1-15", "16-20", "1-20")
 
 
 @pytest.mark.parametrize("num_classes", [3, 21, 151])  # 151 (ADE) takes the int32 code path

@@ -76,25 +76,34 @@ def _mean(values: Sequence[float | None]) -> float:
     return sum(kept) / len(kept) if kept else math.nan
 
 
-def comparison_row(label: str, metrics: dict, old_names: set[str]) -> dict:
-    """Old / new / all mIoU after the last step, grouped by class *name* (so Joint's single step is
-    split like the incremental runs), and the all-mIoU averaged over steps."""
+def comparison_row(label: str, metrics: dict, old_names: set[str], background: str) -> dict:
+    """mIoU after the last step, grouped by class *name* (so Joint's single step is split like the
+    incremental runs): old / new / all as the MiB paper (``background`` excluded), ``with_bg``
+    over every class; ``avg`` = the paper's "all" averaged over steps."""
+
+    def groups(per_class: dict) -> tuple[float, float, float]:
+        old = _mean([v for n, v in per_class.items() if n in old_names and n != background])
+        return old, _mean([v for n, v in per_class.items() if n != background]), _mean(list(per_class.values()))
+
     per_class = metrics["steps"][-1]["per_class"]
+    old, all_, with_bg = groups(per_class)
+    per_step = [groups(s["per_class"]) for s in metrics["steps"]]
     return {
         "method": label,
-        "old": _mean([v for n, v in per_class.items() if n in old_names]),
+        "old": old,
         "new": _mean([v for n, v in per_class.items() if n not in old_names]),
-        "all": _mean(list(per_class.values())),
-        "avg": _mean([s["miou_all"] for s in metrics["steps"]]),
-        "old_per_step": [_mean([v for n, v in s["per_class"].items() if n in old_names]) for s in metrics["steps"]],
-        "all_per_step": [s["miou_all"] for s in metrics["steps"]],
+        "all": all_,
+        "with_bg": with_bg,
+        "avg": _mean([a for _, a, _ in per_step]),
+        "old_per_step": [o for o, _, _ in per_step],
+        "all_per_step": [a for _, a, _ in per_step],
     }
 
 
 def failed_row(label: str, reason: str) -> dict:
     """A row for a method whose run stopped with an error: no numbers, the reason kept."""
     nan = math.nan
-    return {"method": label, "old": nan, "new": nan, "all": nan, "avg": nan,
+    return {"method": label, "old": nan, "new": nan, "all": nan, "with_bg": nan, "avg": nan,
             "old_per_step": [], "all_per_step": [], "failed": reason}  # fmt: skip
 
 
@@ -102,12 +111,19 @@ def _pct(value: float) -> str:
     return "-" if math.isnan(value) else f"{100 * value:.1f}"
 
 
-def write_outputs(rows: list[dict], out: Path, title: str, old_range: str, new_range: str) -> None:
-    """comparison.md / .csv / .png from :func:`comparison_row` rows."""
-    lines = [f"# {title}", "", "mIoU (%) after the last step; avg = all-classes mIoU averaged over steps.", "",
-             f"| method | old ({old_range}) | new ({new_range}) | all | avg |", "|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['method']} | {_pct(r['old'])} | {_pct(r['new'])} | {_pct(r['all'])} | {_pct(r['avg'])} |"
-              for r in rows]  # fmt: skip
+COLUMNS = ("old", "new", "all", "with_bg", "avg")
+
+
+def write_outputs(rows: list[dict], out: Path, title: str, ranges: dict[str, str]) -> None:
+    """comparison.md / .csv / .png from :func:`comparison_row` rows; ``ranges`` names the
+    classes of ``old``, ``new``, ``all`` and ``with_bg`` (e.g. ``"1-15"``)."""
+    heads = [f"old ({ranges['old']})", f"new ({ranges['new']})", f"all ({ranges['all']})",
+             f"w/ bg ({ranges['with_bg']})", "avg"]  # fmt: skip
+    lines = [f"# {title}", "", "mIoU (%) after the last step. Old / new / all as the MiB paper groups them "
+             "(background excluded); w/ bg: every class with background (cssegmentation's and PLOP's "
+             "mIoU); avg: the paper's all averaged over steps.", "",
+             f"| method | {' | '.join(heads)} |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['method']} | " + " | ".join(_pct(r[k]) for k in COLUMNS) + " |" for r in rows]
     failures = [r for r in rows if r.get("failed")]
     if failures:
         lines += ["", "Failed runs (no numbers):", ""]
@@ -115,14 +131,14 @@ def write_outputs(rows: list[dict], out: Path, title: str, old_range: str, new_r
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     with (out / "comparison.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["method", f"old_{old_range}", f"new_{new_range}", "all", "avg_over_steps"])
+        writer.writerow(["method", f"old_{ranges['old']}", f"new_{ranges['new']}", f"all_{ranges['all']}",
+                         f"with_bg_{ranges['with_bg']}", "avg_over_steps"])  # fmt: skip
         for r in rows:
-            writer.writerow([r["method"], *("" if math.isnan(r[k]) else f"{100 * r[k]:.2f}"
-                                            for k in ("old", "new", "all", "avg"))])  # fmt: skip
-    _plot(rows, out / "comparison.png", title, old_range)
+            writer.writerow([r["method"], *("" if math.isnan(r[k]) else f"{100 * r[k]:.2f}" for k in COLUMNS)])
+    _plot(rows, out / "comparison.png", title, ranges)
 
 
-def _plot(rows: list[dict], path: Path, title: str, old_range: str) -> None:
+def _plot(rows: list[dict], path: Path, title: str, ranges: dict[str, str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,7 +154,8 @@ def _plot(rows: list[dict], path: Path, title: str, old_range: str) -> None:
         axes[0].plot(steps, [100 * v for v in r["all_per_step"]], label=r["method"], marker="o")
         axes[1].plot(steps, [100 * v for v in r["old_per_step"]], label=r["method"], marker="o")
     num_steps = max((len(r["all_per_step"]) for r in rows if r["method"] != JOINT), default=1)
-    for ax, name in zip(axes, ("all seen classes", f"old classes ({old_range})"), strict=True):
+    names = (f"all seen classes, background excluded ({ranges['all']})", f"old classes ({ranges['old']})")
+    for ax, name in zip(axes, names, strict=True):
         ax.set_xticks(range(num_steps))
         ax.set_xlabel("step")
         ax.set_ylabel("mIoU (%)")
@@ -221,12 +238,14 @@ def run_comparison(
                 rows.append(failed_row(label, str(err)))
                 continue
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        rows.append(comparison_row(label, metrics, old_names))
+        rows.append(comparison_row(label, metrics, old_names, info.class_names[0]))
         if key is not None:
             first_steps.setdefault(key, run_dir)
     title = f"{base.data.dataset} {setting.name} ({base.protocol.mode})"
-    new_range = f"{info.num_base_channels}-{info.num_channels - 1}"
+    last_channel, base = info.num_channels - 1, info.num_base_channels
+    ranges = {"old": f"1-{base - 1}", "new": f"{base}-{last_channel}", "all": f"1-{last_channel}",
+              "with_bg": f"0-{last_channel}"}  # fmt: skip
     if is_main_process():  # under torchrun every rank trains; rank 0 writes
-        write_outputs(rows, out, title, f"0-{info.num_base_channels - 1}", new_range)
+        write_outputs(rows, out, title, ranges)
         log((out / "comparison.md").read_text())
     return rows

@@ -1,7 +1,16 @@
-"""Confusion matrix, IoU and the paper's old / new / all report (SPEC section 7).
+"""Confusion matrix, IoU and the old / new / all report (SPEC section 7).
 
 One confusion matrix accumulates over all test pixels (label 255 excluded); IoU is per class and
-mIoU averages the classes that have ground-truth pixels. Never per-image averaged.
+mIoU averages the classes that have ground-truth pixels, as the official metric does
+(fcdl94/MiB ``metrics/stream_metrics.py:83-91``). Never per-image averaged.
+
+Two groupings are reported, named apart:
+
+- the paper's (MiB, Cermelli et al. CVPR 2020, Tables 1-4): background excluded from every
+  group. VOC 15-5: old = classes 1-15, new = 16-20, all = 1-20, so that
+  all = (15 old + 5 new) / 20 when every class has ground truth;
+- ``miou_with_bg``: the mean over every class, background included (VOC: 0-20), which
+  cssegmentation's model zoo (the seed table) and PLOP report as "mIoU".
 """
 
 from __future__ import annotations
@@ -13,6 +22,11 @@ import torch
 from incseg.protocol.steps import StepInfo
 
 IGNORE_INDEX = 255
+GROUPING = (
+    "miou_old / miou_new / miou_all: the MiB paper's grouping, background excluded (VOC 15-5: "
+    "classes 1-15 / 16-20 / 1-20); miou_with_bg: every class, background included (VOC 0-20), "
+    "as cssegmentation and PLOP report mIoU"
+)
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -76,7 +90,7 @@ class StepReport:
         class_names: name per channel.
         iou: IoU per channel (NaN where the class has no pixels at all).
         present: per channel, whether it has ground-truth pixels in the test set.
-        num_base_channels: channels of step 0 (the paper's "old" group, background included).
+        num_base_channels: channels of step 0 (background and the base classes).
         pixel_accuracy: fraction of valid pixels predicted correctly.
     """
 
@@ -106,8 +120,8 @@ class StepReport:
 
     @property
     def miou_old(self) -> float:
-        """mIoU of step-0 classes, background included (the paper's "0-15" column)."""
-        return self._mean(0, self.num_base_channels)
+        """Paper grouping: mIoU of the step-0 classes without background (15-5: "1-15")."""
+        return self._mean(1, self.num_base_channels)
 
     @property
     def miou_new(self) -> float:
@@ -116,11 +130,25 @@ class StepReport:
 
     @property
     def miou_all(self) -> float:
+        """Paper grouping: mIoU of every class seen so far without background (15-5: "1-20")."""
+        return self._mean(1, len(self.iou))
+
+    @property
+    def miou_with_bg(self) -> float:
+        """mIoU of every class seen so far, background included (15-5: 0-20), the seed's "mIoU"."""
         return self._mean(0, len(self.iou))
 
     @property
     def old_range(self) -> str:
-        return f"0-{self.num_base_channels - 1}"
+        return f"1-{self.num_base_channels - 1}"
+
+    @property
+    def all_range(self) -> str:
+        return f"1-{len(self.iou) - 1}"
+
+    @property
+    def with_bg_range(self) -> str:
+        return f"0-{len(self.iou) - 1}"
 
     @property
     def new_range(self) -> str:
@@ -133,6 +161,7 @@ class StepReport:
             "miou_old": self.miou_old,
             "miou_new": self.miou_new,
             "miou_all": self.miou_all,
+            "miou_with_bg": self.miou_with_bg,
             "pixel_accuracy": self.pixel_accuracy,
             "per_class": {
                 name: (iou if present else None)

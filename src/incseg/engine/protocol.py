@@ -41,9 +41,9 @@ from incseg.engine.tensorboard import Scalars, check_tensorboard, open_scalars
 from incseg.engine.train import poly_lr_lambda, train_one_epoch
 from incseg.errors import CheckpointError, ConfigError, DataError, IncsegError
 from incseg.methods import METHODS, Method, build_method
-from incseg.metrics import StepReport, iou_per_class
+from incseg.metrics import GROUPING, StepReport, iou_per_class
 from incseg.models import IncrementalSegmenter, build_segmenter
-from incseg.models.official import load_iabn_imagenet
+from incseg.models.official import ensure_iabn_weights, load_iabn_imagenet
 from incseg.protocol import StepInfo, get_setting, make_lut, select_test, select_train, step_info
 from incseg.protocol.official import official_split, select_listed, uses_official
 from incseg.protocol.selection import pack_presence
@@ -72,8 +72,8 @@ def build_model(config: Config, info: StepInfo, *, pretrained: bool = True) -> I
         m.backbone, info.channels_per_step, output_stride=m.output_stride, norm=m.norm,
         head_channels=m.head_channels, pretrained=m.pretrained if pretrained else "none",
     )  # fmt: skip
-    if pretrained and m.backbone_weights:
-        load_iabn_imagenet(model, m.backbone_weights)
+    if pretrained and (m.backbone_weights or m.pretrained == "iabn"):
+        load_iabn_imagenet(model, m.backbone_weights or str(ensure_iabn_weights()))
     return model
 
 
@@ -323,7 +323,8 @@ def finished_steps(
         _, info, model = restore_step(checkpoint)
         reports.append(StepReport.from_confusion(checkpoint["confusion"], info))
     method.load_state_dict(checkpoint["method"])
-    return steps[:done], reports, model
+    # Entries are refreshed from the confusion matrices (files of older versions grouped otherwise).
+    return [{**entry, **report.to_dict()} for entry, report in zip(steps, reports)], reports, model
 
 
 def first_step_key(config: Config) -> str | None:
@@ -426,6 +427,10 @@ def run_protocol(
     check_tensorboard(config.train.tensorboard)
     if not dist.is_main:
         log, progress = (lambda _message: None), False
+    if config.model.pretrained == "iabn" and not config.model.backbone_weights:
+        if dist.is_main:  # fetched (or its absence reported) before any data work
+            ensure_iabn_weights()
+        barrier()
     # Data problems surface before anything is written into the run directory. Rank 0 builds
     # the class index (and its cache) first; the others then read the cache.
     if not dist.is_main:
@@ -442,7 +447,7 @@ def run_protocol(
     old_model: nn.Module | None = None
     reports: list[StepReport] = []
     metrics: dict = {"setting": setting.name, "mode": config.protocol.mode,
-                     "method": config.method.name, "steps": []}  # fmt: skip
+                     "method": config.method.name, "grouping": GROUPING, "steps": []}  # fmt: skip
     if resume:
         metrics["steps"], reports, model = finished_steps(run_dir, config, last_step, method)
         if model is not None:
@@ -523,7 +528,7 @@ def run_protocol(
                 write_metrics(run_dir, metrics)
                 (run_dir / LAST).unlink(missing_ok=True)  # superseded by step_K.pt
                 fault_point(f"step:{step}")
-            scalars.add("miou", {k: 100 * getattr(report, f"miou_{k}") for k in ("old", "new", "all")}, step)
+            scalars.add("miou", {k: 100 * getattr(report, f"miou_{k}") for k in ("old", "new", "all", "with_bg")}, step)
             title = (f"Step {step}/{last_step} of {config.data.dataset} {setting.name} "
                      f"({config.protocol.mode}, {config.method.name}): "
                      f"{len(train_data.dataset)} train / {len(test_data.dataset)} test images")  # fmt: skip

@@ -11,7 +11,7 @@ class Scalars:
     """Scalar logger: a ``SummaryWriter`` under ``RUN_DIR/tensorboard``, or nothing at all.
 
     Tags: ``step_K/train/TERM`` (per logged iteration of step K, with ``lr`` and ``total``),
-    ``step_K/epoch/TERM`` (epoch means, ``val_miou``), ``miou/{old,new,all}`` (per step, in %).
+    ``step_K/epoch/TERM`` (epoch means, ``val_miou``), ``miou/{old,new,all,with_bg}`` (per step, in %; metrics.GROUPING).
     """
 
     def __init__(self, log_dir: Path | None) -> None:
