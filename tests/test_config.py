@@ -83,22 +83,62 @@ def test_every_builtin_config_loads_and_paper_configs_hold_the_paper_setting():
     from incseg.config import builtin_configs, load_config
 
     names = builtin_configs(with_folders=True)
-    paper = [n for n in names if "/" in n]
+    paper = [n for n in names if n.startswith(("voc/", "ade/"))]
     assert len(paper) == 68 and "voc/15-1-overlap-mib" in paper and "ade/100-50-mib" in paper
     for name in names:
         config = load_config(name)
         if name not in paper:
             continue
-        m, t, d = config.model, config.train, config.data
-        assert (m.backbone, m.output_stride, m.norm, m.pretrained) == ("resnet101", 16, "iabn", "imagenet")
+        m, t, d, p = config.model, config.train, config.data, config.protocol
+        assert (m.backbone, m.output_stride, m.norm, m.pretrained) == ("resnet101", 16, "iabn", "iabn")
         assert (t.batch_size, d.crop_size, d.test_crop, t.lr, t.lr_incremental) == (24, 512, 512, 0.01, 0.001)
-        assert t.epochs == (60 if name.startswith("ade/") else 30)
+        assert (t.lr_power, t.amp, p.labels, p.test_selection) == (0.9, "off", "mib", "seen")
+        assert t.epochs == (60 if name.startswith("ade/") else 30) and t.epochs_incremental is None
         assert config.data.dataset == name.split("/")[0]
         assert config.protocol.setting in name or (name.endswith("/joint") and config.protocol.setting == "offline")
+        if name.startswith("ade/") and not name.endswith("joint"):  # MiB's partition = disjoint
+            listed = not name.startswith("ade/100-5-")
+            assert (p.mode, p.split_source) == (("disjoint", "official") if listed else ("overlap", "rule"))
         if config.method.name == "mib":
             high = name.startswith(("voc/15-1", "voc/10-1"))
             assert config.method.params["kd_weight"] == (100 if high else 10)
     assert load_config("voc/joint").protocol.setting == "offline"
+
+
+SEED_ROWS = [(family, setting, mode) for family, settings in (("vocaug", ("15-5", "15-1", "10-1")),
+             ("ade20k", ("100-50", "100-10", "100-5"))) for setting in settings for mode in ("disjoint", "overlap")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("family", "setting", "mode"), SEED_ROWS)
+def test_seed_configs_resolve_to_cssegmentations_recipe(family, setting, mode):
+    """One config per seed row, named after cssegmentation's config file, holding its recipe:
+    PLOP labels, rule selection of train and test images, constant LR, fp16, In-Place ABN
+    weights, KD 100 for 15-1 / 10-1, 10 epochs per 10-1 incremental step, 60 epochs on ADE20K."""
+    name = f"mib_r101iabnd16_aspp_512x512_{family}{setting}_{mode}"
+    config = load_config(f"seed/{name}")
+    p, t, m = config.protocol, config.train, config.model
+    assert config.name == name and config.data.dataset == ("voc" if family == "vocaug" else "ade")
+    assert (p.setting, p.mode, p.labels, p.split_source, p.test_selection) == (setting, mode, "plop", "rule", "mode")
+    assert (m.backbone, m.output_stride, m.norm, m.pretrained, m.head_channels) == ("resnet101", 16, "iabn", "iabn", 256)
+    assert (t.lr, t.lr_incremental, t.lr_power, t.amp, t.batch_size) == (0.01, 0.001, 0.0, "fp16", 24)
+    assert (t.momentum, t.nesterov, t.weight_decay) == (0.9, True, 1e-4)
+    assert (config.data.crop_size, config.data.test_crop, config.data.scale_min, config.data.scale_max) == (512, 512, 0.5, 2.0)
+    assert t.epochs == (60 if family == "ade20k" else 30)
+    assert t.epochs_at(1) == {"10-1": 10, "100-50": 60, "100-10": 60, "100-5": 60}.get(setting, 30)
+    assert config.method.name == "mib" and config.method.params["kd_weight"] == (100 if setting in ("15-1", "10-1") else 10)
+
+
+def test_configs_lists_the_seed_rows_with_their_miou(capsys):
+    from incseg.cli import main
+    from incseg.configs import SEED_MIOU
+
+    assert main(["configs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    seeds = [line for line in lines if line.startswith("seed/")]
+    assert len(seeds) == len(SEED_MIOU) == 12
+    assert any(line.startswith("seed/mib_r101iabnd16_aspp_512x512_vocaug15-5_disjoint ") and
+               line.endswith("seed mIoU 66.1% (with background)") for line in seeds)  # fmt: skip
+    assert "voc/15-5-overlap-mib" in lines and "ade/100-50-mib" in lines
 
 
 def test_unquoted_on_off_in_yaml_are_the_strings_they_look_like(tmp_path):

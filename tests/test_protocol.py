@@ -107,6 +107,10 @@ def test_selection_15_5():
     assert select_train(PRESENCE, step1, "disjoint").tolist() == [1, 2, 3, 4, 6]
     assert select_test(PRESENCE, step0).tolist() == [0, 2, 6]
     assert select_test(PRESENCE, step1).tolist() == [0, 1, 2, 3, 4, 6]
+    # cssegmentation's test filter (test_selection: mode): disjoint also drops unseen classes
+    assert select_test(PRESENCE, step0, "disjoint").tolist() == [0]
+    assert select_test(PRESENCE, step0, "overlap").tolist() == [0, 2, 6]
+    assert select_test(PRESENCE, step1, "disjoint").tolist() == [0, 1, 2, 3, 4, 6]
 
 
 def test_selection_15_1_disjoint_excludes_future_classes():

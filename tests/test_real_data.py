@@ -143,12 +143,12 @@ SPEC_COUNTS = {
     ("voc", "15-5", "disjoint"): [8437, 2145], ("voc", "15-5", "overlap"): [9568, 2145],
     ("voc", "15-1", "disjoint"): [8437, 378, 299, 420, 500, 548],
     ("voc", "15-1", "overlap"): [9568, 487, 299, 491, 500, 548],
-    ("ade", "100-50", "overlap"): [13452, 6744],
-    ("ade", "100-10", "overlap"): [13452, 1130, 1200, 1366, 1550, 1498],
-    ("ade", "50-50", "overlap"): [8219, 6384, 5593],
-    ("ade", "100-50b", "overlap"): [10375, 9821],
-    ("ade", "100-10b", "overlap"): [10375, 1362, 1346, 2084, 2609, 2420],
-    ("ade", "50-50b", "overlap"): [6659, 7483, 6054],
+    ("ade", "100-50", "disjoint"): [13452, 6744],
+    ("ade", "100-10", "disjoint"): [13452, 1130, 1200, 1366, 1550, 1498],
+    ("ade", "50-50", "disjoint"): [8219, 6384, 5593],
+    ("ade", "100-50b", "disjoint"): [10375, 9821],
+    ("ade", "100-10b", "disjoint"): [10375, 1362, 1346, 2084, 2609, 2420],
+    ("ade", "50-50b", "disjoint"): [6659, 7483, 6054],
 }  # fmt: skip
 
 
@@ -172,7 +172,7 @@ def test_official_lists_agree_with_rule_on_the_fixture_images():
                 np.testing.assert_array_equal(official, select_train(source.presence(), info, mode))
     assert "2007_004166" in official_split("voc", "15-5", "overlap")[1]
     assert "2007_004166" not in official_split("voc", "15-5", "disjoint")[0]
-    assert "ADE_train_00000001" in set().union(*official_split("ade", "100-50", "overlap"))
+    assert "ADE_train_00000001" in set().union(*official_split("ade", "100-50", "disjoint"))
 
 
 def test_split_source_choices():
@@ -181,6 +181,20 @@ def test_split_source_choices():
     assert not uses_official("voc", "15-5", "overlap", "rule")
     with pytest.raises(ConfigError, match=r"no official lists for voc 10-1 \(overlap\); shipped: 15-1/disjoint"):
         uses_official("voc", "10-1", "overlap", "official")
+
+
+def test_ade_official_lists_are_the_disjoint_mode_only():
+    """MiB's ADE20K partition means disjoint; overlap and settings without lists never fall back
+    to it silently, and official names the valid choices."""
+    assert uses_official("ade", "100-50", "disjoint", "official") and uses_official("ade", "100-50", "disjoint", "auto")
+    assert not uses_official("ade", "100-50", "overlap", "auto")  # auto: the overlap rule
+    assert not uses_official("ade", "100-50", "disjoint", "rule")
+    with pytest.raises(ConfigError, match=r"no official lists for ade 100-50 \(overlap\); shipped: 100-10/disjoint, "
+                       r".*valid choices here: \['auto', 'rule'\]"):  # fmt: skip
+        uses_official("ade", "100-50", "overlap", "official")
+    with pytest.raises(ConfigError, match=r"no official lists for ade 100-5 \(disjoint\)"):
+        uses_official("ade", "100-5", "disjoint", "official")
+    assert official_split("ade", "100-50", "overlap") is None
 
 
 def test_ade_fixture_pairs_and_test_remap():

@@ -90,8 +90,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config key (repeatable)")
     sub.add_parser(
         "configs",
-        help="list the built-in configs (demo and the paper-reproduction configs)",
-        description="List the built-in configs; pass a name to `incseg run`, e.g. voc/15-5-overlap-mib.",
+        help="list the built-in configs (demo, the MiB paper's rows, the seed table's rows)",
+        description="List the built-in configs; pass a name to `incseg run`, e.g. voc/15-5-overlap-mib "
+        "or seed/mib_r101iabnd16_aspp_512x512_vocaug15-5_disjoint. Seed configs show the seed "
+        "table's mIoU (every class with background: compare with miou_with_bg).",
     )
     data = sub.add_parser(
         "data",
@@ -299,6 +301,19 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_list() -> str:
+    from incseg.configs import SEED_MIOU
+
+    lines = []
+    for name in builtin_configs(with_folders=True):
+        if name.startswith("seed/"):
+            miou = SEED_MIOU.get(name.removeprefix("seed/"))
+            note = f"seed mIoU {miou}% (with background)" if miou is not None else "seed mIoU not reported"
+            name = f"{name:<58} {note}"
+        lines.append(name)
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 2 user error)."""
     args = _parser().parse_args(argv)
@@ -316,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "predict":
             return _predict(args)
         if args.command == "configs":
-            print("\n".join(builtin_configs(with_folders=True)))
+            print(_config_list())
             return 0
     except IncsegError as err:
         print(f"error: {err}", file=sys.stderr)

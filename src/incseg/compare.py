@@ -119,9 +119,10 @@ def write_outputs(rows: list[dict], out: Path, title: str, ranges: dict[str, str
     classes of ``old``, ``new``, ``all`` and ``with_bg`` (e.g. ``"1-15"``)."""
     heads = [f"old ({ranges['old']})", f"new ({ranges['new']})", f"all ({ranges['all']})",
              f"w/ bg ({ranges['with_bg']})", "avg"]  # fmt: skip
-    lines = [f"# {title}", "", "mIoU (%) after the last step. Old / new / all as the MiB paper groups them "
-             "(background excluded); w/ bg: every class with background (cssegmentation's and PLOP's "
-             "mIoU); avg: the paper's all averaged over steps.", "",
+    note = ("mIoU (%) after the last step. Old / new / all as the MiB paper groups them (background "
+            "excluded); w/ bg: every class with background (cssegmentation's and PLOP's mIoU); avg: "
+            "the paper's all averaged over steps.")
+    lines = [f"# {title}", "", note, "",
              f"| method | {' | '.join(heads)} |", "|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['method']} | " + " | ".join(_pct(r[k]) for k in COLUMNS) + " |" for r in rows]
     failures = [r for r in rows if r.get("failed")]

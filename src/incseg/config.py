@@ -28,7 +28,7 @@ from incseg.errors import ConfigError
 from incseg.methods import METHODS
 from incseg.models.backbones import BACKBONES, OUTPUT_STRIDES, PRETRAINED
 from incseg.models.norm import NORMS
-from incseg.protocol import CONVENTIONS, MODES, get_setting
+from incseg.protocol import CONVENTIONS, MODES, TEST_SELECTIONS, get_setting
 from incseg.protocol.official import SPLIT_SOURCES, uses_official
 from incseg.ranges import SEED, Range, check_range
 
@@ -59,12 +59,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ProtocolConfig:
-    """Setting, image selection mode, label convention and how many steps to run."""
+    """Setting, image selection mode, label convention and how many steps to run.
+    ``test_selection``: ``seen`` (test images with a seen class) or ``mode`` (also the step's
+    disjoint rule, as cssegmentation)."""
 
     setting: str = "15-5"
     mode: str = "overlap"
     labels: str = "mib"
     split_source: str = "auto"
+    test_selection: str = "seen"
     last_step: int | None = None
 
 
@@ -273,6 +276,7 @@ def validate(config: Config) -> None:
     _one_of(proto.mode, MODES, "protocol.mode")
     _one_of(proto.labels, CONVENTIONS, "protocol.labels")
     _one_of(proto.split_source, SPLIT_SOURCES, "protocol.split_source")
+    _one_of(proto.test_selection, TEST_SELECTIONS, "protocol.test_selection")
     uses_official(data.dataset, setting.name, proto.mode, proto.split_source)
     if data.dataset != "shapes" and not data.root:
         raise ConfigError(f"data.root: required for dataset {data.dataset!r} (the folder holding it)")

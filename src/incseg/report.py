@@ -62,8 +62,8 @@ def format_summary(reports: Sequence[StepReport]) -> str:
     """mIoU per step (old / new / all, then with background) and the average over steps."""
     heads = _headers(reports[-1])
     widths = [max(6, len(h)) for h in heads]
-    lines = ["Summary (mIoU %; old / new / all as the MiB paper, background excluded; "
-             "w/ bg: every class, background included)",
+    lines = [("Summary (mIoU %; old / new / all as the MiB paper, background excluded; "
+              "w/ bg: every class, background included)"),
              "  step  " + " ".join(f"{h:>{w}}" for h, w in zip(heads, widths, strict=True))]  # fmt: skip
     for step, *values in summary_rows(reports):
         lines.append(f"  {step:<5} " + " ".join(f"{v:>{w}}" for v, w in zip(values, widths, strict=True)))
@@ -74,8 +74,8 @@ def summary_markdown(reports: Sequence[StepReport], heading: str, config_yaml: s
     """``summary.md`` of a run: summary table, last step's per-class IoU, resolved config."""
     last = reports[-1]
     out = [f"# {heading}", "", "## mIoU per step (%)", "",
-           "Old / new / all as the MiB paper groups them (background excluded); w/ bg: the mean over "
-           "every class with background (cssegmentation's and PLOP's mIoU).", "",
+           ("Old / new / all as the MiB paper groups them (background excluded); w/ bg: the mean over "
+            "every class with background (cssegmentation's and PLOP's mIoU)."), "",
            "| step | " + " | ".join(_headers(last)) + " |", "|---|---|---|---|---|"]  # fmt: skip
     out += ["| " + " | ".join(v.strip() for v in row) + " |" for row in summary_rows(reports)]
     out += ["", f"## IoU per class after step {last.step} (%)", "", "| class | group | IoU |",

@@ -1,0 +1,20 @@
+"""Built-in configs: the demo, the MiB paper's rows (``voc/``, ``ade/``) and the seed table's rows
+(``seed/``, cssegmentation's MiB model zoo, written by ``tools/make_configs.py``)."""
+
+# The seed table (../shared/seeds, cssegmentation docs/modelzoo/mib/README.md): config name ->
+# reported mIoU in % over every class with background (incseg's miou_with_bg), None where the
+# row has no number.
+SEED_MIOU: dict[str, float | None] = {
+    "mib_r101iabnd16_aspp_512x512_vocaug15-5_disjoint": 66.1,
+    "mib_r101iabnd16_aspp_512x512_vocaug15-5_overlap": 70.2,
+    "mib_r101iabnd16_aspp_512x512_vocaug15-1_disjoint": None,
+    "mib_r101iabnd16_aspp_512x512_vocaug15-1_overlap": None,
+    "mib_r101iabnd16_aspp_512x512_vocaug10-1_disjoint": 9.9,
+    "mib_r101iabnd16_aspp_512x512_vocaug10-1_overlap": 21.1,
+    "mib_r101iabnd16_aspp_512x512_ade20k100-50_disjoint": None,
+    "mib_r101iabnd16_aspp_512x512_ade20k100-50_overlap": None,
+    "mib_r101iabnd16_aspp_512x512_ade20k100-10_disjoint": None,
+    "mib_r101iabnd16_aspp_512x512_ade20k100-10_overlap": None,
+    "mib_r101iabnd16_aspp_512x512_ade20k100-5_disjoint": None,
+    "mib_r101iabnd16_aspp_512x512_ade20k100-5_overlap": None,
+}

@@ -195,7 +195,10 @@ def build_test_loader(
     """
     proto = config.protocol
     ignore_zero = config.family == "ade" and proto.labels == "mib"
-    chosen = select_test(presence, info) if split == "test" else select_train(presence, info, "overlap")
+    if split == "test":
+        chosen = select_test(presence, info, proto.mode if proto.test_selection == "mode" else None)
+    else:
+        chosen = select_train(presence, info, "overlap")
     indices = _selected(chosen, split, config, info)
     lut = make_lut(info, split, proto.labels, ignore_zero_at_test=ignore_zero)
     dataset = StepDataset(source, indices, lut, test_transform(config.data.test_crop))

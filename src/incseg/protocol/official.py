@@ -5,7 +5,14 @@ were converted once to image ids (``tools/convert_mib_splits.py``) and live in
 ``incseg/resources/splits/{voc,ade}.json.gz``. VOC has lists for 19-1, 15-5 and 15-1, disjoint
 and overlap; for VOC they equal the rule of :func:`incseg.protocol.select_train`. ADE20K has lists
 for 100-50, 100-10, 50-50 and their order-b variants; they are a partition of the training
-images, not the rule's output, and the same lists serve both modes.
+images (each image in one step), not the rule's output. incseg treats that partition as the
+``disjoint`` mode of those settings only: ``official`` with ``overlap``, or for an ADE20K setting
+without lists (100-5), is an error, never silently something else. PLOP and cssegmentation apply
+the disjoint / overlap rule to ADE20K on the fly (``split_source: rule``).
+
+``protocol.split_source``: ``official`` = the shipped lists (an error where none exist for the
+dataset, setting and mode); ``rule`` = the rule on the class-presence index; ``auto`` = the lists
+where they exist for the dataset, setting and mode, else the rule.
 """
 
 from __future__ import annotations
@@ -47,8 +54,10 @@ def official_split(dataset: str, setting: str, mode: str) -> tuple[tuple[str, ..
     Args:
         dataset: ``"voc"`` or ``"ade"`` (other datasets have none).
         setting: canonical setting name, e.g. ``"15-1"``.
-        mode: ``"disjoint"`` or ``"overlap"`` (ignored for ADE).
+        mode: ``"disjoint"`` or ``"overlap"`` (ADE20K's lists are its ``disjoint`` mode).
     """
+    if dataset == "ade" and mode != "disjoint":
+        return None
     return _table(dataset).get(_key(dataset, setting, mode))
 
 
@@ -65,9 +74,12 @@ def uses_official(dataset: str, setting: str, mode: str, split_source: str) -> b
     available = official_split(dataset, setting, mode) is not None
     if split_source == "official" and not available:
         have = ", ".join(official_settings(dataset)) or "none"
+        if dataset == "ade":
+            have = ", ".join(f"{key}/disjoint" for key in official_settings(dataset))
         raise ConfigError(
             f"protocol.split_source: no official lists for {dataset} {setting} ({mode}); "
-            f"shipped: {have}; use split_source: rule"
+            f"shipped: {have}; valid choices here: ['auto', 'rule'] (rule: the {mode} filter "
+            f"applied on the fly)"
         )
     return split_source != "rule" and available
 

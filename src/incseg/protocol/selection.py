@@ -88,7 +88,20 @@ def select_train(presence: np.ndarray, info: StepInfo, mode: str) -> np.ndarray:
     return np.flatnonzero(keep).astype(np.int64)
 
 
-def select_test(presence: np.ndarray, info: StepInfo) -> np.ndarray:
-    """Indices of the test images of a step: those with at least one seen class (0 excluded)."""
-    keep = _any(pack_presence(presence), _mask(info.seen_classes))
+TEST_SELECTIONS = ("seen", "mode")
+
+
+def select_test(presence: np.ndarray, info: StepInfo, mode: str | None = None) -> np.ndarray:
+    """Indices of the test images of a step.
+
+    Default (``protocol.test_selection: seen``, SPEC section 3): images with at least one seen
+    class (0 excluded). With ``mode="disjoint"`` (``test_selection: mode``), images with a class
+    not seen yet are dropped too: cssegmentation filters its test set with the training rule,
+    every seen class counting as new (``csseg/modules/datasets/base.py:115-127, 147-167``);
+    under ``overlap`` that rule is the default selection.
+    """
+    words = pack_presence(presence)
+    keep = _any(words, _mask(info.seen_classes))
+    if mode == "disjoint":
+        keep &= ~_any(words, ~_mask((0, 255, *info.seen_classes)))
     return np.flatnonzero(keep).astype(np.int64)
