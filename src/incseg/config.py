@@ -25,11 +25,11 @@ from typing import Any
 import yaml
 
 from incseg.errors import ConfigError
-from incseg.methods import METHODS
-from incseg.models.backbones import BACKBONES, OUTPUT_STRIDES, PRETRAINED
-from incseg.models.norm import NORMS
-from incseg.protocol import CONVENTIONS, MODES, TEST_SELECTIONS, get_setting
+from incseg.methods import METHOD_NAMES, method_class
+from incseg.models.choices import BACKBONE_NAMES, NORMS, OUTPUT_STRIDES, PRETRAINED
+from incseg.protocol.choices import CONVENTIONS, MODES, TEST_SELECTIONS
 from incseg.protocol.official import SPLIT_SOURCES, uses_official
+from incseg.protocol.settings import get_setting
 from incseg.ranges import SEED, Range, check_range
 
 DATASETS = {"shapes": "voc", "voc": "voc", "ade": "ade"}  # dataset name -> class family
@@ -285,7 +285,7 @@ def validate(config: Config) -> None:
             f"protocol.last_step: step {proto.last_step} is out of range for setting "
             f"{setting.name!r}; valid steps are 0..{setting.num_steps - 1}"
         )
-    _one_of(model.backbone, sorted(BACKBONES), "model.backbone")
+    _one_of(model.backbone, sorted(BACKBONE_NAMES), "model.backbone")
     _one_of(model.output_stride, OUTPUT_STRIDES, "model.output_stride")
     _one_of(model.norm, NORMS, "model.norm")
     _one_of(model.pretrained, PRETRAINED, "model.pretrained")
@@ -316,15 +316,16 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         raise ConfigError(f"method: expected a mapping like {{name: mib}}, got {method_raw!r}")
     method_raw = dict(method_raw)
     name = method_raw.pop("name", MethodConfig.name)
-    _one_of(name, sorted(METHODS), "method.name")
-    method = build_dataclass(METHODS[name], method_raw, "method")
-    params = {f.name: getattr(method, f.name) for f in dataclasses.fields(method) if f.init}
-    for key, valid in METHODS[name].ranges.items():
-        check_range(params[key], valid, f"method.{key}")
+    _one_of(name, METHOD_NAMES, "method.name")
     config = build_dataclass(Config, raw, "")
-    config = dataclasses.replace(config, method=MethodConfig(name=name, params=params))
     validate(config)
-    return config
+    # The method's class (and torch) is imported only once the rest of the config is valid.
+    cls = method_class(name)
+    method = build_dataclass(cls, method_raw, "method")
+    params = {f.name: getattr(method, f.name) for f in dataclasses.fields(method) if f.init}
+    for key, valid in cls.ranges.items():
+        check_range(params[key], valid, f"method.{key}")
+    return dataclasses.replace(config, method=MethodConfig(name=name, params=params))
 
 
 def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:

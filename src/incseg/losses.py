@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = 255
+from incseg.protocol.choices import IGNORE_INDEX
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,6 @@ import torch
 
 from incseg.protocol.steps import StepInfo
 
-IGNORE_INDEX = 255
 GROUPING = (
     "miou_old / miou_new / miou_all: the MiB paper's grouping, background excluded (VOC 15-5: "
     "classes 1-15 / 16-20 / 1-20); miou_with_bg: every class, background included (VOC 0-20), "

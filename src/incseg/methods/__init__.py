@@ -1,32 +1,57 @@
-"""Methods, found by name. Add a method: write a :class:`Method` subclass, register it here."""
+"""Methods, found by name. Add a method: write a :class:`~incseg.methods.base.Method` subclass and
+register its ``module:Class`` path in :data:`METHOD_PATHS`.
+
+The table holds paths, not classes, so that checking a method *name* imports nothing; a method's
+class (and torch with it) is imported when its hyperparameters are checked or it is built.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 from incseg.errors import ConfigError
-from incseg.methods.base import FineTuning, Method
-from incseg.methods.lwf import ILT, LwF, LwFMC
-from incseg.methods.mib import MiB
-from incseg.methods.regularizers import EWC, PI, RW
 
-METHODS: dict[str, type[Method]] = {
-    "ft": FineTuning,
-    "lwf": LwF,
-    "lwf_mc": LwFMC,
-    "ilt": ILT,
-    "ewc": EWC,
-    "rw": RW,
-    "pi": PI,
-    "mib": MiB,
+if TYPE_CHECKING:
+    from incseg.methods.base import Method
+
+METHOD_PATHS: dict[str, str] = {
+    "ft": "incseg.methods.ft:FineTuning",
+    "lwf": "incseg.methods.lwf:LwF",
+    "lwf_mc": "incseg.methods.lwf:LwFMC",
+    "ilt": "incseg.methods.lwf:ILT",
+    "ewc": "incseg.methods.regularizers:EWC",
+    "rw": "incseg.methods.regularizers:RW",
+    "pi": "incseg.methods.regularizers:PI",
+    "mib": "incseg.methods.mib:MiB",
 }
+METHOD_NAMES = tuple(sorted(METHOD_PATHS))
+
+
+def method_class(name: str) -> type[Method]:
+    """The class registered as ``name``; unknown names list the registered ones."""
+    if name not in METHOD_PATHS:
+        raise ConfigError(f"method.name: unknown value {name!r}; valid choices: {list(METHOD_NAMES)}")
+    module, attr = METHOD_PATHS[name].split(":")
+    return getattr(import_module(module), attr)
 
 
 def build_method(name: str, params: dict[str, Any]) -> Method:
     """Instantiate method ``name`` with hyperparameters ``params`` (already validated)."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
-    return METHODS[name](**params)
+    return method_class(name)(**params)
 
 
-__all__ = ["EWC", "ILT", "METHODS", "PI", "RW", "FineTuning", "LwF", "LwFMC", "Method", "MiB", "build_method"]
+_CLASSES = {path.split(":")[1]: path for path in METHOD_PATHS.values()} | {"Method": "incseg.methods.base:Method"}
+__all__ = [
+    "EWC", "ILT", "METHODS", "METHOD_NAMES", "METHOD_PATHS", "PI", "RW", "FineTuning", "LwF", "LwFMC",
+    "Method", "MiB", "build_method", "method_class",
+]  # fmt: skip
+
+
+def __getattr__(name: str):  # PEP 562: METHODS and the classes import on first use
+    if name == "METHODS":
+        return {key: method_class(key) for key in METHOD_NAMES}
+    if name in _CLASSES:
+        module, attr = _CLASSES[name].split(":")
+        return getattr(import_module(module), attr)
+    raise AttributeError(f"module 'incseg.methods' has no attribute {name!r}")

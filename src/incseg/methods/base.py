@@ -1,29 +1,39 @@
 """The method interface: a small class with named hooks that return values (DESIGN.md).
 
-The engine calls, per step: (classifier grows) ``init_new_classifier`` -> ``begin_step`` ->
-``losses`` on every batch -> ``end_step``. On resume, ``begin_step`` runs after the mid-step
-weights are loaded, then ``load_step_state_dict``. A method never touches the optimizer, the grad scaler,
-distributed wrappers or logging. Hyperparameters are dataclass fields, filled from the YAML
-``method:`` section.
+Per step the engine calls, in this order:
+
+1. (steps > 0) the classifier grows, then :meth:`Method.init_new_classifier`;
+2. :meth:`Method.begin_step`, which sees the step's starting weights;
+3. only when resuming an interrupted step: the mid-step weights are loaded into the model (in
+   place) and :meth:`Method.load_step_state_dict` restores what the method accumulated in the
+   step so far, so everything before this point is exactly what a fresh run did;
+4. every iteration: :meth:`Method.losses`, backward, :meth:`Method.after_backward`, the optimizer
+   step, :meth:`Method.after_update` (the last two only with ``needs_gradients``);
+5. :meth:`Method.end_step`, then evaluation; :meth:`Method.state_dict` is saved with the step.
+
+A resumed run restores the finished steps' method state with :meth:`Method.load_state_dict`
+before step 1 above. A method never touches the optimizer, the grad scaler, distributed wrappers
+or logging. Hyperparameters are dataclass fields, filled from the YAML ``method:`` section.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
-from incseg.losses import cross_entropy
-from incseg.models.segmenter import SegmenterOutput
 from incseg.protocol.steps import StepInfo
 from incseg.ranges import Range
+
+if TYPE_CHECKING:  # annotations only: the model modules import torchvision
+    from incseg.models.segmenter import SegmenterOutput
 
 
 @dataclass
 class Method:
-    """Fine-tuning: plain cross-entropy on the current labels, random init of new classifiers.
+    """Base class of every method: the hooks, all optional except :meth:`losses`.
 
     Capabilities (class attributes) tell the engine what to compute:
     ``needs_old_model``: run the frozen previous-step model on every batch (steps > 0);
@@ -42,13 +52,13 @@ class Method:
     # config, the error names ``method.KEY``).
     ranges: ClassVar[dict[str, Range]] = {}
 
+    def init_new_classifier(self, model: nn.Module, info: StepInfo) -> None:
+        """Called once right after the step's classifier was added (steps > 0)."""
+
     def begin_step(
         self, info: StepInfo, model: nn.Module, old_model: nn.Module | None, loader: Any
     ) -> None:
-        """Called before training a step."""
-
-    def init_new_classifier(self, model: nn.Module, info: StepInfo) -> None:
-        """Called once right after the step's classifier was added (steps > 0)."""
+        """Called before training a step, with the step's starting weights (also on resume)."""
 
     def losses(
         self,
@@ -65,7 +75,7 @@ class Method:
             targets: ``(B, H, W)`` uint8/long channel indices, 255 = ignore.
             info: the step.
         """
-        return {"ce": cross_entropy(output.logits, targets)}
+        raise NotImplementedError(f"{type(self).__name__} must define losses()")
 
     def after_backward(self, model: nn.Module) -> None:
         """Every iteration, after backward and before the optimizer step (``needs_gradients``)."""
@@ -81,19 +91,12 @@ class Method:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict` (resume, before the next step begins)."""
 
     def step_state_dict(self) -> dict[str, Any]:
-        """State accumulated *within* the current step beyond :meth:`state_dict` (saved in
-        epoch checkpoints so that an interrupted step resumes exactly; none here)."""
+        """Everything the method changed since :meth:`begin_step` (saved in epoch checkpoints so
+        that an interrupted step resumes exactly; none here)."""
         return {}
 
     def load_step_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`step_state_dict`; called after :meth:`begin_step`."""
-
-
-@dataclass
-class FineTuning(Method):
-    """FT: the lower bound; trains on the current step's labels only."""
-
-    plain_first_step: ClassVar[bool] = True
+        """Restore :meth:`step_state_dict`; called after :meth:`begin_step` on resume."""

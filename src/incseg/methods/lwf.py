@@ -10,7 +10,7 @@ Default weights are those of the MiB paper.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -22,9 +22,11 @@ from incseg.losses import (
     sigmoid_distillation,
 )  # fmt: skip
 from incseg.methods.base import Method
-from incseg.models.segmenter import SegmenterOutput
 from incseg.protocol.steps import StepInfo
 from incseg.ranges import ALPHA, LOSS_WEIGHT, Range
+
+if TYPE_CHECKING:  # annotations only: the model modules import torchvision
+    from incseg.models.segmenter import SegmenterOutput
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -12,9 +12,11 @@ from torch import nn
 from incseg.errors import ConfigError
 from incseg.losses import cross_entropy, unbiased_cross_entropy, unbiased_knowledge_distillation
 from incseg.methods.base import Method
-from incseg.models.segmenter import SegmenterOutput
 from incseg.protocol.steps import StepInfo
 from incseg.ranges import ALPHA, LOSS_WEIGHT, Range
+
+if TYPE_CHECKING:  # annotations only: the model modules import torchvision
+    from incseg.models.segmenter import SegmenterOutput
 
 INITS = ("balanced", "random")
 

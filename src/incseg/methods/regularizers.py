@@ -41,16 +41,18 @@ and no per-parameter Python arithmetic.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from incseg.losses import cross_entropy
 from incseg.methods.base import Method
-from incseg.models.segmenter import SegmenterOutput
 from incseg.protocol.steps import StepInfo
 from incseg.ranges import LOSS_WEIGHT, Range
+
+if TYPE_CHECKING:  # annotations only: the model modules import torchvision
+    from incseg.models.segmenter import SegmenterOutput
 
 Tensors = list[torch.Tensor]
 

@@ -14,12 +14,8 @@ import torchvision
 from torch import nn
 
 from incseg.errors import ConfigError
+from incseg.models.choices import BACKBONE_NAMES, OUTPUT_STRIDES, PRETRAINED
 from incseg.models.norm import activation, norm_act
-
-OUTPUT_STRIDES = (8, 16)
-# none: random init; imagenet: torchvision's ImageNet weights; iabn: In-Place ABN's ImageNet
-# ResNet-101, the MiB paper's (loaded into the built model by the engine, models/official.py).
-PRETRAINED = ("none", "imagenet", "iabn")
 
 
 class TinyBackbone(nn.Module):
@@ -135,6 +131,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "resnet50": _resnet(50),
     "resnet101": _resnet(101),
 }
+assert tuple(BACKBONES) == BACKBONE_NAMES  # the light name table (models/choices.py) is this one
 
 
 def build_backbone(name: str, output_stride: int, norm: str, pretrained: str = "none") -> nn.Module:

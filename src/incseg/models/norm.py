@@ -9,8 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from incseg.errors import ConfigError
-
-NORMS = ("bn", "iabn")
+from incseg.models.choices import NORMS
 
 
 def activation(norm: str) -> nn.Module:

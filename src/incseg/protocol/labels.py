@@ -26,11 +26,10 @@ from __future__ import annotations
 import torch
 
 from incseg.errors import ConfigError
+from incseg.protocol.choices import CONVENTIONS, IGNORE_INDEX
 from incseg.protocol.steps import StepInfo
 
-CONVENTIONS = ("mib", "plop")
 SPLITS = ("train", "test", "val")
-IGNORE_INDEX = 255
 
 
 def make_lut(

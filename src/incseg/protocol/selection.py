@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from incseg.errors import ConfigError
+from incseg.protocol.choices import MODES
 from incseg.protocol.steps import StepInfo
 
-MODES = ("disjoint", "overlap")
 NUM_LABEL_VALUES = 256  # labels are uint8; 255 = ignore
 
 
@@ -86,9 +86,6 @@ def select_train(presence: np.ndarray, info: StepInfo, mode: str) -> np.ndarray:
     if mode == "disjoint":
         keep &= ~_any(words, ~_mask((0, 255, *info.old_classes, *info.new_classes)))
     return np.flatnonzero(keep).astype(np.int64)
-
-
-TEST_SELECTIONS = ("seen", "mode")
 
 
 def select_test(presence: np.ndarray, info: StepInfo, mode: str | None = None) -> np.ndarray:
