@@ -17,7 +17,9 @@ BENCHMARKS = {**DATA_BENCHMARKS, "prediction": bench_prediction, "train_step": b
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {list(BENCHMARKS)})")
+    parser.add_argument(
+        "names", nargs="*", help=f"benchmarks to run (default: all of {list(BENCHMARKS)})"
+    )
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results.json"),
                         help="JSON file of figures; figures of the same name from the same machine are replaced, "
                         "others kept")  # fmt: skip
@@ -37,7 +39,9 @@ def main(argv=None) -> int:
         for figure in BENCHMARKS[name]():
             print(figure.line(), flush=True)
             figures[figure.name] = asdict(figure)
-    args.json.write_text(json.dumps({"machine": machine(), "figures": list(figures.values())}, indent=1))
+    args.json.write_text(
+        json.dumps({"machine": machine(), "figures": list(figures.values())}, indent=1)
+    )
     print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

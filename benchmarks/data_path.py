@@ -41,6 +41,7 @@ def bench_remap() -> list[Figure]:
     for split in ("train", "test"):
         lut = make_lut(info, split)
         table = lut.tolist()
+
         def per_pixel(table=table):
             return label.clone().apply_(lambda v: table[v])
 
@@ -55,7 +56,9 @@ def bench_remap() -> list[Figure]:
 
 def _label_files(folder: Path, count: int) -> list[Path]:
     """``count`` distinct label PNGs (copies of the real VOC fixture labels)."""
-    sources = sorted((FIXTURES / "voc" / "VOCdevkit" / "VOC2012" / "SegmentationClassAug").glob("*.png"))
+    sources = sorted(
+        (FIXTURES / "voc" / "VOCdevkit" / "VOC2012" / "SegmentationClassAug").glob("*.png")
+    )
     paths = []
     for i in range(count):
         path = folder / f"{i:06d}.png"
@@ -90,7 +93,9 @@ def _ade_like_index(num: int = 20210, seed: int = 0) -> np.ndarray:
     popularity = 1.0 / np.arange(1, 151) ** 0.8
     popularity /= popularity.sum()
     for i in range(num):
-        presence[i, 1 + rng.choice(150, size=rng.integers(2, 16), replace=False, p=popularity)] = True
+        presence[i, 1 + rng.choice(150, size=rng.integers(2, 16), replace=False, p=popularity)] = (
+            True
+        )
     return presence
 
 
@@ -112,23 +117,32 @@ def bench_selection() -> list[Figure]:
 
     def naive(info, mode):
         new, allowed = set(info.new_classes), set(info.old_classes) | set(info.new_classes)
-        return [i for i, c in enumerate(class_sets) if c & new and (mode == "overlap" or c <= allowed)]
+        return [
+            i for i, c in enumerate(class_sets) if c & new and (mode == "overlap" or c <= allowed)
+        ]
 
     info, mode = jobs[0]
     np.testing.assert_array_equal(select_train(presence, info, mode), naive(info, mode))
     t_fast = median_time(fast, repeats=3)
-    t_scan = median_time(lambda: [naive(i, m) for i, m in jobs[:6]], repeats=3, warmup=0) * len(jobs) / 6
+    t_scan = (
+        median_time(lambda: [naive(i, m) for i, m in jobs[:6]], repeats=3, warmup=0) * len(jobs) / 6
+    )
     # The reference code re-reads every label for every step: decode cost per label (real VOC
     # fixture labels, one process) times 20,210 labels, per step, plus the scan.
-    labels = sorted((FIXTURES / "voc" / "VOCdevkit" / "VOC2012" / "SegmentationClassAug").glob("*.png"))
-    t_decode = median_time(lambda: [np.unique(files.read_label(p)) for p in labels], repeats=3) / len(labels)
+    labels = sorted(
+        (FIXTURES / "voc" / "VOCdevkit" / "VOC2012" / "SegmentationClassAug").glob("*.png")
+    )
+    t_decode = median_time(
+        lambda: [np.unique(files.read_label(p)) for p in labels], repeats=3
+    ) / len(labels)
     t_rescan = t_decode * len(presence) * len(jobs) + t_scan
     return [Figure("selection_pack_index", t_pack * 1e3, "ms", "20210 images, once per run"),
             Figure("selection_all_ade_steps", t_fast, "s", f"{len(jobs)} steps x (train+test), 20210 images"),
             Figure("selection_per_step", t_fast / len(jobs) * 1e3, "ms", "1 step, 20210 images"),
             Figure("selection_python_scan_all_steps", t_scan, "s", f"{len(jobs)} steps, class sets precomputed"),
             Figure("selection_speedup_vs_python_scan", t_scan / t_fast, "x", "ratio"),
-            Figure("selection_rescan_labels_all_steps", t_rescan, "s", f"{len(jobs)} steps, labels re-decoded per step (projected)"),
+            Figure("selection_rescan_labels_all_steps", t_rescan, "s",
+                   f"{len(jobs)} steps, labels re-decoded per step (projected)"),
             Figure("selection_speedup_vs_rescan", t_rescan / t_fast, "x", "ratio")]  # fmt: skip
 
 
@@ -146,7 +160,9 @@ def bench_metric(device: str = "cpu") -> list[Figure]:
         total = np.zeros((21, 21), dtype=np.int64)
         for p, t in zip(p_np, t_np, strict=True):
             keep = t != 255
-            total += np.bincount(21 * t[keep].astype(np.int64) + p[keep], minlength=21 * 21).reshape(21, 21)
+            total += np.bincount(
+                21 * t[keep].astype(np.int64) + p[keep], minlength=21 * 21
+            ).reshape(21, 21)
         return total
 
     np.testing.assert_array_equal(confusion_matrix(pred, target, 21).numpy(), naive())
@@ -175,7 +191,9 @@ def bench_loader(epochs: int = 3) -> list[Figure]:
     dataset = StepDataset(source, np.arange(len(source)), lut, train_transform(512))
     out = []
     for workers in (0, 2):
-        loader = DataLoader(dataset, batch_size=4, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+        loader = DataLoader(
+            dataset, batch_size=4, shuffle=True, num_workers=workers, persistent_workers=workers > 0
+        )
 
         def run(loader=loader):
             for _ in range(epochs):

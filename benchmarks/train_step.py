@@ -29,7 +29,8 @@ import time
 import torch
 
 from incseg.engine.evaluate import evaluate
-from incseg.engine.train import train_one_epoch
+from incseg.engine.runtime import Runtime
+from incseg.engine.train import Optimisation, train_one_epoch
 from incseg.methods import MiB
 from incseg.metrics import confusion_matrix
 from incseg.models import build_segmenter
@@ -51,17 +52,28 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run(variant: str, crop: int, batch: int, iters: int, device: torch.device, amp: str, channels_last: bool,
-        compile_model: bool = False) -> dict:
+def run(
+    variant: str,
+    crop: int,
+    batch: int,
+    iters: int,
+    device: torch.device,
+    amp: str,
+    channels_last: bool,
+    compile_model: bool = False,
+) -> dict:
     torch.manual_seed(0)
     info, model, old = _model(device, channels_last)
     images = torch.randn(batch, 3, crop, crop, device=device)
-    targets = torch.randint(0, info.num_channels, (batch, crop, crop), device=device, dtype=torch.uint8)
+    targets = torch.randint(
+        0, info.num_channels, (batch, crop, crop), device=device, dtype=torch.uint8
+    )
     method = MiB()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     amp_dtype = torch.bfloat16 if amp == "bf16" else None
+    rt = Runtime(device, amp_dtype=amp_dtype, channels_last=channels_last)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     if variant == "incseg":
@@ -70,15 +82,17 @@ def run(variant: str, crop: int, batch: int, iters: int, device: torch.device, a
         net = torch.compile(model) if compile_model else model
 
         def step():
-            train_one_epoch(model, old, method, [(images, targets)], optimizer, scheduler, scaler, info,
-                            epoch=0, device=device, amp_dtype=amp_dtype, log_interval=1, progress=False,
-                            net=net, channels_last=channels_last)  # fmt: skip
+            train_one_epoch(model, old, method, [(images, targets)], Optimisation(optimizer, scheduler, scaler),
+                            info, rt, epoch=0, log_interval=1, net=net)  # fmt: skip
     elif variant == "naive":
+
         def step():
             model.train()
             output = model(images)
             old_output = old(images)  # graph recorded and kept alive until the end of the step
-            terms = method.losses(output, type(old_output)(old_output.logits.detach(), None), targets, info)
+            terms = method.losses(
+                output, type(old_output)(old_output.logits.detach(), None), targets, info
+            )
             optimizer.zero_grad()
             sum(terms.values()).backward()
             optimizer.step()
@@ -92,19 +106,23 @@ def run(variant: str, crop: int, batch: int, iters: int, device: torch.device, a
             with torch.no_grad():
                 old_output = old(images)
             loss = sum(method.losses(output, old_output, targets, info).values())
-            optimizer.zero_grad(set_to_none=True)  # the previous gradients lived through both forwards
+            optimizer.zero_grad(
+                set_to_none=True
+            )  # the previous gradients lived through both forwards
             loss.backward()
             optimizer.step()
     elif variant == "eval":
+
         def step():
-            evaluate(model, [(images, targets)], info.num_channels, device=device, amp_dtype=amp_dtype,
-                     channels_last=channels_last)  # fmt: skip
+            evaluate(model, [(images, targets)], info.num_channels, rt)
     elif variant == "eval_argmax":
         model.eval()
 
         @torch.no_grad()
         def step():
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with torch.autocast(
+                device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+            ):
                 pred = model(images).logits.argmax(1)
             confusion_matrix(pred, targets, info.num_channels)
     else:
@@ -136,12 +154,22 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=("off", "bf16"), default="off")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the trained model (incseg variant)")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the trained model (incseg variant)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = run(args.variant, args.crop, args.batch, args.iters, torch.device(args.device), args.amp,
-                 args.channels_last, args.compile)
+    result = run(
+        args.variant,
+        args.crop,
+        args.batch,
+        args.iters,
+        torch.device(args.device),
+        args.amp,
+        args.channels_last,
+        args.compile,
+    )
     print(json.dumps(result), flush=True)
     return 0
 
@@ -153,7 +181,12 @@ if __name__ == "__main__":
 def _subprocess(*args: str) -> dict:
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.train_step", *args], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_step", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"benchmarks.train_step {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -173,7 +206,9 @@ def bench_train_step(crops=(256, 512)) -> list:
             figures += [Figure(f"mib_iteration_{crop}_{name}", result["median_s"], "s", work),
                         Figure(f"mib_iteration_{crop}_{name}_peak_rss", result["peak_mib"], "MiB", work)]  # fmt: skip
     work = "ResNet-101 OS16, 1 image 512x512, forward + upsample + prediction + metric, CPU"
-    ev, arg = (_subprocess(v, "512", "--batch", "1", "--iters", "7") for v in ("eval", "eval_argmax"))
+    ev, arg = (
+        _subprocess(v, "512", "--batch", "1", "--iters", "7") for v in ("eval", "eval_argmax")
+    )
     figures += [Figure("eval_image_512_max", ev["median_s"], "s", work),
                 Figure("eval_image_512_argmax", arg["median_s"], "s", work)]  # fmt: skip
     return figures

@@ -35,7 +35,9 @@ def test_lwf_kd_hand_computed():
 
 
 def test_one_hot_bce_hand_computed_and_ignore():
-    logits = torch.tensor([[[[0.5, 1.0]], [[-1.0, 0.0]], [[2.0, 3.0]]]], dtype=torch.float64)  # (1,3,1,2)
+    logits = torch.tensor(
+        [[[[0.5, 1.0]], [[-1.0, 0.0]], [[2.0, 3.0]]]], dtype=torch.float64
+    )  # (1,3,1,2)
     targets = torch.tensor([[[2, 255]]])
     expected = _bce(0.5, 0) + _bce(-1.0, 0) + _bce(2.0, 1)  # the 255 pixel is left out
     assert one_hot_bce(logits, targets).item() == pytest.approx(expected, abs=1e-12)
@@ -59,10 +61,15 @@ def test_baseline_terms_and_weights():
     info0, info1 = (step_info(get_setting("voc", "15-5"), t) for t in (0, 1))
     gen = torch.Generator().manual_seed(0)
     logits, old = torch.randn(2, 21, 3, 3, generator=gen), torch.randn(2, 16, 3, 3, generator=gen)
-    feats, old_feats = torch.randn(2, 8, 1, 1, generator=gen), torch.randn(2, 8, 1, 1, generator=gen)
+    feats, old_feats = (
+        torch.randn(2, 8, 1, 1, generator=gen),
+        torch.randn(2, 8, 1, 1, generator=gen),
+    )
     targets = torch.randint(0, 21, (2, 3, 3), generator=gen)
     out, old_out = SegmenterOutput(logits, feats), SegmenterOutput(old, old_feats)
-    assert set(LwF().losses(SegmenterOutput(logits[:, :16], None), None, targets.clamp(max=15), info0)) == {"ce"}
+    assert set(
+        LwF().losses(SegmenterOutput(logits[:, :16], None), None, targets.clamp(max=15), info0)
+    ) == {"ce"}
     lwf = LwF().losses(out, old_out, targets, info1)
     torch.testing.assert_close(lwf["kd"], 100 * knowledge_distillation(logits, old))
     ilt = ILT().losses(out, old_out, targets, info1)

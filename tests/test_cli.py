@@ -10,7 +10,7 @@ import torch
 
 from incseg.cli import main
 from incseg.engine.checkpoint import load_checkpoint
-from incseg.engine.protocol import evaluate_checkpoint
+from incseg.engine.evaluate import evaluate_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,9 @@ def test_run_prints_tables_with_class_names(tiny_config_path, tmp_path, capsys):
     assert main(["run", str(tiny_config_path), "--out", str(out), "--no-progress",
                  "--set", "protocol.last_step=0"]) == 0  # fmt: skip
     text = capsys.readouterr().out
-    assert "person" in text and "old (1-15)" in text and "w/ bg (0-15)" in text and "Summary" in text
+    assert (
+        "person" in text and "old (1-15)" in text and "w/ bg (0-15)" in text and "Summary" in text
+    )
     assert not (out / "step_1.pt").exists()
 
 
@@ -60,7 +62,9 @@ def test_same_seed_gives_same_losses(run_dir, tiny_config_path, tmp_path):
 
 
 def test_bad_config_exits_2_with_message(tiny_config_path, tmp_path, capsys):
-    code = main(["run", str(tiny_config_path), "--out", str(tmp_path / "x"), "--set", "train.epochs=-3"])
+    code = main(
+        ["run", str(tiny_config_path), "--out", str(tmp_path / "x"), "--set", "train.epochs=-3"]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "train.epochs: must be in [1, 10,000], got -3" in err and str(tiny_config_path) in err
@@ -70,7 +74,12 @@ def test_bad_config_exits_2_with_message(tiny_config_path, tmp_path, capsys):
 def test_bad_config_in_a_real_process_has_no_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("protocol: {setting: 15-6}\n")
-    proc = subprocess.run([sys.executable, "-m", "incseg", "run", str(bad)], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "incseg", "run", str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "protocol.setting: unknown voc setting '15-6'; valid settings:" in proc.stderr
@@ -111,10 +120,23 @@ def test_validation_during_training_is_recorded_and_changes_nothing(tiny_config_
     for step in runs["val"]["steps"]:
         assert all(0.0 <= epoch["val_miou"] <= 1.0 for epoch in step["losses"])
     assert "val_miou" not in runs["plain"]["steps"][0]["losses"][0]
-    assert [s["miou_all"] for s in runs["val"]["steps"]] == [s["miou_all"] for s in runs["plain"]["steps"]]
+    assert [s["miou_all"] for s in runs["val"]["steps"]] == [
+        s["miou_all"] for s in runs["plain"]["steps"]
+    ]
 
 
 def test_validation_needs_the_mib_convention(tmp_path, capsys):
-    args = ["run", "--set", "train.val_interval=1", "--set", "protocol.labels=plop", "--out", str(tmp_path / "x")]
+    args = [
+        "run",
+        "--set",
+        "train.val_interval=1",
+        "--set",
+        "protocol.labels=plop",
+        "--out",
+        str(tmp_path / "x"),
+    ]
     assert main(args) == 2
-    assert "train.val_interval: validation during training follows MiB's convention" in capsys.readouterr().err
+    assert (
+        "train.val_interval: validation during training follows MiB's convention"
+        in capsys.readouterr().err
+    )

@@ -30,7 +30,10 @@ def test_compare_writes_table_and_reuses_finished_runs(tiny_config_path, tmp_pat
 
 
 def test_compare_rejects_unknown_methods(tiny_config_path, tmp_path, capsys):
-    assert main(["compare", str(tiny_config_path), "--methods", "ft,icarl", "--out", str(tmp_path)]) == 2
+    assert (
+        main(["compare", str(tiny_config_path), "--methods", "ft,icarl", "--out", str(tmp_path)])
+        == 2
+    )
     assert "unknown method 'icarl'" in capsys.readouterr().err
 
 
@@ -38,7 +41,11 @@ def test_comparison_row_splits_joint_by_class_name():
     metrics = {"steps": [{"per_class": {"background": 0.9, "cat": 0.5, "dog": 0.1, "cow": None}}]}
     row = comparison_row("joint", metrics, old_names={"background", "cat"}, background="background")
     assert row["old"] == 0.5 and abs(row["new"] - 0.1) < 1e-12  # background in no paper group
-    assert row["all"] == pytest.approx(0.3) and row["with_bg"] == pytest.approx(0.5) and row["avg"] == row["all"]
+    assert (
+        row["all"] == pytest.approx(0.3)
+        and row["with_bg"] == pytest.approx(0.5)
+        and row["avg"] == row["all"]
+    )
 
 
 def test_failed_method_is_recorded_and_the_others_still_run(tiny_config_path, tmp_path):
@@ -50,7 +57,7 @@ def test_failed_method_is_recorded_and_the_others_still_run(tiny_config_path, tm
     base = load_config(tiny_config_path, ["protocol.setting=19-1"])
     ran = []
 
-    def run(config, run_dir):
+    def run(config, run_dir, start_from):
         ran.append(config.method.name)
         if config.method.name == "ewc":
             raise NonFiniteLossError("non-finite loss at step 1, epoch 1, iteration 2: loss=nan")
@@ -58,9 +65,11 @@ def test_failed_method_is_recorded_and_the_others_still_run(tiny_config_path, tm
 
     out = tmp_path / "cmp"
     rows = run_comparison(base, ["ewc", "ft"], out, joint=False, joint_epochs=None, run=run,
-                          method_sets={"ewc": ["weight=5"]}, log=lambda _: None)  # fmt: skip
+                          method_sets={"ewc": ["weight=5"]})  # fmt: skip
     assert ran == ["ewc", "ft"]
-    assert rows[0]["failed"].startswith("non-finite loss at step 1") and rows[1].get("failed") is None
+    assert (
+        rows[0]["failed"].startswith("non-finite loss at step 1") and rows[1].get("failed") is None
+    )
     text = (out / "comparison.md").read_text()
     assert "| ewc | - | - | - | - | - |" in text and "- ewc: non-finite loss at step 1" in text
     csv_rows = list(csv.DictReader((out / "comparison.csv").open()))
@@ -72,8 +81,21 @@ def test_method_set_reaches_only_that_method(tiny_config_path, tmp_path):
     import yaml
 
     out = tmp_path / "cmp"
-    args = ["compare", str(tiny_config_path), "--methods", "ewc,ft", "--out", str(out), "--no-progress",
-            "--set", "protocol.setting=19-1", "--method-set", "ewc.weight=7.5", "--method-set", "ewc.alpha=0.5"]  # fmt: skip
+    args = [
+        "compare",
+        str(tiny_config_path),
+        "--methods",
+        "ewc,ft",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "protocol.setting=19-1",
+        "--method-set",
+        "ewc.weight=7.5",
+        "--method-set",
+        "ewc.alpha=0.5",
+    ]
     assert main(args) == 0
     saved = yaml.safe_load((out / "ewc" / "config.yaml").read_text())["method"]
     assert saved["weight"] == 7.5 and saved["alpha"] == 0.5
@@ -111,31 +133,53 @@ def test_config_diff_lists_dotted_keys():
     assert diffs == ["b.c: 2 -> 5", "b.d: 3 -> '<absent>'", "e: '<absent>' -> 0"]
 
 
-def test_methods_with_a_plain_first_step_share_it_and_match_their_own_runs(tiny_config_path, tmp_path, capsys):
+def test_methods_with_a_plain_first_step_share_it_and_match_their_own_runs(
+    tiny_config_path, tmp_path, capsys
+):
     out = tmp_path / "cmp"
-    common = [str(tiny_config_path), "--no-progress", "--set", "protocol.setting=19-1", "--set", "train.tensorboard=off"]
+    common = [
+        str(tiny_config_path),
+        "--no-progress",
+        "--set",
+        "protocol.setting=19-1",
+        "--set",
+        "train.tensorboard=off",
+    ]
     assert main(["compare", *common, "--methods", "ft,lwf_mc,mib", "--out", str(out)]) == 0
     log = capsys.readouterr().out
     assert "mib: step 0 is the one of ft (plain cross-entropy), not retrained" in log
     assert "lwf_mc: step 0 is" not in log  # binary CE from step 0: trained on its own
     mib = json.loads((out / "mib" / "metrics.json").read_text())
-    assert mib["steps"][0]["first_step_from"] == str(out / "ft")
-    assert "first_step_from" not in json.loads((out / "lwf_mc" / "metrics.json").read_text())["steps"][0]
+    assert mib["steps"][0]["started_from"] == str(out / "ft")
+    assert (
+        "started_from" not in json.loads((out / "lwf_mc" / "metrics.json").read_text())["steps"][0]
+    )
     # The shared step 0 changes nothing: MiB run on its own gives the same numbers at every step.
     assert main(["run", *common, "--set", "method.name=mib", "--out", str(tmp_path / "alone")]) == 0
     alone = json.loads((tmp_path / "alone" / "metrics.json").read_text())
     for shared, own in zip(mib["steps"], alone["steps"], strict=True):
-        shared.pop("first_step_from", None)
+        shared.pop("started_from", None)
         assert shared == own
-    from incseg.engine.checkpoint import load_checkpoint
-
-    assert load_checkpoint(out / "mib" / "step_0.pt")["config"]["method"]["name"] == "mib"
+    # the engine starts from the other run's step: its checkpoint copied unchanged, never rewritten
+    assert (out / "mib" / "step_0.pt").read_bytes() == (out / "ft" / "step_0.pt").read_bytes()
 
 
 def test_retrain_first_step_trains_it_for_every_method(tiny_config_path, tmp_path, capsys):
     out = tmp_path / "cmp"
-    args = ["compare", str(tiny_config_path), "--no-progress", "--set", "protocol.setting=19-1",
-            "--set", "protocol.last_step=1", "--methods", "ft,mib", "--retrain-first-step", "--out", str(out)]  # fmt: skip
+    args = [
+        "compare",
+        str(tiny_config_path),
+        "--no-progress",
+        "--set",
+        "protocol.setting=19-1",
+        "--set",
+        "protocol.last_step=1",
+        "--methods",
+        "ft,mib",
+        "--retrain-first-step",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     assert "step 0 is the one of" not in capsys.readouterr().out
-    assert "first_step_from" not in json.loads((out / "mib" / "metrics.json").read_text())["steps"][0]
+    assert "started_from" not in json.loads((out / "mib" / "metrics.json").read_text())["steps"][0]

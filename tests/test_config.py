@@ -22,6 +22,12 @@ def test_builtin_demo_configs_load():
     assert load_config("demo-ft").method.name == "ft"
 
 
+def test_a_folder_named_like_a_builtin_config_does_not_hide_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # e.g. the run directory of `incseg run demo --out demo`
+    assert load_config("demo").name == "demo-mib"
+
+
 def test_overrides_are_typed_and_round_trip(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("protocol: {setting: 15-5s}\nmethod: {name: mib, kd_weight: 100}\n")
@@ -40,20 +46,44 @@ def test_overrides_are_typed_and_round_trip(tmp_path):
     [
         ({"trian": {}}, "unknown key(s) ['trian']; valid keys: ['name', 'data'"),
         ({"train": {"epoch": 3}}, "train: unknown key(s) ['epoch']"),
-        ({"train": {"epochs": -1}}, "train.epochs: must be in [1, 10,000], got -1 (epochs per step"),
+        (
+            {"train": {"epochs": -1}},
+            "train.epochs: must be in [1, 10,000], got -1 (epochs per step",
+        ),
         ({"train": {"epochs": "ten"}}, "train.epochs: expected int, got 'ten'"),
         ({"train": {"lr": 0}}, "train.lr: must be in (0, 10], got 0.0"),
-        ({"protocol": {"setting": "15-6"}}, "protocol.setting: unknown voc setting '15-6'; valid settings: offline, 19-1"),
-        ({"protocol": {"mode": "overlapped"}}, "protocol.mode: unknown value 'overlapped'; valid choices: ['disjoint', 'overlap']"),
-        ({"protocol": {"last_step": 2}}, "protocol.last_step: step 2 is out of range for setting '15-5'; valid steps are 0..1"),
-        ({"model": {"backbone": "resnet152"}}, "model.backbone: unknown value 'resnet152'; valid choices: ['resnet101', 'resnet50', 'tiny']"),
+        (
+            {"protocol": {"setting": "15-6"}},
+            "protocol.setting: unknown voc setting '15-6'; valid settings: offline, 19-1",
+        ),
+        (
+            {"protocol": {"mode": "overlapped"}},
+            "protocol.mode: unknown value 'overlapped'; valid choices: ['disjoint', 'overlap']",
+        ),
+        (
+            {"protocol": {"last_step": 2}},
+            "protocol.last_step: step 2 is out of range for setting '15-5'; valid steps are 0..1",
+        ),
+        (
+            {"model": {"backbone": "resnet152"}},
+            "model.backbone: unknown value 'resnet152'; valid choices: ['resnet101', 'resnet50', 'tiny']",
+        ),
         ({"model": {"output_stride": 32}}, "model.output_stride: unknown value 32"),
         ({"method": {"name": "icarl"}}, "method.name: unknown value 'icarl'; valid choices: ["),
         ({"method": {"name": "ft", "kd_weight": 10}}, "method: unknown key(s) ['kd_weight']"),
-        ({"method": {"name": "mib", "kd_weight": -1}}, "method.kd_weight: must be in [0, 1,000,000], got -1.0"),
-        ({"data": {"dataset": "coco"}}, "data.dataset: unknown value 'coco'; valid choices: ['shapes', 'voc', 'ade']"),
+        (
+            {"method": {"name": "mib", "kd_weight": -1}},
+            "method.kd_weight: must be in [0, 1,000,000], got -1.0",
+        ),
+        (
+            {"data": {"dataset": "coco"}},
+            "data.dataset: unknown value 'coco'; valid choices: ['shapes', 'voc', 'ade']",
+        ),
         ({"train": {"nesterov": "yes"}}, "train.nesterov: expected bool"),
-        ({"train": {"amp": "fp8"}}, "train.amp: unknown value 'fp8'; valid choices: ['off', 'bf16', 'fp16']"),
+        (
+            {"train": {"amp": "fp8"}},
+            "train.amp: unknown value 'fp8'; valid choices: ['off', 'bf16', 'fp16']",
+        ),
     ],
 )
 def test_bad_values_are_rejected_with_the_key_and_choices(raw, needle):
@@ -90,23 +120,45 @@ def test_every_builtin_config_loads_and_paper_configs_hold_the_paper_setting():
         if name not in paper:
             continue
         m, t, d, p = config.model, config.train, config.data, config.protocol
-        assert (m.backbone, m.output_stride, m.norm, m.pretrained) == ("resnet101", 16, "iabn", "iabn")
-        assert (t.batch_size, d.crop_size, d.test_crop, t.lr, t.lr_incremental) == (24, 512, 512, 0.01, 0.001)
+        assert (m.backbone, m.output_stride, m.norm, m.pretrained) == (
+            "resnet101",
+            16,
+            "iabn",
+            "iabn",
+        )
+        assert (t.batch_size, d.crop_size, d.test_crop, t.lr, t.lr_incremental) == (
+            24,
+            512,
+            512,
+            0.01,
+            0.001,
+        )
         assert (t.lr_power, t.amp, p.labels, p.test_selection) == (0.9, "off", "mib", "seen")
         assert t.epochs == (60 if name.startswith("ade/") else 30) and t.epochs_incremental is None
         assert config.data.dataset == name.split("/")[0]
-        assert config.protocol.setting in name or (name.endswith("/joint") and config.protocol.setting == "offline")
+        assert config.protocol.setting in name or (
+            name.endswith("/joint") and config.protocol.setting == "offline"
+        )
         if name.startswith("ade/") and not name.endswith("joint"):  # MiB's partition = disjoint
             listed = not name.startswith("ade/100-5-")
-            assert (p.mode, p.split_source) == (("disjoint", "official") if listed else ("overlap", "rule"))
+            assert (p.mode, p.split_source) == (
+                ("disjoint", "official") if listed else ("overlap", "rule")
+            )
         if config.method.name == "mib":
             high = name.startswith(("voc/15-1", "voc/10-1"))
             assert config.method.params["kd_weight"] == (100 if high else 10)
     assert load_config("voc/joint").protocol.setting == "offline"
 
 
-SEED_ROWS = [(family, setting, mode) for family, settings in (("vocaug", ("15-5", "15-1", "10-1")),
-             ("ade20k", ("100-50", "100-10", "100-5"))) for setting in settings for mode in ("disjoint", "overlap")]  # fmt: skip
+SEED_ROWS = [
+    (family, setting, mode)
+    for family, settings in (
+        ("vocaug", ("15-5", "15-1", "10-1")),
+        ("ade20k", ("100-50", "100-10", "100-5")),
+    )
+    for setting in settings
+    for mode in ("disjoint", "overlap")
+]
 
 
 @pytest.mark.parametrize(("family", "setting", "mode"), SEED_ROWS)
@@ -118,14 +170,39 @@ def test_seed_configs_resolve_to_cssegmentations_recipe(family, setting, mode):
     config = load_config(f"seed/{name}")
     p, t, m = config.protocol, config.train, config.model
     assert config.name == name and config.data.dataset == ("voc" if family == "vocaug" else "ade")
-    assert (p.setting, p.mode, p.labels, p.split_source, p.test_selection) == (setting, mode, "plop", "rule", "mode")
-    assert (m.backbone, m.output_stride, m.norm, m.pretrained, m.head_channels) == ("resnet101", 16, "iabn", "iabn", 256)
-    assert (t.lr, t.lr_incremental, t.lr_power, t.amp, t.batch_size) == (0.01, 0.001, 0.0, "fp16", 24)
+    assert (p.setting, p.mode, p.labels, p.split_source, p.test_selection) == (
+        setting,
+        mode,
+        "plop",
+        "rule",
+        "mode",
+    )
+    assert (m.backbone, m.output_stride, m.norm, m.pretrained, m.head_channels) == (
+        "resnet101",
+        16,
+        "iabn",
+        "iabn",
+        256,
+    )
+    assert (t.lr, t.lr_incremental, t.lr_power, t.amp, t.batch_size) == (
+        0.01,
+        0.001,
+        0.0,
+        "fp16",
+        24,
+    )
     assert (t.momentum, t.nesterov, t.weight_decay) == (0.9, True, 1e-4)
-    assert (config.data.crop_size, config.data.test_crop, config.data.scale_min, config.data.scale_max) == (512, 512, 0.5, 2.0)
+    assert (
+        config.data.crop_size,
+        config.data.test_crop,
+        config.data.scale_min,
+        config.data.scale_max,
+    ) == (512, 512, 0.5, 2.0)
     assert t.epochs == (60 if family == "ade20k" else 30)
     assert t.epochs_at(1) == {"10-1": 10, "100-50": 60, "100-10": 60, "100-5": 60}.get(setting, 30)
-    assert config.method.name == "mib" and config.method.params["kd_weight"] == (100 if setting in ("15-1", "10-1") else 10)
+    assert config.method.name == "mib" and config.method.params["kd_weight"] == (
+        100 if setting in ("15-1", "10-1") else 10
+    )
 
 
 def test_configs_lists_the_seed_rows_with_their_miou(capsys):
@@ -147,7 +224,10 @@ def test_unquoted_on_off_in_yaml_are_the_strings_they_look_like(tmp_path):
     path.write_text("train: {amp: off, tensorboard: on}\n")
     train = load_config(path).train
     assert (train.amp, train.tensorboard) == ("off", "on")
-    with pytest.raises(ConfigError, match=r"train.amp: unknown value 'on'; valid choices: \['off', 'bf16', 'fp16'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.amp: unknown value 'on'; valid choices: \['off', 'bf16', 'fp16'\]",
+    ):
         load_config(path, ["train.amp=on"])
     with pytest.raises(ConfigError, match=r"train.sync_bn: expected bool, got 'sometimes'"):
         load_config(path, ["train.sync_bn=sometimes"])
@@ -158,7 +238,11 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train: {weight_decay: 1e-4, lr: 2E-2}\nmethod: {name: ewc, weight: +5e2}\n")
     config = load_config(path, ["train.lr_incremental=1e-3"])
-    assert (config.train.weight_decay, config.train.lr, config.train.lr_incremental) == (1e-4, 2e-2, 1e-3)
+    assert (config.train.weight_decay, config.train.lr, config.train.lr_incremental) == (
+        1e-4,
+        2e-2,
+        1e-3,
+    )
     assert config.method.params["weight"] == 500.0
     with pytest.raises(ConfigError, match=r"train.epochs: expected int, got '1e2' \(str\)"):
         load_config(path, ["train.epochs=1e2"])

@@ -1,6 +1,5 @@
 """torchrun / DDP: sharding, synchronised batch norm, and two gloo processes against one."""
 
-import copy
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from incseg.engine import distributed
 from incseg.engine.distributed import (
     DistributedBatchNorm2d,
     EpochBatchSampler,
@@ -23,12 +23,23 @@ from incseg.errors import ConfigError
 HELPERS = Path(__file__).parent / "helpers"
 
 
-def torchrun(args: list[str], cwd: Path, nproc: int = 2, kill_at: str | None = None) -> subprocess.CompletedProcess:
+def torchrun(
+    args: list[str], cwd: Path, nproc: int = 2, kill_at: str | None = None
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     if kill_at:
         env["INCSEG_KILL_AT"] = kill_at
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *args,
+    ]
+    result = subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     if kill_at:
         assert result.returncode != 0, "the fault point was not reached"
     else:
@@ -69,22 +80,46 @@ def test_test_shards_count_every_image_once():
 
 def test_global_batch_must_split_over_processes():
     assert local_batch_size(24, 4) == 6
-    with pytest.raises(ConfigError, match=r"train.batch_size: 6 is the global batch and must be divisible by .*\(4\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.batch_size: 6 is the global batch and must be divisible by .*\(4\)",
+    ):
         local_batch_size(6, 4)
 
 
-def test_sync_bn_conversion_keeps_weights_and_is_batchnorm_in_one_process():
-    torch.manual_seed(0)
+def test_sync_bn_conversion_keeps_weights_and_state_dict_keys():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4)))
     model[1].weight.data.uniform_(0.5, 1.5)
-    reference = copy.deepcopy(model)
-    keys = list(model.state_dict())
+    weight, keys = model[1].weight, list(model.state_dict())
     convert_sync_bn(model, torch.device("cpu"))
-    assert isinstance(model[1], DistributedBatchNorm2d) and isinstance(model[2][0], DistributedBatchNorm2d)
-    assert list(model.state_dict()) == keys
-    x = torch.randn(2, 3, 8, 8)
-    torch.testing.assert_close(model(x), reference(x))
-    torch.testing.assert_close(model[1].running_var, reference[1].running_var)
+    assert isinstance(model[1], DistributedBatchNorm2d) and isinstance(
+        model[2][0], DistributedBatchNorm2d
+    )
+    assert list(model.state_dict()) == keys and model[1].weight is weight
+
+
+def test_synchronised_statistics_path_equals_batchnorm_over_the_same_batch(monkeypatch):
+    """The global-statistics code path itself (not plain BN's): with a process group of one faked
+    (the all-reduce is the identity), outputs, gradients and running statistics must equal
+    nn.BatchNorm2d's in training mode on the same batch."""
+    monkeypatch.setattr(distributed, "_group_joined", lambda: True)
+    monkeypatch.setattr(distributed._AllReduceSum, "apply", lambda x: x)
+    torch.manual_seed(0)
+    plain = nn.BatchNorm2d(4)
+    plain.weight.data.uniform_(0.5, 1.5)
+    plain.bias.data.normal_()
+    synced = DistributedBatchNorm2d(4)
+    synced.load_state_dict(plain.state_dict())
+    x = (3 * torch.randn(3, 4, 5, 6) + 2).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    y, y2 = plain(x), synced(x2)
+    torch.testing.assert_close(y2, y)
+    (y * torch.arange(6.0)).sum().backward()
+    (y2 * torch.arange(6.0)).sum().backward()
+    torch.testing.assert_close(x2.grad, x.grad)
+    torch.testing.assert_close(synced.weight.grad, plain.weight.grad)
+    torch.testing.assert_close(synced.running_mean, plain.running_mean)
+    torch.testing.assert_close(synced.running_var, plain.running_var)  # unbiased, as BatchNorm2d
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +148,9 @@ def test_two_processes_train_like_one_with_the_global_batch(ddp_runs):
     _, runs = ddp_runs
     (single,), (rank0, rank1) = runs["single"], runs["sync"]
     assert rank0["world_size"] == 2 and single["world_size"] == 1
-    assert rank0["keys"] + rank1["keys"] != single["keys"]  # interleaved per batch, not concatenated
+    assert (
+        rank0["keys"] + rank1["keys"] != single["keys"]
+    )  # interleaved per batch, not concatenated
     assert sorted(rank0["keys"] + rank1["keys"]) == sorted(single["keys"])
     # After two iterations both ranks hold the very same parameters and BN statistics ...
     for key in rank0["model"]:
@@ -133,7 +170,9 @@ def test_sharded_evaluation_counts_each_image_once(ddp_runs):
     from incseg.config import config_from_dict
     from incseg.data import build_source
     from incseg.engine.evaluate import evaluate
-    from incseg.engine.protocol import build_model, build_test_loader
+    from incseg.engine.loaders import build_test_loader
+    from incseg.engine.models import build_model
+    from incseg.engine.runtime import Runtime
     from incseg.protocol import get_setting, step_info
     from incseg.protocol.selection import pack_presence
 
@@ -144,7 +183,7 @@ def test_sharded_evaluation_counts_each_image_once(ddp_runs):
     source = build_source(config.data, "test")
     loader = build_test_loader(config, source, pack_presence(source.presence()), info)
     assert len(loader.dataset) == 7
-    matrix = evaluate(model, loader, info.num_channels, device=torch.device("cpu"))
+    matrix = evaluate(model, loader, info.num_channels, Runtime(torch.device("cpu")))
     assert torch.equal(matrix, rank0["matrix"])
     valid = sum(int((label != 255).sum()) for _, label in loader.dataset)
     assert int(matrix.sum()) == valid  # every labelled pixel of every image, once
@@ -164,10 +203,13 @@ def test_torchrun_runs_the_cli_and_rank_zero_writes_once(tmp_path, tiny_config_p
     from incseg.engine.protocol import run_protocol
 
     config = load_config(str(tiny_config_path), ["train.device=cpu", "data.num_train=40"])
-    run_protocol(config, tmp_path / "one", progress=False, log=lambda _: None)
+    run_protocol(config, tmp_path / "one", progress=False)
     single = json.loads((tmp_path / "one" / "metrics.json").read_text())
     for a, b in zip(single["steps"], metrics["steps"], strict=True):
-        assert a["num_train_images"] == b["num_train_images"] and a["num_test_images"] == b["num_test_images"]
+        assert (
+            a["num_train_images"] == b["num_train_images"]
+            and a["num_test_images"] == b["num_test_images"]
+        )
         for term, value in a["losses"][0].items():
             assert b["losses"][0][term] == pytest.approx(value, rel=1e-3, abs=1e-4), term
     for key in ("step_0.pt", "step_1.pt"):
@@ -182,21 +224,42 @@ def test_compare_under_torchrun_writes_its_table_once(tmp_path, tiny_config_path
                        "--no-progress", "--set", "train.device=cpu", "--set", "data.num_train=40"],
                       cwd=tmp_path)  # fmt: skip
     assert result.stdout.count("Comparison written to") == 1
-    assert result.stdout.count("mib: step 0 is the one of ft") == 1  # adopted by rank 0, logged once
+    assert (
+        result.stdout.count("mib: step 0 is the one of ft") == 1
+    )  # adopted by rank 0, logged once
     table = (out / "comparison.md").read_text()
     assert "| ft |" in table and "| mib |" in table
     for method in ("ft", "mib"):
         steps = json.loads((out / method / "metrics.json").read_text())["steps"]
         assert [s["step"] for s in steps] == [0, 1]
-    assert json.loads((out / "mib" / "metrics.json").read_text())["steps"][0]["first_step_from"] == str(out / "ft")
+    assert json.loads((out / "mib" / "metrics.json").read_text())["steps"][0][
+        "started_from"
+    ] == str(out / "ft")
 
 
 def test_torchrun_run_killed_mid_step_resumes_to_identical_results(tmp_path, tiny_config_path):
-    args = ["-m", "incseg", "run", str(tiny_config_path), "--no-progress", "--set", "train.device=cpu",
-            "--set", "data.num_train=40", "--set", "train.epochs_incremental=2", "--set", "train.tensorboard=off"]
+    args = [
+        "-m",
+        "incseg",
+        "run",
+        str(tiny_config_path),
+        "--no-progress",
+        "--set",
+        "train.device=cpu",
+        "--set",
+        "data.num_train=40",
+        "--set",
+        "train.epochs_incremental=2",
+        "--set",
+        "train.tensorboard=off",
+    ]
     torchrun([*args, "--out", str(tmp_path / "whole")], cwd=tmp_path)
-    torchrun([*args, "--out", str(tmp_path / "cut")], cwd=tmp_path, kill_at="epoch:1:1")  # rank 0 dies
-    assert (tmp_path / "cut" / "last.pt").is_file() and not (tmp_path / "cut" / "step_1.pt").exists()
+    torchrun(
+        [*args, "--out", str(tmp_path / "cut")], cwd=tmp_path, kill_at="epoch:1:1"
+    )  # rank 0 dies
+    assert (tmp_path / "cut" / "last.pt").is_file() and not (
+        tmp_path / "cut" / "step_1.pt"
+    ).exists()
     result = torchrun([*args, "--out", str(tmp_path / "cut"), "--resume"], cwd=tmp_path)
     assert "resuming step 1 after epoch 1" in result.stdout
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())

@@ -48,7 +48,10 @@ def test_report_old_new_all_average_classes_with_ground_truth():
     assert report.miou_all == pytest.approx((iou_aero + iou_bottle + 2 / 6) / 3)
     assert report.miou_with_bg == pytest.approx((iou_bg + iou_aero + iou_bottle + 2 / 6) / 4)
     assert (report.old_range, report.new_range, report.all_range, report.with_bg_range) == (
-        "1-19", "20-20", "1-20", "0-20"
+        "1-19",
+        "20-20",
+        "1-20",
+        "0-20",
     )
     assert report.to_dict()["miou_with_bg"] == report.miou_with_bg
     assert report.to_dict()["per_class"]["boat"] is None
@@ -65,7 +68,9 @@ def test_paper_grouping_on_a_worked_15_5_example():
         matrix[k, k] = 10
         matrix[k, (k + 1) % 21] = k % 4
     report = StepReport.from_confusion(matrix, info)
-    iou = [10 / (10 + matrix[k].sum().item() - 10 + matrix[:, k].sum().item() - 10) for k in range(21)]
+    iou = [
+        10 / (10 + matrix[k].sum().item() - 10 + matrix[:, k].sum().item() - 10) for k in range(21)
+    ]
     old, new = sum(iou[1:16]) / 15, sum(iou[16:21]) / 5
     assert report.miou_old == pytest.approx(old) and report.miou_new == pytest.approx(new)
     assert report.miou_all == pytest.approx((15 * old + 5 * new) / 20)
@@ -89,7 +94,9 @@ def test_confusion_matrix_matches_a_numpy_reference(num_classes, target_dtype):
     keep = (t >= 0) & (t < num_classes)
     expected = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(expected, (t[keep], p[keep]), 1)
-    got = confusion_matrix(pred, target.to(target_dtype) if target_dtype == torch.uint8 else target, num_classes)
+    got = confusion_matrix(
+        pred, target.to(target_dtype) if target_dtype == torch.uint8 else target, num_classes
+    )
     assert got.dtype == torch.int64
     np.testing.assert_array_equal(got.numpy(), expected)
 

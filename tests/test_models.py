@@ -26,17 +26,30 @@ def test_classifier_grows_by_one_conv_per_step():
     assert all(c.kernel_size == (1, 1) and c.bias is not None for c in model.classifiers)
 
 
-def test_aspp_pooling_branch_is_added():
+def test_aspp_pooling_branch_is_added_and_broadcast():
+    """Stated with plain tensor ops, not the module's layers: the image-level branch (mean, 1x1,
+    BN + ReLU, 1x1) is *added* to the reduced branches before the final BN + ReLU."""
+    torch.manual_seed(0)
     aspp = ASPP(8, 4, (1, 2, 3), "bn").eval()
-    x = torch.randn(1, 8, 5, 5)
-    main = aspp.reduce(aspp.branch_norm(torch.cat([b(x) for b in aspp.branches], 1)))
-    expected = aspp.out_norm(main + aspp.pool(x))
-    torch.testing.assert_close(aspp(x), expected)
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        for branch in aspp.branches:  # the four conv branches give 0: only the pooling remains
+            branch.weight.zero_()
+        pooled = x.mean((2, 3))  # (2, 8)
+        eps = aspp.out_norm[0].eps  # BN in eval at init: x / sqrt(1 + eps)
+        hidden = torch.relu(pooled @ aspp.pool[1].weight[:, :, 0, 0].T / (1 + eps) ** 0.5)
+        pool = hidden @ aspp.pool[3].weight[:, :, 0, 0].T  # (2, 4)
+        expected = torch.relu(pool / (1 + eps) ** 0.5)[:, :, None, None].expand(2, 4, 5, 5)
+        torch.testing.assert_close(aspp(x), expected)
+        aspp.pool[3].weight.zero_()  # and with the pooling branch silenced, nothing is left
+        torch.testing.assert_close(aspp(x), torch.zeros(2, 4, 5, 5))
     assert aspp.reduce.in_channels == 16  # four branches concatenated, not five
 
 
 def test_resnet_backbone_dilation_and_iabn():
-    model = build_segmenter("resnet50", (21,), output_stride=16, norm="iabn", head_channels=32).eval()
+    model = build_segmenter(
+        "resnet50", (21,), output_stride=16, norm="iabn", head_channels=32
+    ).eval()
     assert not any(isinstance(m, nn.ReLU) for m in model.modules())
     assert any(isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.01 for m in model.modules())
     with torch.no_grad():

@@ -27,7 +27,9 @@ EXPECTED = {
 @pytest.fixture(scope="module")
 def r101():
     torch.manual_seed(0)
-    model = build_segmenter("resnet101", (16, 5), output_stride=16, norm="iabn", head_channels=256).eval()
+    model = build_segmenter(
+        "resnet101", (16, 5), output_stride=16, norm="iabn", head_channels=256
+    ).eval()
     with torch.no_grad():  # positive norm weights, so that |w - eps| + eps == w exactly
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -55,7 +57,9 @@ def test_key_map_is_one_to_one_and_matches_the_official_names(r101):
 
 
 def test_official_checkpoint_round_trip_gives_identical_outputs(r101):
-    twin = build_segmenter("resnet101", (16, 5), output_stride=16, norm="iabn", head_channels=256).eval()
+    twin = build_segmenter(
+        "resnet101", (16, 5), output_stride=16, norm="iabn", head_channels=256
+    ).eval()
     twin.load_state_dict(convert_official(_official(r101), twin), strict=False)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -66,22 +70,32 @@ def test_mismatches_are_named(r101):
     state = _official(r101)
     state.pop("module.head.red_conv.weight")
     state["module.body.mod6.block1.convs.conv1.weight"] = torch.zeros(1)
-    with pytest.raises(CheckpointError, match=r"1 missing \(e.g. \['head.red_conv.weight'\]\), 1 unexpected \(e.g. \['body.mod6"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"1 missing \(e.g. \['head.red_conv.weight'\]\), 1 unexpected \(e.g. \['body.mod6",
+    ):
         convert_official(state, r101)
     state = _official(r101)
     state["module.cls.1.weight"] = torch.zeros(6, 256, 1, 1)
-    with pytest.raises(CheckpointError, match=r"'cls.1.weight' has shape \(6, 256, 1, 1\), incseg 'classifiers.1.weight' expects \(5, 256, 1, 1\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'cls.1.weight' has shape \(6, 256, 1, 1\), incseg 'classifiers.1.weight' expects \(5, 256, 1, 1\)",
+    ):
         convert_official(state, r101)
 
 
 def test_iabn_imagenet_backbone_loads_into_the_backbone_only(r101, tmp_path):
-    body = {k.replace("module.body.", "module."): v for k, v in _official(r101).items() if ".body." in k}
+    body = {
+        k.replace("module.body.", "module."): v for k, v in _official(r101).items() if ".body." in k
+    }
     body["module.classifier.fc.weight"] = torch.zeros(1000, 2048)
     torch.save({"state_dict": body, "epoch": 90}, tmp_path / "resnet101_iabn_sync.pth.tar")
     fresh = build_segmenter("resnet101", (16, 5), output_stride=16, norm="iabn", head_channels=256)
     head_before = fresh.head.reduce.weight.clone()
     load_iabn_imagenet(fresh, str(tmp_path / "resnet101_iabn_sync.pth.tar"))
-    torch.testing.assert_close(fresh.backbone.layer3[5].conv2.weight, r101.backbone.layer3[5].conv2.weight)
+    torch.testing.assert_close(
+        fresh.backbone.layer3[5].conv2.weight, r101.backbone.layer3[5].conv2.weight
+    )
     torch.testing.assert_close(fresh.backbone.bn1.weight, r101.backbone.bn1.weight)
     assert torch.equal(fresh.head.reduce.weight, head_before)
     with pytest.raises(CheckpointError, match="not found"):
@@ -115,7 +129,9 @@ def test_import_checkpoint_then_eval(r101, voc_config_path, tmp_path, capsys):
 def _iabn(x, s, name, act=True):
     """In-Place ABN in eval mode: scale |gamma| + eps, then leaky ReLU 0.01 (or identity)."""
     w, b = s[f"{name}.weight"].abs() + IABN_EPS, s[f"{name}.bias"]
-    x = (x - s[f"{name}.running_mean"][:, None, None]) / torch.sqrt(s[f"{name}.running_var"][:, None, None] + IABN_EPS)
+    x = (x - s[f"{name}.running_mean"][:, None, None]) / torch.sqrt(
+        s[f"{name}.running_var"][:, None, None] + IABN_EPS
+    )
     x = x * w[:, None, None] + b[:, None, None]
     return torch.nn.functional.leaky_relu(x, 0.01) if act else x
 
@@ -133,16 +149,29 @@ def _official_forward(s, x, structure, output_stride):
             p = f"body.mod{mod_id + 2}.block{block_id + 1}"
             residual = x
             if f"{p}.proj_conv.weight" in s:
-                residual = _iabn(conv(x, s[f"{p}.proj_conv.weight"], stride=stride), s, f"{p}.proj_bn", act=False)
+                residual = _iabn(
+                    conv(x, s[f"{p}.proj_conv.weight"], stride=stride), s, f"{p}.proj_bn", act=False
+                )
             y = _iabn(conv(x, s[f"{p}.convs.conv1.weight"]), s, f"{p}.convs.bn1")
-            y = _iabn(conv(y, s[f"{p}.convs.conv2.weight"], stride=stride, padding=d, dilation=d), s, f"{p}.convs.bn2")
+            y = _iabn(
+                conv(y, s[f"{p}.convs.conv2.weight"], stride=stride, padding=d, dilation=d),
+                s,
+                f"{p}.convs.bn2",
+            )
             y = _iabn(conv(y, s[f"{p}.convs.conv3.weight"]), s, f"{p}.convs.bn3", act=False)
             x = torch.nn.functional.leaky_relu(y + residual, 0.01)  # residual.py:84-93
     rates = (6, 12, 18) if output_stride == 16 else (12, 24, 32)  # deeplab.py:19-22
     maps = [conv(x, s["head.map_convs.0.weight"])]
-    maps += [conv(x, s[f"head.map_convs.{i + 1}.weight"], padding=r, dilation=r) for i, r in enumerate(rates)]
+    maps += [
+        conv(x, s[f"head.map_convs.{i + 1}.weight"], padding=r, dilation=r)
+        for i, r in enumerate(rates)
+    ]
     out = conv(_iabn(torch.cat(maps, 1), s, "head.map_bn"), s["head.red_conv.weight"])
-    pool = _iabn(conv(x.mean((2, 3), keepdim=True), s["head.global_pooling_conv.weight"]), s, "head.global_pooling_bn")
+    pool = _iabn(
+        conv(x.mean((2, 3), keepdim=True), s["head.global_pooling_conv.weight"]),
+        s,
+        "head.global_pooling_bn",
+    )
     out = _iabn(out + conv(pool, s["head.pool_red_conv.weight"]), s, "head.red_bn")
     logits = torch.cat([conv(out, s[f"cls.{i}.weight"], s[f"cls.{i}.bias"]) for i in range(2)], 1)
     return torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
@@ -167,7 +196,9 @@ def test_official_resnet101_weights_compute_the_official_logits(r101):
         else:  # He-scaled conv weights keep activations O(1) through 101 layers
             fan_in = value[0].numel()
             state[name] = torch.randn(value.shape, generator=gen) * (2 / fan_in) ** 0.5 * 0.5
-    model = build_segmenter("resnet101", (16, 5), output_stride=16, norm="iabn", head_channels=256).eval()
+    model = build_segmenter(
+        "resnet101", (16, 5), output_stride=16, norm="iabn", head_channels=256
+    ).eval()
     model.load_state_dict(convert_official(state, model), strict=False)
     x = torch.randn(1, 3, 65, 49, generator=gen)
     with torch.no_grad():
@@ -192,7 +223,9 @@ def test_head_initialisation_matches_the_official_distribution():
         assert m.weight.mean().abs().item() < 0.1 * expected
     for m in model.head.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
-            assert torch.equal(m.weight, torch.ones_like(m.weight)) and torch.equal(m.bias, torch.zeros_like(m.bias))
+            assert torch.equal(m.weight, torch.ones_like(m.weight)) and torch.equal(
+                m.bias, torch.zeros_like(m.bias)
+            )
 
 
 def test_pretrained_iabn_is_fetched_into_the_torch_cache(r101, tmp_path, monkeypatch):
@@ -201,19 +234,25 @@ def test_pretrained_iabn_is_fetched_into_the_torch_cache(r101, tmp_path, monkeyp
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet101_iabn_sync.pth.tar"
     assert official.iabn_cache_path() == cached
-    body = {k.replace("module.body.", "module."): v for k, v in _official(r101).items() if ".body." in k}
+    body = {
+        k.replace("module.body.", "module."): v for k, v in _official(r101).items() if ".body." in k
+    }
     torch.save({"state_dict": body}, tmp_path / "served.pth.tar")
     assert official.ensure_iabn_weights((tmp_path / "served.pth.tar").as_uri()) == cached
     assert cached.read_bytes() == (tmp_path / "served.pth.tar").read_bytes()
     (tmp_path / "served.pth.tar").unlink()  # a cached file is used as it is, never fetched again
     assert official.ensure_iabn_weights("http://127.0.0.1:9/unreachable") == cached
     from incseg.config import config_from_dict
-    from incseg.engine.protocol import build_model
+    from incseg.engine.models import build_model
     from incseg.protocol import get_setting, step_info
 
-    config = config_from_dict({"data": {"dataset": "voc", "root": "x"}, "model": {"pretrained": "iabn"}})
+    config = config_from_dict(
+        {"data": {"dataset": "voc", "root": "x"}, "model": {"pretrained": "iabn"}}
+    )
     model = build_model(config, step_info(get_setting("voc", "15-5"), 1))
-    torch.testing.assert_close(model.backbone.layer4[0].conv2.weight, r101.backbone.layer4[0].conv2.weight)
+    torch.testing.assert_close(
+        model.backbone.layer4[0].conv2.weight, r101.backbone.layer4[0].conv2.weight
+    )
 
 
 def test_pretrained_iabn_offline_fails_before_any_work(tmp_path, monkeypatch, capsys):
@@ -230,4 +269,7 @@ def test_pretrained_iabn_offline_fails_before_any_work(tmp_path, monkeypatch, ca
     assert "http://127.0.0.1:9/resnet101_iabn_sync.pth.tar" in err and str(cached) in err
     assert not out.exists() and list(cached.parent.iterdir()) == []  # no partial download left
     assert main(["run", "demo", "--set", "model.pretrained=iabn", "--out", str(out)]) == 2
-    assert "model.pretrained: iabn is In-Place ABN's ResNet-101; model.backbone is 'tiny'" in capsys.readouterr().err
+    assert (
+        "model.pretrained: iabn is In-Place ABN's ResNet-101; model.backbone is 'tiny'"
+        in capsys.readouterr().err
+    )

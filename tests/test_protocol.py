@@ -163,7 +163,9 @@ def test_remap_shuffled_order_and_ade_zero():
     # 2 is a future class at step 1 of order b; 1 is old (channel 1); 11 is the first new class.
     lut = make_lut(info, "test", ignore_zero_at_test=True)
     assert remap(label, lut).tolist() == [[255, 101, 255, 1, 110, 255]]
-    assert remap(label, make_lut(info, "train", ignore_zero_at_test=True)).tolist() == [[0, 101, 0, 0, 110, 0]]
+    assert remap(label, make_lut(info, "train", ignore_zero_at_test=True)).tolist() == [
+        [0, 101, 0, 0, 110, 0]
+    ]
     with pytest.raises(ConfigError, match="mib"):
         make_lut(info, "train", "cil")
 
@@ -181,7 +183,11 @@ def test_packed_selection_equals_a_python_scan_on_random_indexes():
     for setting, step in (("15-1", 3), ("19-1", 1), ("10-5-5", 1)):
         info = step_info(get_setting("voc", setting), step)
         sets = [set(np.flatnonzero(row).tolist()) - {0, 255} for row in presence]
-        new, allowed, seen = set(info.new_classes), set(info.old_classes) | set(info.new_classes), set(info.seen_classes) - {0}
+        new, allowed, seen = (
+            set(info.new_classes),
+            set(info.old_classes) | set(info.new_classes),
+            set(info.seen_classes) - {0},
+        )
         want_ovl = [i for i, c in enumerate(sets) if c & new]
         want_dis = [i for i in want_ovl if sets[i] <= allowed]
         for index in (presence, words):

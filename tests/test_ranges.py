@@ -32,7 +32,11 @@ def config_numeric_keys() -> list[str]:
         cls = typing.get_type_hints(Config)[section.name]
         if dataclasses.is_dataclass(cls):
             hints = typing.get_type_hints(cls)
-            keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(cls) if _numeric(hints[f.name])]
+            keys += [
+                f"{section.name}.{f.name}"
+                for f in dataclasses.fields(cls)
+                if _numeric(hints[f.name])
+            ]
     return keys
 
 
@@ -40,7 +44,9 @@ def method_numeric_keys() -> list[tuple[str, str]]:
     pairs = []
     for name, cls in sorted(METHODS.items()):
         hints = typing.get_type_hints(cls)
-        pairs += [(name, f.name) for f in dataclasses.fields(cls) if f.init and _numeric(hints[f.name])]
+        pairs += [
+            (name, f.name) for f in dataclasses.fields(cls) if f.init and _numeric(hints[f.name])
+        ]
     return pairs
 
 
@@ -59,7 +65,10 @@ def test_range_ends_and_message():
     assert [half.contains(v) for v in (0, 1e-9, 0.999, 1)] == [False, True, True, False]
     assert not closed.contains(float("nan")) and not closed.contains(float("inf"))
     assert closed.describe() == "[1, 4]" and half.describe() == "(0, 1)"
-    assert Range(0, 1e6, "").describe() == "[0, 1,000,000]" and Range(1e-8, 0.5, "").describe() == "[1e-08, 0.5]"
+    assert (
+        Range(0, 1e6, "").describe() == "[0, 1,000,000]"
+        and Range(1e-8, 0.5, "").describe() == "[1e-08, 0.5]"
+    )
     check_range(None, closed, "a.b")
     with pytest.raises(ConfigError, match=r"^a\.b: must be in \(0, 1\), got 1 \(because\)$"):
         check_range(1, half, "a.b")
@@ -94,9 +103,15 @@ def _walk(key: str, prefix: list[str], valid: Range | None, tmp_path, capsys) ->
                 continue
             except ConfigError:
                 pass
-        code, err = _outcome([*prefix, "--set", f"{key}={value}", "--out", str(tmp_path / "never")], capsys)
+        code, err = _outcome(
+            [*prefix, "--set", f"{key}={value}", "--out", str(tmp_path / "never")], capsys
+        )
         assert code == 2, (key, value, err)
-        assert err.startswith("error: ") and key in err and "Traceback" not in err, (key, value, err)
+        assert err.startswith("error: ") and key in err and "Traceback" not in err, (
+            key,
+            value,
+            err,
+        )
     assert not (tmp_path / "never").exists()
     return accepted
 
@@ -114,11 +129,16 @@ def test_walk_every_numeric_key_with_zero_negative_and_absurd(tmp_path, capsys):
     met = set()
     for key in config_numeric_keys():
         # protocol.last_step's range depends on the setting (15-5: steps 0..1); output_stride is 8 or 16.
-        valid = {"protocol.last_step": Range(0, 1, ""), "model.output_stride": None}.get(key, RANGES.get(key))
+        valid = {"protocol.last_step": Range(0, 1, ""), "model.output_stride": None}.get(
+            key, RANGES.get(key)
+        )
         met |= {("config", a) for a in _walk(key, ["run", "demo"], valid, tmp_path, capsys)}
     for name, key in method_numeric_keys():
         prefix = ["run", "demo", "--set", f"method={{name: {name}}}"]
-        met |= {(name, a) for a in _walk(f"method.{key}", prefix, METHODS[name].ranges[key], tmp_path, capsys)}
+        met |= {
+            (name, a)
+            for a in _walk(f"method.{key}", prefix, METHODS[name].ranges[key], tmp_path, capsys)
+        }
     assert met == {(group, a) for group, values in ACCEPTED_RUNS.items() for a in values}
 
 
@@ -133,8 +153,16 @@ def test_accepted_edge_values_complete_a_run(group, tmp_path, capsys):
 
 
 def test_lowest_valid_sizes_complete_a_run(tmp_path, capsys):
-    lowest = ["data.image_size=16", "data.crop_size=16", "data.test_crop=16", "train.batch_size=2",
-              "train.eval_batch_size=1", "model.head_channels=1", "model.output_stride=8", "data.num_train=2"]  # fmt: skip
+    lowest = [
+        "data.image_size=16",
+        "data.crop_size=16",
+        "data.test_crop=16",
+        "train.batch_size=2",
+        "train.eval_batch_size=1",
+        "model.head_channels=1",
+        "model.output_stride=8",
+        "data.num_train=2",
+    ]
     sets = [arg for value in lowest for arg in ("--set", value)]
     code, err = _outcome(["run", "demo", *TINY, *sets, "--set", "protocol.last_step=0", "--out", str(tmp_path / "r"),
                           "--no-progress"], capsys)  # fmt: skip
@@ -145,4 +173,7 @@ def test_too_few_images_for_batch_norm_is_a_clear_error(tmp_path, capsys):
     code, err = _outcome(["run", "demo", *TINY, "--set", "data.num_train=1", "--out", str(tmp_path / "r"),
                           "--no-progress"], capsys)  # fmt: skip
     assert code == 2 and "Traceback" not in err
-    assert "step 0: 1 training image(s) and train.batch_size 4 give batches of 1 image(s) per process" in err
+    assert (
+        "step 0: 1 training image(s) and train.batch_size 4 give batches of 1 image(s) per process"
+        in err
+    )

@@ -30,7 +30,9 @@ CLASSES = {
 
 def _voc_source(split="train"):
     pairs = voc_pairs(VOC_ROOT, split)
-    return files.FileSource(pairs.names, pairs.images, pairs.labels, tag=f"voc-{split}", progress=False)
+    return files.FileSource(
+        pairs.names, pairs.images, pairs.labels, tag=f"voc-{split}", progress=False
+    )
 
 
 def test_palette_labels_decode_to_class_ids():
@@ -84,9 +86,14 @@ def test_both_voc_layouts_give_the_same_pairs(tmp_path):
         assert (devkit.layout, mib.layout) == ("vocdevkit", "mib")
         assert devkit.names == mib.names == sorted(devkit.names)
         assert [p.name for p in devkit.labels] == [p.name for p in mib.labels]
-    assert len(voc_pairs(mib_root, "train").names) == 12 and len(voc_pairs(mib_root, "test").names) == 6
+    assert (
+        len(voc_pairs(mib_root, "train").names) == 12
+        and len(voc_pairs(mib_root, "test").names) == 6
+    )
     (mib_root / "PascalVOC12" / "splits" / "val.txt").write_text("/JPEGImages/x.jpg\n")
-    with pytest.raises(DataError, match=r"val.txt:1: expected '/JPEGImages/x.jpg /SegmentationClassAug/x.png'"):
+    with pytest.raises(
+        DataError, match=r"val.txt:1: expected '/JPEGImages/x.jpg /SegmentationClassAug/x.png'"
+    ):
         voc_pairs(mib_root, "test")
 
 
@@ -99,7 +106,9 @@ def test_missing_root_and_files_are_named(tmp_path):
     shutil.copytree(VOC_ROOT, root)
     (root / "VOCdevkit" / "VOC2012" / "SegmentationClassAug" / "2007_003190.png").unlink()
     pairs = voc_pairs(root, "train")
-    with pytest.raises(DataError, match=r"1 file\(s\) of the voc-train list are missing, e.g. .*2007_003190.png"):
+    with pytest.raises(
+        DataError, match=r"1 file\(s\) of the voc-train list are missing, e.g. .*2007_003190.png"
+    ):
         files.FileSource(pairs.names, pairs.images, pairs.labels, tag="voc-train")
 
 
@@ -128,7 +137,11 @@ def test_remapping_of_a_named_image():
     values = lambda a: set(np.unique(a).tolist())
     info = step_info(get_setting("voc", "15-5"), 1)
     train = remap(torch.from_numpy(label), make_lut(info, "train"))
-    assert values(train) == {0, 18, 20}  # old chair/table/dog and void -> 0; sofa, tv keep their idx
+    assert values(train) == {
+        0,
+        18,
+        20,
+    }  # old chair/table/dog and void -> 0; sofa, tv keep their idx
     info0 = step_info(get_setting("voc", "15-5"), 0)
     test0 = remap(torch.from_numpy(label), make_lut(info0, "test"))
     assert values(test0) == {0, 9, 11, 12, 255}  # future sofa/tv -> 255 at test
@@ -179,14 +192,18 @@ def test_split_source_choices():
     assert uses_official("voc", "15-5", "overlap", "auto")
     assert not uses_official("voc", "10-1", "overlap", "auto")
     assert not uses_official("voc", "15-5", "overlap", "rule")
-    with pytest.raises(ConfigError, match=r"no official lists for voc 10-1 \(overlap\); shipped: 15-1/disjoint"):
+    with pytest.raises(
+        ConfigError, match=r"no official lists for voc 10-1 \(overlap\); shipped: 15-1/disjoint"
+    ):
         uses_official("voc", "10-1", "overlap", "official")
 
 
 def test_ade_official_lists_are_the_disjoint_mode_only():
     """MiB's ADE20K partition means disjoint; overlap and settings without lists never fall back
     to it silently, and official names the valid choices."""
-    assert uses_official("ade", "100-50", "disjoint", "official") and uses_official("ade", "100-50", "disjoint", "auto")
+    assert uses_official("ade", "100-50", "disjoint", "official") and uses_official(
+        "ade", "100-50", "disjoint", "auto"
+    )
     assert not uses_official("ade", "100-50", "overlap", "auto")  # auto: the overlap rule
     assert not uses_official("ade", "100-50", "disjoint", "rule")
     with pytest.raises(ConfigError, match=r"no official lists for ade 100-50 \(overlap\); shipped: 100-10/disjoint, "
@@ -262,7 +279,10 @@ def test_voc_run_end_to_end_on_fixtures(voc_config_path, tmp_path, capsys):
     assert "note: step 1: 2140 of the 2145 images of the official list are not in" in text
     metrics = json.loads((out / "metrics.json").read_text())
     assert [s["num_train_images"] for s in metrics["steps"]] == [11, 5]
-    assert [s["num_test_images"] for s in metrics["steps"]] == [4, 6]  # the two sheep-only val images are seen only at step 1
+    assert [s["num_test_images"] for s in metrics["steps"]] == [
+        4,
+        6,
+    ]  # the two sheep-only val images are seen only at step 1
     assert main(["eval", str(out), "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["eval", str(out), "--full-image", "--no-progress"]) == 0
@@ -282,14 +302,16 @@ def test_voc_run_end_to_end_on_fixtures(voc_config_path, tmp_path, capsys):
                 assert overlay.size == (2 * rgb.size[0], rgb.size[1])
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
-    assert main(["predict", str(out), str(images[0]), str(bad), "--out", str(tmp_path / "pred2")]) == 2
+    assert (
+        main(["predict", str(out), str(images[0]), str(bad), "--out", str(tmp_path / "pred2")]) == 2
+    )
     assert "bad.jpg: cannot decode image" in capsys.readouterr().err
     assert not (tmp_path / "pred2").exists()
 
 
 def test_full_image_evaluation_uses_batches_of_one(voc_config_path):
     from incseg.config import load_config
-    from incseg.engine.protocol import build_test_loader
+    from incseg.engine.loaders import build_test_loader
 
     config = load_config(voc_config_path, ["data.test_crop=null"])
     source = build_source(config.data, "test", progress=False)
@@ -303,12 +325,29 @@ def test_full_image_evaluation_uses_batches_of_one(voc_config_path):
 def test_real_dataset_config_errors(tmp_path, capsys):
     assert main(["run", "--set", "data.dataset=voc", "--out", str(tmp_path / "x")]) == 2
     assert "data.root: required for dataset 'voc'" in capsys.readouterr().err
-    args = ["run", "--set", "data.dataset=voc", "--set", f"data.root={tmp_path / 'none'}", "--out", str(tmp_path / "y")]
+    args = [
+        "run",
+        "--set",
+        "data.dataset=voc",
+        "--set",
+        f"data.root={tmp_path / 'none'}",
+        "--out",
+        str(tmp_path / "y"),
+    ]
     assert main(args) == 2
     assert "does not exist" in capsys.readouterr().err
-    voc = ["--set", "data.dataset=voc", "--set", f"data.root={VOC_ROOT}", "--set", "protocol.split_source=official"]
+    voc = [
+        "--set",
+        "data.dataset=voc",
+        "--set",
+        f"data.root={VOC_ROOT}",
+        "--set",
+        "protocol.split_source=official",
+    ]
     assert main(["run", *voc, "--set", "protocol.setting=10-1", "--out", str(tmp_path / "z")]) == 2
     assert "no official lists for voc 10-1 (overlap)" in capsys.readouterr().err
-    assert main(["run", "--set", "protocol.split_source=official", "--out", str(tmp_path / "w")]) == 2
+    assert (
+        main(["run", "--set", "protocol.split_source=official", "--out", str(tmp_path / "w")]) == 2
+    )
     assert "no official lists for shapes 15-5 (overlap); shipped: none" in capsys.readouterr().err
     assert not any((tmp_path / d).exists() for d in "xyzw")

@@ -22,7 +22,10 @@ class Toy(nn.Module):
 
 
 def test_quadratic_penalty_and_its_gradient_with_known_fisher():
-    params = [torch.tensor([1.0, 2.0], requires_grad=True), torch.tensor([[3.0]], requires_grad=True)]
+    params = [
+        torch.tensor([1.0, 2.0], requires_grad=True),
+        torch.tensor([[3.0]], requires_grad=True),
+    ]
     anchors = [torch.zeros(2), torch.tensor([[1.0]])]
     fisher = [torch.tensor([0.5, 2.0]), torch.tensor([[0.25]])]
     penalty = quadratic_penalty(params, anchors, fisher)
@@ -31,7 +34,9 @@ def test_quadratic_penalty_and_its_gradient_with_known_fisher():
     grads = [torch.ones(2), torch.ones(1, 1)]
     add_penalty_gradient(grads, [p.detach() for p in params], anchors, fisher, 3.0)
     # 1 + 2 * 3 * F (theta - anchor), equal to autograd's gradient of 3 * penalty plus 1
-    assert grads[0].tolist() == [1.0 + 6 * 0.5 * 1, 1.0 + 6 * 2.0 * 2] and grads[1].tolist() == [[1.0 + 6 * 0.25 * 2]]
+    assert grads[0].tolist() == [1.0 + 6 * 0.5 * 1, 1.0 + 6 * 2.0 * 2] and grads[1].tolist() == [
+        [1.0 + 6 * 0.25 * 2]
+    ]
     torch.testing.assert_close(grads[0], params[0].grad + 1)
 
 
@@ -85,14 +90,21 @@ def test_pi_by_hand():
     # iteration 0 only records the weights; then 3 (1.0 - 0.8) + 1 (0.8 - 0.5) = 0.9; the last
     # update (0.5 -> 0.4) is never paired with a gradient. Score 0.9 / ((0.4 - 1.0)^2 + 1e-20) = 2.5.
     assert pi.state_dict()["score"]["theta"].tolist() == pytest.approx([2.5, 0.0], rel=1e-12)
-    assert pi.state_dict()["importance"]["theta"].tolist() == pytest.approx([2.5 / (2.5 + 1e-8), 0.0], rel=1e-12)
+    assert pi.state_dict()["importance"]["theta"].tolist() == pytest.approx(
+        [2.5 / (2.5 + 1e-8), 0.0], rel=1e-12
+    )
 
 
 def test_pi_score_is_clamped_at_zero_and_summed_over_steps():
     pi = PI(weight=500.0)
     model = Toy([0.0, 0.0])
     # entry 0 climbs against its gradient: a negative path integral, clamped to 0
-    _drive(pi, model, [[0.0, 1.0], [0.5, 0.8], [1.0, 0.5], [1.0, 0.4]], [[1.0, 2.0], [1.0, 3.0], [1.0, 1.0]])
+    _drive(
+        pi,
+        model,
+        [[0.0, 1.0], [0.5, 0.8], [1.0, 0.5], [1.0, 0.4]],
+        [[1.0, 2.0], [1.0, 3.0], [1.0, 1.0]],
+    )
     assert pi.state_dict()["score"]["theta"].tolist() == pytest.approx([0.0, 2.5], rel=1e-12)
     _drive(pi, model, WEIGHTS, GRADS, info=INFO1, old_model=model)
     assert pi.state_dict()["score"]["theta"].tolist() == pytest.approx([2.5, 2.5], rel=1e-12)
@@ -225,7 +237,9 @@ def test_two_step_stream_equals_the_official_formulas(name):
     gradient handed to the optimizer all equal the official code's to 1e-6 relative."""
     gen = torch.Generator().manual_seed(3)
     model = Grown(gen)
-    method = {"ewc": EWC(weight=500.0), "pi": PI(weight=500.0), "rw": RW(weight=100.0, interval=3)}[name]
+    method = {"ewc": EWC(weight=500.0), "pi": PI(weight=500.0), "rw": RW(weight=100.0, interval=3)}[
+        name
+    ]
     official_state, old = None, None
     dummy = type("Out", (), {"logits": torch.zeros(1, 21, 1, 1)})()
     targets = torch.zeros(1, 1, 1, dtype=torch.long)
@@ -244,7 +258,10 @@ def test_two_step_stream_equals_the_official_formulas(name):
         method.begin_step(info, model, None, None)
         for _ in range(7):
             values = {n: p.detach().clone() for n, p in params.items()}
-            grads = {n: 1e-4 * torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in params.items()}
+            grads = {
+                n: 1e-4 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                for n, p in params.items()
+            }
             for n, p in params.items():
                 p.grad = grads[n].clone()
             penalty = method.losses(dummy, None, targets, info).get("penalty")
@@ -253,10 +270,16 @@ def test_two_step_stream_equals_the_official_formulas(name):
             expected_grads = dict(grads)
             if step == 1:
                 importance = ref.importance()
-                expected_penalty = sum((importance[n] * (values[n] - old[n]) ** 2).sum() for n in old)
-                assert penalty.item() == pytest.approx(method.weight * expected_penalty.item(), rel=1e-6)
+                expected_penalty = sum(
+                    (importance[n] * (values[n] - old[n]) ** 2).sum() for n in old
+                )
+                assert penalty.item() == pytest.approx(
+                    method.weight * expected_penalty.item(), rel=1e-6
+                )
                 for n in old:
-                    expected_grads[n] = grads[n] + 2 * method.weight * importance[n] * (values[n] - old[n])
+                    expected_grads[n] = grads[n] + 2 * method.weight * importance[n] * (
+                        values[n] - old[n]
+                    )
             else:
                 assert penalty is None
             for n, p in params.items():

@@ -66,8 +66,19 @@ def test_resume_with_another_config_is_refused(reference, tiny_config_path, tmp_
 
 def test_sigkill_during_step_1_then_resume_is_exact(reference, tiny_config_path, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "incseg", "run", str(tiny_config_path), "--out", str(run), "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    cmd = [
+        sys.executable,
+        "-m",
+        "incseg",
+        "run",
+        str(tiny_config_path),
+        "--out",
+        str(run),
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy()
+    )
     deadline = time.monotonic() + 300
     while not (run / "step_0.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -78,8 +89,16 @@ def test_sigkill_during_step_1_then_resume_is_exact(reference, tiny_config_path,
     assert _numbers(run) == _numbers(reference)
 
 
-EPOCHS2 = ["--set", "train.epochs=2", "--set", "train.epochs_incremental=2", "--set", "data.num_train=48",
-           "--set", "data.num_test=12"]
+EPOCHS2 = [
+    "--set",
+    "train.epochs=2",
+    "--set",
+    "train.epochs_incremental=2",
+    "--set",
+    "data.num_train=48",
+    "--set",
+    "data.num_test=12",
+]
 
 
 @pytest.fixture(scope="module")
@@ -104,21 +123,43 @@ def reference2(tiny_config_path, tmp_path_factory):
 )
 def test_sigkill_at_a_point_then_resume_is_exact(point, reference2, tiny_config_path, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "incseg", "run", str(tiny_config_path), "--out", str(run), "--no-progress", *EPOCHS2]
-    proc = subprocess.run(cmd, capture_output=True, env={**os.environ, "INCSEG_KILL_AT": point}, check=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "incseg",
+        "run",
+        str(tiny_config_path),
+        "--out",
+        str(run),
+        "--no-progress",
+        *EPOCHS2,
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, env={**os.environ, "INCSEG_KILL_AT": point}, check=False
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    assert main(["run", str(tiny_config_path), "--out", str(run), "--resume", "--no-progress", *EPOCHS2]) == 0
+    assert (
+        main(
+            ["run", str(tiny_config_path), "--out", str(run), "--resume", "--no-progress", *EPOCHS2]
+        )
+        == 0
+    )
     assert _numbers(run) == _numbers(reference2)
     assert not list(run.glob(".*.tmp")) and not (run / "last.pt").exists()
 
 
-def test_a_run_saved_before_new_config_keys_existed_is_still_the_same_config(reference, tmp_path, capsys):
+def test_a_run_saved_before_new_config_keys_existed_is_still_the_same_config(
+    reference, tmp_path, capsys
+):
     import yaml
 
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    del saved["train"]["checkpoint_every"], saved["protocol"]["split_source"]  # keys of a newer incseg, at defaults
+    del (
+        saved["train"]["checkpoint_every"],
+        saved["protocol"]["split_source"],
+    )  # keys of a newer incseg, at defaults
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     assert main(["run", "--resume", str(run), "--no-progress"]) == 0
     assert "steps 0..1 finished and restored" in capsys.readouterr().out

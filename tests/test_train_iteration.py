@@ -7,14 +7,17 @@ import copy
 import torch
 
 from incseg.engine.evaluate import evaluate, predict_channels
-from incseg.engine.train import train_one_epoch
+from incseg.engine.runtime import Runtime
+from incseg.engine.train import Optimisation, train_one_epoch
 from incseg.methods import MiB
 from incseg.models import build_segmenter
 from incseg.protocol import get_setting, step_info
 
 
 def test_prediction_is_the_first_highest_channel():
-    logits = torch.tensor([[[[1.0]], [[3.0]], [[3.0]]], [[[2.0]], [[-1.0]], [[2.0]]]])  # ties: 1 and 2, 0 and 2
+    logits = torch.tensor(
+        [[[[1.0]], [[3.0]], [[3.0]]], [[[2.0]], [[-1.0]], [[2.0]]]]
+    )  # ties: 1 and 2, 0 and 2
     assert predict_channels(logits).flatten().tolist() == [1, 0]
     wide = torch.randn(2, 21, 9, 7)
     wide[:, 5] = wide[:, 12]  # exact ties in every pixel
@@ -27,7 +30,7 @@ def test_evaluate_counts_the_prediction_of_every_pixel():
     model = build_segmenter("tiny", (3,), head_channels=8).eval()
     images, targets = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32), dtype=torch.uint8)
     targets[0, :4] = 255
-    matrix = evaluate(model, [(images, targets)], 3, device=torch.device("cpu"))
+    matrix = evaluate(model, [(images, targets)], 3, Runtime(torch.device("cpu")))
     with torch.no_grad():
         pred = model(images).logits.argmax(1)
     keep = targets != 255
@@ -58,8 +61,13 @@ def test_iteration_frees_gradients_and_runs_the_old_model_before_the_student():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    batches = [(torch.randn(2, 3, 32, 32), torch.randint(0, 21, (2, 32, 32), dtype=torch.uint8)) for _ in range(3)]
-    train_one_epoch(model, old, MiB(), batches, optimizer, scheduler, scaler, info, epoch=0,
-                    device=torch.device("cpu"), amp_dtype=None, log_interval=1, progress=False)  # fmt: skip
+    batches = [
+        (torch.randn(2, 3, 32, 32), torch.randint(0, 21, (2, 32, 32), dtype=torch.uint8))
+        for _ in range(3)
+    ]
+    opt = Optimisation(optimizer, scheduler, scaler)
+    train_one_epoch(
+        model, old, MiB(), batches, opt, info, Runtime(torch.device("cpu")), epoch=0, log_interval=1
+    )
     assert events == [("old", False), ("student", True)] * 3
     assert all(p.grad is not None for p in model.parameters())  # the last step's gradients stay

@@ -45,10 +45,18 @@ def main(shared: Path) -> None:
     voc = {}
     for folder, setting in VOC.items():
         for suffix, mode in (("", "disjoint"), ("-ov", "overlap")):
-            voc[f"{setting}/{mode}"] = _steps(shared / "mib_splits" / "voc" / f"{folder}{suffix}", train_aug)
-    _write(OUT / "voc.json.gz", {"source": SOURCE, "index_into": "train_aug sorted by id", "splits": voc})
+            voc[f"{setting}/{mode}"] = _steps(
+                shared / "mib_splits" / "voc" / f"{folder}{suffix}", train_aug
+            )
+    _write(
+        OUT / "voc.json.gz",
+        {"source": SOURCE, "index_into": "train_aug sorted by id", "splits": voc},
+    )
     ade_names = [f"ADE_train_{i + 1:08d}" for i in range(20210)]
-    ade = {setting: _steps(shared / "mib_splits" / "ade" / folder, ade_names) for folder, setting in ADE.items()}
+    ade = {
+        setting: _steps(shared / "mib_splits" / "ade" / folder, ade_names)
+        for folder, setting in ADE.items()
+    }
     _write(OUT / "ade.json.gz", {"source": SOURCE, "index_into": "ADE training images sorted by name",
                                  "splits": ade})  # fmt: skip
     _write(OUT / "voc_lists.json.gz", {"source": "standard VOC2012 / SBD split lists",

@@ -1,6 +1,6 @@
 """Write docs/guards.md: run every bad-input case of tests/test_guards.py and record its message.
 
-    python tools/guards_table.py > docs/guards.md
+python tools/guards_table.py > docs/guards.md
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ def run(argv_factory) -> tuple[int, str]:
 
 def main_table() -> None:
     print("# Bad inputs and the errors they get\n")
-    print("Every row is a test (`tests/test_guards.py`); this file is written by "
-          "`python tools/guards_table.py > docs/guards.md`. All exit with code 2, one `error:` line,")
+    print(
+        "Every row is a test (`tests/test_guards.py`); this file is written by "
+        "`python tools/guards_table.py > docs/guards.md`. All exit with code 2, one `error:` line,"
+    )
     print("no traceback. Long valid-choice lists are cut here with `...`.\n")
     print("| bad input | message |")
     print("|---|---|")
@@ -45,10 +47,14 @@ def main_table() -> None:
         if len(text) > 260:
             text = text[:257] + "..."
         print(f"| {what} | `{text.replace('|', '/')}` (exit {code}) |")
-    print("| a non-finite loss (EWC, weight 1e6, LR 1) | `error: non-finite loss at step 1, epoch 3, iteration 1: "
-          "loss=nan (ce=nan, penalty=inf)` (exit 2; step_0.pt kept) |")
+    print(
+        "| a non-finite loss (EWC, weight 1e6, LR 1) | `error: non-finite loss at step 1, epoch 3, iteration 1: "
+        "loss=nan (ce=nan, penalty=inf)` (exit 2; step_0.pt kept) |"
+    )
     print("\n## Valid ranges of numeric keys\n")
-    print("Checked when the config is built (`src/incseg/config.py` `RANGES`, each method's `ranges`);")
+    print(
+        "Checked when the config is built (`src/incseg/config.py` `RANGES`, each method's `ranges`);"
+    )
     print("`protocol.last_step` must be a step of the setting and `model.output_stride` 8 or 16.")
     print("`tests/test_ranges.py` sets every numeric key to 0, -1 and 10^15.\n")
     print("| key | valid | why |")

@@ -31,7 +31,11 @@ PAPER_HEADER = "# Paper reproduction config (written by tools/make_configs.py); 
 
 
 def _paper(dataset: str, setting: str, mode: str, method: str) -> dict:
-    name = f"{dataset}-{setting}-{mode}-{method}" if dataset == "voc" else f"{dataset}-{setting}-{method}"
+    name = (
+        f"{dataset}-{setting}-{mode}-{method}"
+        if dataset == "voc"
+        else f"{dataset}-{setting}-{method}"
+    )
     cfg = {
         "name": name,
         "data": {"dataset": dataset, "root": f"data/{dataset}", "test_crop": 512},
@@ -106,7 +110,12 @@ def _seed(name: str, miou: float | None) -> str:
 
 
 def main() -> None:
-    jobs = [("voc", s, mode, m) for s, methods in VOC.items() for mode in ("disjoint", "overlap") for m in methods]
+    jobs = [
+        ("voc", s, mode, m)
+        for s, methods in VOC.items()
+        for mode in ("disjoint", "overlap")
+        for m in methods
+    ]
     jobs += [("ade", s, "overlap", m) for s, methods in ADE.items() for m in methods]
     jobs += [("voc", "offline", "overlap", "ft"), ("ade", "offline", "overlap", "ft")]
     for dataset, setting, mode, method in jobs:

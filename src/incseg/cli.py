@@ -8,17 +8,18 @@ without a traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from incseg import __version__
+from incseg import __version__, log
 from incseg.config import RANGES, builtin_configs, load_config
 from incseg.errors import IncsegError
 from incseg.ranges import check_range
 
-RUN_MARKERS = ("config.yaml", "metrics.json", "summary.md", "step_0.pt")
+logger = logging.getLogger("incseg.cli")
 
 
 def _config_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
@@ -50,12 +51,26 @@ def _parser() -> argparse.ArgumentParser:
         "(train.batch_size is the global batch; rank 0 writes).",
     )
     _config_arguments(run, out_help="run directory (default: runs/NAME-TIME)")
-    run.add_argument("--overwrite", action="store_true", help="allow writing into a directory that holds a run")
+    run.add_argument(
+        "--overwrite", action="store_true", help="allow writing into a directory that holds a run"
+    )
     run.add_argument(
         "--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
         help="continue an interrupted run from its last finished step: `--out DIR --resume`, or "
         "`--resume RUN_DIR` (config read from RUN_DIR/config.yaml unless CONFIG is given)",
     )  # fmt: skip
+    run.add_argument(
+        "--start-from", type=Path, default=None, metavar="RUN_DIR",
+        help="start with the finished steps 0..K of another run (copied unchanged; they must have been "
+        "trained as this config trains them, e.g. step 0 by another plain-cross-entropy method)",
+    )  # fmt: skip
+    run.add_argument(
+        "--start-step",
+        type=int,
+        default=0,
+        metavar="K",
+        help="last step taken from --start-from (0)",
+    )
     cmp = sub.add_parser(
         "compare",
         help="run several methods (and Joint) on one setting and tabulate them",
@@ -63,9 +78,13 @@ def _parser() -> argparse.ArgumentParser:
         "re-run) and write comparison.md, comparison.csv and comparison.png.",
     )
     _config_arguments(cmp, out_help="output directory (default: runs/compare-NAME)")
-    cmp.add_argument("--methods", required=True, help="comma-separated method names, e.g. ft,lwf,ilt,mib")
+    cmp.add_argument(
+        "--methods", required=True, help="comma-separated method names, e.g. ft,lwf,ilt,mib"
+    )
     cmp.add_argument("--joint", action="store_true", help="also train Joint (the offline setting)")
-    cmp.add_argument("--joint-epochs", type=int, default=None, help="epochs of Joint (default: train.epochs)")
+    cmp.add_argument(
+        "--joint-epochs", type=int, default=None, help="epochs of Joint (default: train.epochs)"
+    )
     cmp.add_argument(
         "--retrain-first-step", action="store_true",
         help="train step 0 for every method (default: FT, LwF, ILT and MiB, whose step 0 is the same "
@@ -85,9 +104,17 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("source", type=Path, help="official checkpoint (.pth)")
     imp.add_argument("config", help="incseg config of the same setting, e.g. voc/15-5-overlap-mib")
     imp.add_argument("--step", type=int, required=True, help="step the checkpoint was saved at")
-    imp.add_argument("--out", type=Path, required=True, help="incseg checkpoint to write (not overwritten)")
-    imp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key (repeatable)")
+    imp.add_argument(
+        "--out", type=Path, required=True, help="incseg checkpoint to write (not overwritten)"
+    )
+    imp.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable)",
+    )
     sub.add_parser(
         "configs",
         help="list the built-in configs (demo, the MiB paper's rows, the seed table's rows)",
@@ -114,8 +141,14 @@ def _parser() -> argparse.ArgumentParser:
         description="Re-evaluate a saved step on its test set and print the same table as training.",
     )
     ev.add_argument("path", type=Path, help="run directory or step_K.pt checkpoint")
-    ev.add_argument("--step", type=int, default=None, help="step of a run directory (default: last saved)")
-    ev.add_argument("--full-image", action="store_true", help="evaluate full images (batch 1), not the config's test crop")
+    ev.add_argument(
+        "--step", type=int, default=None, help="step of a run directory (default: last saved)"
+    )
+    ev.add_argument(
+        "--full-image",
+        action="store_true",
+        help="evaluate full images (batch 1), not the config's test crop",
+    )
     ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
     pr = sub.add_parser(
         "predict",
@@ -123,7 +156,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Segment images with a saved step; write palette PNG masks (dataset class ids) "
         "and side-by-side overlays.",
     )
-    pr.add_argument("checkpoint", type=Path, help="step_K.pt checkpoint or run directory (last step)")
+    pr.add_argument(
+        "checkpoint", type=Path, help="step_K.pt checkpoint or run directory (last step)"
+    )
     pr.add_argument("images", type=Path, nargs="+", help="image files")
     pr.add_argument("--out", type=Path, required=True, help="output folder")
     return parser
@@ -132,47 +167,66 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     if isinstance(args.resume, str):
         if args.out is not None and args.out != Path(args.resume):
-            raise IncsegError(f"--resume {args.resume} and --out {args.out} name different directories")
+            raise IncsegError(
+                f"--resume {args.resume} and --out {args.out} name different directories"
+            )
         args.out = Path(args.resume)
         if args.config is None:
             if not (args.out / "config.yaml").is_file():
-                raise IncsegError(f"--resume {args.out}: no config.yaml there; is it a run directory?")
+                raise IncsegError(
+                    f"--resume {args.out}: no config.yaml there; is it a run directory?"
+                )
             args.config = str(args.out / "config.yaml")
     if args.resume and args.overwrite:
         raise IncsegError("--resume and --overwrite contradict each other; pass one")
     config = load_config(args.config, args.overrides)
     if args.resume and args.out is None:
         raise IncsegError("--resume needs the run directory: --out DIR --resume, or --resume DIR")
-    from incseg.engine.distributed import (
-        broadcast_object,
-        init_distributed,
-        is_main_process,
-        local_device,
-    )
-    from incseg.engine.protocol import (  # heavy imports once the config is valid
-        resolve_device,
-        run_protocol,
-    )
+    from incseg.engine.protocol import run_protocol  # heavy imports once the config is valid
+    from incseg.engine.rundir import RunDir
 
+    dist = _join(config)
     # Under torchrun every process must agree on a generated run name: rank 0's is used.
-    init_distributed(local_device(resolve_device(config.train.device)))
-    out = broadcast_object(args.out or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = _broadcast(
+        args.out or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}", dist
+    )
     if out.exists() and not out.is_dir():
         raise IncsegError(f"--out {out}: exists and is not a directory")
-    existing = [m for m in RUN_MARKERS if (out / m).exists()]
+    existing = RunDir(out).markers()
     if existing and not (args.overwrite or args.resume):
         raise IncsegError(
             f"--out {out}: already holds a run ({', '.join(existing)}); choose another directory, "
             "pass --resume to continue it, or --overwrite to replace it"
         )
-    main_process = is_main_process()
-    if main_process:
-        print(f"incseg run: {config.method.name} on {config.data.dataset} {config.protocol.setting} "
-              f"({config.protocol.mode}) -> {out}")  # fmt: skip
-    run_protocol(config, out, progress=not args.no_progress, resume=bool(args.resume))
-    if main_process:
-        print(f"Run directory: {out}")
+    start_from = (args.start_from, args.start_step) if args.start_from is not None else None
+    logger.info(f"incseg run: {config.method.name} on {config.data.dataset} {config.protocol.setting} "
+                f"({config.protocol.mode}) -> {out}")  # fmt: skip
+    run_protocol(
+        config,
+        out,
+        dist=dist,
+        progress=not args.no_progress,
+        resume=bool(args.resume),
+        start_from=start_from,
+    )
+    logger.info(f"Run directory: {out}")
     return 0
+
+
+def _join(config):
+    """This process's identity (joining torchrun's process group); only rank 0 logs."""
+    from incseg.engine.distributed import init_distributed
+    from incseg.engine.runtime import Runtime
+
+    dist = init_distributed(Runtime.of(config).device)
+    log.configure(dist.rank)
+    return dist
+
+
+def _broadcast(value, dist):
+    from incseg.engine.distributed import broadcast_object
+
+    return broadcast_object(value, dist)
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -184,44 +238,55 @@ def _compare(args: argparse.Namespace) -> int:
         check_range(args.joint_epochs, RANGES["train.epochs"], "--joint-epochs")
     out = args.out or Path("runs") / f"compare-{base.name}"
     from incseg.compare import parse_method_sets, run_comparison
-    from incseg.engine.distributed import is_main_process
     from incseg.engine.protocol import run_protocol
 
     method_sets = parse_method_sets(args.method_sets, methods)
+    dist = _join(base)
 
-    def run(config, run_dir):
-        run_protocol(config, run_dir, progress=not args.no_progress, resume=True)
+    def run(config, run_dir, start_from=None):
+        run_protocol(
+            config,
+            run_dir,
+            dist=dist,
+            progress=not args.no_progress,
+            resume=True,
+            start_from=start_from,
+        )
 
-    rows = run_comparison(base, methods, out, joint=args.joint, joint_epochs=args.joint_epochs, run=run,
+    rows = run_comparison(base, methods, out, joint=args.joint, joint_epochs=args.joint_epochs, run=run, dist=dist,
                           method_sets=method_sets, share_first_step=not args.retrain_first_step)  # fmt: skip
-    main_process = is_main_process()
-    if main_process:
-        print(f"Comparison written to {out}/comparison.md, .csv and .png")
+    logger.info(f"Comparison written to {out}/comparison.md, .csv and .png")
     failed = [r["method"] for r in rows if r.get("failed")]
     if failed:
-        if main_process:
-            print(f"error: {len(failed)} method(s) failed: {', '.join(failed)} (see comparison.md)", file=sys.stderr)
+        if dist.is_main:
+            print(
+                f"error: {len(failed)} method(s) failed: {', '.join(failed)} (see comparison.md)",
+                file=sys.stderr,
+            )
         return 1
     return 0
 
 
 def _checkpoint_path(path: Path, step: int | None) -> Path:
     """``path`` itself, or ``step_K.pt`` of a run directory (default: the highest K)."""
+    from incseg.engine.rundir import RunDir
+
     if not path.is_dir():
         if step is not None:
             raise IncsegError("--step is only for run directories, not checkpoint files")
         return path
+    run = RunDir(path)
     if step is not None:
-        return path / f"step_{step}.pt"
-    steps = sorted(int(p.stem.split("_")[1]) for p in path.glob("step_*.pt") if p.stem.split("_")[1].isdigit())
-    if not steps:
+        return run.step_file(step)
+    files = run.step_files()
+    if not files:
         raise IncsegError(f"{path}: no step_K.pt checkpoints in this directory")
-    return path / f"step_{steps[-1]}.pt"
+    return files[max(files)]
 
 
 def _eval(args: argparse.Namespace) -> int:
     from incseg.engine.checkpoint import load_checkpoint
-    from incseg.engine.protocol import evaluate_checkpoint
+    from incseg.engine.evaluate import evaluate_checkpoint
     from incseg.report import format_step_table
 
     path = _checkpoint_path(args.path, args.step)
@@ -266,7 +331,7 @@ def _data(args: argparse.Namespace) -> int:
 
 def _import_checkpoint(args: argparse.Namespace) -> int:
     from incseg.engine.checkpoint import save_checkpoint
-    from incseg.engine.protocol import build_model
+    from incseg.engine.models import build_model
     from incseg.models.official import convert_official
     from incseg.protocol import get_setting, step_info
     from incseg.torchfile import load_torch_file
@@ -276,10 +341,14 @@ def _import_checkpoint(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     setting = get_setting(config.family, config.protocol.setting)
     if not 0 <= args.step < setting.num_steps:
-        raise IncsegError(f"--step {args.step}: setting {setting.name} has steps 0..{setting.num_steps - 1}")
+        raise IncsegError(
+            f"--step {args.step}: setting {setting.name} has steps 0..{setting.num_steps - 1}"
+        )
     data = load_torch_file(args.source, "a step checkpoint of the official MiB code")
     if not isinstance(data, dict) or "model_state" not in data:
-        raise IncsegError(f"{args.source}: no 'model_state' entry; not a checkpoint of the official MiB code")
+        raise IncsegError(
+            f"{args.source}: no 'model_state' entry; not a checkpoint of the official MiB code"
+        )
     info = step_info(setting, args.step)
     model = build_model(config, info, pretrained=False)
     model.load_state_dict(convert_official(data["model_state"], model), strict=False)
@@ -288,7 +357,9 @@ def _import_checkpoint(args: argparse.Namespace) -> int:
         "config": config.to_dict(), "model": model.state_dict(), "method": {},
         "imported_from": str(args.source),
     })  # fmt: skip
-    print(f"wrote {args.out} (step {args.step} of {setting.name}); evaluate it with `incseg eval {args.out}`")
+    print(
+        f"wrote {args.out} (step {args.step} of {setting.name}); evaluate it with `incseg eval {args.out}`"
+    )
     return 0
 
 
@@ -308,7 +379,11 @@ def _config_list() -> str:
     for name in builtin_configs(with_folders=True):
         if name.startswith("seed/"):
             miou = SEED_MIOU.get(name.removeprefix("seed/"))
-            note = f"seed mIoU {miou}% (with background)" if miou is not None else "seed mIoU not reported"
+            note = (
+                f"seed mIoU {miou}% (with background)"
+                if miou is not None
+                else "seed mIoU not reported"
+            )
             name = f"{name:<58} {note}"
         lines.append(name)
     return "\n".join(lines)
@@ -317,6 +392,7 @@ def _config_list() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 2 user error)."""
     args = _parser().parse_args(argv)
+    log.configure()
     try:
         if args.command == "run":
             return _run(args)

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from incseg.config import Config, MethodConfig, apply_override, check_saved_config, config_from_dict
-from incseg.engine.distributed import barrier, is_main_process
+from incseg.config import Config, MethodConfig, apply_override, config_from_dict
+from incseg.engine.distributed import SINGLE, DistInfo
+from incseg.engine.protocol import shared_steps_key
+from incseg.engine.rundir import RunDir
 from incseg.errors import ConfigError, IncsegError
-from incseg.methods import METHODS
+from incseg.methods import METHOD_NAMES, method_class
 from incseg.protocol import get_setting, step_info
+
+log = logging.getLogger(__name__)
 
 JOINT = "joint"
 
@@ -29,8 +33,10 @@ def method_config(base: Config, name: str, overrides: Sequence[str] = ()) -> Con
     """``base`` with method ``name``; the base's method hyperparameters carry over only to the
     same method (they are not valid for others). ``overrides`` are ``KEY=VALUE`` assignments
     inside this method's section (``weight=50``), validated like ``--set method.KEY=VALUE``."""
-    if name not in METHODS:
-        raise ConfigError(f"--methods: unknown method {name!r}; valid choices: {sorted(METHODS)}")
+    if name not in METHOD_NAMES:
+        raise ConfigError(
+            f"--methods: unknown method {name!r}; valid choices: {list(METHOD_NAMES)}"
+        )
     raw = base.to_dict()
     raw["method"] = dict(raw["method"]) if base.method.name == name else {"name": name}
     for assignment in overrides:
@@ -47,28 +53,25 @@ def parse_method_sets(assignments: Sequence[str], methods: Sequence[str]) -> dic
     for text in assignments:
         name, dot, rest = text.partition(".")
         if not dot or "=" not in rest:
-            raise ConfigError(f"--method-set {text!r}: expected METHOD.KEY=VALUE, e.g. ewc.weight=50")
+            raise ConfigError(
+                f"--method-set {text!r}: expected METHOD.KEY=VALUE, e.g. ewc.weight=50"
+            )
         if name not in methods:
-            raise ConfigError(f"--method-set {text!r}: {name!r} is not in --methods {list(methods)}")
+            raise ConfigError(
+                f"--method-set {text!r}: {name!r} is not in --methods {list(methods)}"
+            )
         per_method.setdefault(name, []).append(rest)
     return per_method
 
 
 def joint_config(base: Config, epochs: int | None) -> Config:
     """Joint training: the ``offline`` setting with fine-tuning (``epochs`` default: step 0's)."""
-    train = dataclasses.replace(base.train, epochs=epochs if epochs is not None else base.train.epochs)
+    train = dataclasses.replace(
+        base.train, epochs=epochs if epochs is not None else base.train.epochs
+    )
     proto = dataclasses.replace(base.protocol, setting="offline", last_step=None)
     return dataclasses.replace(base, name=f"{base.name}-joint", protocol=proto, train=train,
                                method=MethodConfig(name="ft"))  # fmt: skip
-
-
-def is_finished(run_dir: Path, num_steps: int) -> bool:
-    """True when ``run_dir`` holds a completed run of ``num_steps`` steps."""
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (run_dir / "summary.md").is_file() and len(metrics.get("steps", [])) == num_steps
 
 
 def _mean(values: Sequence[float | None]) -> float:
@@ -83,7 +86,11 @@ def comparison_row(label: str, metrics: dict, old_names: set[str], background: s
 
     def groups(per_class: dict) -> tuple[float, float, float]:
         old = _mean([v for n, v in per_class.items() if n in old_names and n != background])
-        return old, _mean([v for n, v in per_class.items() if n != background]), _mean(list(per_class.values()))
+        return (
+            old,
+            _mean([v for n, v in per_class.items() if n != background]),
+            _mean(list(per_class.values())),
+        )
 
     per_class = metrics["steps"][-1]["per_class"]
     old, all_, with_bg = groups(per_class)
@@ -119,9 +126,11 @@ def write_outputs(rows: list[dict], out: Path, title: str, ranges: dict[str, str
     classes of ``old``, ``new``, ``all`` and ``with_bg`` (e.g. ``"1-15"``)."""
     heads = [f"old ({ranges['old']})", f"new ({ranges['new']})", f"all ({ranges['all']})",
              f"w/ bg ({ranges['with_bg']})", "avg"]  # fmt: skip
-    note = ("mIoU (%) after the last step. Old / new / all as the MiB paper groups them (background "
-            "excluded); w/ bg: every class with background (cssegmentation's and PLOP's mIoU); avg: "
-            "the paper's all averaged over steps.")
+    note = (
+        "mIoU (%) after the last step. Old / new / all as the MiB paper groups them (background "
+        "excluded); w/ bg: every class with background (cssegmentation's and PLOP's mIoU); avg: "
+        "the paper's all averaged over steps."
+    )
     lines = [f"# {title}", "", note, "",
              f"| method | {' | '.join(heads)} |", "|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['method']} | " + " | ".join(_pct(r[k]) for k in COLUMNS) + " |" for r in rows]
@@ -135,7 +144,9 @@ def write_outputs(rows: list[dict], out: Path, title: str, ranges: dict[str, str
         writer.writerow(["method", f"old_{ranges['old']}", f"new_{ranges['new']}", f"all_{ranges['all']}",
                          f"with_bg_{ranges['with_bg']}", "avg_over_steps"])  # fmt: skip
         for r in rows:
-            writer.writerow([r["method"], *("" if math.isnan(r[k]) else f"{100 * r[k]:.2f}" for k in COLUMNS)])
+            writer.writerow(
+                [r["method"], *("" if math.isnan(r[k]) else f"{100 * r[k]:.2f}" for k in COLUMNS)]
+            )
     _plot(rows, out / "comparison.png", title, ranges)
 
 
@@ -155,7 +166,10 @@ def _plot(rows: list[dict], path: Path, title: str, ranges: dict[str, str]) -> N
         axes[0].plot(steps, [100 * v for v in r["all_per_step"]], label=r["method"], marker="o")
         axes[1].plot(steps, [100 * v for v in r["old_per_step"]], label=r["method"], marker="o")
     num_steps = max((len(r["all_per_step"]) for r in rows if r["method"] != JOINT), default=1)
-    names = (f"all seen classes, background excluded ({ranges['all']})", f"old classes ({ranges['old']})")
+    names = (
+        f"all seen classes, background excluded ({ranges['all']})",
+        f"old classes ({ranges['old']})",
+    )
     for ax, name in zip(axes, names, strict=True):
         ax.set_xticks(range(num_steps))
         ax.set_xlabel("step")
@@ -176,9 +190,9 @@ def run_comparison(
     *,
     joint: bool,
     joint_epochs: int | None,
-    run: Callable[[Config, Path], None],
+    run: Callable[[Config, Path, tuple[Path, int] | None], None],
+    dist: DistInfo = SINGLE,
     method_sets: dict[str, list[str]] | None = None,
-    log: Callable[[str], None] = print,
     share_first_step: bool = True,
 ) -> list[dict]:
     """Run (or reuse) every method, then write the comparison files into ``out``.
@@ -191,18 +205,16 @@ def run_comparison(
     comparison again retries it.
 
     Args:
-        run: ``run(config, run_dir)`` trains one configuration, continuing the finished steps
-            of an interrupted run (``run_protocol(..., resume=True)`` in the CLI).
+        run: ``run(config, run_dir, start_from)`` trains one configuration, continuing the
+            finished steps of an interrupted run; ``start_from`` is None or ``(RUN_DIR, 0)``
+            (``run_protocol(..., resume=True, start_from=...)`` in the CLI).
+        dist: this process's identity; rank 0 logs and writes the comparison files.
         method_sets: per-method ``KEY=VALUE`` overrides, from :func:`parse_method_sets`.
         share_first_step: methods whose step 0 is plain cross-entropy (FT, LwF, ILT, MiB; see
             ``Method.plain_first_step``) and whose configs differ only in the method train step 0
-            once: later ones start from the first one's finished step 0.
+            once: later ones start from the first one's finished step 0 (copied unchanged).
     """
-    from incseg.engine.protocol import (  # torchvision: only when running
-        adopt_first_step,
-        first_step_key,
-    )
-
+    run_one = run
     setting = get_setting(base.family, base.protocol.setting)
     last = setting.num_steps - 1 if base.protocol.last_step is None else base.protocol.last_step
     info = step_info(setting, last)
@@ -212,41 +224,48 @@ def run_comparison(
     if joint:
         jobs.append((JOINT, joint_config(base, joint_epochs)))
     for label, config in jobs:
-        check_saved_config(out / label, config, "reuse or continue")
+        RunDir(out / label).check_config(config, "reuse or continue")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    if not is_main_process():
-        log = lambda _message: None
-    first_steps: dict[str, Path] = {}  # first_step_key -> a run directory with that step 0 done
+    first_steps: dict[str, Path] = {}  # shared_steps_key -> a run directory with that step 0 done
     for label, config in jobs:
-        run_dir = out / label
+        run = RunDir(out / label)
         steps = 1 if label == JOINT else last + 1
-        key = first_step_key(config) if share_first_step and label != JOINT else None
-        if is_finished(run_dir, steps):
-            log(f"[compare] {label}: finished run found in {run_dir}, not re-run")
+        shared = (
+            share_first_step
+            and label != JOINT
+            and method_class(config.method.name).plain_first_step
+        )
+        key = shared_steps_key(config, 0) if shared else None
+        if run.is_finished(steps):
+            log.info(f"[compare] {label}: finished run found in {run.path}, not re-run")
         else:
             source = first_steps.get(key)
-            if source is not None and steps > 1 and not (run_dir / "step_0.pt").exists():
-                log(f"[compare] {label}: step 0 is the one of {source.name} (plain cross-entropy), not retrained")
-                if is_main_process():
-                    adopt_first_step(source, run_dir, config)
-                barrier()
-            log(f"[compare] {label}: running into {run_dir}")
+            start_from = None
+            if source is not None and steps > 1 and not run.step_file(0).exists():
+                log.info(
+                    f"[compare] {label}: step 0 is the one of {source.name} (plain cross-entropy), not retrained"
+                )
+                start_from = (source, 0)
+            log.info(f"[compare] {label}: running into {run.path}")
             try:
-                run(config, run_dir)
+                run_one(config, run.path, start_from)
             except IncsegError as err:
-                log(f"[compare] {label}: FAILED: {err}")
+                log.info(f"[compare] {label}: FAILED: {err}")
                 rows.append(failed_row(label, str(err)))
                 continue
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        rows.append(comparison_row(label, metrics, old_names, info.class_names[0]))
+        rows.append(
+            comparison_row(
+                label, run.read_metrics() or {"steps": []}, old_names, info.class_names[0]
+            )
+        )
         if key is not None:
-            first_steps.setdefault(key, run_dir)
+            first_steps.setdefault(key, run.path)
     title = f"{base.data.dataset} {setting.name} ({base.protocol.mode})"
     last_channel, base = info.num_channels - 1, info.num_base_channels
     ranges = {"old": f"1-{base - 1}", "new": f"{base}-{last_channel}", "all": f"1-{last_channel}",
               "with_bg": f"0-{last_channel}"}  # fmt: skip
-    if is_main_process():  # under torchrun every rank trains; rank 0 writes
+    if dist.is_main:  # under torchrun every rank trains; rank 0 writes
         write_outputs(rows, out, title, ranges)
-        log((out / "comparison.md").read_text())
+        log.info((out / "comparison.md").read_text())
     return rows

@@ -113,8 +113,12 @@ class TrainConfig:
     log_interval: int = 10
     val_interval: int = 0  # epochs between validations on the current classes; 0 = off
     checkpoint_every: int = 1  # epochs between resumable checkpoints (last.pt); 0 = step ends only
-    sync_bn: bool = True  # with several processes (torchrun), batch-norm statistics over the global batch
-    channels_last: bool = False  # NHWC memory format for the model and its inputs (faster convs on GPU)
+    sync_bn: bool = (
+        True  # with several processes (torchrun), batch-norm statistics over the global batch
+    )
+    channels_last: bool = (
+        False  # NHWC memory format for the model and its inputs (faster convs on GPU)
+    )
     compile: bool = False  # torch.compile the model being trained
     tensorboard: str = "auto"  # auto: write TensorBoard logs if the package is installed; on | off
 
@@ -158,7 +162,9 @@ class Config:
 
 def _check_type(value: Any, annotation: Any, key: str) -> Any:
     """Return ``value`` as ``annotation`` (int widened to float), or raise naming ``key``."""
-    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    options = (
+        typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    )
     if value is None:
         if type(None) in options:
             return None
@@ -215,7 +221,9 @@ _EPOCHS = Range(1, 10_000, "epochs per step; every step trains at least one")
 _LR = Range(0, 10, "SGD learning rate (0.01 / 0.001 in the paper)", low_open=True)
 _SIZE = Range(16, 4096, "pixels; a side under 16 leaves less than one feature cell at output stride 16, "
               "over 4096 is far past any published crop (512 in the paper)")  # fmt: skip
-_SCALE = Range(0, 10, "area scale of the random resized crop (0.5..2.0 in the paper)", low_open=True)
+_SCALE = Range(
+    0, 10, "area scale of the random resized crop (0.5..2.0 in the paper)", low_open=True
+)
 
 # Every numeric key of the config and its valid values (docs/guards.md lists them with the reasons).
 RANGES: dict[str, Range] = {
@@ -233,17 +241,28 @@ RANGES: dict[str, Range] = {
     "train.epochs_incremental": _EPOCHS,
     "train.lr": _LR,
     "train.lr_incremental": _LR,
-    "train.batch_size": Range(2, 4096, "global batch; batch norm in training needs 2 or more images "
-                              "(the ASPP pooling branch has one value per image)"),
+    "train.batch_size": Range(
+        2,
+        4096,
+        "global batch; batch norm in training needs 2 or more images "
+        "(the ASPP pooling branch has one value per image)",
+    ),
     "train.eval_batch_size": Range(1, 4096, "images per evaluation batch"),
-    "train.momentum": Range(0, 1, "SGD momentum (0.9 in the paper); 1 or more never decays and diverges",
-                            high_open=True),
+    "train.momentum": Range(
+        0, 1, "SGD momentum (0.9 in the paper); 1 or more never decays and diverges", high_open=True
+    ),
     "train.weight_decay": Range(0, 1, "L2 factor of SGD (1e-4 in the paper)", high_open=True),
-    "train.lr_power": Range(0, 10, "exponent of the poly schedule (0.9 in the paper); 0 keeps the LR constant"),
+    "train.lr_power": Range(
+        0, 10, "exponent of the poly schedule (0.9 in the paper); 0 keeps the LR constant"
+    ),
     "train.seed": SEED,
     "train.log_interval": Range(1, 1_000_000, "iterations between loss read-backs"),
-    "train.val_interval": Range(0, 10_000, "epochs between validations on the current classes; 0 = off"),
-    "train.checkpoint_every": Range(0, 10_000, "epochs between resumable checkpoints; 0 = only at step ends"),
+    "train.val_interval": Range(
+        0, 10_000, "epochs between validations on the current classes; 0 = off"
+    ),
+    "train.checkpoint_every": Range(
+        0, 10_000, "epochs between resumable checkpoints; 0 = only at step ends"
+    ),
 }
 # Numeric keys checked otherwise: against the setting's steps, or against a list of choices.
 RELATIVE_KEYS = ("protocol.last_step", "model.output_stride")
@@ -279,7 +298,9 @@ def validate(config: Config) -> None:
     _one_of(proto.test_selection, TEST_SELECTIONS, "protocol.test_selection")
     uses_official(data.dataset, setting.name, proto.mode, proto.split_source)
     if data.dataset != "shapes" and not data.root:
-        raise ConfigError(f"data.root: required for dataset {data.dataset!r} (the folder holding it)")
+        raise ConfigError(
+            f"data.root: required for dataset {data.dataset!r} (the folder holding it)"
+        )
     if proto.last_step is not None and not 0 <= proto.last_step < setting.num_steps:
         raise ConfigError(
             f"protocol.last_step: step {proto.last_step} is out of range for setting "
@@ -341,27 +362,6 @@ def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = ""
     return diffs
 
 
-def check_saved_config(run_dir: Path, config: Config, action: str) -> None:
-    """Refuse to ``action`` (resume, reuse...) a run whose saved ``config.yaml`` differs from
-    ``config``; the error lists the differing keys. A directory without one passes."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        return
-    try:
-        saved = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read the saved config ({err})") from None
-    saved = saved if isinstance(saved, dict) else {}
-    try:  # keys added to incseg since the run was made take their defaults
-        saved = config_from_dict(saved).to_dict()
-    except ConfigError:
-        pass  # compare the raw file: the differences will show what no longer validates
-    diffs = config_diff(saved, config.to_dict())
-    if diffs:
-        raise ConfigError(f"cannot {action} {run_dir}: it holds a run made with a different config "
-                          f"({'; '.join(diffs)})")  # fmt: skip
-
-
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply ``a.b.c=value`` (value parsed as a YAML scalar) to nested dict ``raw`` in place."""
     key, sep, text = assignment.partition("=")
@@ -388,7 +388,11 @@ def builtin_configs(*, with_folders: bool = False) -> list[str]:
     names = [p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml")]
     if with_folders:
         for folder in (p for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")):
-            names += [f"{folder.name}/{p.name[: -len('.yaml')]}" for p in folder.iterdir() if p.name.endswith(".yaml")]
+            names += [
+                f"{folder.name}/{p.name[: -len('.yaml')]}"
+                for p in folder.iterdir()
+                if p.name.endswith(".yaml")
+            ]
     return sorted(names)
 
 
@@ -399,7 +403,8 @@ def builtin_config_path(name: str) -> Path:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a config file; a name from :func:`builtin_configs` selects a shipped config."""
     path = Path(path)
-    if not path.exists() and str(path) in builtin_configs(with_folders=True):
+    # A folder named like a built-in config (e.g. the run directory `demo`) does not hide it.
+    if not path.is_file() and str(path) in builtin_configs(with_folders=True):
         path = builtin_config_path(str(path))
     if not path.is_file():
         raise ConfigError(

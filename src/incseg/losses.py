@@ -92,7 +92,9 @@ def unbiased_knowledge_distillation(
     return -(soft * log_probs).mean(dim=1).mean()
 
 
-def knowledge_distillation(logits: torch.Tensor, old_logits: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+def knowledge_distillation(
+    logits: torch.Tensor, old_logits: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
     """LwF's distillation on the old channels (Li & Hoiem, 2017; as in the MiB paper's baselines).
 
     The new logits are cut to the O old channels and log-softmaxed over them; the soft targets are
@@ -116,7 +118,9 @@ def one_hot_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     targets = targets.long()
     valid = targets != IGNORE_INDEX
     one_hot = F.one_hot(torch.where(valid, targets, 0), logits.shape[1]).permute(0, 3, 1, 2)
-    per_pixel = F.binary_cross_entropy_with_logits(logits, one_hot.to(logits.dtype), reduction="none").sum(1)
+    per_pixel = F.binary_cross_entropy_with_logits(
+        logits, one_hot.to(logits.dtype), reduction="none"
+    ).sum(1)
     return per_pixel[valid].mean() if valid.any() else per_pixel.sum() * 0.0
 
 

@@ -64,7 +64,9 @@ def _fixed_bin_counts(code: torch.Tensor, k: int) -> torch.Tensor:
     output size depends on the data (a device-to-host sync on GPUs), the size is fixed, so a GPU
     evaluation never waits on the host per batch."""
     counts = torch.zeros(256 * k, dtype=torch.int64, device=code.device)
-    return counts.index_add_(0, code, torch.ones(1, dtype=torch.int64, device=code.device).expand(code.numel()))
+    return counts.index_add_(
+        0, code, torch.ones(1, dtype=torch.int64, device=code.device).expand(code.numel())
+    )
 
 
 def iou_per_class(matrix: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ Overlays put the image and the image blended with the coloured mask side by side
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,11 @@ from PIL import Image
 from incseg.data.files import read_image
 from incseg.data.transforms import test_transform
 from incseg.engine.evaluate import predict_channels
-from incseg.engine.protocol import AMP_DTYPES, SINGLE, prepare_model, resolve_device, restore_step
+from incseg.engine.models import prepare_model, restore_step
+from incseg.engine.runtime import Runtime
 from incseg.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def color_map(n: int = 256) -> np.ndarray:
@@ -37,9 +41,7 @@ def color_map(n: int = 256) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_images(
-    checkpoint: dict, images: Sequence[Path], out: Path, *, log: Callable[[str], None] = print
-) -> list[Path]:
+def predict_images(checkpoint: dict, images: Sequence[Path], out: Path) -> list[Path]:
     """Write ``<stem>.png`` (mask) and ``<stem>_overlay.jpg`` into ``out`` for every image.
 
     Every image is read first, so an unreadable one stops the command before anything is written.
@@ -50,18 +52,16 @@ def predict_images(
             raise DataError(f"{path}: no such image")
         decoded.append(read_image(Path(path)))
     config, info, model = restore_step(checkpoint)
-    device = resolve_device(config.train.device)
-    model = prepare_model(model, config, SINGLE, device).eval()  # the run's memory format
-    memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
-    amp_dtype = AMP_DTYPES[config.train.amp]
+    rt = Runtime.of(config)
+    model = prepare_model(model, config, rt).eval()  # the run's memory format
     normalise = test_transform(None)  # full image: only scaling and ImageNet normalisation
     to_class = torch.tensor(info.order, dtype=torch.uint8)
     palette = color_map()
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path, image in zip(images, decoded, strict=True):
-        x = normalise(image).unsqueeze(0).to(device, memory_format=memory_format)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        x = normalise(image).unsqueeze(0).to(rt.device, memory_format=rt.memory_format)
+        with rt.autocast():
             channels = predict_channels(model(x).logits)[0].cpu()
         mask = to_class[channels].numpy()
         stem = Path(path).stem
@@ -70,8 +70,10 @@ def predict_images(
         png.save(out / f"{stem}.png")
         rgb = image.permute(1, 2, 0).numpy()
         blend = (0.5 * rgb + 0.5 * palette[mask]).astype(np.uint8)
-        Image.fromarray(np.concatenate([rgb, blend], axis=1)).save(out / f"{stem}_overlay.jpg", quality=90)
+        Image.fromarray(np.concatenate([rgb, blend], axis=1)).save(
+            out / f"{stem}_overlay.jpg", quality=90
+        )
         found = ", ".join(info.class_names[k] for k in np.unique(channels.numpy()))
-        log(f"{path} -> {out / (stem + '.png')} ({found})")
+        log.info(f"{path} -> {out / (stem + '.png')} ({found})")
         written.append(out / f"{stem}.png")
     return written

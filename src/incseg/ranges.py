@@ -39,7 +39,11 @@ class Range:
         """Interval notation, e.g. ``(0, 10]``; integral bounds printed without a decimal point."""
 
         def show(x: float) -> str:
-            return f"{int(x):_}".replace("_", ",") if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+            return (
+                f"{int(x):_}".replace("_", ",")
+                if float(x).is_integer() and abs(x) < 1e15
+                else f"{x:g}"
+            )
 
         left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
         return f"{left}{show(self.low)}, {show(self.high)}{right}"
@@ -54,6 +58,8 @@ def check_range(value: float | None, valid: Range, key: str) -> None:
 
 SEED = Range(0, 2**32 - 1, "a seed; the per-step, per-epoch seeds derived from it (about seed x 1e8) "
              "must fit PyTorch's 64-bit seeds")  # fmt: skip
-LOSS_WEIGHT = Range(0, 1e6, "a loss weight; 0 turns the term off (the largest published weight is 500)")
+LOSS_WEIGHT = Range(
+    0, 1e6, "a loss weight; 0 turns the term off (the largest published weight is 500)"
+)
 ALPHA = Range(0, 100, "scale of the old logits in the soft targets (1 in the paper); 0 makes them uniform",
               low_open=True)  # fmt: skip

@@ -20,7 +20,9 @@ def format_step_table(report: StepReport, title: str) -> str:
     """Per-class IoU of one step, then old / new / all mIoU."""
     width = max(12, *(len(n) for n in report.class_names)) + 2
     lines = [title, f"  {'class':<{width}} {'IoU':>5}  group"]
-    for k, (name, iou, present) in enumerate(zip(report.class_names, report.iou, report.present, strict=True)):
+    for k, (name, iou, present) in enumerate(
+        zip(report.class_names, report.iou, report.present, strict=True)
+    ):
         lines.append(f"  {name:<{width}} {_pct(iou if present else math.nan)}  {_group(k, report)}")
     lines.append(
         f"  mIoU  old ({report.old_range}) {_pct(report.miou_old)} | "
@@ -55,7 +57,12 @@ def summary_rows(reports: Sequence[StepReport]) -> list[tuple[str, ...]]:
 
 
 def _headers(last: StepReport) -> list[str]:
-    return [f"old {last.old_range}", f"new {last.new_range}", f"all {last.all_range}", f"w/ bg {last.with_bg_range}"]
+    return [
+        f"old {last.old_range}",
+        f"new {last.new_range}",
+        f"all {last.all_range}",
+        f"w/ bg {last.with_bg_range}",
+    ]
 
 
 def format_summary(reports: Sequence[StepReport]) -> str:
@@ -66,7 +73,9 @@ def format_summary(reports: Sequence[StepReport]) -> str:
               "w/ bg: every class, background included)"),
              "  step  " + " ".join(f"{h:>{w}}" for h, w in zip(heads, widths, strict=True))]  # fmt: skip
     for step, *values in summary_rows(reports):
-        lines.append(f"  {step:<5} " + " ".join(f"{v:>{w}}" for v, w in zip(values, widths, strict=True)))
+        lines.append(
+            f"  {step:<5} " + " ".join(f"{v:>{w}}" for v, w in zip(values, widths, strict=True))
+        )
     return "\n".join(lines)
 
 
@@ -80,7 +89,9 @@ def summary_markdown(reports: Sequence[StepReport], heading: str, config_yaml: s
     out += ["| " + " | ".join(v.strip() for v in row) + " |" for row in summary_rows(reports)]
     out += ["", f"## IoU per class after step {last.step} (%)", "", "| class | group | IoU |",
             "|---|---|---|"]  # fmt: skip
-    for k, (name, iou, present) in enumerate(zip(last.class_names, last.iou, last.present, strict=True)):
+    for k, (name, iou, present) in enumerate(
+        zip(last.class_names, last.iou, last.present, strict=True)
+    ):
         out.append(f"| {name} | {_group(k, last)} | {_pct(iou if present else math.nan).strip()} |")
     out += ["", "## Resolved config", "", "```yaml", config_yaml.rstrip(), "```", ""]
     return "\n".join(out)

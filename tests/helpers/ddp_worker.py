@@ -17,46 +17,59 @@ from incseg.config import config_from_dict
 from incseg.data import build_source
 from incseg.engine.distributed import init_distributed, shutdown_distributed
 from incseg.engine.evaluate import evaluate
-from incseg.engine.protocol import (
-    build_model,
-    build_test_loader,
-    build_train_loader,
-    prepare_model,
-    train_step,
-    wrap_for_training,
-)  # fmt: skip
+from incseg.engine.loaders import build_test_loader, build_train_loader
+from incseg.engine.models import build_model, prepare_model, wrap_for_training
+from incseg.engine.runtime import Runtime
+from incseg.engine.train import Optimisation, train_one_epoch
 from incseg.methods import build_method
 from incseg.protocol import get_setting, step_info
 from incseg.protocol.selection import pack_presence
 
 CONFIG = {
-    "data": {"dataset": "shapes", "image_size": 32, "num_train": 10, "num_test": 9, "crop_size": 32},
+    "data": {
+        "dataset": "shapes",
+        "image_size": 32,
+        "num_train": 10,
+        "num_test": 9,
+        "crop_size": 32,
+    },
     "protocol": {"setting": "15-5", "mode": "overlap"},
     "model": {"backbone": "tiny", "output_stride": 16, "norm": "bn", "head_channels": 8},
     "method": {"name": "ft"},
-    "train": {"epochs": 1, "lr": 0.05, "batch_size": 4, "eval_batch_size": 1, "device": "cpu",
-              "log_interval": 1, "tensorboard": "off"},
+    "train": {
+        "epochs": 1,
+        "lr": 0.05,
+        "batch_size": 4,
+        "eval_batch_size": 1,
+        "device": "cpu",
+        "log_interval": 1,
+        "tensorboard": "off",
+    },
 }
 
 
 def main(out: Path, sync_bn: bool) -> None:
     config = config_from_dict({**CONFIG, "train": {**CONFIG["train"], "sync_bn": sync_bn}})
-    device = torch.device("cpu")
-    dist = init_distributed(device)
+    dist = init_distributed(torch.device("cpu"))
+    rt = Runtime(torch.device("cpu"), dist)
     info = step_info(get_setting("voc", "15-5"), 0)
     train_src, test_src = build_source(config.data, "train"), build_source(config.data, "test")
     torch.manual_seed(1)
-    train = build_train_loader(config, train_src, pack_presence(train_src.presence()), info, dist=dist)
+    train = build_train_loader(
+        config, train_src, pack_presence(train_src.presence()), info, dist=dist
+    )
     test = build_test_loader(config, test_src, pack_presence(test_src.presence()), info, dist=dist)
     assert len(train) == 2, len(train)
-    model = prepare_model(build_model(config, info), config, dist, device)
+    model = prepare_model(build_model(config, info), config, rt)
     method = build_method("ft", {})
     method.begin_step(info, model, None, train)
-    train_step(config, model, None, method, train, info, device, False,
-               net=wrap_for_training(model, config, dist, device))  # fmt: skip
+    opt = Optimisation.for_step(model, config, info, len(train), rt)
     train.batch_sampler.set_epoch(0)
+    train_one_epoch(
+        model, None, method, train, opt, info, rt, epoch=0, net=wrap_for_training(model, config, rt)
+    )
     keys = [key for batch in train.batch_sampler for key in batch]
-    matrix = evaluate(model, test, info.num_channels, device=device)
+    matrix = evaluate(model, test, info.num_channels, rt)
     torch.save({"model": model.state_dict(), "matrix": matrix, "keys": keys,
                 "test_items": list(test.sampler), "world_size": dist.world_size},
                out / f"rank{dist.rank}.pt")  # fmt: skip

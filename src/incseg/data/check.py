@@ -10,7 +10,7 @@ are compared with the selection rule on the images present.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,8 @@ from incseg.errors import DataError
 from incseg.protocol import get_setting, select_train, step_info
 from incseg.protocol.official import official_settings, official_split
 from incseg.protocol.selection import NUM_LABEL_VALUES
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,28 +67,49 @@ def inspect_pair(job: tuple[str, str, str]) -> tuple[np.ndarray | None, list[tup
     bad = np.flatnonzero(row & ~_valid_values(family))
     if len(bad):
         allowed = "0..20 and 255" if family == "voc" else "0..150"
-        problems.append((label_path, f"label values {bad.tolist()} outside the class range ({allowed})"))
+        problems.append(
+            (label_path, f"label values {bad.tolist()} outside the class range ({allowed})")
+        )
     if size is not None and tuple(label.shape) != tuple(size):
-        problems.append((label_path, f"label size {tuple(label.shape)} differs from image {image_path} {tuple(size)} (H, W)"))
+        problems.append(
+            (
+                label_path,
+                f"label size {tuple(label.shape)} differs from image {image_path} {tuple(size)} (H, W)",
+            )
+        )
     return (None if problems else row), problems
 
 
-def check_dataset(family: str, root: str | Path, *, progress: bool = True, log: Callable[[str], None] = print) -> CheckReport:
+def check_dataset(family: str, root: str | Path, *, progress: bool = True) -> CheckReport:
     """Run every check of this module on ``root``; nothing is modified except the index cache."""
     report = CheckReport()
     for split in ("train", "test"):
         pairs = dataset_pairs(family, root, split)
-        log(f"{split}: {len(pairs.names)} ids ({pairs.layout} layout, list: {pairs.list_file or 'shipped standard list'})")
+        log.info(
+            f"{split}: {len(pairs.names)} ids ({pairs.layout} layout, "
+            f"list: {pairs.list_file or 'shipped standard list'})"
+        )
         report.problems += [(p, "no matching image or label") for p in pairs.unpaired]
         jobs, kept = [], []
         for name, image, label in zip(pairs.names, pairs.images, pairs.labels, strict=True):
-            missing = [(p, f"missing {kind} of {name}") for p, kind in ((image, "image"), (label, "label")) if not p.is_file()]
+            missing = [
+                (p, f"missing {kind} of {name}")
+                for p, kind in ((image, "image"), (label, "label"))
+                if not p.is_file()
+            ]
             report.problems += missing
             if not missing:
                 jobs.append((str(image), str(label), family))
                 kept.append(name)
         rows, names = [], []
-        results = parallel_map(inspect_pair, jobs, desc=f"checking {split}", unit="pair", progress=progress, chunksize=32)
+        results = parallel_map(
+            inspect_pair,
+            jobs,
+            desc=f"checking {split}",
+            unit="pair",
+            progress=progress,
+            chunksize=32,
+        )
         for name, (row, problems) in zip(kept, results, strict=True):
             report.problems += [(Path(p), what) for p, what in problems]
             if row is not None:

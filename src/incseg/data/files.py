@@ -12,6 +12,7 @@ sizes and modification times, so it is rebuilt only when the labels change.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ from tqdm import tqdm
 
 from incseg.errors import DataError
 from incseg.protocol.selection import NUM_LABEL_VALUES
+
+log = logging.getLogger(__name__)
 
 CACHE_ENV = "INCSEG_CACHE"
 PARALLEL_MIN = 256  # below this many labels, worker start-up costs more than it saves
@@ -43,7 +46,9 @@ def read_label(path: Path) -> np.ndarray:
     """``(H, W)`` uint8 class ids of a label PNG (palette indices, not colours)."""
     with Image.open(path) as img:
         if img.mode not in ("P", "L"):
-            raise DataError(f"{path}: label mode is {img.mode}, expected a palette (P) or grey (L) PNG of class ids")
+            raise DataError(
+                f"{path}: label mode is {img.mode}, expected a palette (P) or grey (L) PNG of class ids"
+            )
         return np.array(img, dtype=np.uint8)
 
 
@@ -79,9 +84,15 @@ def parallel_map(fn, items: Sequence, *, desc: str, unit: str, progress: bool, c
                 yield result
 
 
-def scan_labels(paths: Sequence[Path], *, desc: str = "class index", progress: bool = True) -> np.ndarray:
+def scan_labels(
+    paths: Sequence[Path], *, desc: str = "class index", progress: bool = True
+) -> np.ndarray:
     """``(N, 256)`` bool presence of every label value in each label file (no caching)."""
-    rows = list(parallel_map(_presence_row, [str(p) for p in paths], desc=desc, unit="label", progress=progress))
+    rows = list(
+        parallel_map(
+            _presence_row, [str(p) for p in paths], desc=desc, unit="label", progress=progress
+        )
+    )
     return np.stack(rows) if rows else np.zeros((0, NUM_LABEL_VALUES), dtype=bool)
 
 
@@ -108,7 +119,9 @@ def store_index(paths: Sequence[Path], tag: str, presence: np.ndarray) -> None:
             np.save(tmp, np.packbits(presence, axis=1))
         os.replace(tmp.name, path)
     except OSError as err:
-        print(f"note: class index not cached ({path.parent}: {err.strerror}); set {CACHE_ENV} to a writable folder")
+        log.warning(
+            f"note: class index not cached ({path.parent}: {err.strerror}); set {CACHE_ENV} to a writable folder"
+        )
 
 
 def cached_index(paths: Sequence[Path], tag: str, *, progress: bool = True) -> np.ndarray:

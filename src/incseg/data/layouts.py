@@ -57,7 +57,9 @@ def _first_dir(candidates: list[Path], marker: str) -> Path | None:
 
 def _root_error(root: Path, family: str, expected: str) -> DataError:
     if not root.exists():
-        return DataError(f"data.root {root}: does not exist (expected a {family} dataset: {expected})")
+        return DataError(
+            f"data.root {root}: does not exist (expected a {family} dataset: {expected})"
+        )
     return DataError(f"data.root {root}: no {family} dataset found; expected {expected}")
 
 
@@ -76,7 +78,9 @@ def voc_pairs(root: str | Path, split: str) -> Pairs:
             if not parts:
                 continue
             if len(parts) != 2:
-                raise DataError(f"{list_file}:{number}: expected '/JPEGImages/x.jpg /SegmentationClassAug/x.png', got {line!r}")
+                raise DataError(
+                    f"{list_file}:{number}: expected '/JPEGImages/x.jpg /SegmentationClassAug/x.png', got {line!r}"
+                )
             images.append(mib / parts[0].lstrip("/"))
             labels.append(mib / parts[1].lstrip("/"))
         order = sorted(range(len(images)), key=lambda i: images[i].stem)
@@ -89,8 +93,17 @@ def voc_pairs(root: str | Path, split: str) -> Pairs:
     label_dir = devkit / "SegmentationClassAug"
     if not label_dir.is_dir():
         label_dir = devkit / "SegmentationClass"
-    list_file = next((p for p in (devkit / "ImageSets" / "Segmentation" / f"{list_name}.txt",
-                                  devkit / "ImageSets" / "SegmentationAug" / f"{list_name}.txt") if p.is_file()), None)  # fmt: skip
+    list_file = next(
+        (
+            p
+            for p in (
+                devkit / "ImageSets" / "Segmentation" / f"{list_name}.txt",
+                devkit / "ImageSets" / "SegmentationAug" / f"{list_name}.txt",
+            )
+            if p.is_file()
+        ),
+        None,
+    )
     ids = list_file.read_text().split() if list_file else list(standard_voc_list(list_name))
     ids = sorted(ids)
     return Pairs(ids, [devkit / "JPEGImages" / f"{i}.jpg" for i in ids],
@@ -102,17 +115,26 @@ def ade_pairs(root: str | Path, split: str) -> Pairs:
     root = Path(root)
     base = _first_dir([root, root / "ADEChallengeData2016"], "annotations")
     if base is None:
-        raise _root_error(root, "ADE20K", "ADEChallengeData2016/{images,annotations}/{training,validation}")
+        raise _root_error(
+            root, "ADE20K", "ADEChallengeData2016/{images,annotations}/{training,validation}"
+        )
     folder = ADE_SPLITS[split]
     image_dir, label_dir = base / "images" / folder, base / "annotations" / folder
     for d in (image_dir, label_dir):
         if not d.is_dir():
-            raise DataError(f"{d}: missing (ADE20K layout: {{images,annotations}}/{{training,validation}})")
+            raise DataError(
+                f"{d}: missing (ADE20K layout: {{images,annotations}}/{{training,validation}})"
+            )
     images = {p.stem: p for p in image_dir.glob("*.jpg")}
     labels = {p.stem: p for p in label_dir.glob("*.png")}
     names = sorted(images.keys() & labels.keys())
-    unpaired = sorted([images[n] for n in images.keys() - labels.keys()] + [labels[n] for n in labels.keys() - images.keys()])
-    return Pairs(names, [images[n] for n in names], [labels[n] for n in names], unpaired, None, "ade")
+    unpaired = sorted(
+        [images[n] for n in images.keys() - labels.keys()]
+        + [labels[n] for n in labels.keys() - images.keys()]
+    )
+    return Pairs(
+        names, [images[n] for n in names], [labels[n] for n in names], unpaired, None, "ade"
+    )
 
 
 def dataset_pairs(family: str, root: str | Path, split: str) -> Pairs:

@@ -118,8 +118,12 @@ class ShapesSource:
 
     def __init__(self, num_images: int, size: int, seed: int, split: str) -> None:
         stream = {"train": 0, "test": 1}[split]
-        pairs = [render_shapes(np.random.default_rng([seed, stream, i]), size) for i in range(num_images)]
-        self.images = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).contiguous()
+        pairs = [
+            render_shapes(np.random.default_rng([seed, stream, i]), size) for i in range(num_images)
+        ]
+        self.images = (
+            torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).contiguous()
+        )
         self.labels = torch.from_numpy(np.stack([p[1] for p in pairs]))
         self.names = [f"shapes_{split}_{i:06d}" for i in range(num_images)]
 

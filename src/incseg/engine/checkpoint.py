@@ -58,9 +58,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} not found")
-    data = load_torch_file(path, "an incseg checkpoint (step_K.pt or last.pt of a run)", map_location=map_location)
+    data = load_torch_file(
+        path, "an incseg checkpoint (step_K.pt or last.pt of a run)", map_location=map_location
+    )
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an incseg checkpoint (no 'format: {FORMAT}' entry)")
     if data.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {data.get('version')} unsupported (expected {VERSION})")
+        raise CheckpointError(
+            f"{path}: checkpoint version {data.get('version')} unsupported (expected {VERSION})"
+        )
     return data

@@ -8,6 +8,9 @@ is then the identity, so the one-process path runs the same code.
 Conventions: ``train.batch_size`` is the global batch; each rank takes ``batch_size / N``
 consecutive images of every global batch (:class:`EpochBatchSampler`), so N ranks see exactly
 the images, in the same order and with the same augmentation seeds, as one process.
+
+Process identity has one source: the :class:`DistInfo` that :func:`init_distributed` returns, passed
+explicitly to everything that needs it (the collectives below take it too).
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ class DistInfo:
         return self.world_size > 1
 
 
+SINGLE = DistInfo()  # one process
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "")
     if not value:
@@ -46,7 +52,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ConfigError(f"environment variable {name}={value!r}: expected an integer (set by torchrun)") from None
+        raise ConfigError(
+            f"environment variable {name}={value!r}: expected an integer (set by torchrun)"
+        ) from None
 
 
 def init_distributed(device: torch.device) -> DistInfo:
@@ -65,13 +73,6 @@ def init_distributed(device: torch.device) -> DistInfo:
     return info
 
 
-def current_dist() -> DistInfo:
-    """This process's place in an already joined process group (one process when there is none)."""
-    if dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size())
-    return DistInfo()
-
-
 def local_device(device: torch.device) -> torch.device:
     """``cuda`` becomes ``cuda:LOCAL_RANK`` so that each process of a node drives its own GPU."""
     if device.type == "cuda" and device.index is None:
@@ -79,19 +80,15 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
-def is_main_process() -> bool:
-    """Rank 0, or a single process; readable before the process group exists (from torchrun's ``RANK``)."""
-    return _env_int("RANK", 0) == 0
-
-
-def _several() -> bool:
-    """A process group of more than one process is joined (collectives are needed)."""
+def _group_joined() -> bool:
+    """A process group of more than one process is joined (for the batch-norm module, which
+    cannot be handed a :class:`DistInfo`)."""
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
-def broadcast_object(value):
+def broadcast_object(value, info: DistInfo):
     """Rank 0's ``value`` on every rank (identity for one process), e.g. a generated run name."""
-    if _several():
+    if info.distributed:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -103,20 +100,20 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum ``tensor`` over all ranks in place (identity for one process); returns it."""
-    if _several():
+    if info.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+def all_reduce_mean(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Mean of ``tensor`` over all ranks, in place (identity for one process); returns it."""
-    return all_reduce_sum(tensor).div_(dist.get_world_size()) if _several() else tensor
+    return all_reduce_sum(tensor, info).div_(info.world_size) if info.distributed else tensor
 
 
-def barrier() -> None:
-    if _several():
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
         dist.barrier()
 
 
@@ -140,7 +137,9 @@ class EpochBatchSampler:
     needs no state saved for an exact resume: :meth:`set_epoch` is enough.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size
         local_batch_size(batch_size, world_size)  # the global batch must split evenly
@@ -199,7 +198,7 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and _several()):
+        if not (self.training and _group_joined()):
             return super().forward(x)
         c = x.shape[1]
         xf = x.float()
@@ -223,9 +222,13 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
         return (xf * scale[None, :, None, None] + shift[None, :, None, None]).to(x.dtype)
 
     @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, total: torch.Tensor) -> None:
+    def _update_running_stats(
+        self, mean: torch.Tensor, var: torch.Tensor, total: torch.Tensor
+    ) -> None:
         self.num_batches_tracked += 1
-        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        momentum = (
+            self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        )
         unbiased = var * (total / (total - 1).clamp(min=1))
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)

@@ -6,8 +6,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from incseg.engine.distributed import all_reduce_sum
-from incseg.metrics import confusion_matrix
+from incseg.data import build_source
+from incseg.engine.distributed import SINGLE, DistInfo, all_reduce_sum
+from incseg.engine.loaders import build_test_loader
+from incseg.engine.models import prepare_model, restore_step
+from incseg.engine.runtime import Runtime
+from incseg.metrics import StepReport, confusion_matrix
 
 
 def predict_channels(logits: torch.Tensor) -> torch.Tensor:
@@ -22,29 +26,32 @@ def predict_channels(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader,
-    num_classes: int,
-    *,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    progress: bool = False,
-    channels_last: bool = False,
-) -> torch.Tensor:
+def evaluate(model: nn.Module, loader, num_classes: int, rt: Runtime) -> torch.Tensor:
     """Return the ``(K, K)`` int64 confusion matrix of ``model`` on ``loader``.
 
-    The matrix stays on ``device`` while batches accumulate (no host copy per batch). Under
+    The matrix stays on the device while batches accumulate (no host copy per batch). Under
     ``torchrun`` each rank evaluates its own shard of the images (``build_test_loader``) and the
     matrices are summed over ranks here, so every rank returns the matrix of the whole test set.
     """
     model.eval()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress):
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        targets = targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=rt.device)
+    for images, targets in tqdm(loader, desc="eval", leave=False, disable=not rt.progress):
+        images = images.to(rt.device, non_blocking=True, memory_format=rt.memory_format)
+        targets = targets.to(rt.device, non_blocking=True)
+        with rt.autocast():
             logits = model(images).logits
         matrix += confusion_matrix(predict_channels(logits), targets, num_classes)
-    return all_reduce_sum(matrix)
+    return all_reduce_sum(matrix, rt.dist)
+
+
+def evaluate_checkpoint(
+    checkpoint: dict, *, progress: bool = False, dist: DistInfo = SINGLE
+) -> StepReport:
+    """Re-evaluate a saved step on its test set, exactly as at the end of training (the run's
+    device, precision and memory format: channels-last convolutions round differently)."""
+    config, info, model = restore_step(checkpoint)
+    rt = Runtime.of(config, dist, progress=progress)
+    source = build_source(config.data, "test", progress=rt.progress)
+    loader = build_test_loader(config, source, source.presence(), info, dist=dist)
+    matrix = evaluate(prepare_model(model, config, rt), loader, info.num_channels, rt)
+    return StepReport.from_confusion(matrix, info)

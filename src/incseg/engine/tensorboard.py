@@ -11,7 +11,8 @@ class Scalars:
     """Scalar logger: a ``SummaryWriter`` under ``RUN_DIR/tensorboard``, or nothing at all.
 
     Tags: ``step_K/train/TERM`` (per logged iteration of step K, with ``lr`` and ``total``),
-    ``step_K/epoch/TERM`` (epoch means, ``val_miou``), ``miou/{old,new,all,with_bg}`` (per step, in %; metrics.GROUPING).
+    ``step_K/epoch/TERM`` (epoch means, ``val_miou``), ``miou/{old,new,all,with_bg}`` (per step,
+    in %; see ``metrics.GROUPING``).
     """
 
     def __init__(self, log_dir: Path | None) -> None:
@@ -50,9 +51,9 @@ def check_tensorboard(mode: str) -> None:
                           "(pip install tensorboard, or pip install 'incseg[tensorboard]')")  # fmt: skip
 
 
-def open_scalars(mode: str, run_dir: Path, is_main: bool) -> Scalars:
+def open_scalars(mode: str, log_dir: Path, is_main: bool) -> Scalars:
     """``mode`` is ``train.tensorboard``: ``auto`` logs when the package is installed, ``on``
     requires it (see :func:`check_tensorboard`), ``off`` never logs. Only rank 0 logs."""
     check_tensorboard(mode)
     enabled = is_main and mode != "off" and tensorboard_available()
-    return Scalars(run_dir / "tensorboard" if enabled else None)
+    return Scalars(log_dir if enabled else None)

@@ -31,7 +31,9 @@ METHOD_NAMES = tuple(sorted(METHOD_PATHS))
 def method_class(name: str) -> type[Method]:
     """The class registered as ``name``; unknown names list the registered ones."""
     if name not in METHOD_PATHS:
-        raise ConfigError(f"method.name: unknown value {name!r}; valid choices: {list(METHOD_NAMES)}")
+        raise ConfigError(
+            f"method.name: unknown value {name!r}; valid choices: {list(METHOD_NAMES)}"
+        )
     module, attr = METHOD_PATHS[name].split(":")
     return getattr(import_module(module), attr)
 
@@ -41,7 +43,9 @@ def build_method(name: str, params: dict[str, Any]) -> Method:
     return method_class(name)(**params)
 
 
-_CLASSES = {path.split(":")[1]: path for path in METHOD_PATHS.values()} | {"Method": "incseg.methods.base:Method"}
+_CLASSES = {path.split(":")[1]: path for path in METHOD_PATHS.values()} | {
+    "Method": "incseg.methods.base:Method"
+}
 __all__ = [
     "EWC", "ILT", "METHODS", "METHOD_NAMES", "METHOD_PATHS", "PI", "RW", "FineTuning", "LwF", "LwFMC",
     "Method", "MiB", "build_method", "method_class",

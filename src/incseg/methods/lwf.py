@@ -80,7 +80,11 @@ class ILT(Method):
     needs_features: ClassVar[bool] = True
     plain_first_step: ClassVar[bool] = True
 
-    ranges: ClassVar[dict[str, Range]] = {"kd_weight": LOSS_WEIGHT, "feature_weight": LOSS_WEIGHT, "alpha": ALPHA}
+    ranges: ClassVar[dict[str, Range]] = {
+        "kd_weight": LOSS_WEIGHT,
+        "feature_weight": LOSS_WEIGHT,
+        "alpha": ALPHA,
+    }
 
     kd_weight: float = 100.0
     feature_weight: float = 100.0

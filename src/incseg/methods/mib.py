@@ -46,7 +46,9 @@ class MiB(Method):
 
     def __post_init__(self) -> None:
         if self.init not in INITS:
-            raise ConfigError(f"method.init: unknown value {self.init!r}; valid choices: {list(INITS)}")
+            raise ConfigError(
+                f"method.init: unknown value {self.init!r}; valid choices: {list(INITS)}"
+            )
 
     def init_new_classifier(self, model: nn.Module, info: StepInfo) -> None:
         """Background-balanced init: each new class and the background start with an equal share

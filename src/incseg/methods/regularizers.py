@@ -96,7 +96,9 @@ class _Importance(Method):
     _names: list[str] = field(default_factory=list, init=False, repr=False)
     _params: Tensors = field(default_factory=list, init=False, repr=False)
     # (indices into the parameter list, anchors, normalised importance) of the penalised ones
-    _penalised: tuple[list[int], Tensors, Tensors] | None = field(default=None, init=False, repr=False)
+    _penalised: tuple[list[int], Tensors, Tensors] | None = field(
+        default=None, init=False, repr=False
+    )
 
     # -- state kept across steps: {"anchor": {...}, "importance": {...}, ...}, tensors by name --
     def state_dict(self) -> dict[str, Any]:
@@ -113,7 +115,9 @@ class _Importance(Method):
                 stored[name] = torch.full_like(p, fill).detach()
         return [stored[name] for name in self._names]
 
-    def begin_step(self, info: StepInfo, model: nn.Module, old_model: nn.Module | None, loader) -> None:
+    def begin_step(
+        self, info: StepInfo, model: nn.Module, old_model: nn.Module | None, loader
+    ) -> None:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._names, self._params = [n for n, _ in named], [p for _, p in named]
         self._data = [p.detach() for p in self._params]  # views: they follow optimizer updates
@@ -156,7 +160,9 @@ class _Importance(Method):
 
     def end_step(self, info: StepInfo, model: nn.Module, loader) -> None:
         self._state["importance"] = dict(zip(self._names, self.finish_estimate(), strict=True))
-        self._state["anchor"] = {n: p.detach().clone() for n, p in zip(self._names, self._params, strict=True)}
+        self._state["anchor"] = {
+            n: p.detach().clone() for n, p in zip(self._names, self._params, strict=True)
+        }
 
     def _copy(self, tensors: Tensors) -> Tensors:
         return torch._foreach_mul(tensors, 1.0)  # fused copies
@@ -193,6 +199,12 @@ class EWC(_Importance):
         torch._foreach_mul_(self._fisher, 1 - self.alpha)  # regularizer.py:99
         torch._foreach_addcmul_(self._fisher, grads, grads, value=self.alpha)
 
+    def step_state_dict(self) -> dict[str, Any]:
+        return {"fisher": list(self._fisher)}
+
+    def load_step_state_dict(self, state: dict[str, Any]) -> None:
+        torch._foreach_copy_(self._fisher, state["fisher"])  # in place: the state dict holds them
+
     def finish_estimate(self) -> Tensors:
         return minmax_normalise(self._fisher)
 
@@ -203,7 +215,9 @@ class PI(_Importance):
 
     ranges: ClassVar[dict[str, Range]] = {
         **_Importance.ranges,
-        "damping": Range(0, 1, "added to the squared parameter change; 0 divides by zero", low_open=True),
+        "damping": Range(
+            0, 1, "added to the squared parameter change; 0 divides by zero", low_open=True
+        ),
     }
 
     weight: float = 500.0
@@ -221,11 +235,10 @@ class PI(_Importance):
         self._last = self._copy(self._data)
 
     def step_state_dict(self) -> dict[str, Any]:
-        return {"path": list(self._path), "start": list(self._start), "last": self._last}
+        return {"path": list(self._path), "last": self._last}
 
     def load_step_state_dict(self, state: dict[str, Any]) -> None:
         torch._foreach_copy_(self._path, state["path"])
-        torch._foreach_copy_(self._start, state["start"])
         self._last = None if state["last"] is None else self._copy(state["last"])
 
     def finish_estimate(self) -> Tensors:
@@ -263,15 +276,19 @@ class RW(EWC):
                 denom = torch._foreach_mul(torch._foreach_mul(moved, moved), self._fisher)
                 torch._foreach_mul_(denom, 0.5)
                 torch._foreach_add_(denom, EPS)
-                torch._foreach_add_(self._score, torch._foreach_div(torch._foreach_mul(grads, moved), denom))
+                torch._foreach_add_(
+                    self._score, torch._foreach_div(torch._foreach_mul(grads, moved), denom)
+                )
             self._last = self._copy(self._data)
         self._iteration += 1
         super().update(grads)  # the Fisher after the score, as regularizer.py:276-279
 
     def step_state_dict(self) -> dict[str, Any]:
-        return {"score": list(self._score), "last": self._last, "iteration": self._iteration}
+        return {**super().step_state_dict(), "score": list(self._score), "last": self._last,
+                "iteration": self._iteration}  # fmt: skip
 
     def load_step_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_step_state_dict(state)
         torch._foreach_copy_(self._score, state["score"])
         self._last = None if state["last"] is None else self._copy(state["last"])
         self._iteration = int(state["iteration"])

@@ -9,7 +9,13 @@ _WHERE = {
     "BACKBONES": "backbones", "build_backbone": "backbones",
     "IncrementalSegmenter": "segmenter", "SegmenterOutput": "segmenter", "build_segmenter": "segmenter",
 }  # fmt: skip
-__all__ = ["BACKBONES", "IncrementalSegmenter", "SegmenterOutput", "build_backbone", "build_segmenter"]
+__all__ = [
+    "BACKBONES",
+    "IncrementalSegmenter",
+    "SegmenterOutput",
+    "build_backbone",
+    "build_segmenter",
+]
 
 
 def __getattr__(name: str):

@@ -122,7 +122,9 @@ def _resnet(depth: int) -> Callable[..., nn.Module]:
 
 def _tiny(output_stride: int, norm: str, pretrained: str) -> nn.Module:
     if pretrained != "none":
-        raise ConfigError("model.pretrained must be 'none' for the tiny backbone (no weights exist)")
+        raise ConfigError(
+            "model.pretrained must be 'none' for the tiny backbone (no weights exist)"
+        )
     return TinyBackbone(output_stride, norm)
 
 
@@ -139,7 +141,11 @@ def build_backbone(name: str, output_stride: int, norm: str, pretrained: str = "
     if name not in BACKBONES:
         raise ConfigError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
     if output_stride not in OUTPUT_STRIDES:
-        raise ConfigError(f"output stride {output_stride} not supported; expected one of {OUTPUT_STRIDES}")
+        raise ConfigError(
+            f"output stride {output_stride} not supported; expected one of {OUTPUT_STRIDES}"
+        )
     if pretrained not in PRETRAINED:
-        raise ConfigError(f"unknown pretrained weights {pretrained!r}; expected one of {PRETRAINED}")
+        raise ConfigError(
+            f"unknown pretrained weights {pretrained!r}; expected one of {PRETRAINED}"
+        )
     return BACKBONES[name](output_stride=output_stride, norm=norm, pretrained=pretrained)

@@ -24,7 +24,9 @@ ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 class ASPP(nn.Module):
     """``(B, in_channels, h, w)`` features -> ``(B, out_channels, h, w)``."""
 
-    def __init__(self, in_channels: int, out_channels: int, rates: tuple[int, ...], norm: str) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, rates: tuple[int, ...], norm: str
+    ) -> None:
         super().__init__()
         hidden = out_channels
         branches = [nn.Conv2d(in_channels, hidden, 1, bias=False)]

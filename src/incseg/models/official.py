@@ -71,11 +71,19 @@ def official_name(key: str) -> str | None:
 
 
 def _norm_weights(model: nn.Module) -> set[str]:
-    return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    return {
+        f"{name}.weight"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    }
 
 
 def convert_official(
-    state: Mapping[str, torch.Tensor], model: nn.Module, *, part: str = "all", abs_weight: bool = True
+    state: Mapping[str, torch.Tensor],
+    model: nn.Module,
+    *,
+    part: str = "all",
+    abs_weight: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Official tensors -> a state dict for ``model`` (every key accounted for).
 
@@ -113,7 +121,9 @@ def convert_official(
     for name, (key, shape) in wanted.items():
         value = given[name]
         if tuple(value.shape) != tuple(shape):
-            raise CheckpointError(f"official {name!r} has shape {tuple(value.shape)}, incseg {key!r} expects {tuple(shape)}")
+            raise CheckpointError(
+                f"official {name!r} has shape {tuple(value.shape)}, incseg {key!r} expects {tuple(shape)}"
+            )
         if abs_weight and key in norms:
             value = value.abs() + IABN_EPS
         out[key] = value

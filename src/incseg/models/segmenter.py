@@ -81,4 +81,6 @@ def build_segmenter(
 ) -> IncrementalSegmenter:
     """Build the segmenter of a step from names (see :data:`incseg.models.BACKBONES`)."""
     net = build_backbone(backbone, output_stride, norm, pretrained)
-    return IncrementalSegmenter(net, head_channels, channels_per_step, ASPP_RATES[output_stride], norm)
+    return IncrementalSegmenter(
+        net, head_channels, channels_per_step, ASPP_RATES[output_stride], norm
+    )

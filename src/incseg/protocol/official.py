@@ -70,7 +70,9 @@ def uses_official(dataset: str, setting: str, mode: str, split_source: str) -> b
         ConfigError: ``split_source`` is unknown, or ``official`` where no list is shipped.
     """
     if split_source not in SPLIT_SOURCES:
-        raise ConfigError(f"protocol.split_source: unknown value {split_source!r}; valid choices: {list(SPLIT_SOURCES)}")
+        raise ConfigError(
+            f"protocol.split_source: unknown value {split_source!r}; valid choices: {list(SPLIT_SOURCES)}"
+        )
     available = official_split(dataset, setting, mode) is not None
     if split_source == "official" and not available:
         have = ", ".join(official_settings(dataset)) or "none"

@@ -1,0 +1,151 @@
+"""The data loaders of a step: which images, which labels, which batches (SPEC sections 3-4)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from incseg.config import Config
+from incseg.data import Source, StepDataset, build_source
+from incseg.data.transforms import test_transform, train_transform
+from incseg.engine.distributed import SINGLE, DistInfo, EpochBatchSampler, barrier, shard_indices
+from incseg.errors import DataError
+from incseg.protocol import StepInfo, get_setting, make_lut, select_test, select_train
+from incseg.protocol.official import official_split, select_listed, uses_official
+from incseg.protocol.selection import pack_presence
+
+log = logging.getLogger(__name__)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Seed of one step, so that a step's randomness does not depend on earlier steps' runs."""
+    return seed * 1000 + step
+
+
+def _selected(indices: np.ndarray, split: str, config: Config, info: StepInfo) -> np.ndarray:
+    if len(indices) == 0:
+        proto = config.protocol
+        raise DataError(
+            f"step {info.step} of {proto.setting} ({proto.mode}) selects no {split} images "
+            f"(new classes {list(info.new_classes)}); the dataset is too small for this setting"
+        )
+    return indices
+
+
+def train_indices(
+    config: Config, source: Source, presence: np.ndarray, info: StepInfo
+) -> np.ndarray:
+    """Training images of a step: the official lists where ``protocol.split_source`` picks them
+    (:mod:`incseg.protocol.official`), else the rule applied to the class-presence index."""
+    proto = config.protocol
+    setting = get_setting(config.family, proto.setting).name
+    if not uses_official(config.data.dataset, setting, proto.mode, proto.split_source):
+        return select_train(presence, info, proto.mode)
+    listed = official_split(config.data.dataset, setting, proto.mode)[info.step]
+    indices, absent = select_listed(source.names, listed)
+    if absent:
+        log.info(f"note: step {info.step}: {absent} of the {len(listed)} images of the official list "
+                 f"are not in {config.data.root}")  # fmt: skip
+    return indices
+
+
+def build_train_loader(
+    config: Config, source: Source, presence: np.ndarray, info: StepInfo, dist: DistInfo = SINGLE
+) -> DataLoader:
+    """Shuffled training loader of a step (images from :func:`train_indices`).
+
+    Batches come from an :class:`EpochBatchSampler`: the order and each image's augmentation
+    seed depend only on ``train.seed``, the step and the epoch (call ``set_epoch``), and under
+    ``torchrun`` this rank gets its share of every global batch.
+    """
+    data, cfg, proto = config.data, config.train, config.protocol
+    indices = _selected(train_indices(config, source, presence, info), "training", config, info)
+    if len(indices) < dist.world_size:
+        raise DataError(f"step {info.step} has {len(indices)} training images, fewer than the "
+                        f"{dist.world_size} processes")  # fmt: skip
+    # Batch norm in training needs two or more values per channel, and the ASPP pooling branch
+    # has one per image: over the global batch with synchronised BN, else per process.
+    batch = min(cfg.batch_size, len(indices))
+    shared = dist.world_size > 1 and cfg.sync_bn
+    if batch < 2 or (not shared and batch // dist.world_size < 2):
+        raise DataError(
+            f"step {info.step}: {len(indices)} training image(s) and train.batch_size {cfg.batch_size} give "
+            f"batches of {batch // (1 if shared else dist.world_size)} image(s) per process; batch norm "
+            "needs 2 or more (use more images or a larger batch)"
+        )
+    dataset = StepDataset(
+        source, indices, make_lut(info, "train", proto.labels),
+        train_transform(data.crop_size, (data.scale_min, data.scale_max)),
+    )  # fmt: skip
+    sampler = EpochBatchSampler(len(dataset), cfg.batch_size, step_seed(cfg.seed, info.step),
+                                dist.rank, dist.world_size)  # fmt: skip
+    # The generator only seeds the workers (transforms are seeded per image); having one keeps
+    # starting an epoch from drawing on the global RNG.
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=data.num_workers,
+                      generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+
+def build_test_loader(
+    config: Config, source: Source, presence: np.ndarray, info: StepInfo, split: str = "test",
+    dist: DistInfo = SINGLE,
+) -> DataLoader:  # fmt: skip
+    """Test loader of a step: images with a seen class, labels in the step's test convention.
+
+    ``split="val"`` gives MiB's validation during training instead: test-split images with a
+    class of the current step, old classes mapped to 255 (SPEC section 4). Under ``torchrun``
+    the loader holds this rank's shard (every N-th image, none repeated); ``evaluate`` sums the
+    ranks' matrices.
+    """
+    proto = config.protocol
+    ignore_zero = config.family == "ade" and proto.labels == "mib"
+    if split == "test":
+        chosen = select_test(presence, info, proto.mode if proto.test_selection == "mode" else None)
+    else:
+        chosen = select_train(presence, info, "overlap")
+    indices = _selected(chosen, split, config, info)
+    lut = make_lut(info, split, proto.labels, ignore_zero_at_test=ignore_zero)
+    dataset = StepDataset(source, indices, lut, test_transform(config.data.test_crop))
+    # Full images of different sizes cannot share a batch; padding would change the ASPP's
+    # image-level pooling, so they are evaluated one at a time.
+    same_size = config.data.test_crop is not None or getattr(source, "fixed_size", True)
+    batch = config.train.eval_batch_size if same_size else 1
+    # An own generator: starting this loader must not draw from the global RNG that drives the
+    # training augmentations, so validating leaves training unchanged.
+    return DataLoader(dataset, batch_size=batch, num_workers=config.data.num_workers,
+                      sampler=shard_indices(len(dataset), dist.rank, dist.world_size),
+                      generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The train and test images of a run and their packed class-presence indexes, built (or read
+    from the cache) once; every step selects from them."""
+
+    train: Source
+    test: Source
+    train_presence: np.ndarray
+    test_presence: np.ndarray
+
+    @classmethod
+    def load(cls, config: Config, dist: DistInfo, *, progress: bool = False) -> Sources:
+        """Data problems surface here, before anything is written. Rank 0 builds the class index
+        (and its cache) first; the other ranks then read the cache."""
+        if not dist.is_main:
+            barrier(dist)
+        train, test = (build_source(config.data, "train", progress=progress),
+                       build_source(config.data, "test", progress=progress))  # fmt: skip
+        if dist.is_main:
+            barrier(dist)
+        return cls(train, test, pack_presence(train.presence()), pack_presence(test.presence()))
+
+    def train_loader(self, config: Config, info: StepInfo, dist: DistInfo) -> DataLoader:
+        return build_train_loader(config, self.train, self.train_presence, info, dist)
+
+    def test_loader(
+        self, config: Config, info: StepInfo, dist: DistInfo, split: str = "test"
+    ) -> DataLoader:
+        return build_test_loader(config, self.test, self.test_presence, info, split, dist)
