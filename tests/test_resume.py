@@ -18,6 +18,20 @@ def _numbers(run_dir):
     return [(s["miou_all"], s["per_class"], s["losses"]) for s in steps]
 
 
+def _command(config_path, run_dir):
+    """``incseg run`` in a subprocess of its own (so that it can be killed)."""
+    return [
+        sys.executable,
+        "-m",
+        "incseg",
+        "run",
+        str(config_path),
+        "--out",
+        str(run_dir),
+        "--no-progress",
+    ]
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_config_path, tmp_path_factory):
     """An uninterrupted two-step run."""
@@ -66,16 +80,7 @@ def test_resume_with_another_config_is_refused(reference, tiny_config_path, tmp_
 
 def test_sigkill_during_step_1_then_resume_is_exact(reference, tiny_config_path, tmp_path):
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "incseg",
-        "run",
-        str(tiny_config_path),
-        "--out",
-        str(run),
-        "--no-progress",
-    ]
+    cmd = _command(tiny_config_path, run)
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy()
     )
@@ -123,17 +128,7 @@ def reference2(tiny_config_path, tmp_path_factory):
 )
 def test_sigkill_at_a_point_then_resume_is_exact(point, reference2, tiny_config_path, tmp_path):
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "incseg",
-        "run",
-        str(tiny_config_path),
-        "--out",
-        str(run),
-        "--no-progress",
-        *EPOCHS2,
-    ]
+    cmd = [*_command(tiny_config_path, run), *EPOCHS2]
     proc = subprocess.run(
         cmd, capture_output=True, env={**os.environ, "INCSEG_KILL_AT": point}, check=False
     )
