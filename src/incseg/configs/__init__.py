@@ -1,7 +1,7 @@
 """Built-in configs: the demo, the MiB paper's rows (``voc/``, ``ade/``) and the seed table's rows
 (``seed/``, cssegmentation's MiB model zoo, written by ``tools/make_configs.py``)."""
 
-# The seed table (../shared/seeds, cssegmentation docs/modelzoo/mib/README.md): config name ->
+# The seed table (cssegmentation docs/modelzoo/mib/README.md, the document incseg started from): name ->
 # reported mIoU in % over every class with background (incseg's miou_with_bg), None where the
 # row has no number.
 SEED_MIOU: dict[str, float | None] = {

@@ -11,6 +11,7 @@ models and checkpoint restore (:mod:`~incseg.engine.models`), one epoch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -122,7 +123,19 @@ def run_protocol(
                     )
             method.end_step(info, model, loader)
             reports.append(
-                finish_step(run, data, config, info, model, method, rt, metrics, history, scalars)
+                finish_step(
+                    run,
+                    data,
+                    config,
+                    info,
+                    model,
+                    method,
+                    rt,
+                    metrics,
+                    history,
+                    scalars,
+                    len(loader.dataset),
+                )
             )
             old_model = frozen_copy(model)
     finally:
@@ -181,12 +194,7 @@ def validate(model: nn.Module, data: Sources, config: Config, info: StepInfo, rt
     """MiB's validation during training: mean IoU of the current step's classes on test images
     with a current class, old classes ignored (``train.val_interval``)."""
     loader = data.test_loader(config, info, rt.dist, split="val")
-    matrix = evaluate(
-        model,
-        loader,
-        info.num_channels,
-        Runtime(rt.device, rt.dist, rt.amp_dtype, rt.channels_last),
-    )
+    matrix = evaluate(model, loader, info.num_channels, dataclasses.replace(rt, progress=False))
     model.train()
     iou = iou_per_class(matrix)[info.num_old_channels :]
     present = matrix.sum(1)[info.num_old_channels :] > 0
@@ -195,14 +203,13 @@ def validate(model: nn.Module, data: Sources, config: Config, info: StepInfo, rt
 
 def finish_step(
     run: RunDir, data: Sources, config: Config, info: StepInfo, model: nn.Module, method: Method, rt: Runtime,
-    metrics: dict, losses: list, scalars: Scalars,
+    metrics: dict, losses: list, scalars: Scalars, num_train: int,
 ) -> StepReport:  # fmt: skip
     """Evaluate the trained step on all seen classes, record it (checkpoint, metrics, scalars) and
     print its table."""
     test = data.test_loader(config, info, rt.dist)
     matrix = evaluate(model, test, info.num_channels, rt)
     report = StepReport.from_confusion(matrix, info)
-    num_train = len(data.train_loader(config, info, rt.dist).dataset)
     metrics["steps"].append({**report.to_dict(), "num_train_images": num_train,
                              "num_test_images": len(test.dataset), "losses": losses})  # fmt: skip
     if rt.dist.is_main:
