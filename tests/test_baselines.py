@@ -66,14 +66,17 @@ def test_baseline_terms_and_weights():
         torch.randn(2, 8, 1, 1, generator=gen),
     )
     targets = torch.randint(0, 21, (2, 3, 3), generator=gen)
-    out, old_out = SegmenterOutput(logits, feats), SegmenterOutput(old, old_feats)
+    out, old_out = (
+        SegmenterOutput(logits, {"body": feats}),
+        SegmenterOutput(old, {"body": old_feats}),
+    )
     assert set(
-        LwF().losses(SegmenterOutput(logits[:, :16], None), None, targets.clamp(max=15), info0)
+        LwF().losses(SegmenterOutput(logits[:, :16], {}), None, targets.clamp(max=15), info0)
     ) == {"ce"}
     lwf = LwF().losses(out, old_out, targets, info1)
     torch.testing.assert_close(lwf["kd"], 100 * knowledge_distillation(logits, old))
     ilt = ILT().losses(out, old_out, targets, info1)
-    assert set(ilt) == {"ce", "kd", "feature"} and ILT.needs_features
+    assert set(ilt) == {"ce", "kd", "feature"} and ILT.features == ("body",)
     torch.testing.assert_close(ilt["feature"], 100 * feature_distillation(feats, old_feats))
     mc = LwFMC().losses(out, old_out, targets, info1)
     torch.testing.assert_close(mc["kd"], 10 * sigmoid_distillation(logits, old))

@@ -7,15 +7,42 @@ from torch import nn
 from incseg.errors import ConfigError
 from incseg.models import build_segmenter
 from incseg.models.deeplab import ASPP
+from incseg.models.segmenter import FEATURE_NAMES
 
 
 @pytest.mark.parametrize("output_stride", [8, 16])
 def test_tiny_segmenter_shapes(output_stride):
     model = build_segmenter("tiny", (16, 5), output_stride=output_stride, head_channels=16)
-    out = model(torch.randn(2, 3, 64, 48), return_features=True)
+    out = model(torch.randn(2, 3, 64, 48), features=("body",))
     assert out.logits.shape == (2, 21, 64, 48)
-    assert out.features.shape == (2, 64, 64 // output_stride, 48 // output_stride)
-    assert model.eval()(torch.randn(1, 3, 32, 32)).features is None
+    assert out.features["body"].shape == (2, 64, 64 // output_stride, 48 // output_stride)
+    assert model.eval()(torch.randn(1, 3, 32, 32)).features == {}
+
+
+@pytest.mark.parametrize(
+    ("backbone", "norm", "widths"),
+    [("tiny", "bn", (32, 64, 64, 64)), ("resnet50", "iabn", (256, 512, 1024, 2048))],
+)
+def test_named_features_are_the_stages_before_their_activation(backbone, norm, widths):
+    torch.manual_seed(0)
+    model = build_segmenter(backbone, (16, 5), output_stride=16, norm=norm, head_channels=8).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        plain = model(images)
+        out = model(images, features=FEATURE_NAMES)
+    torch.testing.assert_close(out.logits, plain.logits, rtol=0, atol=0)  # same computation
+    f = out.features
+    assert [f[f"stage{i}"].shape[1] for i in range(1, 5)] == list(widths)
+    assert [f[f"stage{i}"].shape[-1] for i in range(1, 5)] == [16, 8, 4, 4]
+    # the last stage's map, activated, is the backbone's output; it has negative values (not ReLU'd)
+    act = nn.functional.leaky_relu if norm == "iabn" else nn.functional.relu
+    slope = {"negative_slope": 0.01} if norm == "iabn" else {}
+    torch.testing.assert_close(act(f["stage4"], **slope), f["body"])
+    assert (f["stage4"] < 0).any() and (f["body"] >= 0).all() == (norm == "bn")
+    assert f["head"].shape == (2, 8, 4, 4) and f["logits_small"].shape == (2, 21, 4, 4)
+    torch.testing.assert_close(model.classifiers[1](f["head"]), f["logits_small"][:, 16:])
+    with pytest.raises(ValueError, match="unknown feature names"):
+        model(images, features=("stage5",))
 
 
 def test_classifier_grows_by_one_conv_per_step():
@@ -53,8 +80,8 @@ def test_resnet_backbone_dilation_and_iabn():
     assert not any(isinstance(m, nn.ReLU) for m in model.modules())
     assert any(isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.01 for m in model.modules())
     with torch.no_grad():
-        out = model(torch.randn(1, 3, 64, 64), return_features=True)
-    assert out.features.shape == (1, 2048, 4, 4)
+        out = model(torch.randn(1, 3, 64, 64), features=("body",))
+    assert out.features["body"].shape == (1, 2048, 4, 4)
     assert model.backbone.layer4[0].conv2.stride == (1, 1)  # OS16: last stage not strided
     assert model.backbone.layer4[1].conv2.dilation == (2, 2)
 

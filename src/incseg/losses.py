@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from incseg.errors import ConfigError
 from incseg.protocol.choices import IGNORE_INDEX
 
 
@@ -137,3 +138,117 @@ def sigmoid_distillation(logits: torch.Tensor, old_logits: torch.Tensor) -> torc
 def feature_distillation(features: torch.Tensor, old_features: torch.Tensor) -> torch.Tensor:
     """ILT's feature distillation: mean squared error between encoder outputs ``(B, F, h, w)``."""
     return F.mse_loss(_upcast(features), _upcast(old_features))
+
+
+# ---------------------------------------------------------------------------------------------
+# PLOP (Douillard et al., "PLOP: Learning without Forgetting for Continual Semantic Segmentation",
+# CVPR 2021). Line numbers cite arthurdouillard/CVPR2021_PLOP at 4b4a060 (``train.py``), whose
+# formulas cssegmentation restates (``csseg/modules/runners/plop.py:129-178``).
+
+POD_SCALES = (1, 2, 4)  # the local POD's grids: 1x1, 2x2 and 4x4 regions (``--spp_scales``)
+
+
+def pixel_mean_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | float = 1.0
+) -> torch.Tensor:
+    """PLOP's classification loss: per-pixel cross-entropy (0 where the target is 255) times
+    ``weights``, averaged over *all* ``B*H*W`` pixels, void ones included (``train.py:76, 351-352``:
+    ``CrossEntropyLoss(reduction="none")`` then ``.mean()``). This differs from
+    :func:`cross_entropy` (mean over non-void pixels) as soon as a target is 255.
+
+    Args:
+        logits: ``(B, C, H, W)``.
+        targets: ``(B, H, W)`` channel indices, 255 = ignore.
+        weights: a float, or a tensor broadcasting to ``(B, H, W)`` (PLOP: ``(B, 1, 1)``).
+    """
+    per_pixel = F.cross_entropy(
+        _upcast(logits), targets.long(), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return (weights * per_pixel).mean()
+
+
+def local_pod_embedding(x: torch.Tensor, scales: tuple[int, ...] = POD_SCALES) -> torch.Tensor:
+    """Local POD embedding of a map (``_local_pod``, ``train.py:979-1014``).
+
+    For each scale ``s`` the map is cut into ``s x s`` square regions of side ``k = W // s`` (the
+    width's, for both axes, as PLOP does; trailing rows / columns beyond ``s * k`` are left out);
+    each region contributes its mean over the width ``(C, k)`` then its mean over the height
+    ``(C, k)``, flattened channel-major. No normalisation (PLOP's default). Maps narrower than the
+    finest grid, or wider than high, would give empty regions (NaN) and raise :class:`~incseg.errors.ConfigError`.
+
+    Args:
+        x: ``(B, C, H, W)``.
+
+    Returns:
+        ``(B, D)`` with ``D = sum_s s^2 * 2 * C * k_s`` for square maps.
+    """
+    batch, width = x.shape[0], x.shape[-1]
+    if width < max(scales) or x.shape[-2] < width:
+        raise ConfigError(
+            f"local POD needs square maps at least {max(scales)} wide (its finest grid); got "
+            f"{tuple(x.shape[-2:])}: use a larger data.crop_size or a smaller model.output_stride"
+        )
+    parts = []
+    for scale in scales:
+        k = width // scale
+        for i in range(scale):
+            for j in range(scale):
+                region = x[..., i * k : (i + 1) * k, j * k : (j + 1) * k]
+                parts.append(region.mean(dim=3).reshape(batch, -1))
+                parts.append(region.mean(dim=2).reshape(batch, -1))
+    return torch.cat(parts, dim=1)
+
+
+def merge_new_logits(logits: torch.Tensor, num_old: int) -> torch.Tensor:
+    """The student's logits brought to the old model's channels for POD (``extra_channels: sum``,
+    ``train.py:817-829``): background = ``z_0 + sum of the new channels' logits``; old classes
+    unchanged. ``(B, C, h, w) -> (B, O, h, w)``."""
+    background = logits[:, :1] + logits[:, num_old:].sum(dim=1, keepdim=True)
+    return torch.cat([background, logits[:, 1:num_old]], dim=1)
+
+
+def pod_distance(
+    old: torch.Tensor, new: torch.Tensor, scales: tuple[int, ...] = POD_SCALES
+) -> torch.Tensor:
+    """One layer's POD term before its factors (``train.py:839-963``): both maps squared
+    (``--pod_prepro pow``), embedded by :func:`local_pod_embedding`, the L2 distance of the two
+    embeddings per image, averaged over the batch. Computed in float32.
+
+    Args:
+        old, new: ``(B, C, h, w)`` maps of the old and the current model.
+
+    Returns:
+        Scalar.
+    """
+    old_emb = local_pod_embedding(_upcast(old).pow(2), scales)
+    new_emb = local_pod_embedding(_upcast(new).pow(2), scales)
+    return torch.linalg.vector_norm(old_emb - new_emb, dim=-1).mean()
+
+
+def local_pod(
+    old_maps: list[torch.Tensor],
+    new_maps: list[torch.Tensor],
+    factors: list[float],
+    schedule: float = 1.0,
+    scales: tuple[int, ...] = POD_SCALES,
+) -> torch.Tensor:
+    """PLOP's Local POD loss (``features_distillation``, ``train.py:716-972``):
+    ``(1 / L) * sum_l factors[l] * schedule * pod_distance(old_l, new_l)`` over the L maps.
+
+    Args:
+        old_maps, new_maps: matching maps, ``(B, C_l, h_l, w_l)`` each; a last pair of logits with
+            more channels in ``new`` is merged first (:func:`merge_new_logits`).
+        factors: per-map weight (PLOP: ``pod_factor`` for every map but the logits', which get
+            the ``switch.after.factor``); a map whose factor is 0 is skipped (``train.py:964-965``).
+        schedule: the adaptive factor ``sqrt(C_t / N_t)``, all classes so far over the step's new
+            ones (``use_pod_schedule``, ``train.py:968-969``).
+    """
+    if not (len(old_maps) == len(new_maps) == len(factors)):
+        raise ValueError("local_pod: as many old maps, new maps and factors are needed")
+    total = torch.zeros((), device=old_maps[0].device)
+    for old, new, factor in zip(old_maps, new_maps, factors, strict=True):
+        if new.shape[1] != old.shape[1]:
+            new = merge_new_logits(new, old.shape[1])
+        if factor > 0:
+            total = total + factor * schedule * pod_distance(old, new, scales)
+    return total / len(old_maps)

@@ -35,7 +35,7 @@ from incseg.engine.models import (
 from incseg.engine.rundir import TENSORBOARD_DIR, RunDir
 from incseg.engine.runtime import Runtime
 from incseg.engine.tensorboard import Scalars, check_tensorboard, open_scalars
-from incseg.engine.train import Optimisation, train_one_epoch
+from incseg.engine.train import Optimisation, scan_step, train_one_epoch
 from incseg.errors import IncsegError
 from incseg.methods import build_method, method_class
 from incseg.methods.base import Method
@@ -105,6 +105,8 @@ def run_protocol(
             epochs = config.train.epochs_at(step)
             opt = Optimisation.for_step(model, config, info, epochs * len(loader), rt)
             history = resume_step(run, config, info, model, method, opt) if resume else []
+            if method.scans_old_model and step > 0 and not history:  # else restored by resume_step
+                scan_step(old_model, method, loader, info, rt)
             net = wrap_for_training(model, config, rt)
             for epoch in tqdm(
                 range(len(history), epochs), desc=f"step {step}", disable=not rt.progress

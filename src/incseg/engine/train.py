@@ -12,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from incseg.config import Config
-from incseg.engine.distributed import all_reduce_mean
+from incseg.engine.distributed import all_reduce_mean, all_reduce_sum
 from incseg.engine.faults import fault_point
 from incseg.engine.runtime import Runtime
 from incseg.engine.tensorboard import Scalars
@@ -112,8 +112,9 @@ def train_one_epoch(
             old_output = None
             if old_model is not None:
                 with torch.no_grad():
-                    old_output = old_model(images, return_features=method.needs_features)
-            output = net(images, return_features=method.needs_features)
+                    old_output = old_model(images, features=method.features)
+            targets = method.relabel(old_output, targets, info)
+            output = net(images, features=method.features)
             terms = method.losses(output, old_output, targets, info)
             loss = sum(terms.values())
         # What the losses need is saved in the graph; dropping these references lets backward
@@ -156,3 +157,22 @@ def _check_and_log(loss, terms, info, epoch, it, opt, bar, scalars, x) -> None:
     if scalars is not None and scalars.enabled:
         values = {name: float(v.detach()) for name, v in terms.items()}
         scalars.add(f"step_{info.step}/train", {**values, "total": value, "lr": lr}, x)
+
+
+@torch.no_grad()
+def scan_step(old_model: nn.Module, method: Method, loader, info: StepInfo, rt: Runtime) -> None:
+    """The pass before a step's training (``Method.scans_old_model``): the frozen old model over
+    the step's training batches in epoch 0's order and augmentation; ``method.scan``'s statistics
+    are summed over batches and then over processes (the total one process would get; PLOP and
+    cssegmentation keep each process's own, ``train.py:505-589``), then ``method.end_scan``."""
+    loader.batch_sampler.set_epoch(0)
+    totals: dict[str, torch.Tensor] = {}
+    bar = tqdm(loader, desc=f"step {info.step} scan", leave=False, disable=not rt.progress)
+    for images, targets in bar:
+        images = images.to(rt.device, non_blocking=True, memory_format=rt.memory_format)
+        targets = targets.to(rt.device, non_blocking=True)
+        with rt.autocast():
+            old_output = old_model(images, features=method.features)
+        for name, value in method.scan(old_output, targets, info).items():
+            totals[name] = totals[name] + value if name in totals else value.clone()
+    method.end_scan({name: all_reduce_sum(value, rt.dist) for name, value in totals.items()}, info)

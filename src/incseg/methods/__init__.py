@@ -24,6 +24,7 @@ METHOD_PATHS: dict[str, str] = {
     "rw": "incseg.methods.regularizers:RW",
     "pi": "incseg.methods.regularizers:PI",
     "mib": "incseg.methods.mib:MiB",
+    "plop": "incseg.methods.plop:PLOP",
 }
 METHOD_NAMES = tuple(sorted(METHOD_PATHS))
 
@@ -48,7 +49,7 @@ _CLASSES = {path.split(":")[1]: path for path in METHOD_PATHS.values()} | {
 }
 __all__ = [
     "EWC", "ILT", "METHODS", "METHOD_NAMES", "METHOD_PATHS", "PI", "RW", "FineTuning", "LwF", "LwFMC",
-    "Method", "MiB", "build_method", "method_class",
+    "Method", "MiB", "PLOP", "build_method", "method_class",
 ]  # fmt: skip
 
 

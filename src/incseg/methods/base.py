@@ -7,9 +7,21 @@ Per step the engine calls, in this order:
 3. only when resuming an interrupted step: the mid-step weights are loaded into the model (in
    place) and :meth:`Method.load_step_state_dict` restores what the method accumulated in the
    step so far, so everything before this point is exactly what a fresh run did;
-4. every iteration: :meth:`Method.losses`, backward, :meth:`Method.after_backward`, the optimizer
-   step, :meth:`Method.after_update` (the last two only with ``needs_gradients``);
-5. :meth:`Method.end_step`, then evaluation; :meth:`Method.state_dict` is saved with the step.
+4. otherwise, with ``scans_old_model`` at steps > 0: one pass of the frozen old model over the
+   step's training batches (epoch 0's order and augmentation, no gradients): :meth:`Method.scan`
+   returns additive statistics of each batch, the engine sums them over batches and processes
+   and hands the totals to :meth:`Method.end_scan` (PLOP's entropy thresholds; class prototypes).
+   What ``end_scan`` keeps belongs in :meth:`Method.step_state_dict`, so a resumed step skips
+   the pass and gets the same values;
+5. every iteration: the old model's outputs (steps > 0, ``needs_old_model``), then
+   :meth:`Method.relabel` (what it returns is what :meth:`Method.losses` gets as ``targets``),
+   the student's forward, :meth:`Method.losses`, backward, :meth:`Method.after_backward`, the
+   optimizer step, :meth:`Method.after_update` (the last two only with ``needs_gradients``);
+6. :meth:`Method.end_step`, then evaluation; :meth:`Method.state_dict` is saved with the step.
+
+Both models return the intermediate maps named in ``features``
+(:data:`incseg.models.segmenter.FEATURE_NAMES`) in ``output.features``; with none named the
+forward pass is the plain one.
 
 A resumed run restores the finished steps' method state with :meth:`Method.load_state_dict`
 before step 1 above. A method never touches the optimizer, the grad scaler, distributed wrappers
@@ -37,7 +49,8 @@ class Method:
 
     Capabilities (class attributes) tell the engine what to compute:
     ``needs_old_model``: run the frozen previous-step model on every batch (steps > 0);
-    ``needs_features``: return backbone features of both models;
+    ``features``: names of the intermediate maps both models return (``output.features``);
+    ``scans_old_model``: before training a step > 0, run :meth:`scan` / :meth:`end_scan`;
     ``needs_gradients``: call :meth:`after_backward` (unscaled gradients in ``.grad``) and
     :meth:`after_update` (after the optimizer step) every iteration;
     ``plain_first_step``: step 0 is plain cross-entropy and leaves no method state, so methods
@@ -45,7 +58,8 @@ class Method:
     """
 
     needs_old_model: ClassVar[bool] = False
-    needs_features: ClassVar[bool] = False
+    features: ClassVar[tuple[str, ...]] = ()
+    scans_old_model: ClassVar[bool] = False
     needs_gradients: ClassVar[bool] = False
     plain_first_step: ClassVar[bool] = False
     # Valid values of each numeric hyperparameter (every one must have an entry; checked with the
@@ -60,19 +74,50 @@ class Method:
     ) -> None:
         """Called before training a step, with the step's starting weights (also on resume)."""
 
+    def scan(
+        self, old_output: SegmenterOutput, targets: torch.Tensor, info: StepInfo
+    ) -> dict[str, torch.Tensor]:
+        """Additive statistics of one training batch under the old model (``scans_old_model``).
+
+        Args:
+            old_output: the old model's outputs (eval mode, no gradients), logits ``(B, O, H, W)``
+                and the maps named in ``features``.
+            targets: ``(B, H, W)`` channel indices of the step's training labels, 255 = ignore.
+            info: the step.
+
+        Returns:
+            Tensors of fixed shapes; the engine sums each over all batches and processes.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} scans the old model but defines no scan()"
+        )
+
+    def end_scan(self, totals: dict[str, torch.Tensor], info: StepInfo) -> None:
+        """Receive the summed :meth:`scan` statistics (same keys) before the step's training."""
+
+    def relabel(
+        self, old_output: SegmenterOutput | None, targets: torch.Tensor, info: StepInfo
+    ) -> Any:
+        """What :meth:`losses` receives as ``targets`` for this batch: by default ``targets``
+        itself; a method may return new labels (pseudo-labels) or any structure its own
+        :meth:`losses` understands. ``targets``: ``(B, H, W)`` channel indices, 255 = ignore;
+        ``old_output``: as in :meth:`losses`."""
+        return targets
+
     def losses(
         self,
         output: SegmenterOutput,
         old_output: SegmenterOutput | None,
-        targets: torch.Tensor,
+        targets: Any,
         info: StepInfo,
     ) -> dict[str, torch.Tensor]:
         """Named, already weighted loss terms of a batch; the engine sums them.
 
         Args:
-            output: current model outputs, logits ``(B, C_t, H, W)``.
+            output: current model outputs, logits ``(B, C_t, H, W)`` and ``features``.
             old_output: old model outputs (``(B, O, H, W)``) or None at step 0 / if not needed.
-            targets: ``(B, H, W)`` uint8/long channel indices, 255 = ignore.
+            targets: what :meth:`relabel` returned: by default ``(B, H, W)`` uint8/long channel
+                indices, 255 = ignore.
             info: the step.
         """
         raise NotImplementedError(f"{type(self).__name__} must define losses()")

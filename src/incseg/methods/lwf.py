@@ -77,7 +77,7 @@ class ILT(Method):
     """LwF's output distillation + ``feature_weight`` x MSE between old and new encoder features."""
 
     needs_old_model: ClassVar[bool] = True
-    needs_features: ClassVar[bool] = True
+    features: ClassVar[tuple[str, ...]] = ("body",)
     plain_first_step: ClassVar[bool] = True
 
     ranges: ClassVar[dict[str, Range]] = {
@@ -100,6 +100,6 @@ class ILT(Method):
                 kd = knowledge_distillation(output.logits, old_output.logits, self.alpha)
                 terms["kd"] = self.kd_weight * kd
             if self.feature_weight > 0:
-                mse = feature_distillation(output.features, old_output.features)
+                mse = feature_distillation(output.features["body"], old_output.features["body"])
                 terms["feature"] = self.feature_weight * mse
         return terms

@@ -21,6 +21,22 @@ if TYPE_CHECKING:  # annotations only: the model modules import torchvision
 INITS = ("balanced", "random")
 
 
+def balanced_init(model: nn.Module) -> None:
+    """Background-balanced init of the newest classifier (MiB section 3.3; fcdl94/MiB
+    ``segmentation_module.py`` ``init_new_classifier``; PLOP's ``--init_balanced`` is the same
+    code): each new class and the background start with an equal share of the old background
+    probability; old-class probabilities are unchanged.
+
+    new weights = w_bg; new biases = b_bg' = b_bg - log(N + 1), N = number of new channels.
+    """
+    first, new = model.classifiers[0], model.classifiers[-1]
+    with torch.no_grad():
+        bias = first.bias[0] - math.log(new.out_channels + 1)
+        new.weight.copy_(first.weight[0:1].expand_as(new.weight))
+        new.bias.fill_(bias)
+        first.bias[0] = bias
+
+
 @dataclass
 class MiB(Method):
     """Unbiased cross-entropy + weighted unbiased distillation + background-balanced init.
@@ -51,20 +67,8 @@ class MiB(Method):
             )
 
     def init_new_classifier(self, model: nn.Module, info: StepInfo) -> None:
-        """Background-balanced init: each new class and the background start with an equal share
-        of the old background probability; old-class probabilities are unchanged.
-
-        new weights = w_bg; new biases = b_bg' = b_bg - log(N + 1), N = number of new channels.
-        """
-        if self.init != "balanced" or info.step == 0:
-            return
-        first, new = model.classifiers[0], model.classifiers[-1]
-        num_new = new.out_channels
-        with torch.no_grad():
-            bias = first.bias[0] - math.log(num_new + 1)
-            new.weight.copy_(first.weight[0:1].expand_as(new.weight))
-            new.bias.fill_(bias)
-            first.bias[0] = bias
+        if self.init == "balanced" and info.step > 0:
+            balanced_init(model)
 
     def losses(
         self,

@@ -1,7 +1,11 @@
 """Backbones: torchvision ResNets (dilated to output stride 16 or 8) and a tiny CPU backbone.
 
 Every backbone maps ``(B, 3, H, W)`` float images to ``(B, out_channels, H/OS, W/OS)`` features
-and has an ``out_channels`` attribute. Backbones are found by name in :data:`BACKBONES`.
+and has an ``out_channels`` attribute. ``forward_stages`` returns the same features together with
+the four stages' maps *before* the last activation of each stage (PLOP's distilled "attentions",
+arthurdouillard/CVPR2021_PLOP ``modules/residual.py:125-138``: the last block of a stage returns
+``convs(x) + residual`` beside its activated output); it costs nothing unless called. Backbones are
+found by name in :data:`BACKBONES`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+
+import torch.nn.functional as F
 
 from incseg.errors import ConfigError
 from incseg.models.choices import BACKBONE_NAMES, OUTPUT_STRIDES, PRETRAINED
@@ -26,6 +32,8 @@ class TinyBackbone(nn.Module):
     """
 
     out_channels = 64
+    # Last layer index of each of the four stages (output strides 4, 8, 16 or 8, 16 or 8).
+    STAGE_ENDS = (1, 2, 4, 5)
 
     def __init__(self, output_stride: int = 16, norm: str = "bn") -> None:
         super().__init__()
@@ -46,6 +54,19 @@ class TinyBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+    def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``forward`` plus each stage's last layer after its norm, before its activation."""
+        stages = []
+        for index, layer in enumerate(self.layers):
+            if index not in self.STAGE_ENDS:
+                x = layer(x)
+                continue
+            conv, (norm, act) = layer
+            pre = norm(conv(x))
+            x = _activate(act, pre)
+            stages.append(pre)
+        return x, stages
 
 
 class ResNetBackbone(nn.Module):
@@ -81,6 +102,36 @@ class ResNetBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``forward`` plus, per stage, its last block's ``bn3(conv3(.)) + shortcut`` before the
+        activation (PLOP ``models/resnet.py:118-148``, ``modules/residual.py:125-138``)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        stages = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer[:-1]:
+                x = block(x)
+            x, pre = _bottleneck_with_pre_activation(layer[-1], x)
+            stages.append(pre)
+        return x, stages
+
+
+def _activate(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act`` applied out of place, so that ``x`` (a distilled map) survives."""
+    if isinstance(act, nn.LeakyReLU):
+        return F.leaky_relu(x, act.negative_slope)
+    return F.relu(x)
+
+
+def _bottleneck_with_pre_activation(
+    block: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's ``Bottleneck.forward`` returning (output, the sum before the last activation)."""
+    shortcut = x if block.downsample is None else block.downsample(x)
+    out = block.relu(block.bn1(block.conv1(x)))
+    out = block.relu(block.bn2(block.conv2(out)))
+    pre = block.bn3(block.conv3(out)) + shortcut
+    return _activate(block.relu, pre), pre
 
 
 def _replace_relu(module: nn.Module, norm: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import NamedTuple
 
 import torch
@@ -12,11 +13,22 @@ from incseg.models.backbones import build_backbone
 from incseg.models.deeplab import ASPP, ASPP_RATES
 
 
+# Intermediate maps a method can ask for (``Method.features``), by name:
+# ``stage1``..``stage4``: each ResNet stage's last block before its final activation (PLOP's
+#   "attentions"), at output strides 4, 8, 16, 16 (OS16) with 256..2048 channels;
+# ``body``: the backbone's output (activated), what ILT distils;
+# ``head``: the ASPP output, the classifiers' input (PLOP's "pre_logits");
+# ``logits_small``: all classifiers' logits at feature resolution, before upsampling.
+FEATURE_NAMES = ("stage1", "stage2", "stage3", "stage4", "body", "head", "logits_small")
+STAGES = FEATURE_NAMES[:4]
+
+
 class SegmenterOutput(NamedTuple):
-    """``logits``: ``(B, C_t, H, W)`` at input size; ``features``: backbone output or None."""
+    """``logits``: ``(B, C_t, H, W)`` at input size; ``features``: the maps asked for by name
+    (:data:`FEATURE_NAMES`), an empty dict when none were."""
 
     logits: torch.Tensor
-    features: torch.Tensor | None
+    features: dict[str, torch.Tensor]
 
 
 class IncrementalSegmenter(nn.Module):
@@ -61,13 +73,26 @@ class IncrementalSegmenter(nn.Module):
         self.classifiers.append(conv)
         return conv
 
-    def forward(self, images: torch.Tensor, return_features: bool = False) -> SegmenterOutput:
-        """``(B, 3, H, W)`` normalised images -> logits ``(B, C_t, H, W)`` (channel order = steps)."""
-        features = self.backbone(images)
-        head = self.head(features)
-        logits = torch.cat([cls(head) for cls in self.classifiers], dim=1)
-        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return SegmenterOutput(logits, features if return_features else None)
+    def forward(self, images: torch.Tensor, features: Collection[str] = ()) -> SegmenterOutput:
+        """``(B, 3, H, W)`` normalised images -> logits ``(B, C_t, H, W)`` (channel order = steps)
+        and the intermediate maps named in ``features`` (:data:`FEATURE_NAMES`). Without names the
+        plain path runs: nothing extra is computed or kept."""
+        if any(name in STAGES for name in features):
+            body, stages = self.backbone.forward_stages(images)
+        else:
+            body, stages = self.backbone(images), []
+        head = self.head(body)
+        small = torch.cat([cls(head) for cls in self.classifiers], dim=1)
+        logits = F.interpolate(small, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        if not features:
+            return SegmenterOutput(logits, {})
+        maps = dict(zip(STAGES, stages)) | {"body": body, "head": head, "logits_small": small}
+        unknown = set(features) - set(maps) - set(STAGES)
+        if unknown:
+            raise ValueError(
+                f"unknown feature names {sorted(unknown)}; valid: {list(FEATURE_NAMES)}"
+            )
+        return SegmenterOutput(logits, {name: maps[name] for name in features})
 
 
 def build_segmenter(
