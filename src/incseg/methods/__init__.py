@@ -48,8 +48,21 @@ _CLASSES = {path.split(":")[1]: path for path in METHOD_PATHS.values()} | {
     "Method": "incseg.methods.base:Method"
 }
 __all__ = [
-    "EWC", "ILT", "METHODS", "METHOD_NAMES", "METHOD_PATHS", "PI", "RW", "FineTuning", "LwF", "LwFMC",
-    "Method", "MiB", "PLOP", "build_method", "method_class",
+    "EWC",
+    "ILT",
+    "METHODS",
+    "METHOD_NAMES",
+    "METHOD_PATHS",
+    "PI",
+    "PLOP",
+    "RW",
+    "FineTuning",
+    "LwF",
+    "LwFMC",
+    "Method",
+    "MiB",
+    "build_method",
+    "method_class",
 ]  # fmt: skip
 
 

@@ -14,10 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
-
-import torch.nn.functional as F
 
 from incseg.errors import ConfigError
 from incseg.models.choices import BACKBONE_NAMES, OUTPUT_STRIDES, PRETRAINED

@@ -12,7 +12,6 @@ from torch import nn
 from incseg.models.backbones import build_backbone
 from incseg.models.deeplab import ASPP, ASPP_RATES
 
-
 # Intermediate maps a method can ask for (``Method.features``), by name:
 # ``stage1``..``stage4``: each ResNet stage's last block before its final activation (PLOP's
 #   "attentions"), at output strides 4, 8, 16, 16 (OS16) with 256..2048 channels;
