@@ -34,7 +34,7 @@ def test_compare_rejects_unknown_methods(tiny_config_path, tmp_path, capsys):
         main(["compare", str(tiny_config_path), "--methods", "ft,icarl", "--out", str(tmp_path)])
         == 2
     )
-    assert "unknown method 'icarl'" in capsys.readouterr().err
+    assert "--methods: method.name: unknown value 'icarl'" in capsys.readouterr().err
 
 
 def test_comparison_row_splits_joint_by_class_name():

@@ -20,7 +20,10 @@ SETS = ["protocol.setting=10-5-5", "train.epochs=2", "train.epochs_incremental=2
 
 
 class Recording(MiB):
-    """MiB that records every hook call and what it is handed."""
+    """MiB that records every hook call and what it is handed; it also scans the old model and
+    relabels (marking the targets it hands on)."""
+
+    scans_old_model = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -53,8 +56,27 @@ class Recording(MiB):
         self._dataset = loader.dataset
         super().begin_step(info, model, old_model, loader)
 
+    def scan(self, old_output, targets, info):
+        self.events.append(("scan", info.step))
+        assert not torch.is_grad_enabled() and old_output.logits.shape[1] == info.num_old_channels
+        assert torch.equal(old_output.logits, self._produced)
+        return {"batches": torch.ones(()), "pixels": torch.tensor(float(targets.numel()))}
+
+    def end_scan(self, totals, info):
+        self.events.append(("end_scan", info.step))
+        self.scanned = {
+            **getattr(self, "scanned", {}),
+            info.step: {k: float(v) for k, v in totals.items()},
+        }
+
+    def relabel(self, old_output, targets, info):
+        assert (old_output is None) == (info.step == 0)
+        return ("relabelled", targets)
+
     def losses(self, output, old_output, targets, info):
         self.events.append(("losses", info.step))
+        marker, targets = targets  # what relabel returned reaches losses
+        assert marker == "relabelled"
         if old_output is not None:  # exactly what the old model computed on this batch
             assert old_output.logits.shape[1] == info.num_old_channels
             assert torch.equal(old_output.logits, self._produced)
@@ -114,9 +136,23 @@ def test_hooks_run_in_the_documented_order(reference):
     _, rec = reference
     assert _collapsed(rec.events) == [
         ("begin_step", 0), ("losses", 0), ("end_step", 0),
-        ("init_new_classifier", 1), ("begin_step", 1), ("losses", 1), ("end_step", 1),
-        ("init_new_classifier", 2), ("begin_step", 2), ("losses", 2), ("end_step", 2),
+        ("init_new_classifier", 1), ("begin_step", 1), ("scan", 1), ("end_scan", 1), ("losses", 1),
+        ("end_step", 1),
+        ("init_new_classifier", 2), ("begin_step", 2), ("scan", 2), ("end_scan", 2), ("losses", 2),
+        ("end_step", 2),
     ]  # fmt: skip
+
+
+def test_the_scan_sums_one_pass_over_the_steps_training_batches(reference):
+    _, rec = reference
+    for step in (1, 2):
+        batches = rec.events.count(("scan", step))
+        assert (
+            rec.scanned[step]["batches"]
+            == batches
+            == len(rec.seeds[step]) // 8 + (len(rec.seeds[step]) % 8 > 0)
+        )
+        assert rec.scanned[step]["pixels"] == len(rec.seeds[step]) * 32 * 32
 
 
 def test_old_model_of_each_step_is_the_final_model_of_the_previous_one(reference):
@@ -152,6 +188,10 @@ def test_begin_step_sees_the_same_weights_with_and_without_a_resume(
     _run(tmp_path, tiny_config_path, mp, "run", stop_at="iteration:1:1:2")
     resumed = _run(tmp_path, tiny_config_path, mp, "run", resume=True)
     assert ("load_step_state_dict", -1) in resumed.events
+    assert ("scan", 1) not in resumed.events and (
+        "scan",
+        2,
+    ) in resumed.events  # step 1's was restored
     assert _collapsed(resumed.events)[:2] == [("init_new_classifier", 1), ("begin_step", 1)]
     for step in (1, 2):
         assert torch.equal(resumed.begin_weights[step], rec.begin_weights[step]), step

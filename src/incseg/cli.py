@@ -122,6 +122,14 @@ def _parser() -> argparse.ArgumentParser:
         "or seed/mib_r101iabnd16_aspp_512x512_vocaug15-5_disjoint. Seed configs show the seed "
         "table's mIoU (every class with background: compare with miou_with_bg).",
     )
+    met = sub.add_parser(
+        "methods",
+        help="list the methods, or show one method's hyperparameters",
+        description="List the methods (built-in and registered in the incseg.methods entry-point group); "
+        "with NAME, print its docstring, what it asks of the engine and its hyperparameters (method.KEY) "
+        "with type, default and valid range. NAME may be a module:Class path (docs/methods.md).",
+    )
+    met.add_argument("name", nargs="?", default=None, help="a method name or module:Class path")
     data = sub.add_parser(
         "data",
         help="prepare or check a VOC / ADE20K dataset",
@@ -389,6 +397,17 @@ def _config_list() -> str:
     return "\n".join(lines)
 
 
+def _methods(name: str | None) -> str:
+    from incseg.methods import METHOD_PATHS, describe_method, plugin_paths
+
+    if name is not None:
+        return describe_method(name)
+    rows = [f"{key:<8} {path}" for key, path in {**METHOD_PATHS, **plugin_paths()}.items()]
+    return "\n".join(
+        [*rows, "", "incseg methods NAME shows a method's hyperparameters (method.KEY)."]
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 2 user error)."""
     args = _parser().parse_args(argv)
@@ -408,6 +427,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _predict(args)
         if args.command == "configs":
             print(_config_list())
+            return 0
+        if args.command == "methods":
+            print(_methods(args.name))
             return 0
     except IncsegError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -21,7 +21,7 @@ from incseg.engine.distributed import SINGLE, DistInfo
 from incseg.engine.protocol import shared_steps_key
 from incseg.engine.rundir import RunDir
 from incseg.errors import ConfigError, IncsegError
-from incseg.methods import METHOD_NAMES, method_class
+from incseg.methods import check_method_name, method_class
 from incseg.protocol import get_setting, step_info
 
 log = logging.getLogger(__name__)
@@ -33,10 +33,10 @@ def method_config(base: Config, name: str, overrides: Sequence[str] = ()) -> Con
     """``base`` with method ``name``; the base's method hyperparameters carry over only to the
     same method (they are not valid for others). ``overrides`` are ``KEY=VALUE`` assignments
     inside this method's section (``weight=50``), validated like ``--set method.KEY=VALUE``."""
-    if name not in METHOD_NAMES:
-        raise ConfigError(
-            f"--methods: unknown method {name!r}; valid choices: {list(METHOD_NAMES)}"
-        )
+    try:
+        check_method_name(name)
+    except ConfigError as err:
+        raise ConfigError(f"--methods: {err}") from None
     raw = base.to_dict()
     raw["method"] = dict(raw["method"]) if base.method.name == name else {"name": name}
     for assignment in overrides:

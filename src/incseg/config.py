@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from incseg.errors import ConfigError
-from incseg.methods import METHOD_NAMES, method_class
+from incseg.methods import check_method_name, method_class
 from incseg.models.choices import BACKBONE_NAMES, NORMS, OUTPUT_STRIDES, PRETRAINED
 from incseg.protocol.choices import CONVENTIONS, MODES, TEST_SELECTIONS
 from incseg.protocol.official import SPLIT_SOURCES, uses_official
@@ -337,7 +337,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         raise ConfigError(f"method: expected a mapping like {{name: mib}}, got {method_raw!r}")
     method_raw = dict(method_raw)
     name = method_raw.pop("name", MethodConfig.name)
-    _one_of(name, METHOD_NAMES, "method.name")
+    check_method_name(name)
     config = build_dataclass(Config, raw, "")
     validate(config)
     # The method's class (and torch) is imported only once the rest of the config is valid.

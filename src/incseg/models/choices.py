@@ -7,3 +7,10 @@ OUTPUT_STRIDES = (8, 16)
 # ResNet-101, the MiB paper's (loaded into the built model by the engine, models/official.py).
 PRETRAINED = ("none", "imagenet", "iabn")
 NORMS = ("bn", "iabn")  # BatchNorm + ReLU; BatchNorm + LeakyReLU(0.01), In-Place ABN's function
+# Intermediate maps a method can ask for (``Method.features``), by name:
+# ``stage1``..``stage4``: each ResNet stage's last block before its final activation (PLOP's
+#   "attentions"), at output strides 4, 8, 16, 16 (OS16) with 256..2048 channels;
+# ``body``: the backbone's output (activated), what ILT distils;
+# ``head``: the ASPP output, the classifiers' input (PLOP's "pre_logits");
+# ``logits_small``: all classifiers' logits at feature resolution, before upsampling.
+FEATURE_NAMES = ("stage1", "stage2", "stage3", "stage4", "body", "head", "logits_small")

@@ -10,15 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from incseg.models.backbones import build_backbone
+from incseg.models.choices import FEATURE_NAMES
 from incseg.models.deeplab import ASPP, ASPP_RATES
 
-# Intermediate maps a method can ask for (``Method.features``), by name:
-# ``stage1``..``stage4``: each ResNet stage's last block before its final activation (PLOP's
-#   "attentions"), at output strides 4, 8, 16, 16 (OS16) with 256..2048 channels;
-# ``body``: the backbone's output (activated), what ILT distils;
-# ``head``: the ASPP output, the classifiers' input (PLOP's "pre_logits");
-# ``logits_small``: all classifiers' logits at feature resolution, before upsampling.
-FEATURE_NAMES = ("stage1", "stage2", "stage3", "stage4", "body", "head", "logits_small")
 STAGES = FEATURE_NAMES[:4]
 
 
