@@ -113,7 +113,7 @@ def test_every_builtin_config_loads_and_paper_configs_hold_the_paper_setting():
     from incseg.config import builtin_configs, load_config
 
     names = builtin_configs(with_folders=True)
-    paper = [n for n in names if n.startswith(("voc/", "ade/"))]
+    paper = [n for n in names if n.startswith(("voc/", "ade/")) and not n.endswith("-plop")]
     assert len(paper) == 68 and "voc/15-1-overlap-mib" in paper and "ade/100-50-mib" in paper
     for name in names:
         config = load_config(name)
@@ -211,7 +211,7 @@ def test_configs_lists_the_seed_rows_with_their_miou(capsys):
 
     assert main(["configs"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    seeds = [line for line in lines if line.startswith("seed/")]
+    seeds = [line for line in lines if line.startswith("seed/mib_")]
     assert len(seeds) == len(SEED_MIOU) == 12
     assert any(line.startswith("seed/mib_r101iabnd16_aspp_512x512_vocaug15-5_disjoint ") and
                line.endswith("seed mIoU 66.1% (with background)") for line in seeds)  # fmt: skip
@@ -248,3 +248,65 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path):
         load_config(path, ["train.epochs=1e2"])
     with pytest.raises(ConfigError, match=r"train.lr: expected float, got '1e-3x' \(str\)"):
         load_config(path, ["train.lr=1e-3x"])
+
+
+PLOP_SCRIPTS = [("voc", s) for s in ("19-1", "15-5", "15-1", "10-1")] + [
+    ("ade", s) for s in ("100-50", "100-10", "100-5")
+]
+
+
+@pytest.mark.parametrize(("dataset", "setting"), PLOP_SCRIPTS)
+def test_plop_configs_resolve_to_plops_published_recipe(dataset, setting):
+    """arthurdouillard/CVPR2021_PLOP scripts/: overlap, PLOP's labels and on-the-fly selection,
+    In-Place ABN ResNet-101 OS16, batch 24 (12 x 2 GPUs), lr 0.01 / 0.001 with poly 0.9, apex O1;
+    POD 0.01 / logits 0.0005 on VOC (argparser.py:49-57), 0.001 / 0.00001 on ADE20K (scripts'
+    OPTIONS); threshold 0.001, adaptive factor, balanced init; 30 epochs on VOC (10 for the 10-1
+    incremental steps), 60 on ADE20K."""
+    name = f"voc/{setting}-overlap-plop" if dataset == "voc" else f"ade/{setting}-plop"
+    config = load_config(name)
+    p, t, m, d = config.protocol, config.train, config.model, config.data
+    assert (d.dataset, p.setting, p.mode, p.labels, p.split_source, p.test_selection) == (
+        dataset, setting, "overlap", "plop", "rule", "seen")  # fmt: skip
+    assert (m.backbone, m.output_stride, m.norm, m.pretrained) == ("resnet101", 16, "iabn", "iabn")
+    assert (t.batch_size, t.lr, t.lr_incremental, t.lr_power, t.amp) == (
+        24,
+        0.01,
+        0.001,
+        0.9,
+        "fp16",
+    )
+    assert (t.momentum, t.nesterov, t.weight_decay, d.crop_size, d.test_crop) == (
+        0.9,
+        True,
+        1e-4,
+        512,
+        512,
+    )
+    voc = dataset == "voc"
+    assert t.epochs_at(0) == (30 if voc else 60)
+    assert t.epochs_at(1) == (10 if setting == "10-1" else 30 if voc else 60)
+    assert config.method.name == "plop"
+    assert config.method.params == {
+        "pod_factor": 0.01 if voc else 0.001, "pod_logits_factor": 0.0005 if voc else 0.00001,
+        "pod_schedule": True, "pseudo": True, "threshold": 0.001, "bins": 100, "median": "published",
+        "adaptive_factor": True, "init": "balanced",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name", [f"vocaug{s}_{m}" for s in ("15-5", "15-1", "10-1") for m in ("disjoint", "overlap")]
+)
+def test_cssegmentation_plop_configs(name):
+    config = load_config(f"seed/plop_r101iabnd16_aspp_512x512_{name}")
+    setting, mode = name.removeprefix("vocaug").split("_")
+    p, t = config.protocol, config.train
+    assert (p.setting, p.mode, p.labels, p.split_source, p.test_selection) == (
+        setting,
+        mode,
+        "plop",
+        "rule",
+        "mode",
+    )
+    assert (t.lr_power, t.amp, t.epochs_at(1)) == (0.0, "fp16", 10 if setting == "10-1" else 30)
+    assert config.method.name == "plop" and config.method.params["pod_factor"] == 0.01
+    assert config.method.params["pod_logits_factor"] == 0.0005

@@ -8,7 +8,10 @@
   VOC 15-1 and 10-1; 60 epochs on ADE20K). ADE20K rows train on MiB's shipped partition, its
   disjoint mode (split_source: official); 100-5, which MiB does not ship, uses the overlap rule.
 - ``seed/``: the seed table's rows (cssegmentation's MiB model zoo), with cssegmentation's
-  recipe; every departure from the paper is a commented key.
+  recipe; every departure from the paper is a commented key. Also cssegmentation's PLOP configs
+  (``seed/plop_*``; VOC only, no number reported), the same way.
+- ``voc/*-overlap-plop`` and ``ade/*-plop``: PLOP as its scripts train it
+  (arthurdouillard/CVPR2021_PLOP ``scripts/``), every key commented with its source.
 """
 
 from __future__ import annotations
@@ -109,6 +112,109 @@ def _seed(name: str, miou: float | None) -> str:
     )  # fmt: skip
 
 
+PLOP_COMMIT = "4b4a060"
+PLOP_VOC = {
+    "19-1": "plop_19-1.sh",
+    "15-5": "plop_15-5.sh",
+    "15-1": "plop_15-1.sh",
+    "10-1": "plop_10-1.sh",
+}
+PLOP_ADE = {
+    "100-50": "plop_ade_100-50.sh",
+    "100-10": "plop_ade_100-10.sh",
+    "100-5": "plop_ade_100-5.sh",
+}
+PLOP_TEMPLATE = """\
+# PLOP (Douillard et al., CVPR 2021) on {family} {setting}, as scripts/{folder}/{script} trains it.
+# Cited files are in github.com/arthurdouillard/CVPR2021_PLOP (commit {commit}); written by
+# tools/make_configs.py. Keys left at incseg's defaults are PLOP's too: batch 24 (12 per GPU on 2
+# GPUs), SGD lr 0.01 / 0.001 with Nesterov momentum 0.9 and weight decay 1e-4 (run.py:236-276),
+# poly LR power 0.9 stepped every iteration (train.py:465-466), crop 512 with scale 0.5-2.0
+# (run.py:42-48), test images with a seen class. PLOP reports the last epoch, as incseg does.
+name: {name}
+data:
+  dataset: {dataset}
+  root: data/{dataset}
+  test_crop: 512          # Resize(512) + CenterCrop(512) at test (--crop_val, run.py:51-58)
+protocol:
+  setting: {setting}
+  mode: overlap           # --overlap in every PLOP script
+  labels: plop            # {labels_note}
+  split_source: rule      # images filtered on the fly by the overlap rule (dataset/{dataset}.py, filter_images)
+model:
+  pretrained: iabn        # In-Place ABN's ImageNet ResNet-101 (segmentation_module.py:32-40)
+method:
+  name: plop
+  pod_factor: {pod}  # {pod_note}
+  pod_logits_factor: {logits}  # pod_options switch.after.factor ({pod_source})
+train:
+  amp: fp16               # --opt_level O1 (apex mixed precision) in every script
+{epochs}"""
+
+
+def _plop(dataset: str, setting: str) -> str:
+    voc = dataset == "voc"
+    epochs = "  epochs: 60              # --epochs 60 at every step\n" if not voc else ""
+    if setting == "10-1":
+        epochs = "  epochs_incremental: 10  # EPOCHS=10 for the incremental steps\n"
+    return PLOP_TEMPLATE.format(
+        family="Pascal VOC" if voc else "ADE20K", setting=setting, folder=dataset,
+        script=(PLOP_VOC if voc else PLOP_ADE)[setting], commit=PLOP_COMMIT,
+        name=f"voc-{setting}-overlap-plop" if voc else f"ade-{setting}-plop", dataset=dataset,
+        labels_note=("void stays 255 in training (dataset/voc.py:194), unseen classes background at test" if voc
+                     else "class 0 counted at test (dataset/ade.py:130-136, --ignore_test_bg off)"),
+        pod="0.01" if voc else "0.001",
+        pod_note="--method PLOP sets pod_factor 0.01 (argparser.py:49-57)" if voc else "--pod_factor 0.001 in the script's OPTIONS",
+        logits="0.0005" if voc else "0.00001",
+        pod_source="argparser.py:53" if voc else "the script's --pod_options",
+        epochs=epochs,
+    )  # fmt: skip
+
+
+CSSEG_PLOP = [f"plop_r101iabnd16_aspp_512x512_vocaug{s}_{m}" for s in ("15-5", "15-1", "10-1")
+              for m in ("disjoint", "overlap")]  # fmt: skip
+CSSEG_PLOP_TEMPLATE = """\
+# PLOP on VOC {setting} {mode_word}, trained with cssegmentation's recipe (its PLOP model zoo reports
+# no number). Source: configs/plop/{name}.py and configs/plop/base_cfg.py.
+# Written by tools/make_configs.py; cited files are under csseg/ in
+# github.com/SegmentationBLWX/cssegmentation (commit c125175).
+# Not reproduced: cssegmentation keeps the checkpoint with the best *test* mIoU of each step
+# (modules/runners/base.py:160-167); incseg reports the last epoch.
+name: {name}
+data:
+  dataset: voc
+  root: data/voc
+  test_crop: 512          # Resize(512) + CenterCrop(512) at test (configs/_base_/datasets/*_512x512.py)
+protocol:
+  setting: {setting}
+  mode: {mode}
+  labels: plop            # void ignored in training, unseen classes background at test (modules/datasets/base.py:128-133)
+  split_source: rule      # images filtered on the fly by the {mode} rule (modules/datasets/base.py:147-167)
+  test_selection: mode    # the test set filtered by the same rule{test_note} (modules/datasets/base.py:115-127)
+model:
+  pretrained: iabn        # In-Place ABN's ImageNet ResNet-101 (configs/plop/base_cfg.py:17)
+method:
+  name: plop
+  pod_factor: 0.01        # distillation pod_factor (configs/plop/base_cfg.py:37)
+  pod_logits_factor: 0.0005  # pod_factor_last_scale (configs/plop/base_cfg.py:37)
+  threshold: 0.001        # pseudolabeling_minimal_threshold (configs/plop/base_cfg.py:55)
+train:
+  lr_power: 0             # constant LR: the poly scheduler is built but never stepped (modules/models/schedulers/base.py:26-35 never calls updatelr)
+  amp: fp16               # apex O1 mixed precision (configs/plop/base_cfg.py:56)
+{epochs}"""
+
+
+def _csseg_plop(name: str) -> str:
+    setting, mode = name.removeprefix("plop_r101iabnd16_aspp_512x512_vocaug").split("_")
+    epochs = ""
+    if setting == "10-1":
+        epochs = "  epochs_incremental: 10  # 10 epochs per incremental step (the config's scheduler_cfg[1:] max_epochs)\n"
+    return CSSEG_PLOP_TEMPLATE.format(
+        setting=setting, mode=mode, mode_word="overlapped" if mode == "overlap" else mode, name=name,
+        test_note="; under overlap that is the default selection" if mode == "overlap" else "", epochs=epochs,
+    )  # fmt: skip
+
+
 def main() -> None:
     jobs = [
         ("voc", s, mode, m)
@@ -127,7 +233,14 @@ def main() -> None:
     (OUT / "seed").mkdir(exist_ok=True)
     for name, miou in SEED_MIOU.items():
         (OUT / "seed" / f"{name}.yaml").write_text(_seed(name, miou))
-    print(f"wrote {len(jobs)} paper configs and {len(SEED_MIOU)} seed configs under {OUT}")
+    for setting in PLOP_VOC:
+        (OUT / "voc" / f"{setting}-overlap-plop.yaml").write_text(_plop("voc", setting))
+    for setting in PLOP_ADE:
+        (OUT / "ade" / f"{setting}-plop.yaml").write_text(_plop("ade", setting))
+    for name in CSSEG_PLOP:
+        (OUT / "seed" / f"{name}.yaml").write_text(_csseg_plop(name))
+    print(f"wrote {len(jobs)} paper configs, {len(SEED_MIOU)} seed configs and "
+          f"{len(PLOP_VOC) + len(PLOP_ADE) + len(CSSEG_PLOP)} PLOP configs under {OUT}")  # fmt: skip
 
 
 if __name__ == "__main__":

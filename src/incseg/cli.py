@@ -390,6 +390,8 @@ def _config_list() -> str:
             note = (
                 f"seed mIoU {miou}% (with background)"
                 if miou is not None
+                else "cssegmentation's PLOP recipe, no number reported"
+                if name.startswith("seed/plop_")
                 else "seed mIoU not reported"
             )
             name = f"{name:<58} {note}"
