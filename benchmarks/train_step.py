@@ -4,6 +4,8 @@ Each variant runs in a fresh process so that its peak resident memory (``ru_maxr
 
 * ``incseg``: the engine's iteration (``train_one_epoch`` on one batch): the old model is frozen
   and runs under ``no_grad`` in eval mode, so none of its activations are kept for backward;
+* ``plop``: the same iteration with PLOP (both models return six maps for Local POD; background
+  pixels pseudo-labelled with thresholds from one scan of the batch);
 * ``naive``: the straightforward version: a second full model that still records its graph
   (a deep copy whose parameters require gradients), its outputs kept through backward;
 * ``late_zero``: the engine's iteration as it was before, gradients cleared *after* the forwards
@@ -31,7 +33,7 @@ import torch
 from incseg.engine.evaluate import evaluate
 from incseg.engine.runtime import Runtime
 from incseg.engine.train import Optimisation, train_one_epoch
-from incseg.methods import MiB
+from incseg.methods import PLOP, MiB
 from incseg.metrics import confusion_matrix
 from incseg.models import build_segmenter
 from incseg.protocol import get_setting, step_info
@@ -76,7 +78,19 @@ def run(
     rt = Runtime(device, amp_dtype=amp_dtype, channels_last=channels_last)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    if variant == "incseg":
+    if variant == "plop":  # the engine's iteration with PLOP (POD on 6 maps, pseudo-labels)
+        method = PLOP()
+        old.eval().requires_grad_(False)
+        with torch.no_grad():
+            method.end_scan(
+                {
+                    "histogram": method.scan(old(images, features=method.features), targets, info)[
+                        "histogram"
+                    ]
+                },
+                info,
+            )
+    if variant in ("incseg", "plop"):
         old.eval().requires_grad_(False)
 
         net = torch.compile(model) if compile_model else model
@@ -91,7 +105,7 @@ def run(
             output = model(images)
             old_output = old(images)  # graph recorded and kept alive until the end of the step
             terms = method.losses(
-                output, type(old_output)(old_output.logits.detach(), None), targets, info
+                output, type(old_output)(old_output.logits.detach(), {}), targets, info
             )
             optimizer.zero_grad()
             sum(terms.values()).backward()
@@ -147,7 +161,9 @@ def run(
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step")
-    parser.add_argument("variant", choices=("incseg", "naive", "late_zero", "eval", "eval_argmax"))
+    parser.add_argument(
+        "variant", choices=("incseg", "plop", "naive", "late_zero", "eval", "eval_argmax")
+    )
     parser.add_argument("crop", type=int)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--iters", type=int, default=3, help="timed repeats (median reported)")
