@@ -2,9 +2,9 @@
 register its ``module:Class`` path in :data:`METHOD_PATHS`.
 
 A method outside incseg needs no edit here: ``method.name`` may be the ``module:Class`` path of
-any importable class (``my_methods:Prototypes``), or a name that an installed package registers in
+any importable class (``my_methods:ConfidentPseudo``), or a name that an installed package registers in
 the ``incseg.methods`` entry-point group (``[project.entry-points."incseg.methods"]`` in its
-``pyproject.toml``, ``protos = "my_methods:Prototypes"``). Both are validated like the built-in
+``pyproject.toml``, ``confident = "my_methods:ConfidentPseudo"``). Both are validated like the built-in
 methods (``docs/methods.md``, "Writing a method").
 
 The table holds paths, not classes, so that checking a method *name* imports nothing; a method's
@@ -54,7 +54,7 @@ def check_method_name(name: str) -> None:
         choices = [*METHOD_NAMES, *sorted(plugin_paths())]
         raise ConfigError(
             f"method.name: unknown value {name!r}; valid choices: {choices}, or the module:Class "
-            "path of a Method subclass (e.g. my_methods:Prototypes)"
+            "path of a Method subclass (e.g. my_methods:ConfidentPseudo)"
         )
 
 
