@@ -122,6 +122,7 @@ ACCEPTED_RUNS = {  # the in-range values the walk meets, grouped into real runs
     "mib": ["method.kd_weight=0"], "lwf": ["method.kd_weight=0"], "lwf_mc": ["method.kd_weight=0"],
     "ilt": ["method.kd_weight=0", "method.feature_weight=0"], "ewc": ["method.weight=0", "method.alpha=0"],
     "rw": ["method.weight=0", "method.alpha=0"], "pi": ["method.weight=0"],
+    "plop": ["method.pod_factor=0", "method.pod_logits_factor=0", "method.threshold=0"],
 }  # fmt: skip
 
 
