@@ -150,6 +150,8 @@ def test_every_builtin_config_loads_and_paper_configs_hold_the_paper_setting():
     assert load_config("voc/joint").protocol.setting == "offline"
 
 
+CSSEG = ("plop", "rule", "mode")  # cssegmentation's labels, training and test selection
+
 SEED_ROWS = [
     (family, setting, mode)
     for family, settings in (
@@ -173,9 +175,7 @@ def test_seed_configs_resolve_to_cssegmentations_recipe(family, setting, mode):
     assert (p.setting, p.mode, p.labels, p.split_source, p.test_selection) == (
         setting,
         mode,
-        "plop",
-        "rule",
-        "mode",
+        *CSSEG,
     )
     assert (m.backbone, m.output_stride, m.norm, m.pretrained, m.head_channels) == (
         "resnet101",
@@ -303,9 +303,7 @@ def test_cssegmentation_plop_configs(name):
     assert (p.setting, p.mode, p.labels, p.split_source, p.test_selection) == (
         setting,
         mode,
-        "plop",
-        "rule",
-        "mode",
+        *CSSEG,
     )
     assert (t.lr_power, t.amp, t.epochs_at(1)) == (0.0, "fp16", 10 if setting == "10-1" else 30)
     assert config.method.name == "plop" and config.method.params["pod_factor"] == 0.01
