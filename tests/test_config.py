@@ -16,10 +16,11 @@ def test_defaults_are_the_paper_setting():
 
 
 def test_builtin_demo_configs_load():
-    assert {"demo", "demo-ft", "demo-offline"} <= set(builtin_configs())
+    assert {"demo", "demo-ft", "demo-offline", "demo-plop"} <= set(builtin_configs())
     demo = load_config(None)
     assert demo.model.backbone == "tiny" and demo.method.name == "mib"
     assert load_config("demo-ft").method.name == "ft"
+    assert load_config("demo-plop").method.name == "plop"
 
 
 def test_a_folder_named_like_a_builtin_config_does_not_hide_it(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ NORMS = ("bn", "iabn")  # BatchNorm + ReLU; BatchNorm + LeakyReLU(0.01), In-Plac
 # ``stage1``..``stage4``: each ResNet stage's last block before its final activation (PLOP's
 #   "attentions"), at output strides 4, 8, 16, 16 (OS16) with 256..2048 channels;
 # ``body``: the backbone's output (activated), what ILT distils;
-# ``head``: the ASPP output, the classifiers' input (PLOP's "pre_logits");
+# ``head``: the ASPP output after its last norm and activation, the classifiers' input (PLOP's
+#   "pre_logits", arthurdouillard/CVPR2021_PLOP ``modules/deeplab.py:37, 69``);
 # ``logits_small``: all classifiers' logits at feature resolution, before upsampling.
 FEATURE_NAMES = ("stage1", "stage2", "stage3", "stage4", "body", "head", "logits_small")
