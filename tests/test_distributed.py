@@ -161,6 +161,15 @@ def test_two_processes_train_like_one_with_the_global_batch(ddp_runs):
     assert _max_difference(single["model"], runs["nosync"][0]["model"]) > 1e-3
 
 
+def test_the_scan_sums_every_process_into_the_single_process_result(ddp_runs):
+    _, runs = ddp_runs
+    (single,), ranks = runs["single"], runs["sync"]
+    assert single["histogram"].shape == (21, 100) and single["histogram"].sum() > 0
+    for rank in ranks:  # every rank holds the sum of both shards: the one-process histogram
+        assert torch.equal(rank["histogram"], single["histogram"])
+        assert torch.equal(rank["thresholds"], single["thresholds"])
+
+
 def test_sharded_evaluation_counts_each_image_once(ddp_runs):
     worker, runs = ddp_runs
     rank0, rank1 = runs["sync"]

@@ -1,9 +1,10 @@
 """Run under ``torchrun`` by tests/test_distributed.py (or directly, as the one-process reference).
 
 Trains step 0 of a tiny shapes run for one epoch of two global batches of 4 with the engine's own
-pieces (sampler, sync BN, DDP), then evaluates the 7 test images sharded over the ranks. Writes
-``OUT/rank{R}.pt`` with the trained state dict, the reduced confusion matrix and the keys this
-rank trained on.
+pieces (sampler, sync BN, DDP), then evaluates the 7 test images sharded over the ranks, and runs
+PLOP's scan (a fixed random old model over the training batches). Writes ``OUT/rank{R}.pt`` with
+the trained state dict, the reduced confusion matrix, the keys this rank trained on and the
+scan's summed histogram and thresholds.
 
 Usage: ddp_worker.py OUT [sync_bn=1]
 """
@@ -18,9 +19,9 @@ from incseg.data import build_source
 from incseg.engine.distributed import init_distributed, shutdown_distributed
 from incseg.engine.evaluate import evaluate
 from incseg.engine.loaders import build_test_loader, build_train_loader
-from incseg.engine.models import build_model, prepare_model, wrap_for_training
+from incseg.engine.models import build_model, frozen_copy, prepare_model, wrap_for_training
 from incseg.engine.runtime import Runtime
-from incseg.engine.train import Optimisation, train_one_epoch
+from incseg.engine.train import Optimisation, scan_step, train_one_epoch
 from incseg.methods import build_method
 from incseg.protocol import get_setting, step_info
 from incseg.protocol.selection import pack_presence
@@ -70,8 +71,14 @@ def main(out: Path, sync_bn: bool) -> None:
     )
     keys = [key for batch in train.batch_sampler for key in batch]
     matrix = evaluate(model, test, info.num_channels, rt)
+    torch.manual_seed(2)
+    old, plop, totals = frozen_copy(build_model(config, info)), build_method("plop", {}), {}
+    end_scan = plop.end_scan
+    plop.end_scan = lambda t, i: (totals.update(t), end_scan(t, i))
+    scan_step(old, plop, train, step_info(get_setting("voc", "15-5"), 1), rt)
     torch.save({"model": model.state_dict(), "matrix": matrix, "keys": keys,
-                "test_items": list(test.sampler), "world_size": dist.world_size},
+                "test_items": list(test.sampler), "world_size": dist.world_size,
+                "histogram": totals["histogram"], "thresholds": plop.thresholds},
                out / f"rank{dist.rank}.pt")  # fmt: skip
     shutdown_distributed()
 
