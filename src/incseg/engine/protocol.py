@@ -1,7 +1,8 @@
 """``run_protocol``: every step of a class-incremental setting, in one process.
 
 For each step: select the step's images and remap their labels, grow the classifier and let the
-method initialise it, train epoch by epoch, evaluate on all seen classes, save a checkpoint, and
+method initialise it, let the method scan the step's data with the old model if it asks to
+(``Method.scans_old_model``), train epoch by epoch, evaluate on all seen classes, save a checkpoint, and
 freeze a copy of the model as the next step's old model. The next step starts from the last
 epoch's weights (no model selection on the test set), as in the MiB paper. Where things live:
 loaders (:mod:`~incseg.engine.loaders`), the run directory (:mod:`~incseg.engine.rundir`),
