@@ -140,3 +140,18 @@ def test_validation_needs_the_mib_convention(tmp_path, capsys):
         "train.val_interval: validation during training follows MiB's convention"
         in capsys.readouterr().err
     )
+
+
+def test_methods_lists_every_method_and_shows_hyperparameters(capsys):
+    assert main(["methods"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert any(r.split() == ["plop", "incseg.methods.plop:PLOP"] for r in rows)
+    assert sum(1 for r in rows if ":" in r and not r.startswith("incseg")) == 9
+    assert main(["methods", "plop"]) == 0
+    shown = capsys.readouterr().out
+    assert (
+        "pod_logits_factor: float = 0.0005  in [0, 1,000,000]" in shown
+        and "median: str = 'published'" in shown
+    )
+    assert main(["methods", "icarl"]) == 2
+    assert "method.name: unknown value 'icarl'" in capsys.readouterr().err
