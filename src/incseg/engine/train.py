@@ -1,4 +1,5 @@
-"""One epoch of training, and the optimisation state of a step."""
+"""One epoch of training, the pass of the old model before a step (`scan_step`), and the optimisation
+state of a step."""
 
 from __future__ import annotations
 
