@@ -102,4 +102,4 @@ def test_plop_on_maps_too_small_for_pod_stops_with_a_config_error(plop_config, t
         "model.output_stride=16",
     ]
     assert main(args) == 2
-    assert "local POD needs square maps at least 4 wide" in capsys.readouterr().err
+    assert "local POD needs maps at least 4 wide" in capsys.readouterr().err

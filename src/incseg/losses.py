@@ -173,7 +173,8 @@ def local_pod_embedding(x: torch.Tensor, scales: tuple[int, ...] = POD_SCALES) -
     For each scale ``s`` the map is cut into ``s x s`` square regions of side ``k = W // s`` (the
     width's, for both axes, as PLOP does; trailing rows / columns beyond ``s * k`` are left out);
     each region contributes its mean over the width ``(C, k)`` then its mean over the height
-    ``(C, k)``, flattened channel-major. No normalisation (PLOP's default). Maps narrower than the
+    ``(C, k)``, flattened channel-major. No normalisation (``features_distillation`` forces it off,
+    ``train.py:754``). Maps narrower than the
     finest grid, or wider than high, would give empty regions (NaN) and raise :class:`~incseg.errors.ConfigError`.
 
     Args:
@@ -185,7 +186,7 @@ def local_pod_embedding(x: torch.Tensor, scales: tuple[int, ...] = POD_SCALES) -
     batch, width = x.shape[0], x.shape[-1]
     if width < max(scales) or x.shape[-2] < width:
         raise ConfigError(
-            f"local POD needs square maps at least {max(scales)} wide (its finest grid); got "
+            f"local POD needs maps at least {max(scales)} wide (its finest grid) and as high as wide; got "
             f"{tuple(x.shape[-2:])}: use a larger data.crop_size or a smaller model.output_stride"
         )
     parts = []
