@@ -125,21 +125,8 @@ def run_protocol(
                         step, epoch + 1, epoch_state(config, model, method, opt, history)
                     )
             method.end_step(info, model, loader)
-            reports.append(
-                finish_step(
-                    run,
-                    data,
-                    config,
-                    info,
-                    model,
-                    method,
-                    rt,
-                    metrics,
-                    history,
-                    scalars,
-                    len(loader.dataset),
-                )
-            )
+            reports.append(finish_step(run, data, config, info, model, method, rt, metrics, history, scalars,
+                                       len(loader.dataset)))  # fmt: skip
             old_model = frozen_copy(model)
     finally:
         scalars.close()
