@@ -2,6 +2,7 @@
 official splits, selection and remapping of named images, data check, a VOC run end to end."""
 
 import json
+import math
 import os
 import shutil
 
@@ -351,3 +352,26 @@ def test_real_dataset_config_errors(tmp_path, capsys):
     )
     assert "no official lists for shapes 15-5 (overlap); shipped: none" in capsys.readouterr().err
     assert not any((tmp_path / d).exists() for d in "xyzw")
+
+
+def test_plop_on_real_voc_images_with_void_kept_in_training(voc_config_path, tmp_path):
+    """PLOP's convention (void stays 255 in training) on real VOC labels: the all-pixel cross-entropy,
+    the scan and the pseudo-labels run on them; output stride 8 keeps the tiny maps 6 wide at crop 48."""
+    out = tmp_path / "run"
+    sets = ["method.name=plop", "protocol.labels=plop", "model.output_stride=8"]
+    assert (
+        main(
+            [
+                "run",
+                str(voc_config_path),
+                "--out",
+                str(out),
+                "--no-progress",
+                *(a for s in sets for a in ("--set", s)),
+            ]
+        )
+        == 0
+    )
+    steps = json.loads((out / "metrics.json").read_text())["steps"]
+    assert [sorted(epoch) for epoch in steps[1]["losses"]] == [["ce", "pod"]]
+    assert all(math.isfinite(v) for epoch in steps[1]["losses"] for v in epoch.values())
