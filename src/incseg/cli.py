@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         "tables and a summary; write config.yaml, step_K.pt, metrics.json and summary.md "
         "(and TensorBoard scalars). On N GPUs: torchrun --nproc_per_node=N -m incseg run ... "
         "(train.batch_size is the global batch; rank 0 writes).",
+        epilog="Methods: `incseg methods` lists them (method.name: a name, or the module:Class path of "
+        "your own Method subclass); `incseg methods NAME` shows the method.KEY hyperparameters, their "
+        "defaults and valid ranges.",
     )
     _config_arguments(run, out_help="run directory (default: runs/NAME-TIME)")
     run.add_argument(
