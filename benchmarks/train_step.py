@@ -78,20 +78,13 @@ def run(
     rt = Runtime(device, amp_dtype=amp_dtype, channels_last=channels_last)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    if variant == "plop":  # the engine's iteration with PLOP (POD on 6 maps, pseudo-labels)
-        method = PLOP()
-        old.eval().requires_grad_(False)
-        with torch.no_grad():
-            method.end_scan(
-                {
-                    "histogram": method.scan(old(images, features=method.features), targets, info)[
-                        "histogram"
-                    ]
-                },
-                info,
-            )
     if variant in ("incseg", "plop"):
         old.eval().requires_grad_(False)
+        if variant == "plop":  # six maps per model for Local POD; pseudo-labels from one scan
+            method = PLOP()
+            with torch.no_grad():
+                scanned = method.scan(old(images, features=method.features), targets, info)
+            method.end_scan(scanned, info)
 
         net = torch.compile(model) if compile_model else model
 

@@ -171,7 +171,7 @@ def test_plop_relabel_and_losses_on_a_step_one_batch():
     }
     old = SegmenterOutput(old_logits, {**maps, "logits_small": old_logits})
     method.begin_step(info, None, None, None)
-    method.end_scan({"histogram": method.scan(old, targets, info)["histogram"]}, info)
+    method.end_scan(method.scan(old, targets, info), info)
     assert method.thresholds.shape == (21,) and (method.thresholds >= 0.001).all()
     relabelled = method.relabel(old, targets, info)
     probs = torch.softmax(old_logits, 1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
 from importlib import import_module
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
@@ -99,8 +100,6 @@ def describe_method(name: str) -> str:
     """What ``incseg methods NAME`` prints: the class, its docstring, what it asks of the engine
     and every hyperparameter (``method.KEY``) with its type, default and valid range."""
     cls = method_class(name)
-    import typing
-
     hints = typing.get_type_hints(cls)
     lines = [f"{name}: {cls.__module__}:{cls.__qualname__}", ""]
     lines += [f"  {line}".rstrip() for line in inspect.cleandoc(cls.__doc__ or "").splitlines()]

@@ -51,10 +51,11 @@ def plop_entropy(probs: torch.Tensor) -> torch.Tensor:
     return -factor * torch.mean(probs * torch.log(probs + 1e-8), dim=1)
 
 
-def max_entropy(num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def max_entropy(num_classes: int) -> torch.Tensor:
     """The normaliser of the entropy, ``log(C_t)`` over *all* classes of the step, new ones
-    included (``train.py:514``), as a float32 scalar."""
-    return torch.log(torch.tensor(num_classes, dtype=torch.float32, device=device))
+    included (``train.py:514``), as a float32 0-dim CPU tensor: it divides tensors on any device
+    without a host-to-device copy."""
+    return torch.log(torch.tensor(num_classes, dtype=torch.float32))
 
 
 def entropy_histogram(
@@ -74,7 +75,7 @@ def entropy_histogram(
         ``(C_t, bins)`` int64 counts.
     """
     background = targets == 0
-    values = plop_entropy(probs)[background] / max_entropy(num_classes, probs.device)
+    values = plop_entropy(probs)[background] / max_entropy(num_classes)
     classes = probs.max(dim=1).indices[background]
     index = torch.clamp((values * bins).long(), max=bins - 1)
     histogram = torch.zeros(num_classes, bins, dtype=torch.long, device=probs.device)
@@ -169,9 +170,7 @@ def pseudo_label(
     pseudo = probs.max(dim=1).indices
     confident = plop_entropy(probs) / entropy_norm < thresholds.to(probs.device)[pseudo]
     background = targets < num_old
-    labels = torch.where(
-        background, torch.where(confident, pseudo, torch.full_like(pseudo, IGNORE_INDEX)), targets
-    )
+    labels = torch.where(background, torch.where(confident, pseudo, IGNORE_INDEX), targets)
     kept = (confident & background).float().sum(dim=(1, 2))
     factor = kept / (background.float().sum(dim=(1, 2)) + 1e-6)
     return labels, factor[:, None, None]
@@ -251,7 +250,10 @@ class PLOP(Method):
                 "PLOP: no entropy thresholds; the engine runs scan() before a step > 0"
             )
         probs = torch.softmax(old_output.logits.float(), dim=1)
-        norm = max_entropy(info.num_channels, probs.device)
+        self.thresholds = self.thresholds.to(
+            probs.device
+        )  # once: resumed thresholds load on the CPU
+        norm = max_entropy(info.num_channels)
         labels, factor = pseudo_label(probs, targets, self.thresholds, norm, info.num_old_channels)
         return PseudoLabels(labels, factor if self.adaptive_factor else 1.0)
 
