@@ -16,7 +16,13 @@ future class   0      255    0       0
 255 (void)     0      255    255     255
 ============== ====== ====== ====== =======
 
-``val`` is MiB's validation during training: like ``test`` but old classes are 255.
+``val`` is the validation during training, in the run's convention. MiB: like ``test`` but old
+classes are 255 (MiB ``dataset/voc.py:142-156``: outside training ``masking_value = 255`` and only
+``labels + [255]`` keep their channel). PLOP: old classes are 0, so ``val`` equals PLOP's ``train``
+(PLOP ``run.py:107-118`` builds the validation set with ``masking=not opts.no_mask`` and
+``data_masking=opts.data_masking``, default ``"current"`` in ``argparser.py:382-387``;
+``dataset/voc.py:182-207`` then maps every value outside ``[0] + labels + [255]``, old classes
+included, to ``masking_value = 0``, and 255 stays 255).
 For ADE20K, class 0 ("other") is trained as background and, with ``ignore_zero_at_test``
 (MiB), ignored (255) at test.
 """
@@ -43,7 +49,8 @@ def make_lut(
 
     Args:
         info: the step.
-        split: ``"train"``, ``"test"`` or ``"val"``.
+        split: ``"train"``, ``"test"`` or ``"val"`` (validation during training: old classes are
+            255 under ``"mib"`` and 0 under ``"plop"``, see the module docstring).
         convention: ``"mib"`` (default, the MiB paper) or ``"plop"`` (PLOP / cssegmentation).
         ignore_zero_at_test: map class 0 to 255 outside training (ADE20K under MiB).
 
@@ -66,7 +73,12 @@ def make_lut(
     for c in info.new_classes:
         lut[c] = idx[c]
     for c in info.old_classes:
-        lut[c] = 0 if train else (IGNORE_INDEX if split == "val" else idx[c])
+        if split == "test":
+            lut[c] = idx[c]
+        elif split == "val" and convention == "mib":
+            lut[c] = IGNORE_INDEX
+        else:  # training, and PLOP's validation: old classes are background
+            lut[c] = 0
     lut[0] = IGNORE_INDEX if (ignore_zero_at_test and not train) else 0
     return lut
 
