@@ -22,7 +22,13 @@ def test_train_transform_keeps_label_values_and_pairs_geometry():
         assert out_label.shape == (32, 32) and out_label.dtype == torch.uint8
         assert set(out_label.unique().tolist()) <= {0, 7, 255}
         bright = out_image.mean(0) > 1.0  # normalised value of 200/255 is about 1.5
-        assert (bright[out_label == 7]).float().mean() > 0.9
+        # Label and image sample the same pixel centres (PIL NEAREST / BILINEAR), so the first
+        # column labelled 7 blends dark and bright; every column inside the region is bright.
+        seven = out_label == 7
+        inside = seven.clone()
+        inside[:, 1:] &= seven[:, :-1]
+        inside[:, :-1] &= seven[:, 1:]
+        assert inside.any() and bright[inside].all()
 
 
 def test_test_transform_full_image_and_centre_crop():
