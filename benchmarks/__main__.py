@@ -20,9 +20,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "names", nargs="*", help=f"benchmarks to run (default: all of {list(BENCHMARKS)})"
     )
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/results.json"),
-                        help="JSON file of figures; figures of the same name from the same machine are replaced, "
-                        "others kept")  # fmt: skip
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=Path("benchmarks/results.json"),
+        help="JSON file of figures; figures of the same name from the same machine are replaced, "
+        "others kept",
+    )
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:

@@ -37,7 +37,9 @@ def median_time(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) 
 
 def machine() -> dict:
     return {
-        "python": platform.python_version(), "torch": torch.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }  # fmt: skip
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }

@@ -48,9 +48,11 @@ def bench_remap() -> list[Figure]:
         fast = median_time(lambda lut=lut: remap(label, lut), repeats=50)
         slow = median_time(per_pixel, repeats=3)
         assert torch.equal(remap(label, lut), per_pixel())
-        out += [Figure(f"remap_{split}_lut", fast * 1e6, "us", "1 label 500x375"),
-                Figure(f"remap_{split}_per_pixel_python", slow * 1e6, "us", "1 label 500x375"),
-                Figure(f"remap_{split}_speedup", slow / fast, "x", "ratio")]  # fmt: skip
+        out += [
+            Figure(f"remap_{split}_lut", fast * 1e6, "us", "1 label 500x375"),
+            Figure(f"remap_{split}_per_pixel_python", slow * 1e6, "us", "1 label 500x375"),
+            Figure(f"remap_{split}_speedup", slow / fast, "x", "ratio"),
+        ]
     return out
 
 
@@ -80,9 +82,11 @@ def bench_class_index(count: int = 1000) -> list[Figure]:
                 np.unique(np.array(Image.open(path)))
 
         slow = median_time(naive, repeats=3, warmup=0) * count / 200
-    return [Figure("class_index_labels_only", fast * 1000 / count, "s", "1000 labels"),
-            Figure("class_index_decode_image_and_label", slow * 1000 / count, "s", "1000 labels"),
-            Figure("class_index_speedup", slow / fast, "x", "ratio")]  # fmt: skip
+    return [
+        Figure("class_index_labels_only", fast * 1000 / count, "s", "1000 labels"),
+        Figure("class_index_decode_image_and_label", slow * 1000 / count, "s", "1000 labels"),
+        Figure("class_index_speedup", slow / fast, "x", "ratio"),
+    ]
 
 
 def _ade_like_index(num: int = 20210, seed: int = 0) -> np.ndarray:
@@ -105,8 +109,13 @@ def bench_selection() -> list[Figure]:
     presence = _ade_like_index()
     t_pack = median_time(lambda: pack_presence(presence), repeats=5)
     words = pack_presence(presence)
-    jobs = [(step_info(get_setting("ade", name), t), mode) for name in setting_names("ade") if name != "offline"
-            for t in range(get_setting("ade", name).num_steps) for mode in ("disjoint", "overlap")]  # fmt: skip
+    jobs = [
+        (step_info(get_setting("ade", name), t), mode)
+        for name in setting_names("ade")
+        if name != "offline"
+        for t in range(get_setting("ade", name).num_steps)
+        for mode in ("disjoint", "overlap")
+    ]
 
     def fast():
         for info, mode in jobs:
@@ -136,14 +145,30 @@ def bench_selection() -> list[Figure]:
         lambda: [np.unique(files.read_label(p)) for p in labels], repeats=3
     ) / len(labels)
     t_rescan = t_decode * len(presence) * len(jobs) + t_scan
-    return [Figure("selection_pack_index", t_pack * 1e3, "ms", "20210 images, once per run"),
-            Figure("selection_all_ade_steps", t_fast, "s", f"{len(jobs)} steps x (train+test), 20210 images"),
-            Figure("selection_per_step", t_fast / len(jobs) * 1e3, "ms", "1 step, 20210 images"),
-            Figure("selection_python_scan_all_steps", t_scan, "s", f"{len(jobs)} steps, class sets precomputed"),
-            Figure("selection_speedup_vs_python_scan", t_scan / t_fast, "x", "ratio"),
-            Figure("selection_rescan_labels_all_steps", t_rescan, "s",
-                   f"{len(jobs)} steps, labels re-decoded per step (projected)"),
-            Figure("selection_speedup_vs_rescan", t_rescan / t_fast, "x", "ratio")]  # fmt: skip
+    return [
+        Figure("selection_pack_index", t_pack * 1e3, "ms", "20210 images, once per run"),
+        Figure(
+            "selection_all_ade_steps",
+            t_fast,
+            "s",
+            f"{len(jobs)} steps x (train+test), 20210 images",
+        ),
+        Figure("selection_per_step", t_fast / len(jobs) * 1e3, "ms", "1 step, 20210 images"),
+        Figure(
+            "selection_python_scan_all_steps",
+            t_scan,
+            "s",
+            f"{len(jobs)} steps, class sets precomputed",
+        ),
+        Figure("selection_speedup_vs_python_scan", t_scan / t_fast, "x", "ratio"),
+        Figure(
+            "selection_rescan_labels_all_steps",
+            t_rescan,
+            "s",
+            f"{len(jobs)} steps, labels re-decoded per step (projected)",
+        ),
+        Figure("selection_speedup_vs_rescan", t_rescan / t_fast, "x", "ratio"),
+    ]
 
 
 def bench_metric(device: str = "cpu") -> list[Figure]:
@@ -167,13 +192,19 @@ def bench_metric(device: str = "cpu") -> list[Figure]:
 
     np.testing.assert_array_equal(confusion_matrix(pred, target, 21).numpy(), naive())
     slow = median_time(naive, repeats=10)
-    return [Figure("metric_update_torch", fast * 1e3, "ms", "4 x 512x512, 21 classes"),
-            Figure("metric_update_numpy_per_image", slow * 1e3, "ms", "4 x 512x512, 21 classes"),
-            Figure("metric_update_speedup", slow / fast, "x", "ratio")]  # fmt: skip
+    return [
+        Figure("metric_update_torch", fast * 1e3, "ms", "4 x 512x512, 21 classes"),
+        Figure("metric_update_numpy_per_image", slow * 1e3, "ms", "4 x 512x512, 21 classes"),
+        Figure("metric_update_speedup", slow / fast, "x", "ratio"),
+    ]
 
 
-BENCHMARKS = {"remap": bench_remap, "class_index": bench_class_index, "selection": bench_selection,
-              "metric": bench_metric}  # fmt: skip
+BENCHMARKS = {
+    "remap": bench_remap,
+    "class_index": bench_class_index,
+    "selection": bench_selection,
+    "metric": bench_metric,
+}
 
 
 def bench_loader(epochs: int = 3) -> list[Figure]:
@@ -201,8 +232,14 @@ def bench_loader(epochs: int = 3) -> list[Figure]:
                     pass
 
         seconds = median_time(run, repeats=3)
-        out.append(Figure(f"loader_images_per_s_{workers}_workers", epochs * len(dataset) / seconds, "images/s",
-                          "VOC fixture (500x375-ish JPEG), crop 512, batch 4"))  # fmt: skip
+        out.append(
+            Figure(
+                f"loader_images_per_s_{workers}_workers",
+                epochs * len(dataset) / seconds,
+                "images/s",
+                "VOC fixture (500x375-ish JPEG), crop 512, batch 4",
+            )
+        )
     return out
 
 

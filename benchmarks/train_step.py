@@ -32,7 +32,7 @@ import torch
 
 from incseg.engine.evaluate import evaluate
 from incseg.engine.runtime import Runtime
-from incseg.engine.train import Optimisation, train_one_epoch
+from incseg.engine.train import Optimisation, Step, train_one_epoch
 from incseg.methods import PLOP, MiB
 from incseg.metrics import confusion_matrix
 from incseg.models import build_segmenter
@@ -41,8 +41,14 @@ from incseg.protocol import get_setting, step_info
 
 def _model(device, channels_last):
     info = step_info(get_setting("voc", "15-5"), 1)
-    model = build_segmenter("resnet101", info.channels_per_step[:1], output_stride=16, norm="iabn",
-                            head_channels=256, pretrained="none")  # fmt: skip
+    model = build_segmenter(
+        "resnet101",
+        info.channels_per_step[:1],
+        output_stride=16,
+        norm="iabn",
+        head_channels=256,
+        pretrained="none",
+    )
     old = copy.deepcopy(model)
     model.add_classifier(info.channels_per_step[-1])
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -88,9 +94,11 @@ def run(
 
         net = torch.compile(model) if compile_model else model
 
+        opt = Optimisation(optimizer, scheduler, scaler)
+        state = Step(info, [(images, targets)], model, old, opt, net=net)
+
         def step():
-            train_one_epoch(model, old, method, [(images, targets)], Optimisation(optimizer, scheduler, scaler),
-                            info, rt, epoch=0, log_interval=1, net=net)  # fmt: skip
+            train_one_epoch(state, method, rt, 0, log_interval=1)
     elif variant == "naive":
 
         def step():
@@ -144,12 +152,25 @@ def run(
         step()
         _sync(device)
         times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
-    return {"variant": variant, "crop": crop, "batch": batch, "device": str(device), "amp": amp,
-            "channels_last": channels_last, "compile": compile_model, "threads": torch.get_num_threads(),
-            "median_s": statistics.median(times), "images_per_s": batch / statistics.median(times),
-            "peak_mib": peak, "peak_kind": "cuda allocated" if device.type == "cuda" else "process RSS"}  # fmt: skip
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {
+        "variant": variant,
+        "crop": crop,
+        "batch": batch,
+        "device": str(device),
+        "amp": amp,
+        "channels_last": channels_last,
+        "compile": compile_model,
+        "threads": torch.get_num_threads(),
+        "median_s": statistics.median(times),
+        "images_per_s": batch / statistics.median(times),
+        "peak_mib": peak,
+        "peak_kind": "cuda allocated" if device.type == "cuda" else "process RSS",
+    }
 
 
 def main(argv=None) -> int:
@@ -212,14 +233,18 @@ def bench_train_step(crops=(256, 512)) -> list:
         ours, naive, late = (_subprocess(v, str(crop)) for v in ("incseg", "naive", "late_zero"))
         work = f"ResNet-101 OS16, batch 2, crop {crop}, CPU {ours['threads']} threads"
         for name, result in (("incseg", ours), ("naive", naive), ("late_zero", late)):
-            figures += [Figure(f"mib_iteration_{crop}_{name}", result["median_s"], "s", work),
-                        Figure(f"mib_iteration_{crop}_{name}_peak_rss", result["peak_mib"], "MiB", work)]  # fmt: skip
+            figures += [
+                Figure(f"mib_iteration_{crop}_{name}", result["median_s"], "s", work),
+                Figure(f"mib_iteration_{crop}_{name}_peak_rss", result["peak_mib"], "MiB", work),
+            ]
     work = "ResNet-101 OS16, 1 image 512x512, forward + upsample + prediction + metric, CPU"
     ev, arg = (
         _subprocess(v, "512", "--batch", "1", "--iters", "7") for v in ("eval", "eval_argmax")
     )
-    figures += [Figure("eval_image_512_max", ev["median_s"], "s", work),
-                Figure("eval_image_512_argmax", arg["median_s"], "s", work)]  # fmt: skip
+    figures += [
+        Figure("eval_image_512_max", ev["median_s"], "s", work),
+        Figure("eval_image_512_argmax", arg["median_s"], "s", work),
+    ]
     return figures
 
 
@@ -237,6 +262,8 @@ def bench_prediction() -> list:
         work = f"logits 1x21x512x512 float32, {layout}"
         by_max = median_time(lambda x=logits: x.max(1).indices, repeats=21)
         by_argmax = median_time(lambda x=logits: x.argmax(1), repeats=21)
-        figures += [Figure(f"prediction_max_{layout}", by_max * 1e3, "ms", work),
-                    Figure(f"prediction_argmax_{layout}", by_argmax * 1e3, "ms", work)]  # fmt: skip
+        figures += [
+            Figure(f"prediction_max_{layout}", by_max * 1e3, "ms", work),
+            Figure(f"prediction_argmax_{layout}", by_argmax * 1e3, "ms", work),
+        ]
     return figures

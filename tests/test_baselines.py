@@ -5,13 +5,14 @@ import math
 import pytest
 import torch
 
+from incseg.config import MethodConfig
 from incseg.losses import (
     feature_distillation,
     knowledge_distillation,
     one_hot_bce,
     sigmoid_distillation,
 )
-from incseg.methods import ILT, LwF, LwFMC, build_method
+from incseg.methods import ILT, LwF, LwFMC
 from incseg.models.segmenter import SegmenterOutput
 from incseg.protocol import get_setting, step_info
 
@@ -81,4 +82,4 @@ def test_baseline_terms_and_weights():
     mc = LwFMC().losses(out, old_out, targets, info1)
     torch.testing.assert_close(mc["kd"], 10 * sigmoid_distillation(logits, old))
     assert set(LwFMC().losses(out, None, targets, info0)) == {"bce"}  # BCE also at step 0
-    assert isinstance(build_method("lwf_mc", {}), LwFMC)
+    assert isinstance(MethodConfig("lwf_mc", {}).build(), LwFMC)

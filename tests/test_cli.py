@@ -33,8 +33,20 @@ def test_two_step_run_writes_everything(run_dir, tiny_config_path, capsys):
 
 def test_run_prints_tables_with_class_names(tiny_config_path, tmp_path, capsys):
     out = tmp_path / "printed"
-    assert main(["run", str(tiny_config_path), "--out", str(out), "--no-progress",
-                 "--set", "protocol.last_step=0"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "run",
+                str(tiny_config_path),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--set",
+                "protocol.last_step=0",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert (
         "person" in text and "old (1-15)" in text and "w/ bg (0-15)" in text and "Summary" in text
@@ -102,8 +114,17 @@ def test_eval_rejects_non_checkpoints(tmp_path, capsys):
 
 def test_bf16_autocast_runs_a_step_on_cpu(tiny_config_path, tmp_path):
     out = tmp_path / "bf16"
-    args = ["run", str(tiny_config_path), "--out", str(out), "--no-progress",
-            "--set", "train.amp=bf16", "--set", "protocol.last_step=0"]  # fmt: skip
+    args = [
+        "run",
+        str(tiny_config_path),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "train.amp=bf16",
+        "--set",
+        "protocol.last_step=0",
+    ]
     assert main(args) == 0
     losses = json.loads((out / "metrics.json").read_text())["steps"][0]["losses"][0]
     assert losses and all(math.isfinite(value) for value in losses.values())

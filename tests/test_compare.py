@@ -11,8 +11,18 @@ from incseg.compare import comparison_row
 
 def test_compare_writes_table_and_reuses_finished_runs(tiny_config_path, tmp_path, capsys):
     out = tmp_path / "cmp"
-    args = ["compare", str(tiny_config_path), "--methods", "ft,mib", "--joint", "--out", str(out),
-            "--no-progress", "--set", "protocol.setting=19-1"]  # fmt: skip
+    args = [
+        "compare",
+        str(tiny_config_path),
+        "--methods",
+        "ft,mib",
+        "--joint",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "protocol.setting=19-1",
+    ]
     assert main(args) == 0
     for name in ("comparison.md", "comparison.csv", "comparison.png"):
         assert (out / name).is_file()
@@ -51,21 +61,28 @@ def test_comparison_row_splits_joint_by_class_name():
 def test_failed_method_is_recorded_and_the_others_still_run(tiny_config_path, tmp_path):
     from incseg.compare import run_comparison
     from incseg.config import load_config
-    from incseg.engine.protocol import run_protocol
+    from incseg.engine.run import run_protocol
     from incseg.engine.train import NonFiniteLossError
 
     base = load_config(tiny_config_path, ["protocol.setting=19-1"])
     ran = []
 
-    def run(config, run_dir, start_from):
+    def run(config, run_dir):
         ran.append(config.method.name)
         if config.method.name == "ewc":
             raise NonFiniteLossError("non-finite loss at step 1, epoch 1, iteration 2: loss=nan")
         run_protocol(config, run_dir, progress=False)
 
     out = tmp_path / "cmp"
-    rows = run_comparison(base, ["ewc", "ft"], out, joint=False, joint_epochs=None, run=run,
-                          method_sets={"ewc": ["weight=5"]})  # fmt: skip
+    rows = run_comparison(
+        base,
+        ["ewc", "ft"],
+        out,
+        joint=False,
+        joint_epochs=None,
+        run=run,
+        method_sets={"ewc": ["weight=5"]},
+    )
     assert ran == ["ewc", "ft"]
     assert (
         rows[0]["failed"].startswith("non-finite loss at step 1") and rows[1].get("failed") is None
@@ -116,8 +133,19 @@ def test_method_set_errors_name_the_problem(tiny_config_path, tmp_path, capsys):
 
 def test_compare_refuses_a_run_made_with_another_config(tiny_config_path, tmp_path, capsys):
     out = tmp_path / "cmp"
-    args = ["compare", str(tiny_config_path), "--methods", "ewc", "--out", str(out), "--no-progress",
-            "--set", "protocol.setting=19-1", "--set", "protocol.last_step=0"]  # fmt: skip
+    args = [
+        "compare",
+        str(tiny_config_path),
+        "--methods",
+        "ewc",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "protocol.setting=19-1",
+        "--set",
+        "protocol.last_step=0",
+    ]
     assert main(args) == 0
     mtime = (out / "ewc" / "step_0.pt").stat().st_mtime_ns
     assert main([*args, "--method-set", "ewc.weight=50"]) == 2

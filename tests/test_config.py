@@ -32,12 +32,25 @@ def test_a_folder_named_like_a_builtin_config_does_not_hide_it(tmp_path, monkeyp
 def test_overrides_are_typed_and_round_trip(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("protocol: {setting: 15-5s}\nmethod: {name: mib, kd_weight: 100}\n")
-    config = load_config(path, ["train.lr=0.05", "train.epochs=3", "protocol.mode=disjoint",
-                                "data.test_crop=null", "method.unkd=false"])  # fmt: skip
+    config = load_config(
+        path,
+        [
+            "train.lr=0.05",
+            "train.epochs=3",
+            "protocol.mode=disjoint",
+            "data.test_crop=null",
+            "method.unkd=false",
+        ],
+    )
     assert config.train.lr == 0.05 and config.train.epochs == 3
     assert config.protocol.setting == "15-5s" and config.protocol.mode == "disjoint"
-    assert config.method.params == {"kd_weight": 100.0, "alpha": 1.0, "unce": True, "unkd": False,
-                                    "init": "balanced"}  # fmt: skip
+    assert config.method.params == {
+        "kd_weight": 100.0,
+        "alpha": 1.0,
+        "unce": True,
+        "unkd": False,
+        "init": "balanced",
+    }
     again = config_from_dict(config.to_dict())
     assert again == config
 
@@ -214,8 +227,11 @@ def test_configs_lists_the_seed_rows_with_their_miou(capsys):
     lines = capsys.readouterr().out.splitlines()
     seeds = [line for line in lines if line.startswith("seed/mib_")]
     assert len(seeds) == len(SEED_MIOU) == 12
-    assert any(line.startswith("seed/mib_r101iabnd16_aspp_512x512_vocaug15-5_disjoint ") and
-               line.endswith("seed mIoU 66.1% (with background)") for line in seeds)  # fmt: skip
+    assert any(
+        line.startswith("seed/mib_r101iabnd16_aspp_512x512_vocaug15-5_disjoint ")
+        and line.endswith("seed mIoU 66.1% (with background)")
+        for line in seeds
+    )
     assert "voc/15-5-overlap-mib" in lines and "ade/100-50-mib" in lines
 
 
@@ -267,7 +283,13 @@ def test_plop_configs_resolve_to_plops_published_recipe(dataset, setting):
     config = load_config(name)
     p, t, m, d = config.protocol, config.train, config.model, config.data
     assert (d.dataset, p.setting, p.mode, p.labels, p.split_source, p.test_selection) == (
-        dataset, setting, "overlap", "plop", "rule", "seen")  # fmt: skip
+        dataset,
+        setting,
+        "overlap",
+        "plop",
+        "rule",
+        "seen",
+    )
     assert (m.backbone, m.output_stride, m.norm, m.pretrained) == ("resnet101", 16, "iabn", "iabn")
     assert (t.batch_size, t.lr, t.lr_incremental, t.lr_power, t.amp) == (
         24,
@@ -288,10 +310,16 @@ def test_plop_configs_resolve_to_plops_published_recipe(dataset, setting):
     assert t.epochs_at(1) == (10 if setting == "10-1" else 30 if voc else 60)
     assert config.method.name == "plop"
     assert config.method.params == {
-        "pod_factor": 0.01 if voc else 0.001, "pod_logits_factor": 0.0005 if voc else 0.00001,
-        "pod_schedule": True, "pseudo": True, "threshold": 0.001, "bins": 100, "median": "published",
-        "adaptive_factor": True, "init": "balanced",
-    }  # fmt: skip
+        "pod_factor": 0.01 if voc else 0.001,
+        "pod_logits_factor": 0.0005 if voc else 0.00001,
+        "pod_schedule": True,
+        "pseudo": True,
+        "threshold": 0.001,
+        "bins": 100,
+        "median": "published",
+        "adaptive_factor": True,
+        "init": "balanced",
+    }
 
 
 @pytest.mark.parametrize(

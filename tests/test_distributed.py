@@ -17,7 +17,7 @@ from incseg.engine.distributed import (
     convert_sync_bn,
     local_batch_size,
     shard_indices,
-)  # fmt: skip
+)
 from incseg.errors import ConfigError
 
 HELPERS = Path(__file__).parent / "helpers"
@@ -180,7 +180,7 @@ def test_sharded_evaluation_counts_each_image_once(ddp_runs):
     from incseg.data import build_source
     from incseg.engine.evaluate import evaluate
     from incseg.engine.loaders import build_test_loader
-    from incseg.engine.models import build_model
+    from incseg.engine.model_io import build_model
     from incseg.engine.runtime import Runtime
     from incseg.protocol import get_setting, step_info
     from incseg.protocol.selection import pack_presence
@@ -200,8 +200,22 @@ def test_sharded_evaluation_counts_each_image_once(ddp_runs):
 
 def test_torchrun_runs_the_cli_and_rank_zero_writes_once(tmp_path, tiny_config_path):
     out = tmp_path / "ddp"
-    result = torchrun(["-m", "incseg", "run", str(tiny_config_path), "--out", str(out), "--no-progress",
-                       "--set", "train.device=cpu", "--set", "data.num_train=40"], cwd=tmp_path)  # fmt: skip
+    result = torchrun(
+        [
+            "-m",
+            "incseg",
+            "run",
+            str(tiny_config_path),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--set",
+            "train.device=cpu",
+            "--set",
+            "data.num_train=40",
+        ],
+        cwd=tmp_path,
+    )
     assert result.stdout.count("Run directory:") == 1  # rank 1 prints nothing
     metrics = json.loads((out / "metrics.json").read_text())
     assert [s["step"] for s in metrics["steps"]] == [0, 1]
@@ -209,7 +223,7 @@ def test_torchrun_runs_the_cli_and_rank_zero_writes_once(tmp_path, tiny_config_p
     assert not list(out.glob(".*.tmp")) and not (out / "last.pt").exists()
     # The same run in one process: same images per step, same metrics up to float rounding.
     from incseg.config import load_config
-    from incseg.engine.protocol import run_protocol
+    from incseg.engine.run import run_protocol
 
     config = load_config(str(tiny_config_path), ["train.device=cpu", "data.num_train=40"])
     run_protocol(config, tmp_path / "one", progress=False)
@@ -229,9 +243,24 @@ def test_torchrun_runs_the_cli_and_rank_zero_writes_once(tmp_path, tiny_config_p
 
 def test_compare_under_torchrun_writes_its_table_once(tmp_path, tiny_config_path):
     out = tmp_path / "cmp"
-    result = torchrun(["-m", "incseg", "compare", str(tiny_config_path), "--methods", "ft,mib", "--out", str(out),
-                       "--no-progress", "--set", "train.device=cpu", "--set", "data.num_train=40"],
-                      cwd=tmp_path)  # fmt: skip
+    result = torchrun(
+        [
+            "-m",
+            "incseg",
+            "compare",
+            str(tiny_config_path),
+            "--methods",
+            "ft,mib",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--set",
+            "train.device=cpu",
+            "--set",
+            "data.num_train=40",
+        ],
+        cwd=tmp_path,
+    )
     assert result.stdout.count("Comparison written to") == 1
     assert (
         result.stdout.count("mib: step 0 is the one of ft") == 1

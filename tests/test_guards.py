@@ -15,12 +15,27 @@ import torch
 from incseg.cli import main
 from incseg.config import RANGES
 from incseg.methods import METHODS
-from incseg.ranges import Range
+from incseg.ranges import Range, ranges_of
 
 FIXTURES = Path(__file__).parent / "fixtures"
-TINY = ["--set", "data.image_size=32", "--set", "data.num_train=40", "--set", "data.num_test=12",
-        "--set", "data.crop_size=32", "--set", "model.head_channels=8", "--set", "train.epochs=1",
-        "--set", "train.batch_size=8", "--set", "protocol.last_step=0"]  # fmt: skip
+TINY = [
+    "--set",
+    "data.image_size=32",
+    "--set",
+    "data.num_train=40",
+    "--set",
+    "data.num_test=12",
+    "--set",
+    "data.crop_size=32",
+    "--set",
+    "model.head_channels=8",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "protocol.last_step=0",
+]
 
 
 def _write(path: Path, text: str) -> Path:
@@ -88,103 +103,357 @@ def _broken_voc(tmp: Path) -> Path:
 
 # (what, argv factory given a temporary folder, expected text in the error)
 CASES = [
-    ("config key typo", lambda t: ["run", "--set", "train.lr_incremetal=0.1", "--out", str(t / "o")],
-     "train: unknown key(s) ['lr_incremetal']; valid keys:"),
-    ("YAML file with an unknown section", lambda t: ["run", str(_write(t / "c.yaml", "trian: {lr: 1}\n")), "--out", str(t / "o")],
-     "unknown key(s) ['trian']"),
-    ("wrong type", lambda t: ["run", "--set", "train.epochs=ten", "--out", str(t / "o")],
-     "train.epochs: expected int"),
-    ("unknown setting", lambda t: ["run", "--set", "protocol.setting=15-6", "--out", str(t / "o")],
-     "protocol.setting: unknown voc setting '15-6'; valid settings:"),
-    ("unknown method", lambda t: ["run", "--set", "method.name=icarl", "--out", str(t / "o")],
-     "method.name: unknown value 'icarl'; valid choices:"),
-    ("outside method: module missing", lambda t: ["run", "--set", "method.name=no_such_module:Foo", "--out", str(t / "o")],
-     "method.name: 'no_such_module:Foo': cannot import module 'no_such_module'"),
-    ("outside method: not a Method", lambda t: ["run", "--set", "method.name=collections:OrderedDict", "--out", str(t / "o")],
-     "method.name: 'collections:OrderedDict' is not a method: expected a @dataclass subclass"),
-    ("ADE20K official lists with overlap", lambda t: ["run", "ade/100-50-mib", "--set", "protocol.mode=overlap", "--out", str(t / "o")],
-     "protocol.split_source: no official lists for ade 100-50 (overlap); shipped: 100-10/disjoint"),
-    ("unknown test selection", lambda t: ["run", "--set", "protocol.test_selection=disjoint", "--out", str(t / "o")],
-     "protocol.test_selection: unknown value 'disjoint'; valid choices: ['seen', 'mode']"),
-    ("In-Place ABN weights on another backbone", lambda t: ["run", "--set", "model.pretrained=iabn", "--out", str(t / "o")],
-     "model.pretrained: iabn is In-Place ABN's ResNet-101; model.backbone is 'tiny'"),
-    ("hyperparameter of another method", lambda t: ["run", "--set", "method={name: ft, kd_weight: 10}", "--out", str(t / "o")],
-     "method: unknown key(s) ['kd_weight']"),
-    ("impossible value", lambda t: ["run", "--set", "train.lr=0", "--out", str(t / "o")],
-     "train.lr: must be in (0, 10], got 0.0"),
-    ("malformed YAML", lambda t: ["run", str(_write(t / "c.yaml", "train: {lr: [\n")), "--out", str(t / "o")],
-     "c.yaml: invalid YAML at line 2, column 1: expected the node content, but found '<stream end>'"),
+    (
+        "config key typo",
+        lambda t: ["run", "--set", "train.lr_incremetal=0.1", "--out", str(t / "o")],
+        "train: unknown key(s) ['lr_incremetal']; valid keys:",
+    ),
+    (
+        "YAML file with an unknown section",
+        lambda t: ["run", str(_write(t / "c.yaml", "trian: {lr: 1}\n")), "--out", str(t / "o")],
+        "unknown key(s) ['trian']",
+    ),
+    (
+        "wrong type",
+        lambda t: ["run", "--set", "train.epochs=ten", "--out", str(t / "o")],
+        "train.epochs: expected int",
+    ),
+    (
+        "unknown setting",
+        lambda t: ["run", "--set", "protocol.setting=15-6", "--out", str(t / "o")],
+        "protocol.setting: unknown voc setting '15-6'; valid settings:",
+    ),
+    (
+        "unknown method",
+        lambda t: ["run", "--set", "method.name=icarl", "--out", str(t / "o")],
+        "method.name: unknown value 'icarl'; valid choices:",
+    ),
+    (
+        "outside method: module missing",
+        lambda t: ["run", "--set", "method.name=no_such_module:Foo", "--out", str(t / "o")],
+        "method.name: 'no_such_module:Foo': cannot import module 'no_such_module'",
+    ),
+    (
+        "outside method: not a Method",
+        lambda t: ["run", "--set", "method.name=collections:OrderedDict", "--out", str(t / "o")],
+        "method.name: 'collections:OrderedDict' is not a method: expected a @dataclass subclass",
+    ),
+    (
+        "ADE20K official lists with overlap",
+        lambda t: [
+            "run",
+            "ade/100-50-mib",
+            "--set",
+            "protocol.mode=overlap",
+            "--out",
+            str(t / "o"),
+        ],
+        "protocol.split_source: no official lists for ade 100-50 (overlap); shipped: 100-10/disjoint",
+    ),
+    (
+        "unknown test selection",
+        lambda t: ["run", "--set", "protocol.test_selection=disjoint", "--out", str(t / "o")],
+        "protocol.test_selection: unknown value 'disjoint'; valid choices: ['seen', 'mode']",
+    ),
+    (
+        "In-Place ABN weights on another backbone",
+        lambda t: ["run", "--set", "model.pretrained=iabn", "--out", str(t / "o")],
+        "model.pretrained: iabn is In-Place ABN's ResNet-101; model.backbone is 'tiny'",
+    ),
+    (
+        "hyperparameter of another method",
+        lambda t: ["run", "--set", "method={name: ft, kd_weight: 10}", "--out", str(t / "o")],
+        "method: unknown key(s) ['kd_weight']",
+    ),
+    (
+        "impossible value",
+        lambda t: ["run", "--set", "train.lr=0", "--out", str(t / "o")],
+        "train.lr: must be in (0, 10], got 0.0",
+    ),
+    (
+        "malformed YAML",
+        lambda t: ["run", str(_write(t / "c.yaml", "train: {lr: [\n")), "--out", str(t / "o")],
+        "c.yaml: invalid YAML at line 2, column 1: expected the node content, but found '<stream end>'",
+    ),
     ("config file missing", lambda t: ["run", str(t / "nope.yaml")], "nope.yaml"),
-    ("dataset root missing", lambda t: ["run", "--set", "data.dataset=voc", "--set", f"data.root={t / 'none'}", "--out", str(t / "o")],
-     "does not exist (expected a Pascal VOC dataset"),
-    ("dataset root not given", lambda t: ["run", "--set", "data.dataset=ade", "--set", "protocol.setting=100-50", "--out", str(t / "o")],
-     "data.root: required for dataset 'ade'"),
-    ("truncated image met during a run", lambda t: ["run", *TINY, "--set", "data.dataset=voc", "--set", f"data.root={_broken_voc(t)}",
-                                                    "--set", "protocol.setting=19-1", "--set", "train.batch_size=4", "--out", str(t / "o"), "--no-progress"],
-     "2007_000904.jpg: cannot decode image"),
-    ("run directory holds a run", lambda t: ["run", *TINY, "--out", str(_checkpoint(t).parent)],
-     "already holds a run (config.yaml, metrics.json, summary.md, step_0.pt)"),
-    ("unwritable output folder", lambda t: ["run", *TINY, "--out", str(_write(t / "file", "x") / "run"), "--no-progress"],
-     "cannot write (Not a directory)"),
-    ("resume with another config", lambda t: ["run", *TINY, "--set", "train.lr=0.5", "--out", str(_checkpoint(t).parent), "--resume"],
-     "train.lr: 0.05 -> 0.5"),
-    ("eval of a text file", lambda t: ["eval", str(_write(t / "notes.pt", "hello"))],
-     "notes.pt: is not a PyTorch file (corrupt bytes or another format); expected an incseg checkpoint"),
-    ("eval of random bytes", lambda t: ["eval", str(_random_bytes(t))],
-     "noise.pt: is not a PyTorch file (corrupt bytes or another format)"),
-    ("eval of an empty file", lambda t: ["eval", str(_write(t / "empty.pt", ""))], "empty.pt: is empty"),
-    ("eval of a truncated checkpoint", lambda t: ["eval", str(_truncated(t))],
-     "cut.pt: is truncated or corrupt (an incomplete PyTorch zip archive); expected an incseg checkpoint"),
-    ("eval of a PyTorch file holding other Python objects", lambda t: ["eval", str(_refused(t))],
-     "other.pt: holds Python objects that a safe (weights-only) load refuses: it was written by another program"),
-    ("predict with a plain Python pickle", lambda t: ["predict", str(_plain_pickle(t)), str(FIXTURES / "voc" / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000904.jpg"), "--out", str(t / "p")],
-     "plain.pkl: is a pickle that a safe (weights-only) load refuses"),
-    ("resume of a run whose step checkpoint is truncated", lambda t: ["run", *TINY, "--out", str(_truncated_step(t)), "--resume", "--no-progress"],
-     "step_0.pt: is truncated or corrupt (an incomplete PyTorch zip archive); expected an incseg checkpoint"),
-    ("import-checkpoint of random bytes", lambda t: ["import-checkpoint", str(_random_bytes(t)), "demo", "--step", "0", "--out", str(t / "i.pt")],
-     "noise.pt: is not a PyTorch file (corrupt bytes or another format); expected a step checkpoint of the official MiB code"),
-    ("backbone weights that are a truncated file", lambda t: ["run", *TINY, "--set", "model.backbone=resnet50", "--set", "model.pretrained=none",
-                                                             "--set", f"model.backbone_weights={_truncated(t)}", "--out", str(t / "o")],
-     "cut.pt: is truncated or corrupt (an incomplete PyTorch zip archive); expected In-Place ABN's ImageNet ResNet"),
-    ("eval of a foreign torch file", lambda t: ["eval", str(_foreign(t))],
-     "w.pt: not an incseg checkpoint"),
-    ("eval of a missing checkpoint", lambda t: ["eval", str(t / "step_9.pt")], "step_9.pt' not found"),
-    ("checkpoint with other classifier sizes", lambda t: ["eval", str(_tampered(t, lambda c: c.update(channels_per_step=[11])))],
-     "checkpoint classifier sizes [11] do not match step 0 of 15-5 [16]"),
-    ("checkpoint weights of another model", lambda t: ["eval", str(_tampered(t, lambda c: c["model"].update({"backbone.layer9.weight": torch.zeros(1)})))],
-     "checkpoint weights do not fit a tiny model: missing [], unexpected ['backbone.layer9.weight']"),
-    ("backbone weights file missing", lambda t: ["run", *TINY, "--set", "model.backbone=resnet50", "--set", "model.pretrained=none",
-                                                 "--set", f"model.backbone_weights={t / 'iabn.pth.tar'}", "--out", str(t / "o")],
-     "iabn.pth.tar"),
-    ("TensorBoard option misspelt", lambda t: ["run", "--set", "train.tensorboard=always", "--out", str(t / "o")],
-     "train.tensorboard: unknown value 'always'; valid choices: ['auto', 'on', 'off']"),
-    ("compare: Joint with 0 epochs", lambda t: ["compare", "--methods", "ft", "--joint", "--joint-epochs", "0", "--out", str(t / "o")],
-     "--joint-epochs: must be in [1, 10,000], got 0"),
-    ("compare: unknown method", lambda t: ["compare", "--methods", "ft,icarl", "--out", str(t / "o")],
-     "--methods: method.name: unknown value 'icarl'"),
-    ("data check of a missing root", lambda t: ["data", "check", "voc", "--root", str(t / "none")],
-     "does not exist"),
-    ("momentum 0 with Nesterov", lambda t: ["run", "--set", "train.momentum=0", "--out", str(t / "o")],
-     "train.momentum: Nesterov momentum (train.nesterov: true) needs momentum > 0"),
-    ("scale_min above scale_max", lambda t: ["run", "--set", "data.scale_min=1.5", "--set", "data.scale_max=1", "--out", str(t / "o")],
-     "data.scale_min/scale_max: need scale_min <= scale_max, got 1.5, 1.0"),
-    ("shapes set too large for memory", lambda t: ["run", "--set", "data.image_size=1024", "--set", "data.num_train=5000", "--out", str(t / "o")],
-     "data.num_train/num_test/image_size: 5000 + 300 shapes images of 1024 px take 20.7 GiB in memory"),
-    ("fewer training images than batch norm needs", lambda t: ["run", *TINY, "--set", "data.num_train=1", "--out", str(t / "o"), "--no-progress"],
-     "step 0: 1 training image(s) and train.batch_size 8 give batches of 1 image(s) per process; batch norm needs 2"),
-]  # fmt: skip
+    (
+        "dataset root missing",
+        lambda t: [
+            "run",
+            "--set",
+            "data.dataset=voc",
+            "--set",
+            f"data.root={t / 'none'}",
+            "--out",
+            str(t / "o"),
+        ],
+        "does not exist (expected a Pascal VOC dataset",
+    ),
+    (
+        "dataset root not given",
+        lambda t: [
+            "run",
+            "--set",
+            "data.dataset=ade",
+            "--set",
+            "protocol.setting=100-50",
+            "--out",
+            str(t / "o"),
+        ],
+        "data.root: required for dataset 'ade'",
+    ),
+    (
+        "truncated image met during a run",
+        lambda t: [
+            "run",
+            *TINY,
+            "--set",
+            "data.dataset=voc",
+            "--set",
+            f"data.root={_broken_voc(t)}",
+            "--set",
+            "protocol.setting=19-1",
+            "--set",
+            "train.batch_size=4",
+            "--out",
+            str(t / "o"),
+            "--no-progress",
+        ],
+        "2007_000904.jpg: cannot decode image",
+    ),
+    (
+        "run directory holds a run",
+        lambda t: ["run", *TINY, "--out", str(_checkpoint(t).parent)],
+        "already holds a run (config.yaml, metrics.json, summary.md, step_0.pt)",
+    ),
+    (
+        "unwritable output folder",
+        lambda t: ["run", *TINY, "--out", str(_write(t / "file", "x") / "run"), "--no-progress"],
+        "cannot write (Not a directory)",
+    ),
+    (
+        "resume with another config",
+        lambda t: [
+            "run",
+            *TINY,
+            "--set",
+            "train.lr=0.5",
+            "--out",
+            str(_checkpoint(t).parent),
+            "--resume",
+        ],
+        "train.lr: 0.05 -> 0.5",
+    ),
+    (
+        "eval of a text file",
+        lambda t: ["eval", str(_write(t / "notes.pt", "hello"))],
+        "notes.pt: is not a PyTorch file (corrupt bytes or another format); expected an incseg checkpoint",
+    ),
+    (
+        "eval of random bytes",
+        lambda t: ["eval", str(_random_bytes(t))],
+        "noise.pt: is not a PyTorch file (corrupt bytes or another format)",
+    ),
+    (
+        "eval of an empty file",
+        lambda t: ["eval", str(_write(t / "empty.pt", ""))],
+        "empty.pt: is empty",
+    ),
+    (
+        "eval of a truncated checkpoint",
+        lambda t: ["eval", str(_truncated(t))],
+        "cut.pt: is truncated or corrupt (an incomplete PyTorch zip archive); expected an incseg checkpoint",
+    ),
+    (
+        "eval of a PyTorch file holding other Python objects",
+        lambda t: ["eval", str(_refused(t))],
+        "other.pt: holds Python objects that a safe (weights-only) load refuses: it was written by another program",
+    ),
+    (
+        "predict with a plain Python pickle",
+        lambda t: [
+            "predict",
+            str(_plain_pickle(t)),
+            str(FIXTURES / "voc" / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000904.jpg"),
+            "--out",
+            str(t / "p"),
+        ],
+        "plain.pkl: is a pickle that a safe (weights-only) load refuses",
+    ),
+    (
+        "resume of a run whose step checkpoint is truncated",
+        lambda t: ["run", *TINY, "--out", str(_truncated_step(t)), "--resume", "--no-progress"],
+        "step_0.pt: is truncated or corrupt (an incomplete PyTorch zip archive); expected an incseg checkpoint",
+    ),
+    (
+        "import-checkpoint of random bytes",
+        lambda t: [
+            "import-checkpoint",
+            str(_random_bytes(t)),
+            "demo",
+            "--step",
+            "0",
+            "--out",
+            str(t / "i.pt"),
+        ],
+        "noise.pt: is not a PyTorch file (corrupt bytes or another format); expected a step checkpoint of the official MiB code",
+    ),
+    (
+        "backbone weights that are a truncated file",
+        lambda t: [
+            "run",
+            *TINY,
+            "--set",
+            "model.backbone=resnet50",
+            "--set",
+            "model.pretrained=none",
+            "--set",
+            f"model.backbone_weights={_truncated(t)}",
+            "--out",
+            str(t / "o"),
+        ],
+        "cut.pt: is truncated or corrupt (an incomplete PyTorch zip archive); expected In-Place ABN's ImageNet ResNet",
+    ),
+    (
+        "eval of a foreign torch file",
+        lambda t: ["eval", str(_foreign(t))],
+        "w.pt: not an incseg checkpoint",
+    ),
+    (
+        "eval of a missing checkpoint",
+        lambda t: ["eval", str(t / "step_9.pt")],
+        "step_9.pt' not found",
+    ),
+    (
+        "checkpoint with other classifier sizes",
+        lambda t: ["eval", str(_tampered(t, lambda c: c.update(channels_per_step=[11])))],
+        "checkpoint classifier sizes [11] do not match step 0 of 15-5 [16]",
+    ),
+    (
+        "checkpoint weights of another model",
+        lambda t: [
+            "eval",
+            str(
+                _tampered(
+                    t, lambda c: c["model"].update({"backbone.layer9.weight": torch.zeros(1)})
+                )
+            ),
+        ],
+        "checkpoint weights do not fit a tiny model: missing [], unexpected ['backbone.layer9.weight']",
+    ),
+    (
+        "backbone weights file missing",
+        lambda t: [
+            "run",
+            *TINY,
+            "--set",
+            "model.backbone=resnet50",
+            "--set",
+            "model.pretrained=none",
+            "--set",
+            f"model.backbone_weights={t / 'iabn.pth.tar'}",
+            "--out",
+            str(t / "o"),
+        ],
+        "iabn.pth.tar",
+    ),
+    (
+        "TensorBoard option misspelt",
+        lambda t: ["run", "--set", "train.tensorboard=always", "--out", str(t / "o")],
+        "train.tensorboard: unknown value 'always'; valid choices: ['auto', 'on', 'off']",
+    ),
+    (
+        "compare: Joint with 0 epochs",
+        lambda t: [
+            "compare",
+            "--methods",
+            "ft",
+            "--joint",
+            "--joint-epochs",
+            "0",
+            "--out",
+            str(t / "o"),
+        ],
+        "--joint-epochs: must be in [1, 10,000], got 0",
+    ),
+    (
+        "compare: unknown method",
+        lambda t: ["compare", "--methods", "ft,icarl", "--out", str(t / "o")],
+        "--methods: method.name: unknown value 'icarl'",
+    ),
+    (
+        "data check of a missing root",
+        lambda t: ["data", "check", "voc", "--root", str(t / "none")],
+        "does not exist",
+    ),
+    (
+        "momentum 0 with Nesterov",
+        lambda t: ["run", "--set", "train.momentum=0", "--out", str(t / "o")],
+        "train.momentum: Nesterov momentum (train.nesterov: true) needs momentum > 0",
+    ),
+    (
+        "scale_min above scale_max",
+        lambda t: [
+            "run",
+            "--set",
+            "data.scale_min=1.5",
+            "--set",
+            "data.scale_max=1",
+            "--out",
+            str(t / "o"),
+        ],
+        "data.scale_min/scale_max: need scale_min <= scale_max, got 1.5, 1.0",
+    ),
+    (
+        "shapes set too large for memory",
+        lambda t: [
+            "run",
+            "--set",
+            "data.image_size=1024",
+            "--set",
+            "data.num_train=5000",
+            "--out",
+            str(t / "o"),
+        ],
+        "data.num_train/num_test/image_size: 5000 + 300 shapes images of 1024 px take 20.7 GiB in memory",
+    ),
+    (
+        "fewer training images than batch norm needs",
+        lambda t: [
+            "run",
+            *TINY,
+            "--set",
+            "data.num_train=1",
+            "--out",
+            str(t / "o"),
+            "--no-progress",
+        ],
+        "step 0: 1 training image(s) and train.batch_size 8 give batches of 1 image(s) per process; batch norm needs 2",
+    ),
+]
 
 
 def _below_case(key: str, valid: Range, method: str | None = None) -> tuple:
     """The case of ``key`` set just below its range (``method``: a hyperparameter of it)."""
     value = valid.low if valid.low_open else valid.low - 1
     if method is None:
-        return (f"{key} = {value:g}", lambda t: ["run", "--set", f"{key}={value}", "--out", str(t / "o")],
-                f"{key}: must be in {valid.describe()}")  # fmt: skip
+        return (
+            f"{key} = {value:g}",
+            lambda t: ["run", "--set", f"{key}={value}", "--out", str(t / "o")],
+            f"{key}: must be in {valid.describe()}",
+        )
     name = key.removeprefix("method.")
-    return (f"{key} = {value:g} ({method})",
-            lambda t: ["run", "--set", f"method={{name: {method}, {name}: {value}}}", "--out", str(t / "o")],
-            f"{key}: must be in {valid.describe()}")  # fmt: skip
+    return (
+        f"{key} = {value:g} ({method})",
+        lambda t: [
+            "run",
+            "--set",
+            f"method={{name: {method}, {name}: {value}}}",
+            "--out",
+            str(t / "o"),
+        ],
+        f"{key}: must be in {valid.describe()}",
+    )
 
 
 def _range_cases() -> list:
@@ -192,7 +461,7 @@ def _range_cases() -> list:
     cases = [_below_case(key, valid) for key, valid in RANGES.items()]
     seen = set()
     for name, cls in sorted(METHODS.items()):
-        for key, valid in cls.ranges.items():
+        for key, valid in ranges_of(cls).items():
             if (key, valid) not in seen:
                 seen.add((key, valid))
                 cases.append(_below_case(f"method.{key}", valid, name))
@@ -215,8 +484,23 @@ def test_bad_input_gets_a_clear_error(what, argv, expected, tmp_path, capsys):
 
 def test_non_finite_loss_stops_with_terms_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["run", *TINY, "--set", "protocol.last_step=1", "--set", "method={name: ewc, weight: 1e6}",
-            "--set", "train.lr_incremental=1.0", "--set", "train.log_interval=1", "--set", "train.epochs_incremental=3", "--out", str(out), "--no-progress"]  # fmt: skip
+    args = [
+        "run",
+        *TINY,
+        "--set",
+        "protocol.last_step=1",
+        "--set",
+        "method={name: ewc, weight: 1e6}",
+        "--set",
+        "train.lr_incremental=1.0",
+        "--set",
+        "train.log_interval=1",
+        "--set",
+        "train.epochs_incremental=3",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "error: non-finite loss at step 1, epoch " in err and ", iteration " in err

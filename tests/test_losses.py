@@ -90,9 +90,14 @@ def test_unkd_alpha_scales_old_logits_and_averages_all_pixels():
     assert torch.allclose(
         unbiased_knowledge_distillation(z, y, alpha=2.0), unbiased_knowledge_distillation(z, 2 * y)
     )
-    per_pixel = [unbiased_knowledge_distillation(z[b : b + 1, :, i : i + 1, j : j + 1],
-                                                 y[b : b + 1, :, i : i + 1, j : j + 1])
-                 for b in range(2) for i in range(3) for j in range(3)]  # fmt: skip
+    per_pixel = [
+        unbiased_knowledge_distillation(
+            z[b : b + 1, :, i : i + 1, j : j + 1], y[b : b + 1, :, i : i + 1, j : j + 1]
+        )
+        for b in range(2)
+        for i in range(3)
+        for j in range(3)
+    ]
     assert unbiased_knowledge_distillation(z, y).item() == pytest.approx(
         torch.stack(per_pixel).mean().item()
     )

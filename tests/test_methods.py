@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from incseg.config import MethodConfig, config_from_dict
 from incseg.errors import ConfigError
 from incseg.losses import cross_entropy
-from incseg.methods import METHODS, FineTuning, MiB, build_method
+from incseg.methods import METHODS, FineTuning, MiB
 from incseg.models import build_segmenter
 from incseg.protocol import get_setting, step_info
 
@@ -66,8 +67,41 @@ def test_mib_loss_terms():
 
 def test_method_lookup_and_validation():
     assert set(METHODS) >= {"ft", "mib"}
-    assert isinstance(build_method("mib", {"kd_weight": 100.0}), MiB)
+    assert isinstance(MethodConfig("mib", {"kd_weight": 100.0}).build(), MiB)
     with pytest.raises(ConfigError, match="ft"):
-        build_method("icarl", {})
-    with pytest.raises(ConfigError, match="balanced"):
-        MiB(init="zeros")
+        MethodConfig("icarl", {}).build()
+    with pytest.raises(
+        ConfigError,
+        match=r"method.init: unknown value 'zeros'; valid choices: \['balanced', 'random'\]",
+    ):
+        config_from_dict({"method": {"name": "mib", "init": "zeros"}})
+
+
+# Which built-in methods implement each hook of the interface (docs/design.md has this table);
+# a hook that no built-in method implements does not belong in the interface.
+HOOK_USERS = {
+    "init_new_classifier": {"mib", "plop"},
+    "begin_step": {"ewc", "pi", "rw", "plop"},
+    "scan": {"plop"},
+    "end_scan": {"plop"},
+    "relabel": {"plop"},
+    "losses": {"ft", "lwf", "lwf_mc", "ilt", "ewc", "pi", "rw", "mib", "plop"},
+    "after_backward": {"ewc", "pi", "rw"},
+    "end_step": {"ewc", "pi", "rw"},
+    "state_dict": {"ewc", "pi", "rw"},
+    "load_state_dict": {"ewc", "pi", "rw"},
+    "step_state_dict": {"ewc", "pi", "rw", "plop"},
+    "load_step_state_dict": {"ewc", "pi", "rw", "plop"},
+}
+
+
+def test_every_hook_is_implemented_by_a_built_in_method():
+    from incseg.methods.base import Method
+
+    hooks = {n for n, v in vars(Method).items() if callable(v) and not n.startswith("_")}
+    assert hooks == set(HOOK_USERS)
+    for hook, users in HOOK_USERS.items():
+        implementing = {
+            n for n, cls in METHODS.items() if getattr(cls, hook) is not getattr(Method, hook)
+        }
+        assert implementing == users, hook

@@ -42,8 +42,11 @@ def r101():
 def _official(model):
     """The model's weights under official names, norm weights stored as In-Place ABN's gamma."""
     norms = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
-    return {f"module.{official_name(k)}": (v - IABN_EPS if k in norms else v).clone()
-            for k, v in model.state_dict().items() if official_name(k) is not None}  # fmt: skip
+    return {
+        f"module.{official_name(k)}": (v - IABN_EPS if k in norms else v).clone()
+        for k, v in model.state_dict().items()
+        if official_name(k) is not None
+    }
 
 
 def test_key_map_is_one_to_one_and_matches_the_official_names(r101):
@@ -105,8 +108,17 @@ def test_iabn_imagenet_backbone_loads_into_the_backbone_only(r101, tmp_path):
 def test_import_checkpoint_then_eval(r101, voc_config_path, tmp_path, capsys):
     source = tmp_path / "step1.pth"
     torch.save({"model_state": _official(r101), "epoch": 30, "best_score": 0.0}, source)
-    args = ["import-checkpoint", str(source), str(voc_config_path), "--step", "1", "--out", str(tmp_path / "step_1.pt"),
-            "--set", "model={backbone: resnet101, output_stride: 16, norm: iabn, head_channels: 256}"]  # fmt: skip
+    args = [
+        "import-checkpoint",
+        str(source),
+        str(voc_config_path),
+        "--step",
+        "1",
+        "--out",
+        str(tmp_path / "step_1.pt"),
+        "--set",
+        "model={backbone: resnet101, output_stride: 16, norm: iabn, head_channels: 256}",
+    ]
     assert main(args) == 0
     from incseg.engine.checkpoint import load_checkpoint
 
@@ -243,7 +255,7 @@ def test_pretrained_iabn_is_fetched_into_the_torch_cache(r101, tmp_path, monkeyp
     (tmp_path / "served.pth.tar").unlink()  # a cached file is used as it is, never fetched again
     assert official.ensure_iabn_weights("http://127.0.0.1:9/unreachable") == cached
     from incseg.config import config_from_dict
-    from incseg.engine.models import build_model
+    from incseg.engine.model_io import build_model
     from incseg.protocol import get_setting, step_info
 
     config = config_from_dict(
@@ -261,8 +273,19 @@ def test_pretrained_iabn_offline_fails_before_any_work(tmp_path, monkeypatch, ca
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(official, "IABN_URL", "http://127.0.0.1:9/resnet101_iabn_sync.pth.tar")
     out = tmp_path / "run"
-    code = main(["run", "demo", "--set", "model.backbone=resnet101", "--set", "model.pretrained=iabn",
-                 "--out", str(out), "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            "run",
+            "demo",
+            "--set",
+            "model.backbone=resnet101",
+            "--set",
+            "model.pretrained=iabn",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet101_iabn_sync.pth.tar"

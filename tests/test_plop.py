@@ -38,8 +38,24 @@ def test_local_pod_embedding_of_a_known_map_at_each_scale():
     assert emb.shape == (1, 56)
     assert emb[0].tolist() == scale1 + scale2 + scale4
     two_channels = local_pod_embedding(torch.stack([x[0, 0], -x[0, 0]])[None], scales=(1,))
-    assert two_channels[0].tolist() == [1.5, 5.5, 9.5, 13.5, -1.5, -5.5, -9.5, -13.5,
-                                        6.0, 7.0, 8.0, 9.0, -6.0, -7.0, -8.0, -9.0]  # fmt: skip
+    assert two_channels[0].tolist() == [
+        1.5,
+        5.5,
+        9.5,
+        13.5,
+        -1.5,
+        -5.5,
+        -9.5,
+        -13.5,
+        6.0,
+        7.0,
+        8.0,
+        9.0,
+        -6.0,
+        -7.0,
+        -8.0,
+        -9.0,
+    ]
 
 
 def test_local_pod_embedding_refuses_maps_smaller_than_its_finest_grid():
@@ -170,7 +186,7 @@ def test_plop_relabel_and_losses_on_a_step_one_batch():
         name: torch.randn(2, 4, 8, 8) for name in ("stage1", "stage2", "stage3", "stage4", "head")
     }
     old = SegmenterOutput(old_logits, {**maps, "logits_small": old_logits})
-    method.begin_step(info, None, None, None)
+    method.begin_step(info, None)
     method.end_scan(method.scan(old, targets, info), info)
     assert method.thresholds.shape == (21,) and (method.thresholds >= 0.001).all()
     relabelled = method.relabel(old, targets, info)
@@ -192,7 +208,9 @@ def test_plop_relabel_and_losses_on_a_step_one_batch():
 
 
 def test_plop_rejects_unknown_choices():
-    with pytest.raises(ConfigError, match="method.median.*published"):
-        PLOP(median="exact")
-    with pytest.raises(ConfigError, match="method.init.*balanced"):
-        PLOP(init="zeros")
+    from incseg.config import config_from_dict
+
+    with pytest.raises(ConfigError, match=r"method.median: unknown value 'exact'.*'published'"):
+        config_from_dict({"method": {"name": "plop", "median": "exact"}})
+    with pytest.raises(ConfigError, match=r"method.init: unknown value 'zeros'.*'balanced'"):
+        config_from_dict({"method": {"name": "plop", "init": "zeros"}})

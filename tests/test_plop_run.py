@@ -1,5 +1,6 @@
-"""PLOP end to end through ``cli.main``: the scan runs once per step > 0, and an interrupted step
-resumes with its saved thresholds to the numbers of an uninterrupted run."""
+"""PLOP end to end (``run_protocol`` with a counting PLOP, and ``cli.main``): the scan runs once per
+step > 0, and an interrupted step resumes with its saved thresholds to the numbers of an
+uninterrupted run."""
 
 from __future__ import annotations
 
@@ -13,7 +14,28 @@ import pytest
 import torch
 
 from incseg.cli import main
-from incseg.engine import protocol
+from incseg.config import load_config
+from incseg.engine.run import run_protocol
+from incseg.methods.plop import PLOP
+
+
+class CountingPLOP(PLOP):
+    """PLOP that records the steps it scans (or refuses to scan)."""
+
+    scanned: list[int]
+    refuse: bool = False
+
+    def end_scan(self, totals, info):
+        assert not self.refuse, "a resumed step must take its thresholds from last.pt"
+        self.scanned.append(info.step)
+        super().end_scan(totals, info)
+
+
+def _counting(refuse=False):
+    method = CountingPLOP()
+    method.scanned, method.refuse = [], refuse
+    return method
+
 
 # Output stride 8: the tiny backbone's maps are 8, 4, 4, 4 wide at crop 32, enough for POD's 4x4 grid.
 PLOP_CONFIG = """\
@@ -37,15 +59,9 @@ def plop_config(tmp_path_factory):
 @pytest.fixture(scope="module")
 def plop_reference(plop_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("plop-ref") / "run"
-    calls = []
-    original = protocol.scan_step
-    mp = pytest.MonkeyPatch()
-    mp.setattr(protocol, "scan_step", lambda *a: (calls.append(a[3].step), original(*a))[1])
-    try:
-        assert main(["run", str(plop_config), "--out", str(out), "--no-progress"]) == 0
-    finally:
-        mp.undo()
-    assert calls == [1]  # once, for step 1 only
+    method = _counting()
+    run_protocol(load_config(str(plop_config)), out, method=method, progress=False)
+    assert method.scanned == [1]  # once, for step 1 only
     return out
 
 
@@ -63,9 +79,7 @@ def test_plop_run_trains_pod_and_pseudo_labels(plop_reference):
     assert saved["config"]["method"]["name"] == "plop"
 
 
-def test_interrupted_plop_step_resumes_with_its_thresholds(
-    plop_reference, plop_config, tmp_path, monkeypatch
-):
+def test_interrupted_plop_step_resumes_with_its_thresholds(plop_reference, plop_config, tmp_path):
     run = tmp_path / "run"
     cmd = [
         sys.executable,
@@ -83,11 +97,8 @@ def test_interrupted_plop_step_resumes_with_its_thresholds(
     last = torch.load(run / "last.pt", weights_only=False)
     assert last["method_step"]["thresholds"].shape == (21,)
 
-    def no_scan(*args):
-        raise AssertionError("a resumed step must take its thresholds from last.pt")
-
-    monkeypatch.setattr(protocol, "scan_step", no_scan)
-    assert main(["run", str(plop_config), "--out", str(run), "--resume", "--no-progress"]) == 0
+    method = _counting(refuse=True)
+    run_protocol(load_config(str(plop_config)), run, method=method, progress=False, resume=True)
     assert _numbers(run) == _numbers(plop_reference)
 
 

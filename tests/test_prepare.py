@@ -32,9 +32,13 @@ def _archives(tmp_path, md5=None):
     digest = md5 or hashlib.md5(tar_path.read_bytes()).hexdigest()
     return (
         prep.Archive("voc.tar", tar_path.as_uri(), "VOCdevkit/VOC2012/JPEGImages", md5=digest),
-        prep.Archive("aug.zip", zip_path.as_uri(), "VOCdevkit/VOC2012/SegmentationClassAug",
-                     size=zip_path.stat().st_size),
-    )  # fmt: skip
+        prep.Archive(
+            "aug.zip",
+            zip_path.as_uri(),
+            "VOCdevkit/VOC2012/SegmentationClassAug",
+            size=zip_path.stat().st_size,
+        ),
+    )
 
 
 def test_prepare_downloads_extracts_arranges_then_skips(tmp_path, monkeypatch, capsys):
@@ -65,8 +69,11 @@ def test_prepare_reuses_a_placed_archive_and_checks_md5(tmp_path, monkeypatch, c
 
 
 def test_prepare_without_network_says_where_to_put_files(tmp_path, monkeypatch, capsys):
-    archive = prep.Archive("ADEChallengeData2016.zip", "http://127.0.0.1:9/ADEChallengeData2016.zip",
-                           "ADEChallengeData2016/annotations")  # fmt: skip
+    archive = prep.Archive(
+        "ADEChallengeData2016.zip",
+        "http://127.0.0.1:9/ADEChallengeData2016.zip",
+        "ADEChallengeData2016/annotations",
+    )
     monkeypatch.setitem(prep.ARCHIVES, "ade", (archive,))
     root = tmp_path / "ade"
     assert main(["data", "prepare", "ade", "--root", str(root), "--no-progress"]) == 2

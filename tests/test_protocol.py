@@ -14,7 +14,7 @@ from incseg.protocol import (
     select_train,
     setting_names,
     step_info,
-)  # fmt: skip
+)
 
 
 @pytest.mark.parametrize(
@@ -129,8 +129,12 @@ def test_disjoint_steps_partition_the_images():
     masks = [rng.choice(21, size=(3, 3)).astype(np.uint8) for _ in range(300)]
     presence = build_presence(masks)
     setting = get_setting("voc", "15-1")
-    chosen = np.concatenate([select_train(presence, step_info(setting, t), "disjoint")
-                             for t in range(setting.num_steps)])  # fmt: skip
+    chosen = np.concatenate(
+        [
+            select_train(presence, step_info(setting, t), "disjoint")
+            for t in range(setting.num_steps)
+        ]
+    )
     has_object = presence[:, 1:21].any(axis=1)
     assert sorted(chosen.tolist()) == np.flatnonzero(has_object).tolist()
 

@@ -13,15 +13,32 @@ from incseg.cli import main
 from incseg.config import RANGES, RELATIVE_KEYS, Config, config_from_dict, load_config
 from incseg.errors import ConfigError
 from incseg.methods import METHODS
-from incseg.ranges import Range, check_range
+from incseg.ranges import Range, check_range, ranges_of
 
-TINY = ["--set", "data.image_size=32", "--set", "data.num_train=24", "--set", "data.num_test=6",
-        "--set", "data.crop_size=32", "--set", "model.head_channels=8", "--set", "train.epochs=1",
-        "--set", "train.batch_size=4", "--set", "train.eval_batch_size=6"]  # fmt: skip
+TINY = [
+    "--set",
+    "data.image_size=32",
+    "--set",
+    "data.num_train=24",
+    "--set",
+    "data.num_test=6",
+    "--set",
+    "data.crop_size=32",
+    "--set",
+    "model.head_channels=8",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "train.eval_batch_size=6",
+]
 WALK = (0, -1, 10**15)  # zero, negative, absurd
 
 
 def _numeric(annotation) -> bool:
+    if typing.get_origin(annotation) is typing.Literal:  # a choice of numbers (output_stride)
+        return all(isinstance(v, int) for v in typing.get_args(annotation))
     options = typing.get_args(annotation) or (annotation,)
     return any(o in (int, float) for o in options)
 
@@ -53,9 +70,9 @@ def method_numeric_keys() -> list[tuple[str, str]]:
 def test_every_numeric_key_has_a_range():
     assert set(config_numeric_keys()) == set(RANGES) | set(RELATIVE_KEYS)
     for name, key in method_numeric_keys():
-        assert key in METHODS[name].ranges, f"{name}.{key} has no range"
+        assert key in ranges_of(METHODS[name]), f"{name}.{key} has no range"
     # Every upper bound is below the walk's absurd value, so the walk meets it.
-    every = list(RANGES.values()) + [r for cls in METHODS.values() for r in cls.ranges.values()]
+    every = list(RANGES.values()) + [r for cls in METHODS.values() for r in ranges_of(cls).values()]
     assert all(r.high < WALK[-1] and r.low >= 0 for r in every)
 
 
@@ -117,13 +134,25 @@ def _walk(key: str, prefix: list[str], valid: Range | None, tmp_path, capsys) ->
 
 
 ACCEPTED_RUNS = {  # the in-range values the walk meets, grouped into real runs
-    "config": ["protocol.last_step=0", "data.seed=0", "data.num_workers=0", "train.weight_decay=0",
-               "train.lr_power=0", "train.seed=0", "train.val_interval=0", "train.checkpoint_every=0"],
-    "mib": ["method.kd_weight=0"], "lwf": ["method.kd_weight=0"], "lwf_mc": ["method.kd_weight=0"],
-    "ilt": ["method.kd_weight=0", "method.feature_weight=0"], "ewc": ["method.weight=0", "method.alpha=0"],
-    "rw": ["method.weight=0", "method.alpha=0"], "pi": ["method.weight=0"],
+    "config": [
+        "protocol.last_step=0",
+        "data.seed=0",
+        "data.num_workers=0",
+        "train.weight_decay=0",
+        "train.lr_power=0",
+        "train.seed=0",
+        "train.val_interval=0",
+        "train.checkpoint_every=0",
+    ],
+    "mib": ["method.kd_weight=0"],
+    "lwf": ["method.kd_weight=0"],
+    "lwf_mc": ["method.kd_weight=0"],
+    "ilt": ["method.kd_weight=0", "method.feature_weight=0"],
+    "ewc": ["method.weight=0", "method.alpha=0"],
+    "rw": ["method.weight=0", "method.alpha=0"],
+    "pi": ["method.weight=0"],
     "plop": ["method.pod_factor=0", "method.pod_logits_factor=0", "method.threshold=0"],
-}  # fmt: skip
+}
 
 
 def test_walk_every_numeric_key_with_zero_negative_and_absurd(tmp_path, capsys):
@@ -138,7 +167,7 @@ def test_walk_every_numeric_key_with_zero_negative_and_absurd(tmp_path, capsys):
         prefix = ["run", "demo", "--set", f"method={{name: {name}}}"]
         met |= {
             (name, a)
-            for a in _walk(f"method.{key}", prefix, METHODS[name].ranges[key], tmp_path, capsys)
+            for a in _walk(f"method.{key}", prefix, ranges_of(METHODS[name])[key], tmp_path, capsys)
         }
     assert met == {(group, a) for group, values in ACCEPTED_RUNS.items() for a in values}
 
@@ -147,8 +176,10 @@ def test_walk_every_numeric_key_with_zero_negative_and_absurd(tmp_path, capsys):
 def test_accepted_edge_values_complete_a_run(group, tmp_path, capsys):
     method = [] if group == "config" else ["--set", f"method={{name: {group}}}"]
     sets = [arg for value in ACCEPTED_RUNS[group] for arg in ("--set", value)]
-    code, err = _outcome(["run", "demo", *TINY, *method, *sets, "--out", str(tmp_path / "run"), "--no-progress"],
-                         capsys)  # fmt: skip
+    code, err = _outcome(
+        ["run", "demo", *TINY, *method, *sets, "--out", str(tmp_path / "run"), "--no-progress"],
+        capsys,
+    )
     assert code == 0, err
     assert (tmp_path / "run" / "summary.md").is_file()
 
@@ -165,14 +196,37 @@ def test_lowest_valid_sizes_complete_a_run(tmp_path, capsys):
         "data.num_train=2",
     ]
     sets = [arg for value in lowest for arg in ("--set", value)]
-    code, err = _outcome(["run", "demo", *TINY, *sets, "--set", "protocol.last_step=0", "--out", str(tmp_path / "r"),
-                          "--no-progress"], capsys)  # fmt: skip
+    code, err = _outcome(
+        [
+            "run",
+            "demo",
+            *TINY,
+            *sets,
+            "--set",
+            "protocol.last_step=0",
+            "--out",
+            str(tmp_path / "r"),
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 0, err
 
 
 def test_too_few_images_for_batch_norm_is_a_clear_error(tmp_path, capsys):
-    code, err = _outcome(["run", "demo", *TINY, "--set", "data.num_train=1", "--out", str(tmp_path / "r"),
-                          "--no-progress"], capsys)  # fmt: skip
+    code, err = _outcome(
+        [
+            "run",
+            "demo",
+            *TINY,
+            "--set",
+            "data.num_train=1",
+            "--out",
+            str(tmp_path / "r"),
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 2 and "Traceback" not in err
     assert (
         "step 0: 1 training image(s) and train.batch_size 4 give batches of 1 image(s) per process"

@@ -153,8 +153,10 @@ def test_remapping_of_a_named_image():
 
 
 SPEC_COUNTS = {
-    ("voc", "19-1", "disjoint"): [10034, 548], ("voc", "19-1", "overlap"): [10410, 548],
-    ("voc", "15-5", "disjoint"): [8437, 2145], ("voc", "15-5", "overlap"): [9568, 2145],
+    ("voc", "19-1", "disjoint"): [10034, 548],
+    ("voc", "19-1", "overlap"): [10410, 548],
+    ("voc", "15-5", "disjoint"): [8437, 2145],
+    ("voc", "15-5", "overlap"): [9568, 2145],
     ("voc", "15-1", "disjoint"): [8437, 378, 299, 420, 500, 548],
     ("voc", "15-1", "overlap"): [9568, 487, 299, 491, 500, 548],
     ("ade", "100-50", "disjoint"): [13452, 6744],
@@ -163,7 +165,7 @@ SPEC_COUNTS = {
     ("ade", "100-50b", "disjoint"): [10375, 9821],
     ("ade", "100-10b", "disjoint"): [10375, 1362, 1346, 2084, 2609, 2420],
     ("ade", "50-50b", "disjoint"): [6659, 7483, 6054],
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("key", list(SPEC_COUNTS))
@@ -207,8 +209,11 @@ def test_ade_official_lists_are_the_disjoint_mode_only():
     )
     assert not uses_official("ade", "100-50", "overlap", "auto")  # auto: the overlap rule
     assert not uses_official("ade", "100-50", "disjoint", "rule")
-    with pytest.raises(ConfigError, match=r"no official lists for ade 100-50 \(overlap\); shipped: 100-10/disjoint, "
-                       r".*valid choices here: \['auto', 'rule'\]"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"no official lists for ade 100-50 \(overlap\); shipped: 100-10/disjoint, "
+        r".*valid choices here: \['auto', 'rule'\]",
+    ):
         uses_official("ade", "100-50", "overlap", "official")
     with pytest.raises(ConfigError, match=r"no official lists for ade 100-5 \(disjoint\)"):
         uses_official("ade", "100-5", "disjoint", "official")

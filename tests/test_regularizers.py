@@ -41,8 +41,13 @@ def test_quadratic_penalty_and_its_gradient_with_known_fisher():
 
 
 def test_minmax_normalise_is_per_tensor_with_the_official_epsilon():
-    out = minmax_normalise([torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64), torch.tensor([5.0]),
-                            torch.tensor([[2e-8, 6e-8]], dtype=torch.float64)])  # fmt: skip
+    out = minmax_normalise(
+        [
+            torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64),
+            torch.tensor([5.0]),
+            torch.tensor([[2e-8, 6e-8]], dtype=torch.float64),
+        ]
+    )
     assert out[0].tolist() == [0.0, 2 / (2 + 1e-8), 1 / (2 + 1e-8)] and out[1].tolist() == [0.0]
     # a Fisher of gradients near 1e-4 is near 1e-8, the epsilon's size: the maximum becomes 0.8
     assert out[2][0, 1].item() == pytest.approx(0.8, rel=1e-9)
@@ -55,11 +60,11 @@ WEIGHTS = [[1.0, 0.0], [0.8, 0.0], [0.5, 0.0], [0.4, 0.0]]
 GRADS = [[2.0, 0.0], [3.0, 0.0], [1.0, 0.0]]
 
 
-def _drive(method, model, weights, grads, info=INFO0, old_model=None):
+def _drive(method, model, weights, grads, info=INFO0):
     """The engine's calls for one step: set the task gradient, after_backward, move the weights."""
     with torch.no_grad():
         model.theta.copy_(torch.tensor(weights[0], dtype=torch.float64))
-    method.begin_step(info, model, old_model, None)
+    method.begin_step(info, model)
     seen = []
     for k, g in enumerate(grads):
         with torch.no_grad():
@@ -67,10 +72,9 @@ def _drive(method, model, weights, grads, info=INFO0, old_model=None):
         model.theta.grad = torch.tensor(g, dtype=torch.float64)
         method.after_backward(model)
         seen.append(model.theta.grad.clone())
-        method.after_update(model)
     with torch.no_grad():
         model.theta.copy_(torch.tensor(weights[len(grads)], dtype=torch.float64))
-    method.end_step(info, model, None)
+    method.end_step(info, model)
     return seen
 
 
@@ -106,7 +110,7 @@ def test_pi_score_is_clamped_at_zero_and_summed_over_steps():
         [[1.0, 2.0], [1.0, 3.0], [1.0, 1.0]],
     )
     assert pi.state_dict()["score"]["theta"].tolist() == pytest.approx([0.0, 2.5], rel=1e-12)
-    _drive(pi, model, WEIGHTS, GRADS, info=INFO1, old_model=model)
+    _drive(pi, model, WEIGHTS, GRADS, info=INFO1)
     assert pi.state_dict()["score"]["theta"].tolist() == pytest.approx([2.5, 2.5], rel=1e-12)
 
 
@@ -255,7 +259,7 @@ def test_two_step_stream_equals_the_official_formulas(name):
         else:
             st = official_state or {}
             ref = OfficialRW(values, old, st.get("score"), st.get("fisher"), iterations=3)
-        method.begin_step(info, model, None, None)
+        method.begin_step(info, model)
         for _ in range(7):
             values = {n: p.detach().clone() for n, p in params.items()}
             grads = {
@@ -287,7 +291,7 @@ def test_two_step_stream_equals_the_official_formulas(name):
             with torch.no_grad():
                 for p in params.values():
                     p.add_(1e-2 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
-        method.end_step(info, model, None)
+        method.end_step(info, model)
         final = {n: p.detach().clone() for n, p in params.items()}
         official_state = ref.state(final) if name == "pi" else ref.state()
         ours = method.state_dict()
@@ -300,8 +304,20 @@ def test_two_step_stream_equals_the_official_formulas(name):
 @pytest.mark.parametrize("name", ["ewc", "pi", "rw"])
 def test_regularizer_runs_end_to_end_and_saves_its_state(name, tiny_config_path, tmp_path):
     out = tmp_path / name
-    assert main(["run", str(tiny_config_path), "--out", str(out), "--no-progress",
-                 "--set", f"method={{name: {name}}}"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "run",
+                str(tiny_config_path),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--set",
+                f"method={{name: {name}}}",
+            ]
+        )
+        == 0
+    )
     steps = json.loads((out / "metrics.json").read_text())["steps"]
     assert "penalty" not in steps[0]["losses"][0] and "penalty" in steps[1]["losses"][0]
     state = load_checkpoint(out / "step_1.pt")["method"]

@@ -12,7 +12,7 @@ from incseg.engine import evaluate as evaluation
 from incseg.engine import tensorboard
 from incseg.engine.checkpoint import load_checkpoint
 from incseg.engine.evaluate import evaluate, evaluate_checkpoint
-from incseg.engine.models import restore_step
+from incseg.engine.model_io import restore_step
 from incseg.errors import ConfigError
 from incseg.metrics import StepReport
 
@@ -106,8 +106,12 @@ def test_channels_last_trains_to_the_same_numbers(tiny_config_path, tmp_path, mo
             assert b["losses"][0][term] == pytest.approx(value, rel=1e-3), term
         assert b["miou_all"] == pytest.approx(a["miou_all"], abs=0.02)
     checkpoint = load_checkpoint(tmp_path / "nhwc" / "step_1.pt")
-    assert any(t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-               for t in checkpoint["model"].values())  # fmt: skip
+    assert any(
+        t.dim() == 4
+        and t.is_contiguous(memory_format=torch.channels_last)
+        and not t.is_contiguous()
+        for t in checkpoint["model"].values()
+    )
     # `incseg eval` evaluates in the training's memory format, so it reproduces the run exactly.
     trained = StepReport.from_confusion(checkpoint["confusion"], restore_step(checkpoint)[1])
     seen = {}
@@ -130,8 +134,13 @@ def test_compiled_model_trains_to_the_same_numbers(tiny_config_path, tmp_path):
     plain = _run(
         tiny_config_path, tmp_path / "plain", "train.tensorboard=off", "protocol.last_step=0"
     )
-    compiled = _run(tiny_config_path, tmp_path / "comp", "train.tensorboard=off", "protocol.last_step=0",
-                    "train.compile=true")  # fmt: skip
+    compiled = _run(
+        tiny_config_path,
+        tmp_path / "comp",
+        "train.tensorboard=off",
+        "protocol.last_step=0",
+        "train.compile=true",
+    )
     for term, value in plain["steps"][0]["losses"][0].items():
         assert compiled["steps"][0]["losses"][0][term] == pytest.approx(value, rel=1e-3), term
 

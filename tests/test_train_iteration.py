@@ -8,7 +8,7 @@ import torch
 
 from incseg.engine.evaluate import evaluate, predict_channels
 from incseg.engine.runtime import Runtime
-from incseg.engine.train import Optimisation, train_one_epoch
+from incseg.engine.train import Optimisation, Step, train_one_epoch
 from incseg.methods import MiB
 from incseg.models import build_segmenter
 from incseg.protocol import get_setting, step_info
@@ -65,9 +65,7 @@ def test_iteration_frees_gradients_and_runs_the_old_model_before_the_student():
         (torch.randn(2, 3, 32, 32), torch.randint(0, 21, (2, 32, 32), dtype=torch.uint8))
         for _ in range(3)
     ]
-    opt = Optimisation(optimizer, scheduler, scaler)
-    train_one_epoch(
-        model, old, MiB(), batches, opt, info, Runtime(torch.device("cpu")), epoch=0, log_interval=1
-    )
+    step = Step(info, batches, model, old, Optimisation(optimizer, scheduler, scaler))
+    train_one_epoch(step, MiB(), Runtime(torch.device("cpu")), 0, log_interval=1)
     assert events == [("old", False), ("student", True)] * 3
     assert all(p.grad is not None for p in model.parameters())  # the last step's gradients stay

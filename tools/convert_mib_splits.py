@@ -22,8 +22,14 @@ import numpy as np
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "incseg" / "resources" / "splits"
 VOC = {"19-1": "19-1", "15-5": "15-5", "15-5s": "15-1"}  # official folder -> incseg setting
-ADE = {"100-50": "100-50", "100-10": "100-10", "50": "50-50",
-       "100-50b": "100-50b", "100-10b": "100-10b", "50b": "50-50b"}  # fmt: skip
+ADE = {
+    "100-50": "100-50",
+    "100-10": "100-10",
+    "50": "50-50",
+    "100-50b": "100-50b",
+    "100-10b": "100-10b",
+    "50b": "50-50b",
+}
 SOURCE = "fcdl94/MiB data/ at commit 1c589833ce5c1a7446469d4602ceab2cdeac1b0e (train-<step>.npy)"
 
 
@@ -57,10 +63,14 @@ def main(shared: Path) -> None:
         setting: _steps(shared / "mib_splits" / "ade" / folder, ade_names)
         for folder, setting in ADE.items()
     }
-    _write(OUT / "ade.json.gz", {"source": SOURCE, "index_into": "ADE training images sorted by name",
-                                 "splits": ade})  # fmt: skip
-    _write(OUT / "voc_lists.json.gz", {"source": "standard VOC2012 / SBD split lists",
-                                       "train_aug": train_aug, "val": val})  # fmt: skip
+    _write(
+        OUT / "ade.json.gz",
+        {"source": SOURCE, "index_into": "ADE training images sorted by name", "splits": ade},
+    )
+    _write(
+        OUT / "voc_lists.json.gz",
+        {"source": "standard VOC2012 / SBD split lists", "train_aug": train_aug, "val": val},
+    )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from test_guards import CASES
 from incseg.cli import main
 from incseg.config import RANGES
 from incseg.methods import METHODS
+from incseg.ranges import ranges_of
 
 
 def run(argv_factory) -> tuple[int, str]:
@@ -53,7 +54,7 @@ def main_table() -> None:
     )
     print("\n## Valid ranges of numeric keys\n")
     print(
-        "Checked when the config is built (`src/incseg/config.py` `RANGES`, each method's `ranges`);"
+        "Checked when the config is built (declared next to each field with `incseg.ranges.ranged`);"
     )
     print("`protocol.last_step` must be a step of the setting and `model.output_stride` 8 or 16.")
     print("`tests/test_ranges.py` sets every numeric key to 0, -1 and 10^15.\n")
@@ -63,7 +64,7 @@ def main_table() -> None:
         print(f"| `{key}` | {valid.describe()} | {valid.why} |")
     rows: dict[tuple[str, str, str], list[str]] = {}
     for name, cls in sorted(METHODS.items()):
-        for key, valid in cls.ranges.items():
+        for key, valid in ranges_of(cls).items():
             rows.setdefault((key, valid.describe(), valid.why), []).append(name)
     for (key, described, why), names in rows.items():
         print(f"| `method.{key}` ({', '.join(names)}) | {described} | {why} |")

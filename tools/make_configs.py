@@ -48,8 +48,11 @@ def _paper(dataset: str, setting: str, mode: str, method: str) -> dict:
     }
     if dataset == "ade" and setting != "offline":
         official = setting != "100-5"
-        cfg["protocol"] = {"setting": setting, "mode": "disjoint" if official else "overlap",
-                           "split_source": "official" if official else "rule"}  # fmt: skip
+        cfg["protocol"] = {
+            "setting": setting,
+            "mode": "disjoint" if official else "overlap",
+            "split_source": "official" if official else "rule",
+        }
     if method == "mib" and dataset == "voc" and setting in ("15-1", "10-1"):
         cfg["method"]["kd_weight"] = 100
     if dataset == "ade":
@@ -102,14 +105,21 @@ def _seed(name: str, miou: float | None) -> str:
         epochs = "  epochs_incremental: 10  # 10 epochs per incremental step (the config's scheduler_cfg[1:] max_epochs)\n"
     kd = 100 if setting in ("15-1", "10-1") else 10
     return SEED_TEMPLATE.format(
-        family="VOC" if dataset == "voc" else "ADE20K", setting=setting,
-        mode_word="overlapped" if mode == "overlap" else mode, name=name, dataset=dataset, mode=mode,
+        family="VOC" if dataset == "voc" else "ADE20K",
+        setting=setting,
+        mode_word="overlapped" if mode == "overlap" else mode,
+        name=name,
+        dataset=dataset,
+        mode=mode,
         reported=f"mIoU {miou}%" if miou is not None else "no number reported",
-        source=f"configs/mib/{name}.py" if dataset == "voc" else "its VOC configs (no ADE20K MiB config is shipped)",
+        source=f"configs/mib/{name}.py"
+        if dataset == "voc"
+        else "its VOC configs (no ADE20K MiB config is shipped)",
         test_note="; under overlap that is the default selection" if mode == "overlap" else "",
-        kd=kd, kd_note="; 100 in the 15-1 and 10-1 configs" if kd == 10 else "; set to 100 in this config",
+        kd=kd,
+        kd_note="; 100 in the 15-1 and 10-1 configs" if kd == 10 else "; set to 100 in this config",
         epochs=epochs,
-    )  # fmt: skip
+    )
 
 
 PLOP_COMMIT = "4b4a060"
@@ -158,21 +168,33 @@ def _plop(dataset: str, setting: str) -> str:
     if setting == "10-1":
         epochs = "  epochs_incremental: 10  # EPOCHS=10 for the incremental steps\n"
     return PLOP_TEMPLATE.format(
-        family="Pascal VOC" if voc else "ADE20K", setting=setting, folder=dataset,
-        script=(PLOP_VOC if voc else PLOP_ADE)[setting], commit=PLOP_COMMIT,
-        name=f"voc-{setting}-overlap-plop" if voc else f"ade-{setting}-plop", dataset=dataset,
-        labels_note=("void stays 255 in training (dataset/voc.py:194), unseen classes background at test" if voc
-                     else "class 0 counted at test (dataset/ade.py:130-136, --ignore_test_bg off)"),
+        family="Pascal VOC" if voc else "ADE20K",
+        setting=setting,
+        folder=dataset,
+        script=(PLOP_VOC if voc else PLOP_ADE)[setting],
+        commit=PLOP_COMMIT,
+        name=f"voc-{setting}-overlap-plop" if voc else f"ade-{setting}-plop",
+        dataset=dataset,
+        labels_note=(
+            "void stays 255 in training (dataset/voc.py:194), unseen classes background at test"
+            if voc
+            else "class 0 counted at test (dataset/ade.py:130-136, --ignore_test_bg off)"
+        ),
         pod="0.01" if voc else "0.001",
-        pod_note="--method PLOP sets pod_factor 0.01 (argparser.py:49-57)" if voc else "--pod_factor 0.001 in the script's OPTIONS",
+        pod_note="--method PLOP sets pod_factor 0.01 (argparser.py:49-57)"
+        if voc
+        else "--pod_factor 0.001 in the script's OPTIONS",
         logits="0.0005" if voc else "0.00001",
         pod_source="argparser.py:53" if voc else "the script's --pod_options",
         epochs=epochs,
-    )  # fmt: skip
+    )
 
 
-CSSEG_PLOP = [f"plop_r101iabnd16_aspp_512x512_vocaug{s}_{m}" for s in ("15-5", "15-1", "10-1")
-              for m in ("disjoint", "overlap")]  # fmt: skip
+CSSEG_PLOP = [
+    f"plop_r101iabnd16_aspp_512x512_vocaug{s}_{m}"
+    for s in ("15-5", "15-1", "10-1")
+    for m in ("disjoint", "overlap")
+]
 CSSEG_PLOP_TEMPLATE = """\
 # PLOP on VOC {setting} {mode_word}, trained with cssegmentation's recipe (its PLOP model zoo reports
 # no number). Source: configs/plop/{name}.py and configs/plop/base_cfg.py.
@@ -210,9 +232,13 @@ def _csseg_plop(name: str) -> str:
     if setting == "10-1":
         epochs = "  epochs_incremental: 10  # 10 epochs per incremental step (the config's scheduler_cfg[1:] max_epochs)\n"
     return CSSEG_PLOP_TEMPLATE.format(
-        setting=setting, mode=mode, mode_word="overlapped" if mode == "overlap" else mode, name=name,
-        test_note="; under overlap that is the default selection" if mode == "overlap" else "", epochs=epochs,
-    )  # fmt: skip
+        setting=setting,
+        mode=mode,
+        mode_word="overlapped" if mode == "overlap" else mode,
+        name=name,
+        test_note="; under overlap that is the default selection" if mode == "overlap" else "",
+        epochs=epochs,
+    )
 
 
 def main() -> None:
@@ -239,8 +265,10 @@ def main() -> None:
         (OUT / "ade" / f"{setting}-plop.yaml").write_text(_plop("ade", setting))
     for name in CSSEG_PLOP:
         (OUT / "seed" / f"{name}.yaml").write_text(_csseg_plop(name))
-    print(f"wrote {len(jobs)} paper configs, {len(SEED_MIOU)} seed configs and "
-          f"{len(PLOP_VOC) + len(PLOP_ADE) + len(CSSEG_PLOP)} PLOP configs under {OUT}")  # fmt: skip
+    print(
+        f"wrote {len(jobs)} paper configs, {len(SEED_MIOU)} seed configs and "
+        f"{len(PLOP_VOC) + len(PLOP_ADE) + len(CSSEG_PLOP)} PLOP configs under {OUT}"
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from incseg import __version__, log
@@ -22,18 +22,31 @@ from incseg.ranges import check_range
 logger = logging.getLogger("incseg.cli")
 
 
-def _config_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
-    """CONFIG, --set, --out and --no-progress, shared by the commands that train."""
-    parser.add_argument(
-        "config", nargs="?", default=None,
-        help=f"YAML config file or built-in name {builtin_configs()} (default: demo)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+def _shared_options() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """Parent parsers of the options several commands share: ``--set`` and ``--no-progress``."""
+    overrides = argparse.ArgumentParser(add_help=False)
+    overrides.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.epochs=2 (repeatable)",
-    )  # fmt: skip
+    )
+    progress = argparse.ArgumentParser(add_help=False)
+    progress.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return overrides, progress
+
+
+def _config_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """CONFIG and --out, shared by the commands that train."""
+    parser.add_argument(
+        "config",
+        nargs="?",
+        default=None,
+        help=f"YAML config file or built-in name {builtin_configs()} (default: demo)",
+    )
     parser.add_argument("--out", type=Path, default=None, help=out_help)
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,8 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"incseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    overrides, progress = _shared_options()
     run = sub.add_parser(
         "run",
+        parents=[overrides, progress],
         help="run every step of a class-incremental setting",
         description="Run every step of the configured setting in one process; print per-step "
         "tables and a summary; write config.yaml, step_K.pt, metrics.json and summary.md "
@@ -58,15 +73,22 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="allow writing into a directory that holds a run"
     )
     run.add_argument(
-        "--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
-        help="continue an interrupted run from its last finished step: `--out DIR --resume`, or "
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last finished epoch: `--out DIR --resume`, or "
         "`--resume RUN_DIR` (config read from RUN_DIR/config.yaml unless CONFIG is given)",
-    )  # fmt: skip
+    )
     run.add_argument(
-        "--start-from", type=Path, default=None, metavar="RUN_DIR",
+        "--start-from",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
         help="start with the finished steps 0..K of another run (copied unchanged; they must have been "
         "trained as this config trains them, e.g. step 0 by another plain-cross-entropy method)",
-    )  # fmt: skip
+    )
     run.add_argument(
         "--start-step",
         type=int,
@@ -76,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     cmp = sub.add_parser(
         "compare",
+        parents=[overrides, progress],
         help="run several methods (and Joint) on one setting and tabulate them",
         description="Run each method on the same setting, data and seed (a finished method is not "
         "re-run) and write comparison.md, comparison.csv and comparison.png.",
@@ -89,16 +112,22 @@ def _parser() -> argparse.ArgumentParser:
         "--joint-epochs", type=int, default=None, help="epochs of Joint (default: train.epochs)"
     )
     cmp.add_argument(
-        "--retrain-first-step", action="store_true",
+        "--retrain-first-step",
+        action="store_true",
         help="train step 0 for every method (default: FT, LwF, ILT and MiB, whose step 0 is the same "
         "plain cross-entropy training, share the first one's)",
-    )  # fmt: skip
+    )
     cmp.add_argument(
-        "--method-set", dest="method_sets", action="append", default=[], metavar="METHOD.KEY=VALUE",
+        "--method-set",
+        dest="method_sets",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
         help="override one method's hyperparameter, e.g. --method-set ewc.weight=50 (repeatable)",
-    )  # fmt: skip
+    )
     imp = sub.add_parser(
         "import-checkpoint",
+        parents=[overrides],
         help="convert an official MiB step checkpoint into an incseg checkpoint",
         description="Convert a checkpoint of the official MiB code (model_state with module.body / "
         "head / cls.i keys) into an incseg step checkpoint for the given config and step, so that "
@@ -109,14 +138,6 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--step", type=int, required=True, help="step the checkpoint was saved at")
     imp.add_argument(
         "--out", type=Path, required=True, help="incseg checkpoint to write (not overwritten)"
-    )
-    imp.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (repeatable)",
     )
     sub.add_parser(
         "configs",
@@ -139,15 +160,24 @@ def _parser() -> argparse.ArgumentParser:
         description="Prepare (download and arrange) or check a Pascal VOC 2012 or ADE20K dataset.",
     )
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    for action, text in (("prepare", "download (or reuse), verify, extract and arrange the public archives"),
-                         ("check", ("report every missing, unpaired, broken or out-of-range file; "
-                                   "build the class index and print images per class"))):  # fmt: skip
-        act = data_sub.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
+    for action, text in (
+        ("prepare", "download (or reuse), verify, extract and arrange the public archives"),
+        (
+            "check",
+            (
+                "report every missing, unpaired, broken or out-of-range file; "
+                "build the class index and print images per class"
+            ),
+        ),
+    ):
+        act = data_sub.add_parser(
+            action, parents=[progress], help=text, description=text[0].upper() + text[1:] + "."
+        )
         act.add_argument("family", choices=("voc", "ade"), help="dataset")
         act.add_argument("--root", type=Path, required=True, help="dataset folder")
-        act.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ev = sub.add_parser(
         "eval",
+        parents=[progress],
         help="re-evaluate a saved step",
         description="Re-evaluate a saved step on its test set and print the same table as training.",
     )
@@ -160,7 +190,6 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="evaluate full images (batch 1), not the config's test crop",
     )
-    ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
     pr = sub.add_parser(
         "predict",
         help="segment images with a saved step",
@@ -193,7 +222,8 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if args.resume and args.out is None:
         raise IncsegError("--resume needs the run directory: --out DIR --resume, or --resume DIR")
-    from incseg.engine.protocol import run_protocol  # heavy imports once the config is valid
+    from incseg.engine.adopt import adopt_steps  # heavy imports once the config is valid
+    from incseg.engine.run import run_protocol
     from incseg.engine.rundir import RunDir
 
     dist = _join(config)
@@ -209,17 +239,14 @@ def _run(args: argparse.Namespace) -> int:
             f"--out {out}: already holds a run ({', '.join(existing)}); choose another directory, "
             "pass --resume to continue it, or --overwrite to replace it"
         )
-    start_from = (args.start_from, args.start_step) if args.start_from is not None else None
-    logger.info(f"incseg run: {config.method.name} on {config.data.dataset} {config.protocol.setting} "
-                f"({config.protocol.mode}) -> {out}")  # fmt: skip
-    run_protocol(
-        config,
-        out,
-        dist=dist,
-        progress=not args.no_progress,
-        resume=bool(args.resume),
-        start_from=start_from,
+    logger.info(
+        f"incseg run: {config.method.name} on {config.data.dataset} {config.protocol.setting} "
+        f"({config.protocol.mode}) -> {out}"
     )
+    if args.start_from is not None:
+        adopt_steps(out, config, args.start_from, args.start_step, dist)
+    resume = bool(args.resume) or args.start_from is not None
+    run_protocol(config, out, dist=dist, progress=not args.no_progress, resume=resume)
     logger.info(f"Run directory: {out}")
     return 0
 
@@ -249,23 +276,25 @@ def _compare(args: argparse.Namespace) -> int:
         check_range(args.joint_epochs, RANGES["train.epochs"], "--joint-epochs")
     out = args.out or Path("runs") / f"compare-{base.name}"
     from incseg.compare import parse_method_sets, run_comparison
-    from incseg.engine.protocol import run_protocol
+    from incseg.engine.run import run_protocol
 
     method_sets = parse_method_sets(args.method_sets, methods)
     dist = _join(base)
 
-    def run(config, run_dir, start_from=None):
-        run_protocol(
-            config,
-            run_dir,
-            dist=dist,
-            progress=not args.no_progress,
-            resume=True,
-            start_from=start_from,
-        )
+    def run(config, run_dir):
+        run_protocol(config, run_dir, dist=dist, progress=not args.no_progress, resume=True)
 
-    rows = run_comparison(base, methods, out, joint=args.joint, joint_epochs=args.joint_epochs, run=run, dist=dist,
-                          method_sets=method_sets, share_first_step=not args.retrain_first_step)  # fmt: skip
+    rows = run_comparison(
+        base,
+        methods,
+        out,
+        joint=args.joint,
+        joint_epochs=args.joint_epochs,
+        run=run,
+        dist=dist,
+        method_sets=method_sets,
+        share_first_step=not args.retrain_first_step,
+    )
     logger.info(f"Comparison written to {out}/comparison.md, .csv and .png")
     failed = [r["method"] for r in rows if r.get("failed")]
     if failed:
@@ -306,8 +335,10 @@ def _eval(args: argparse.Namespace) -> int:
         checkpoint["config"]["data"]["test_crop"] = None
     report = evaluate_checkpoint(checkpoint, progress=not args.no_progress)
     cfg = checkpoint["config"]
-    title = (f"Evaluation of {path}: step {report.step} of {cfg['data']['dataset']} "
-             f"{cfg['protocol']['setting']} ({cfg['protocol']['mode']}, {cfg['method']['name']})")  # fmt: skip
+    title = (
+        f"Evaluation of {path}: step {report.step} of {cfg['data']['dataset']} "
+        f"{cfg['protocol']['setting']} ({cfg['protocol']['mode']}, {cfg['method']['name']})"
+    )
     print(format_step_table(report, title))
     return 0
 
@@ -321,12 +352,16 @@ def _data(args: argparse.Namespace) -> int:
     from incseg.data.check import check_dataset, class_table
 
     report = check_dataset(args.family, args.root, progress=not args.no_progress)
-    print(f"\nImages per class (intact pairs; train = {len(report.names['train'])}, "
-          f"test = {len(report.names['test'])}):")  # fmt: skip
+    print(
+        f"\nImages per class (intact pairs; train = {len(report.names['train'])}, "
+        f"test = {len(report.names['test'])}):"
+    )
     print(class_table(args.family, report))
     if args.family == "voc":
-        print(f"\nOfficial split lists vs the selection rule: {report.split_checks} image/step checks, "
-              f"{len(report.split_mismatches)} mismatches")  # fmt: skip
+        print(
+            f"\nOfficial split lists vs the selection rule: {report.split_checks} image/step checks, "
+            f"{len(report.split_mismatches)} mismatches"
+        )
         for line in report.split_mismatches[:50]:
             print(f"  {line}")
     if report.problems:
@@ -342,7 +377,7 @@ def _data(args: argparse.Namespace) -> int:
 
 def _import_checkpoint(args: argparse.Namespace) -> int:
     from incseg.engine.checkpoint import save_checkpoint
-    from incseg.engine.models import build_model
+    from incseg.engine.model_io import build_model
     from incseg.models.official import convert_official
     from incseg.protocol import get_setting, step_info
     from incseg.torchfile import load_torch_file
@@ -363,11 +398,18 @@ def _import_checkpoint(args: argparse.Namespace) -> int:
     info = step_info(setting, args.step)
     model = build_model(config, info, pretrained=False)
     model.load_state_dict(convert_official(data["model_state"], model), strict=False)
-    save_checkpoint(args.out, {
-        "step": args.step, "setting": setting.name, "channels_per_step": list(info.channels_per_step),
-        "config": config.to_dict(), "model": model.state_dict(), "method": {},
-        "imported_from": str(args.source),
-    })  # fmt: skip
+    save_checkpoint(
+        args.out,
+        {
+            "step": args.step,
+            "setting": setting.name,
+            "channels_per_step": list(info.channels_per_step),
+            "config": config.to_dict(),
+            "model": model.state_dict(),
+            "method": {},
+            "imported_from": str(args.source),
+        },
+    )
     print(
         f"wrote {args.out} (step {args.step} of {setting.name}); evaluate it with `incseg eval {args.out}`"
     )
@@ -403,14 +445,67 @@ def _config_list() -> str:
 
 
 def _methods(name: str | None) -> str:
-    from incseg.methods import METHOD_PATHS, describe_method, plugin_paths
+    from incseg.methods import METHOD_PATHS, plugin_paths
 
     if name is not None:
-        return describe_method(name)
+        return _describe_method(name)
     rows = [f"{key:<8} {path}" for key, path in {**METHOD_PATHS, **plugin_paths()}.items()]
     return "\n".join(
         [*rows, "", "incseg methods NAME shows a method's hyperparameters (method.KEY)."]
     )
+
+
+def _describe_method(name: str) -> str:
+    """What ``incseg methods NAME`` prints: the class, its docstring, what it asks of the engine
+    and every hyperparameter (``method.KEY``) with its type, default and valid values."""
+    import dataclasses
+    import inspect
+    import typing
+
+    from incseg.methods import method_class
+    from incseg.ranges import ranges_of
+
+    cls = method_class(name)
+    hints, ranges = typing.get_type_hints(cls), ranges_of(cls)
+    lines = [f"{name}: {cls.__module__}:{cls.__qualname__}", ""]
+    lines += [f"  {line}".rstrip() for line in inspect.cleandoc(cls.__doc__ or "").splitlines()]
+    asks = ("needs_old_model", "features", "scans_old_model", "needs_gradients", "plain_first_step")
+    lines += ["", f"  engine: {', '.join(f'{a}={getattr(cls, a)!r}' for a in asks)}", ""]
+    lines.append("  hyperparameters (method.KEY: type = default):")
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    for f in fields:
+        hint = hints[f.name]
+        if typing.get_origin(hint) is typing.Literal:
+            kind, where = "str", f"  one of {list(typing.get_args(hint))}"
+        else:
+            kind = getattr(hint, "__name__", str(hint))
+            where = f"  in {ranges[f.name].describe()}" if f.name in ranges else ""
+        lines.append(f"    {f.name}: {kind} = {f.default!r}{where}")
+    if not fields:
+        lines.append("    (none)")
+    return "\n".join(lines)
+
+
+def _print(text_of: Callable[[argparse.Namespace], str]) -> Callable[[argparse.Namespace], int]:
+    """A handler that prints what ``text_of(args)`` returns."""
+
+    def handler(args: argparse.Namespace) -> int:
+        print(text_of(args))
+        return 0
+
+    return handler
+
+
+COMMANDS = {  # one handler per command: args -> exit code
+    "run": _run,
+    "compare": _compare,
+    "eval": _eval,
+    "predict": _predict,
+    "data": _data,
+    "import-checkpoint": _import_checkpoint,
+    "configs": _print(lambda args: _config_list()),
+    "methods": _print(lambda args: _methods(args.name)),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -418,24 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     log.configure()
     try:
-        if args.command == "run":
-            return _run(args)
-        if args.command == "eval":
-            return _eval(args)
-        if args.command == "compare":
-            return _compare(args)
-        if args.command == "data":
-            return _data(args)
-        if args.command == "import-checkpoint":
-            return _import_checkpoint(args)
-        if args.command == "predict":
-            return _predict(args)
-        if args.command == "configs":
-            print(_config_list())
-            return 0
-        if args.command == "methods":
-            print(_methods(args.name))
-            return 0
+        return COMMANDS[args.command](args)
     except IncsegError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -447,7 +525,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             from incseg.engine.distributed import shutdown_distributed
 
             shutdown_distributed()
-    return 1
 
 
 if __name__ == "__main__":

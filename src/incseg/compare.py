@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from incseg.config import Config, MethodConfig, apply_override, config_from_dict
+from incseg.engine.adopt import adopt_steps, shared_steps_key
 from incseg.engine.distributed import SINGLE, DistInfo
-from incseg.engine.protocol import shared_steps_key
 from incseg.engine.rundir import RunDir
 from incseg.errors import ConfigError, IncsegError
 from incseg.methods import check_method_name, method_class
@@ -70,8 +70,9 @@ def joint_config(base: Config, epochs: int | None) -> Config:
         base.train, epochs=epochs if epochs is not None else base.train.epochs
     )
     proto = dataclasses.replace(base.protocol, setting="offline", last_step=None)
-    return dataclasses.replace(base, name=f"{base.name}-joint", protocol=proto, train=train,
-                               method=MethodConfig(name="ft"))  # fmt: skip
+    return dataclasses.replace(
+        base, name=f"{base.name}-joint", protocol=proto, train=train, method=MethodConfig(name="ft")
+    )
 
 
 def _mean(values: Sequence[float | None]) -> float:
@@ -110,8 +111,17 @@ def comparison_row(label: str, metrics: dict, old_names: set[str], background: s
 def failed_row(label: str, reason: str) -> dict:
     """A row for a method whose run stopped with an error: no numbers, the reason kept."""
     nan = math.nan
-    return {"method": label, "old": nan, "new": nan, "all": nan, "with_bg": nan, "avg": nan,
-            "old_per_step": [], "all_per_step": [], "failed": reason}  # fmt: skip
+    return {
+        "method": label,
+        "old": nan,
+        "new": nan,
+        "all": nan,
+        "with_bg": nan,
+        "avg": nan,
+        "old_per_step": [],
+        "all_per_step": [],
+        "failed": reason,
+    }
 
 
 def _pct(value: float) -> str:
@@ -124,15 +134,26 @@ COLUMNS = ("old", "new", "all", "with_bg", "avg")
 def write_outputs(rows: list[dict], out: Path, title: str, ranges: dict[str, str]) -> None:
     """comparison.md / .csv / .png from :func:`comparison_row` rows; ``ranges`` names the
     classes of ``old``, ``new``, ``all`` and ``with_bg`` (e.g. ``"1-15"``)."""
-    heads = [f"old ({ranges['old']})", f"new ({ranges['new']})", f"all ({ranges['all']})",
-             f"w/ bg ({ranges['with_bg']})", "avg"]  # fmt: skip
+    heads = [
+        f"old ({ranges['old']})",
+        f"new ({ranges['new']})",
+        f"all ({ranges['all']})",
+        f"w/ bg ({ranges['with_bg']})",
+        "avg",
+    ]
     note = (
         "mIoU (%) after the last step. Old / new / all as the MiB paper groups them (background "
         "excluded); w/ bg: every class with background (cssegmentation's and PLOP's mIoU); avg: "
         "the paper's all averaged over steps."
     )
-    lines = [f"# {title}", "", note, "",
-             f"| method | {' | '.join(heads)} |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# {title}",
+        "",
+        note,
+        "",
+        f"| method | {' | '.join(heads)} |",
+        "|---|---|---|---|---|---|",
+    ]
     lines += [f"| {r['method']} | " + " | ".join(_pct(r[k]) for k in COLUMNS) + " |" for r in rows]
     failures = [r for r in rows if r.get("failed")]
     if failures:
@@ -141,8 +162,16 @@ def write_outputs(rows: list[dict], out: Path, title: str, ranges: dict[str, str
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     with (out / "comparison.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["method", f"old_{ranges['old']}", f"new_{ranges['new']}", f"all_{ranges['all']}",
-                         f"with_bg_{ranges['with_bg']}", "avg_over_steps"])  # fmt: skip
+        writer.writerow(
+            [
+                "method",
+                f"old_{ranges['old']}",
+                f"new_{ranges['new']}",
+                f"all_{ranges['all']}",
+                f"with_bg_{ranges['with_bg']}",
+                "avg_over_steps",
+            ]
+        )
         for r in rows:
             writer.writerow(
                 [r["method"], *("" if math.isnan(r[k]) else f"{100 * r[k]:.2f}" for k in COLUMNS)]
@@ -190,7 +219,7 @@ def run_comparison(
     *,
     joint: bool,
     joint_epochs: int | None,
-    run: Callable[[Config, Path, tuple[Path, int] | None], None],
+    run: Callable[[Config, Path], None],
     dist: DistInfo = SINGLE,
     method_sets: dict[str, list[str]] | None = None,
     share_first_step: bool = True,
@@ -205,9 +234,9 @@ def run_comparison(
     comparison again retries it.
 
     Args:
-        run: ``run(config, run_dir, start_from)`` trains one configuration, continuing the
-            finished steps of an interrupted run; ``start_from`` is None or ``(RUN_DIR, 0)``
-            (``run_protocol(..., resume=True, start_from=...)`` in the CLI).
+        run: ``run(config, run_dir)`` trains one configuration, continuing the finished steps
+            of an interrupted run or the step 0 adopted from another method's run
+            (``run_protocol(..., resume=True)`` in the CLI).
         dist: this process's identity; rank 0 logs and writes the comparison files.
         method_sets: per-method ``KEY=VALUE`` overrides, from :func:`parse_method_sets`.
         share_first_step: methods whose step 0 is plain cross-entropy (FT, LwF, ILT, MiB; see
@@ -241,15 +270,14 @@ def run_comparison(
             log.info(f"[compare] {label}: finished run found in {run.path}, not re-run")
         else:
             source = first_steps.get(key)
-            start_from = None
-            if source is not None and steps > 1 and not run.step_file(0).exists():
-                log.info(
-                    f"[compare] {label}: step 0 is the one of {source.name} (plain cross-entropy), not retrained"
-                )
-                start_from = (source, 0)
             log.info(f"[compare] {label}: running into {run.path}")
             try:
-                run_one(config, run.path, start_from)
+                if source is not None and steps > 1 and not run.step_file(0).exists():
+                    log.info(
+                        f"[compare] {label}: step 0 is the one of {source.name} (plain cross-entropy), not retrained"
+                    )
+                    adopt_steps(run.path, config, source, 0, dist)
+                run_one(config, run.path)
             except IncsegError as err:
                 log.info(f"[compare] {label}: FAILED: {err}")
                 rows.append(failed_row(label, str(err)))
@@ -263,8 +291,12 @@ def run_comparison(
             first_steps.setdefault(key, run.path)
     title = f"{base.data.dataset} {setting.name} ({base.protocol.mode})"
     last_channel, base = info.num_channels - 1, info.num_base_channels
-    ranges = {"old": f"1-{base - 1}", "new": f"{base}-{last_channel}", "all": f"1-{last_channel}",
-              "with_bg": f"0-{last_channel}"}  # fmt: skip
+    ranges = {
+        "old": f"1-{base - 1}",
+        "new": f"{base}-{last_channel}",
+        "all": f"1-{last_channel}",
+        "with_bg": f"0-{last_channel}",
+    }
     if dist.is_main:  # under torchrun every rank trains; rank 0 writes
         write_outputs(rows, out, title, ranges)
         log.info((out / "comparison.md").read_text())

@@ -1,6 +1,6 @@
 """Typed run configuration: frozen dataclasses, loaded from YAML, with dotted overrides.
 
-A YAML file lists only what differs from the defaults (the paper's setting, SPEC section 7)::
+A YAML file lists only what differs from the defaults (the paper's setting, docs/protocol.md "Training")::
 
     protocol: {setting: 15-5, mode: overlap}
     model: {backbone: tiny}
@@ -20,23 +20,35 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from incseg.errors import ConfigError
 from incseg.methods import check_method_name, method_class
-from incseg.models.choices import BACKBONE_NAMES, NORMS, OUTPUT_STRIDES, PRETRAINED
-from incseg.protocol.choices import CONVENTIONS, MODES, TEST_SELECTIONS
-from incseg.protocol.official import SPLIT_SOURCES, uses_official
+from incseg.models.choices import Backbone, Norm, OutputStride, Pretrained
+from incseg.protocol.choices import Convention, Mode, SplitSource, TestSelection
+from incseg.protocol.official import uses_official
 from incseg.protocol.settings import get_setting
-from incseg.ranges import SEED, Range, check_range
+from incseg.ranges import SEED, Range, check_range, ranged, ranges_of
 
 DATASETS = {"shapes": "voc", "voc": "voc", "ade": "ade"}  # dataset name -> class family
-AMP_MODES = ("off", "bf16", "fp16")
-TENSORBOARD = ("auto", "on", "off")
-DEVICES = ("auto", "cpu", "cuda")
+Dataset = Literal["shapes", "voc", "ade"]
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+MAX_SHAPES_BYTES = 8 * 2**30
+
+_EPOCHS = Range(1, 10_000, "epochs per step; every step trains at least one")
+_LR = Range(0, 10, "SGD learning rate (0.01 / 0.001 in the paper)", low_open=True)
+_SIZE = Range(
+    16,
+    4096,
+    "pixels; a side under 16 leaves less than one feature cell at output stride 16, "
+    "over 4096 is far past any published crop (512 in the paper)",
+)
+_SCALE = Range(
+    0, 10, "area scale of the random resized crop (0.5..2.0 in the paper)", low_open=True
+)
+_SHAPES = Range(1, 100_000, "shapes images rendered in memory")
 
 
 @dataclass(frozen=True)
@@ -44,83 +56,155 @@ class DataConfig:
     """Dataset and transforms. ``root``: voc / ade only. ``image_size``, ``num_train``,
     ``num_test``, ``seed``: shapes only."""
 
-    dataset: str = "shapes"
+    dataset: Dataset = "shapes"
     root: str | None = None
-    image_size: int = 64
-    num_train: int = 1500
-    num_test: int = 300
-    seed: int = 0
-    crop_size: int = 512
-    scale_min: float = 0.5
-    scale_max: float = 2.0
-    test_crop: int | None = None
-    num_workers: int = 0
+    image_size: int = ranged(
+        64, Range(16, 1024, "side of the rendered shapes images (64 in the demo)")
+    )
+    num_train: int = ranged(1500, _SHAPES)
+    num_test: int = ranged(300, _SHAPES)
+    seed: int = ranged(0, SEED)
+    crop_size: int = ranged(512, _SIZE)
+    scale_min: float = ranged(0.5, _SCALE)
+    scale_max: float = ranged(2.0, _SCALE)
+    test_crop: int | None = ranged(None, _SIZE)
+    num_workers: int = ranged(
+        0, Range(0, 256, "loader worker processes; 0 loads in the main process")
+    )
+
+    def __post_init__(self) -> None:
+        if self.dataset == "shapes":
+            size = (self.num_train + self.num_test) * self.image_size**2 * 4  # uint8 RGB + label
+            if size > MAX_SHAPES_BYTES:
+                raise ConfigError(
+                    f"data.num_train/num_test/image_size: {self.num_train} + {self.num_test} shapes "
+                    f"images of {self.image_size} px take {size / 2**30:.1f} GiB in memory; keep it "
+                    f"under {MAX_SHAPES_BYTES // 2**30} GiB"
+                )
+        elif not self.root:
+            raise ConfigError(
+                f"data.root: required for dataset {self.dataset!r} (the folder holding it)"
+            )
+        if self.scale_min > self.scale_max:
+            raise ConfigError(
+                "data.scale_min/scale_max: need scale_min <= scale_max, got "
+                f"{self.scale_min}, {self.scale_max}"
+            )
 
 
 @dataclass(frozen=True)
 class ProtocolConfig:
     """Setting, image selection mode, label convention and how many steps to run.
     ``test_selection``: ``seen`` (test images with a seen class) or ``mode`` (also the step's
-    disjoint rule, as cssegmentation)."""
+    disjoint rule, as cssegmentation). ``last_step`` is checked against the setting by
+    :class:`Config`."""
 
     setting: str = "15-5"
-    mode: str = "overlap"
-    labels: str = "mib"
-    split_source: str = "auto"
-    test_selection: str = "seen"
+    mode: Mode = "overlap"
+    labels: Convention = "mib"
+    split_source: SplitSource = "auto"
+    test_selection: TestSelection = "seen"
     last_step: int | None = None
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """DeepLabV3 (SPEC section 7)."""
+    """DeepLabV3 (docs/protocol.md, "Model and training")."""
 
-    backbone: str = "resnet101"
-    output_stride: int = 16
-    norm: str = "iabn"
-    head_channels: int = 256
-    pretrained: str = "none"
+    backbone: Backbone = "resnet101"
+    output_stride: OutputStride = 16
+    norm: Norm = "iabn"
+    head_channels: int = ranged(256, Range(1, 4096, "ASPP output channels (256 in the paper)"))
+    pretrained: Pretrained = "none"
     # In-Place ABN's ImageNet checkpoint (resnet101_iabn_sync.pth.tar) at this path instead of
     # the cache path of ``pretrained: iabn`` (models/official.py)
     backbone_weights: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.backbone_weights and (self.pretrained == "imagenet" or self.backbone == "tiny"):
+            raise ConfigError(
+                "model.backbone_weights: needs a ResNet backbone and model.pretrained: iabn "
+                "or none (the file replaces torchvision's ImageNet weights)"
+            )
+        if self.pretrained == "iabn" and self.backbone != "resnet101":
+            raise ConfigError(
+                f"model.pretrained: iabn is In-Place ABN's ResNet-101; model.backbone is "
+                f"{self.backbone!r} (use resnet101, or pretrained: imagenet / none)"
+            )
+
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Method name and its hyperparameters (the fields of the method's class)."""
+    """Method name and its hyperparameters (the fields of the method's class, already checked
+    against their types and ranges). :meth:`build` makes the method."""
 
     name: str = "mib"
     params: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> Any:
+        """A fresh :class:`~incseg.methods.base.Method` with these hyperparameters."""
+        return method_class(self.name)(**self.params)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation. ``*_incremental`` apply to steps > 0 (None: same as step 0)."""
 
-    epochs: int = 30
-    epochs_incremental: int | None = None
-    lr: float = 0.01
-    lr_incremental: float = 0.001
-    batch_size: int = 24
-    eval_batch_size: int = 8
-    momentum: float = 0.9
+    epochs: int = ranged(30, _EPOCHS)
+    epochs_incremental: int | None = ranged(None, _EPOCHS)
+    lr: float = ranged(0.01, _LR)
+    lr_incremental: float = ranged(0.001, _LR)
+    batch_size: int = ranged(
+        24,
+        Range(
+            2,
+            4096,
+            "global batch; batch norm in training needs 2 or more images "
+            "(the ASPP pooling branch has one value per image)",
+        ),
+    )
+    eval_batch_size: int = ranged(8, Range(1, 4096, "images per evaluation batch"))
+    momentum: float = ranged(
+        0.9,
+        Range(
+            0,
+            1,
+            "SGD momentum (0.9 in the paper); 1 or more never decays and diverges",
+            high_open=True,
+        ),
+    )
     nesterov: bool = True
-    weight_decay: float = 1e-4
-    lr_power: float = 0.9
-    amp: str = "off"
-    device: str = "auto"
-    seed: int = 0
-    log_interval: int = 10
-    val_interval: int = 0  # epochs between validations on the current classes; 0 = off
-    checkpoint_every: int = 1  # epochs between resumable checkpoints (last.pt); 0 = step ends only
-    sync_bn: bool = (
-        True  # with several processes (torchrun), batch-norm statistics over the global batch
+    weight_decay: float = ranged(
+        1e-4, Range(0, 1, "L2 factor of SGD (1e-4 in the paper)", high_open=True)
     )
-    channels_last: bool = (
-        False  # NHWC memory format for the model and its inputs (faster convs on GPU)
+    lr_power: float = ranged(
+        0.9,
+        Range(0, 10, "exponent of the poly schedule (0.9 in the paper); 0 keeps the LR constant"),
     )
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = ranged(0, SEED)
+    log_interval: int = ranged(10, Range(1, 1_000_000, "iterations between loss read-backs"))
+    # epochs between validations on the current classes; 0 = off
+    val_interval: int = ranged(
+        0, Range(0, 10_000, "epochs between validations on the current classes; 0 = off")
+    )
+    # epochs between resumable checkpoints (last.pt); 0 = step ends only
+    checkpoint_every: int = ranged(
+        1, Range(0, 10_000, "epochs between resumable checkpoints; 0 = only at step ends")
+    )
+    sync_bn: bool = True  # with several processes (torchrun): BN statistics over the global batch
+    channels_last: bool = False  # NHWC memory format for the model and its inputs (faster on GPU)
     compile: bool = False  # torch.compile the model being trained
-    tensorboard: str = "auto"  # auto: write TensorBoard logs if the package is installed; on | off
+    # auto: write TensorBoard logs if the package is installed; on | off
+    tensorboard: Literal["auto", "on", "off"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError(
+                "train.momentum: Nesterov momentum (train.nesterov: true) needs momentum > 0; "
+                "set train.nesterov: false for plain SGD"
+            )
 
     def epochs_at(self, step: int) -> int:
         if step == 0 or self.epochs_incremental is None:
@@ -133,7 +217,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """A whole run."""
+    """A whole run. The checks that involve several sections are here."""
 
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
@@ -142,9 +226,34 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        proto = self.protocol
+        try:
+            setting = get_setting(self.family, proto.setting)
+        except ConfigError as err:
+            raise ConfigError(f"protocol.setting: {err}") from None
+        uses_official(self.data.dataset, setting.name, proto.mode, proto.split_source)
+        if proto.last_step is not None and not 0 <= proto.last_step < setting.num_steps:
+            raise ConfigError(
+                f"protocol.last_step: step {proto.last_step} is out of range for setting "
+                f"{setting.name!r}; valid steps are 0..{setting.num_steps - 1}"
+            )
+        if self.train.val_interval and proto.labels != "mib":
+            raise ConfigError(
+                "train.val_interval: validation during training follows MiB's convention; "
+                "it needs protocol.labels: mib"
+            )
+
     @property
     def family(self) -> str:
         return DATASETS[self.data.dataset]
+
+    @property
+    def num_steps(self) -> int:
+        """Steps this run trains: the setting's, or ``protocol.last_step + 1``."""
+        if self.protocol.last_step is not None:
+            return self.protocol.last_step + 1
+        return get_setting(self.family, self.protocol.setting).num_steps
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict; ``method`` is flattened to ``{name, **params}`` as in YAML."""
@@ -156,20 +265,45 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# Every numeric key of the config and its valid values, gathered from the fields (docs/guards.md).
+RANGES: dict[str, Range] = {
+    f"{section}.{key}": valid
+    for section, cls in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig))
+    for key, valid in ranges_of(cls).items()
+}
+# Numeric keys checked otherwise: against the setting's steps, or against a list of choices.
+RELATIVE_KEYS = ("protocol.last_step", "model.output_stride")
+
+
 # ---------------------------------------------------------------------------------------------
 # Building a typed config from plain data
 
 
+def _options(annotation: Any) -> tuple[Any, ...]:
+    """The alternatives of a union annotation (``int | None`` -> ``(int, NoneType)``)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
 def _check_type(value: Any, annotation: Any, key: str) -> Any:
-    """Return ``value`` as ``annotation`` (int widened to float), or raise naming ``key``."""
-    options = (
-        typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    )
+    """Return ``value`` as ``annotation`` (int widened to float), or raise naming ``key``.
+    A ``Literal`` admits its values only; the error lists them."""
+    options = _options(annotation)
     if value is None:
         if type(None) in options:
             return None
         raise ConfigError(f"{key}: a value is required (null given)")
     for option in options:
+        if typing.get_origin(option) is Literal:
+            choices = typing.get_args(option)
+            if isinstance(value, bool) and {"on", "off"} & set(
+                choices
+            ):  # YAML 1.1 on/off: booleans
+                value = "on" if value else "off"
+            if value in choices and type(value) is type(choices[choices.index(value)]):
+                return value
+            raise ConfigError(f"{key}: unknown value {value!r}; valid choices: {list(choices)}")
         if option is bool and isinstance(value, bool):
             return value
         if option is int and isinstance(value, int) and not isinstance(value, bool):
@@ -180,17 +314,15 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
             return value
         if option is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             return float(value)  # YAML 1.1 reads 1e-4 (no dot, no sign) as a string
-        if option is str and isinstance(value, bool):  # YAML 1.1 reads unquoted on/off as booleans
-            return "on" if value else "off"
     expected = " or ".join("null" if o is type(None) else o.__name__ for o in options)
     raise ConfigError(f"{key}: expected {expected}, got {value!r} ({type(value).__name__})")
 
 
-def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
-    """Instantiate dataclass ``cls`` from a mapping, checking keys and scalar types.
-
-    Nested dataclass fields are built recursively. ``prefix`` is the dotted path used in errors.
-    """
+def checked_fields(cls: type, data: Any, prefix: str) -> dict[str, Any]:
+    """The keyword arguments of dataclass ``cls`` read from a mapping: each key known, each
+    value of its field's type (``Literal`` choices included) and inside its :func:`ranged`
+    range. Nested dataclass fields are built recursively. ``prefix`` is the dotted path used in
+    errors."""
     where = prefix or "config"
     if data is None:
         data = {}
@@ -198,133 +330,26 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(set(data) - set(names), key=str)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {names}")
+    ranges = ranges_of(cls)
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = build_dataclass(hint, value, key)
-        else:
-            kwargs[name] = _check_type(value, hint, key)
-    return cls(**kwargs)
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = build_dataclass(hints[name], value, key)
+            continue
+        kwargs[name] = _check_type(value, hints[name], key)
+        if name in ranges:
+            check_range(kwargs[name], ranges[name], key)
+    return kwargs
 
 
-def _one_of(value: Any, choices: Any, key: str) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}: unknown value {value!r}; valid choices: {list(choices)}")
-
-
-_EPOCHS = Range(1, 10_000, "epochs per step; every step trains at least one")
-_LR = Range(0, 10, "SGD learning rate (0.01 / 0.001 in the paper)", low_open=True)
-_SIZE = Range(16, 4096, "pixels; a side under 16 leaves less than one feature cell at output stride 16, "
-              "over 4096 is far past any published crop (512 in the paper)")  # fmt: skip
-_SCALE = Range(
-    0, 10, "area scale of the random resized crop (0.5..2.0 in the paper)", low_open=True
-)
-
-# Every numeric key of the config and its valid values (docs/guards.md lists them with the reasons).
-RANGES: dict[str, Range] = {
-    "data.image_size": Range(16, 1024, "side of the rendered shapes images (64 in the demo)"),
-    "data.num_train": Range(1, 100_000, "shapes images rendered in memory"),
-    "data.num_test": Range(1, 100_000, "shapes images rendered in memory"),
-    "data.seed": SEED,
-    "data.crop_size": _SIZE,
-    "data.scale_min": _SCALE,
-    "data.scale_max": _SCALE,
-    "data.test_crop": _SIZE,
-    "data.num_workers": Range(0, 256, "loader worker processes; 0 loads in the main process"),
-    "model.head_channels": Range(1, 4096, "ASPP output channels (256 in the paper)"),
-    "train.epochs": _EPOCHS,
-    "train.epochs_incremental": _EPOCHS,
-    "train.lr": _LR,
-    "train.lr_incremental": _LR,
-    "train.batch_size": Range(
-        2,
-        4096,
-        "global batch; batch norm in training needs 2 or more images "
-        "(the ASPP pooling branch has one value per image)",
-    ),
-    "train.eval_batch_size": Range(1, 4096, "images per evaluation batch"),
-    "train.momentum": Range(
-        0, 1, "SGD momentum (0.9 in the paper); 1 or more never decays and diverges", high_open=True
-    ),
-    "train.weight_decay": Range(0, 1, "L2 factor of SGD (1e-4 in the paper)", high_open=True),
-    "train.lr_power": Range(
-        0, 10, "exponent of the poly schedule (0.9 in the paper); 0 keeps the LR constant"
-    ),
-    "train.seed": SEED,
-    "train.log_interval": Range(1, 1_000_000, "iterations between loss read-backs"),
-    "train.val_interval": Range(
-        0, 10_000, "epochs between validations on the current classes; 0 = off"
-    ),
-    "train.checkpoint_every": Range(
-        0, 10_000, "epochs between resumable checkpoints; 0 = only at step ends"
-    ),
-}
-# Numeric keys checked otherwise: against the setting's steps, or against a list of choices.
-RELATIVE_KEYS = ("protocol.last_step", "model.output_stride")
-MAX_SHAPES_BYTES = 8 * 2**30
-
-
-def validate(config: Config) -> None:
-    """Check names and ranges that the types alone cannot."""
-    data, proto, model, train = config.data, config.protocol, config.model, config.train
-    _one_of(data.dataset, DATASETS, "data.dataset")
-    for key, valid in RANGES.items():
-        section, name = key.split(".")
-        check_range(getattr(getattr(config, section), name), valid, key)
-    if data.dataset == "shapes":
-        size = (data.num_train + data.num_test) * data.image_size**2 * 4  # uint8 RGB + label
-        if size > MAX_SHAPES_BYTES:
-            raise ConfigError(
-                f"data.num_train/num_test/image_size: {data.num_train} + {data.num_test} shapes images of "
-                f"{data.image_size} px take {size / 2**30:.1f} GiB in memory; keep it under "
-                f"{MAX_SHAPES_BYTES // 2**30} GiB"
-            )
-    if data.scale_min > data.scale_max:
-        raise ConfigError(
-            f"data.scale_min/scale_max: need scale_min <= scale_max, got {data.scale_min}, {data.scale_max}"
-        )
-    try:
-        setting = get_setting(config.family, proto.setting)
-    except ConfigError as err:
-        raise ConfigError(f"protocol.setting: {err}") from None
-    _one_of(proto.mode, MODES, "protocol.mode")
-    _one_of(proto.labels, CONVENTIONS, "protocol.labels")
-    _one_of(proto.split_source, SPLIT_SOURCES, "protocol.split_source")
-    _one_of(proto.test_selection, TEST_SELECTIONS, "protocol.test_selection")
-    uses_official(data.dataset, setting.name, proto.mode, proto.split_source)
-    if data.dataset != "shapes" and not data.root:
-        raise ConfigError(
-            f"data.root: required for dataset {data.dataset!r} (the folder holding it)"
-        )
-    if proto.last_step is not None and not 0 <= proto.last_step < setting.num_steps:
-        raise ConfigError(
-            f"protocol.last_step: step {proto.last_step} is out of range for setting "
-            f"{setting.name!r}; valid steps are 0..{setting.num_steps - 1}"
-        )
-    _one_of(model.backbone, sorted(BACKBONE_NAMES), "model.backbone")
-    _one_of(model.output_stride, OUTPUT_STRIDES, "model.output_stride")
-    _one_of(model.norm, NORMS, "model.norm")
-    _one_of(model.pretrained, PRETRAINED, "model.pretrained")
-    if model.backbone_weights and (model.pretrained == "imagenet" or model.backbone == "tiny"):
-        raise ConfigError("model.backbone_weights: needs a ResNet backbone and model.pretrained: iabn "
-                          "or none (the file replaces torchvision's ImageNet weights)")  # fmt: skip
-    if model.pretrained == "iabn" and model.backbone != "resnet101":
-        raise ConfigError(f"model.pretrained: iabn is In-Place ABN's ResNet-101; model.backbone is "
-                          f"{model.backbone!r} (use resnet101, or pretrained: imagenet / none)")  # fmt: skip
-    if train.val_interval and proto.labels != "mib":
-        raise ConfigError("train.val_interval: validation during training follows MiB's convention; "
-                          "it needs protocol.labels: mib")  # fmt: skip
-    if train.nesterov and train.momentum == 0:
-        raise ConfigError("train.momentum: Nesterov momentum (train.nesterov: true) needs momentum > 0; "
-                          "set train.nesterov: false for plain SGD")  # fmt: skip
-    _one_of(train.amp, AMP_MODES, "train.amp")
-    _one_of(train.device, DEVICES, "train.device")
-    _one_of(train.tensorboard, TENSORBOARD, "train.tensorboard")
+def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from :func:`checked_fields`; its ``__post_init__`` checks
+    what involves several of its fields."""
+    return cls(**checked_fields(cls, data, prefix))
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -339,13 +364,15 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     name = method_raw.pop("name", MethodConfig.name)
     check_method_name(name)
     config = build_dataclass(Config, raw, "")
-    validate(config)
-    # The method's class (and torch) is imported only once the rest of the config is valid.
+    # The method's class (and torch) is imported only once the rest of the config is valid;
+    # its hyperparameters are checked here and the method is built once, by the run.
     cls = method_class(name)
-    method = build_dataclass(cls, method_raw, "method")
-    params = {f.name: getattr(method, f.name) for f in dataclasses.fields(method) if f.init}
-    for key, valid in cls.ranges.items():
-        check_range(params[key], valid, f"method.{key}")
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(cls)
+        if f.init and f.default is not dataclasses.MISSING
+    }
+    params = {**defaults, **checked_fields(cls, method_raw, "method")}
     return dataclasses.replace(config, method=MethodConfig(name=name, params=params))
 
 

@@ -5,7 +5,7 @@ Conventions: ``logits`` are ``(B, C, H, W)`` floating point at input resolution;
 ``(B, O, H, W)`` outputs. None of these functions modify their inputs.
 
 Reference: Cermelli et al., "Modeling the Background for Incremental Learning in Semantic
-Segmentation", CVPR 2020 (MiB), equations 4-5 and section 3.3; SPEC section 5.
+Segmentation", CVPR 2020 (MiB), equations 4-5 and section 3.3; docs/methods.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Confusion matrix, IoU and the old / new / all report (SPEC section 7).
+"""Confusion matrix, IoU and the old / new / all report (docs/protocol.md, "Metric").
 
 One confusion matrix accumulates over all test pixels (label 255 excluded); IoU is per class and
 mIoU averages the classes that have ground-truth pixels, as the official metric does

@@ -18,7 +18,7 @@ from PIL import Image
 from incseg.data.files import read_image
 from incseg.data.transforms import test_transform
 from incseg.engine.evaluate import predict_channels
-from incseg.engine.models import prepare_model, restore_step
+from incseg.engine.model_io import restore_step
 from incseg.engine.runtime import Runtime
 from incseg.errors import DataError
 
@@ -53,7 +53,7 @@ def predict_images(checkpoint: dict, images: Sequence[Path], out: Path) -> list[
         decoded.append(read_image(Path(path)))
     config, info, model = restore_step(checkpoint)
     rt = Runtime.of(config)
-    model = prepare_model(model, config, rt).eval()  # the run's memory format
+    model = rt.place(model).eval()  # the run's memory format
     normalise = test_transform(None)  # full image: only scaling and ImageNet normalisation
     to_class = torch.tensor(info.order, dtype=torch.uint8)
     palette = color_map()

@@ -9,8 +9,10 @@ they end in an out-of-memory kill or a PyTorch traceback hours later.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from incseg.errors import ConfigError
 
@@ -49,6 +51,17 @@ class Range:
         return f"{left}{show(self.low)}, {show(self.high)}{right}"
 
 
+def ranged(default: Any, valid: Range) -> Any:
+    """A dataclass field with ``default`` whose valid values are ``valid`` (kept in the field's
+    metadata, next to the field, for config keys and method hyperparameters alike)."""
+    return field(default=default, metadata={"range": valid})
+
+
+def ranges_of(cls: type) -> dict[str, Range]:
+    """``field name -> Range`` of the dataclass ``cls``'s fields declared with :func:`ranged`."""
+    return {f.name: f.metadata["range"] for f in dataclasses.fields(cls) if "range" in f.metadata}
+
+
 def check_range(value: float | None, valid: Range, key: str) -> None:
     """Raise :class:`ConfigError` naming ``key`` unless ``value`` is None or inside ``valid``."""
     if value is None or valid.contains(value):
@@ -56,10 +69,18 @@ def check_range(value: float | None, valid: Range, key: str) -> None:
     raise ConfigError(f"{key}: must be in {valid.describe()}, got {value!r} ({valid.why})")
 
 
-SEED = Range(0, 2**32 - 1, "a seed; the per-step, per-epoch seeds derived from it (about seed x 1e8) "
-             "must fit PyTorch's 64-bit seeds")  # fmt: skip
+SEED = Range(
+    0,
+    2**32 - 1,
+    "a seed; the per-step, per-epoch seeds derived from it (about seed x 1e8) "
+    "must fit PyTorch's 64-bit seeds",
+)
 LOSS_WEIGHT = Range(
     0, 1e6, "a loss weight; 0 turns the term off (the largest published weight is 500)"
 )
-ALPHA = Range(0, 100, "scale of the old logits in the soft targets (1 in the paper); 0 makes them uniform",
-              low_open=True)  # fmt: skip
+ALPHA = Range(
+    0,
+    100,
+    "scale of the old logits in the soft targets (1 in the paper); 0 makes them uniform",
+    low_open=True,
+)

@@ -69,9 +69,13 @@ def format_summary(reports: Sequence[StepReport]) -> str:
     """mIoU per step (old / new / all, then with background) and the average over steps."""
     heads = _headers(reports[-1])
     widths = [max(6, len(h)) for h in heads]
-    lines = [("Summary (mIoU %; old / new / all as the MiB paper, background excluded; "
-              "w/ bg: every class, background included)"),
-             "  step  " + " ".join(f"{h:>{w}}" for h, w in zip(heads, widths, strict=True))]  # fmt: skip
+    lines = [
+        (
+            "Summary (mIoU %; old / new / all as the MiB paper, background excluded; "
+            "w/ bg: every class, background included)"
+        ),
+        "  step  " + " ".join(f"{h:>{w}}" for h, w in zip(heads, widths, strict=True)),
+    ]
     for step, *values in summary_rows(reports):
         lines.append(
             f"  {step:<5} " + " ".join(f"{v:>{w}}" for v, w in zip(values, widths, strict=True))
@@ -82,13 +86,27 @@ def format_summary(reports: Sequence[StepReport]) -> str:
 def summary_markdown(reports: Sequence[StepReport], heading: str, config_yaml: str) -> str:
     """``summary.md`` of a run: summary table, last step's per-class IoU, resolved config."""
     last = reports[-1]
-    out = [f"# {heading}", "", "## mIoU per step (%)", "",
-           ("Old / new / all as the MiB paper groups them (background excluded); w/ bg: the mean over "
-            "every class with background (cssegmentation's and PLOP's mIoU)."), "",
-           "| step | " + " | ".join(_headers(last)) + " |", "|---|---|---|---|---|"]  # fmt: skip
+    out = [
+        f"# {heading}",
+        "",
+        "## mIoU per step (%)",
+        "",
+        (
+            "Old / new / all as the MiB paper groups them (background excluded); w/ bg: the mean over "
+            "every class with background (cssegmentation's and PLOP's mIoU)."
+        ),
+        "",
+        "| step | " + " | ".join(_headers(last)) + " |",
+        "|---|---|---|---|---|",
+    ]
     out += ["| " + " | ".join(v.strip() for v in row) + " |" for row in summary_rows(reports)]
-    out += ["", f"## IoU per class after step {last.step} (%)", "", "| class | group | IoU |",
-            "|---|---|---|"]  # fmt: skip
+    out += [
+        "",
+        f"## IoU per class after step {last.step} (%)",
+        "",
+        "| class | group | IoU |",
+        "|---|---|---|",
+    ]
     for k, (name, iou, present) in enumerate(
         zip(last.class_names, last.iou, last.present, strict=True)
     ):

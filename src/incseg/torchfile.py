@@ -38,14 +38,18 @@ def diagnose(path: Path, error: BaseException) -> str:
         if not zipfile.is_zipfile(path):
             return "is truncated or corrupt (an incomplete PyTorch zip archive)"
         if refused:
-            return ("holds Python objects that a safe (weights-only) load refuses: it was written by "
-                    "another program, and incseg does not run code from checkpoint files")  # fmt: skip
+            return (
+                "holds Python objects that a safe (weights-only) load refuses: it was written by "
+                "another program, and incseg does not run code from checkpoint files"
+            )
         return "is a corrupt PyTorch archive"
     if head.startswith(PICKLE_MAGIC):
         if isinstance(error, EOFError) or "EOF" in str(error):
             return "is truncated (a PyTorch or pickle file that ends early)"
-        return ("is a pickle that a safe (weights-only) load refuses: a plain Python pickle or "
-                "another program's file, and incseg does not run code from checkpoint files")  # fmt: skip
+        return (
+            "is a pickle that a safe (weights-only) load refuses: a plain Python pickle or "
+            "another program's file, and incseg does not run code from checkpoint files"
+        )
     return "is not a PyTorch file (corrupt bytes or another format)"
 
 

@@ -19,10 +19,10 @@ from incseg.data import build_source
 from incseg.engine.distributed import init_distributed, shutdown_distributed
 from incseg.engine.evaluate import evaluate
 from incseg.engine.loaders import build_test_loader, build_train_loader
-from incseg.engine.models import build_model, frozen_copy, prepare_model, wrap_for_training
+from incseg.engine.model_io import build_model, frozen_copy
 from incseg.engine.runtime import Runtime
-from incseg.engine.train import Optimisation, scan_step, train_one_epoch
-from incseg.methods import build_method
+from incseg.engine.train import Optimisation, Step, scan_old_model, train_one_epoch
+from incseg.methods import PLOP, FineTuning
 from incseg.protocol import get_setting, step_info
 from incseg.protocol.selection import pack_presence
 
@@ -52,7 +52,7 @@ CONFIG = {
 def main(out: Path, sync_bn: bool) -> None:
     config = config_from_dict({**CONFIG, "train": {**CONFIG["train"], "sync_bn": sync_bn}})
     dist = init_distributed(torch.device("cpu"))
-    rt = Runtime(torch.device("cpu"), dist)
+    rt = Runtime(torch.device("cpu"), dist, sync_bn=sync_bn)
     info = step_info(get_setting("voc", "15-5"), 0)
     train_src, test_src = build_source(config.data, "train"), build_source(config.data, "test")
     torch.manual_seed(1)
@@ -61,25 +61,31 @@ def main(out: Path, sync_bn: bool) -> None:
     )
     test = build_test_loader(config, test_src, pack_presence(test_src.presence()), info, dist=dist)
     assert len(train) == 2, len(train)
-    model = prepare_model(build_model(config, info), config, rt)
-    method = build_method("ft", {})
-    method.begin_step(info, model, None, train)
-    opt = Optimisation.for_step(model, config, info, len(train), rt)
+    model = rt.place(build_model(config, info))
+    method = FineTuning()
+    method.begin_step(info, model)
+    opt = Optimisation.for_step(model, config.train, info.step, len(train), rt)
     train.batch_sampler.set_epoch(0)
-    train_one_epoch(
-        model, None, method, train, opt, info, rt, epoch=0, net=wrap_for_training(model, config, rt)
-    )
+    train_one_epoch(Step(info, train, model, None, opt, net=rt.wrap(model)), method, rt, 0)
     keys = [key for batch in train.batch_sampler for key in batch]
     matrix = evaluate(model, test, info.num_channels, rt)
     torch.manual_seed(2)
-    old, plop, totals = frozen_copy(build_model(config, info)), build_method("plop", {}), {}
+    old, plop, totals = frozen_copy(build_model(config, info)), PLOP(), {}
     end_scan = plop.end_scan
     plop.end_scan = lambda t, i: (totals.update(t), end_scan(t, i))
-    scan_step(old, plop, train, step_info(get_setting("voc", "15-5"), 1), rt)
-    torch.save({"model": model.state_dict(), "matrix": matrix, "keys": keys,
-                "test_items": list(test.sampler), "world_size": dist.world_size,
-                "histogram": totals["histogram"], "thresholds": plop.thresholds},
-               out / f"rank{dist.rank}.pt")  # fmt: skip
+    scan_old_model(Step(step_info(get_setting("voc", "15-5"), 1), train, None, old, opt), plop, rt)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "matrix": matrix,
+            "keys": keys,
+            "test_items": list(test.sampler),
+            "world_size": dist.world_size,
+            "histogram": totals["histogram"],
+            "thresholds": plop.thresholds,
+        },
+        out / f"rank{dist.rank}.pt",
+    )
     shutdown_distributed()
 
 

@@ -21,9 +21,12 @@ def build_source(config, split: str, *, progress: bool = True) -> Source:
     pairs = dataset_pairs(config.dataset, config.root, split)
     if pairs.unpaired:
         shown = ", ".join(str(p) for p in pairs.unpaired[:5])
-        raise DataError(f"{len(pairs.unpaired)} {config.dataset} file(s) without their image or label, e.g. "
-                        f"{shown}; run `incseg data check` for a full report")  # fmt: skip
+        raise DataError(
+            f"{len(pairs.unpaired)} {config.dataset} file(s) without their image or label, e.g. "
+            f"{shown}; run `incseg data check` for a full report"
+        )
     if not pairs.names:
         raise DataError(f"data.root {config.root}: the {split} split of {config.dataset} is empty")
-    return FileSource(pairs.names, pairs.images, pairs.labels, tag=f"{config.dataset}-{split}",
-                      progress=progress)  # fmt: skip
+    return FileSource(
+        pairs.names, pairs.images, pairs.labels, tag=f"{config.dataset}-{split}", progress=progress
+    )

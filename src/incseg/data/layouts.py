@@ -84,12 +84,22 @@ def voc_pairs(root: str | Path, split: str) -> Pairs:
             images.append(mib / parts[0].lstrip("/"))
             labels.append(mib / parts[1].lstrip("/"))
         order = sorted(range(len(images)), key=lambda i: images[i].stem)
-        return Pairs([images[i].stem for i in order], [images[i] for i in order],
-                     [labels[i] for i in order], [], list_file, "mib")  # fmt: skip
+        return Pairs(
+            [images[i].stem for i in order],
+            [images[i] for i in order],
+            [labels[i] for i in order],
+            [],
+            list_file,
+            "mib",
+        )
     devkit = _first_dir([root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"], "JPEGImages")
     if devkit is None:
-        raise _root_error(root, "Pascal VOC", "PascalVOC12/{JPEGImages,SegmentationClassAug,splits} "
-                          "or VOCdevkit/VOC2012/{JPEGImages,SegmentationClassAug,ImageSets}")  # fmt: skip
+        raise _root_error(
+            root,
+            "Pascal VOC",
+            "PascalVOC12/{JPEGImages,SegmentationClassAug,splits} "
+            "or VOCdevkit/VOC2012/{JPEGImages,SegmentationClassAug,ImageSets}",
+        )
     label_dir = devkit / "SegmentationClassAug"
     if not label_dir.is_dir():
         label_dir = devkit / "SegmentationClass"
@@ -106,8 +116,14 @@ def voc_pairs(root: str | Path, split: str) -> Pairs:
     )
     ids = list_file.read_text().split() if list_file else list(standard_voc_list(list_name))
     ids = sorted(ids)
-    return Pairs(ids, [devkit / "JPEGImages" / f"{i}.jpg" for i in ids],
-                 [label_dir / f"{i}.png" for i in ids], [], list_file, "vocdevkit")  # fmt: skip
+    return Pairs(
+        ids,
+        [devkit / "JPEGImages" / f"{i}.jpg" for i in ids],
+        [label_dir / f"{i}.png" for i in ids],
+        [],
+        list_file,
+        "vocdevkit",
+    )
 
 
 def ade_pairs(root: str | Path, split: str) -> Pairs:

@@ -44,19 +44,26 @@ class Archive:
 
 ARCHIVES: dict[str, tuple[Archive, ...]] = {
     "voc": (
-        Archive("VOCtrainval_11-May-2012.tar",
-                "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
-                "VOCdevkit/VOC2012/JPEGImages", md5="6cd6e144f989b92b3379bac3b3de84fd"),
-        Archive("SegmentationClassAug.zip",
-                "https://www.dropbox.com/s/oeu149j8qtbs1x0/SegmentationClassAug.zip?dl=1",
-                "VOCdevkit/VOC2012/SegmentationClassAug"),
+        Archive(
+            "VOCtrainval_11-May-2012.tar",
+            "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
+            "VOCdevkit/VOC2012/JPEGImages",
+            md5="6cd6e144f989b92b3379bac3b3de84fd",
+        ),
+        Archive(
+            "SegmentationClassAug.zip",
+            "https://www.dropbox.com/s/oeu149j8qtbs1x0/SegmentationClassAug.zip?dl=1",
+            "VOCdevkit/VOC2012/SegmentationClassAug",
+        ),
     ),
     "ade": (
-        Archive("ADEChallengeData2016.zip",
-                "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip",
-                "ADEChallengeData2016/annotations"),
+        Archive(
+            "ADEChallengeData2016.zip",
+            "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip",
+            "ADEChallengeData2016/annotations",
+        ),
     ),
-}  # fmt: skip
+}
 
 
 def download(archive: Archive, dest: Path, *, progress: bool) -> None:
@@ -154,8 +161,13 @@ def _arrange_voc(root: Path) -> None:
             log.info(f"wrote {target} (standard list)")
 
 
-def prepare(family: str, root: str | Path, *, progress: bool = True,
-            archives: tuple[Archive, ...] | None = None) -> None:  # fmt: skip
+def prepare(
+    family: str,
+    root: str | Path,
+    *,
+    progress: bool = True,
+    archives: tuple[Archive, ...] | None = None,
+) -> None:
     """Download (or reuse), verify, extract and arrange every archive of ``family`` under ``root``."""
     root = Path(root)
     try:

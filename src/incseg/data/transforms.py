@@ -1,4 +1,4 @@
-"""Paired image / label transforms (torchvision.transforms.v2), SPEC section 7.
+"""Paired image / label transforms (torchvision.transforms.v2), docs/protocol.md "Resampling".
 
 Images are ``tv_tensors.Image`` uint8 ``(3, H, W)``; labels ``tv_tensors.Mask`` uint8 ``(H, W)``.
 Resizing reproduces, pixel for pixel, what the official MiB and PLOP code do to PIL images (the two

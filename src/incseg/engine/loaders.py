@@ -1,4 +1,5 @@
-"""The data loaders of a step: which images, which labels, which batches (SPEC sections 3-4)."""
+"""The data loaders of a step: which images, which labels, which batches (docs/protocol.md,
+"Image selection" and "Label remapping")."""
 
 from __future__ import annotations
 
@@ -48,8 +49,10 @@ def train_indices(
     listed = official_split(config.data.dataset, setting, proto.mode)[info.step]
     indices, absent = select_listed(source.names, listed)
     if absent:
-        log.info(f"note: step {info.step}: {absent} of the {len(listed)} images of the official list "
-                 f"are not in {config.data.root}")  # fmt: skip
+        log.info(
+            f"note: step {info.step}: {absent} of the {len(listed)} images of the official list "
+            f"are not in {config.data.root}"
+        )
     return indices
 
 
@@ -65,8 +68,10 @@ def build_train_loader(
     data, cfg, proto = config.data, config.train, config.protocol
     indices = _selected(train_indices(config, source, presence, info), "training", config, info)
     if len(indices) < dist.world_size:
-        raise DataError(f"step {info.step} has {len(indices)} training images, fewer than the "
-                        f"{dist.world_size} processes")  # fmt: skip
+        raise DataError(
+            f"step {info.step} has {len(indices)} training images, fewer than the "
+            f"{dist.world_size} processes"
+        )
     # Batch norm in training needs two or more values per channel, and the ASPP pooling branch
     # has one per image: over the global batch with synchronised BN, else per process.
     batch = min(cfg.batch_size, len(indices))
@@ -78,25 +83,36 @@ def build_train_loader(
             "needs 2 or more (use more images or a larger batch)"
         )
     dataset = StepDataset(
-        source, indices, make_lut(info, "train", proto.labels),
+        source,
+        indices,
+        make_lut(info, "train", proto.labels),
         train_transform(data.crop_size, (data.scale_min, data.scale_max)),
-    )  # fmt: skip
-    sampler = EpochBatchSampler(len(dataset), cfg.batch_size, step_seed(cfg.seed, info.step),
-                                dist.rank, dist.world_size)  # fmt: skip
+    )
+    sampler = EpochBatchSampler(
+        len(dataset), cfg.batch_size, step_seed(cfg.seed, info.step), dist.rank, dist.world_size
+    )
     # The generator only seeds the workers (transforms are seeded per image); having one keeps
     # starting an epoch from drawing on the global RNG.
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=data.num_workers,
-                      generator=torch.Generator().manual_seed(0))  # fmt: skip
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=data.num_workers,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 def build_test_loader(
-    config: Config, source: Source, presence: np.ndarray, info: StepInfo, split: str = "test",
+    config: Config,
+    source: Source,
+    presence: np.ndarray,
+    info: StepInfo,
+    split: str = "test",
     dist: DistInfo = SINGLE,
-) -> DataLoader:  # fmt: skip
+) -> DataLoader:
     """Test loader of a step: images with a seen class, labels in the step's test convention.
 
     ``split="val"`` gives MiB's validation during training instead: test-split images with a
-    class of the current step, old classes mapped to 255 (SPEC section 4). Under ``torchrun``
+    class of the current step, old classes mapped to 255 (docs/protocol.md, "Label remapping"). Under ``torchrun``
     the loader holds this rank's shard (every N-th image, none repeated); ``evaluate`` sums the
     ranks' matrices.
     """
@@ -115,37 +131,43 @@ def build_test_loader(
     batch = config.train.eval_batch_size if same_size else 1
     # An own generator: starting this loader must not draw from the global RNG that drives the
     # training augmentations, so validating leaves training unchanged.
-    return DataLoader(dataset, batch_size=batch, num_workers=config.data.num_workers,
-                      sampler=shard_indices(len(dataset), dist.rank, dist.world_size),
-                      generator=torch.Generator().manual_seed(0))  # fmt: skip
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        num_workers=config.data.num_workers,
+        sampler=shard_indices(len(dataset), dist.rank, dist.world_size),
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 @dataclass(frozen=True)
 class Sources:
     """The train and test images of a run and their packed class-presence indexes, built (or read
-    from the cache) once; every step selects from them."""
+    from the cache) once; every step's loaders select from them, for ``config`` in process
+    ``dist``."""
 
+    config: Config
+    dist: DistInfo
     train: Source
     test: Source
     train_presence: np.ndarray
     test_presence: np.ndarray
 
     @classmethod
-    def load(cls, config: Config, dist: DistInfo, *, progress: bool = False) -> Sources:
+    def load(cls, config: Config, dist: DistInfo = SINGLE, *, progress: bool = False) -> Sources:
         """Data problems surface here, before anything is written. Rank 0 builds the class index
         (and its cache) first; the other ranks then read the cache."""
         if not dist.is_main:
             barrier(dist)
-        train, test = (build_source(config.data, "train", progress=progress),
-                       build_source(config.data, "test", progress=progress))  # fmt: skip
+        train = build_source(config.data, "train", progress=progress)
+        test = build_source(config.data, "test", progress=progress)
         if dist.is_main:
             barrier(dist)
-        return cls(train, test, pack_presence(train.presence()), pack_presence(test.presence()))
+        presence = pack_presence(train.presence()), pack_presence(test.presence())
+        return cls(config, dist, train, test, *presence)
 
-    def train_loader(self, config: Config, info: StepInfo, dist: DistInfo) -> DataLoader:
-        return build_train_loader(config, self.train, self.train_presence, info, dist)
+    def train_loader(self, info: StepInfo) -> DataLoader:
+        return build_train_loader(self.config, self.train, self.train_presence, info, self.dist)
 
-    def test_loader(
-        self, config: Config, info: StepInfo, dist: DistInfo, split: str = "test"
-    ) -> DataLoader:
-        return build_test_loader(config, self.test, self.test_presence, info, split, dist)
+    def test_loader(self, info: StepInfo, split: str = "test") -> DataLoader:
+        return build_test_loader(self.config, self.test, self.test_presence, info, split, self.dist)

@@ -98,8 +98,10 @@ class RunDir:
         saved = self.saved_config()
         diffs = config_diff(saved, config.to_dict()) if saved is not None else []
         if diffs:
-            raise ConfigError(f"cannot {action} {self.path}: it holds a run made with a different config "
-                              f"({'; '.join(diffs)})")  # fmt: skip
+            raise ConfigError(
+                f"cannot {action} {self.path}: it holds a run made with a different config "
+                f"({'; '.join(diffs)})"
+            )
 
     def finished(self, config: Config, last_step: int) -> list[dict[str, Any]]:
         """The metrics entries of the finished steps ``0..n-1`` (n <= last_step + 1), for a resume.

@@ -47,8 +47,10 @@ def tensorboard_available() -> bool:
 def check_tensorboard(mode: str) -> None:
     """``train.tensorboard: on`` without the package is a config error that says how to install it."""
     if mode == "on" and not tensorboard_available():
-        raise ConfigError("train.tensorboard: 'on' needs the tensorboard package "
-                          "(pip install tensorboard, or pip install 'incseg[tensorboard]')")  # fmt: skip
+        raise ConfigError(
+            "train.tensorboard: 'on' needs the tensorboard package "
+            "(pip install tensorboard, or pip install 'incseg[tensorboard]')"
+        )
 
 
 def open_scalars(mode: str, log_dir: Path, is_main: bool) -> Scalars:

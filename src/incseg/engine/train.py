@@ -1,18 +1,18 @@
-"""One epoch of training, the pass of the old model before a step (`scan_step`), and the optimisation
-state of a step."""
+"""What a step trains with (:class:`Step`, :class:`Optimisation`) and how: one epoch
+(:func:`train_one_epoch`) and the pass of the old model before training (:func:`scan_old_model`)."""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from incseg.config import Config
+from incseg.config import TrainConfig
 from incseg.engine.distributed import all_reduce_mean, all_reduce_sum
 from incseg.engine.faults import fault_point
 from incseg.engine.runtime import Runtime
@@ -45,24 +45,28 @@ class Optimisation:
 
     @classmethod
     def for_step(
-        cls, model: nn.Module, config: Config, info: StepInfo, iterations: int, rt: Runtime
+        cls, model: nn.Module, train: TrainConfig, step: int, iterations: int, rt: Runtime
     ) -> Optimisation:
         """``iterations``: of the whole step (epochs x batches per epoch)."""
-        cfg = config.train
         optimizer = torch.optim.SGD(
-            model.parameters(), lr=cfg.lr_at(info.step), momentum=cfg.momentum,
-            nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay,
-        )  # fmt: skip
+            model.parameters(),
+            lr=train.lr_at(step),
+            momentum=train.momentum,
+            nesterov=train.nesterov and train.momentum > 0,
+            weight_decay=train.weight_decay,
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, poly_lr_lambda(iterations, cfg.lr_power)
+            optimizer, poly_lr_lambda(iterations, train.lr_power)
         )
-        return cls(
-            optimizer, scheduler, torch.amp.GradScaler(rt.device.type, enabled=cfg.amp == "fp16")
-        )
+        fp16 = rt.amp_dtype == torch.float16
+        return cls(optimizer, scheduler, torch.amp.GradScaler(rt.device.type, enabled=fp16))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict()}  # fmt: skip
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -70,110 +74,142 @@ class Optimisation:
         self.scaler.load_state_dict(state["scaler"])
 
 
+@dataclass
+class Step:
+    """What lives for one step of a run: made by :meth:`incseg.engine.run.Run.start`, trained
+    epoch by epoch, closed by :meth:`~incseg.engine.run.Run.finish`.
+
+    Attributes:
+        info: the step (classes, channels).
+        loader: its training batches (``(images, targets)``; a ``DataLoader`` whose
+            ``batch_sampler`` has ``set_epoch``, or any iterable of batches in tests).
+        model: the model being trained (the hooks always see this bare module).
+        old_model: the frozen model of the previous step (None at step 0); it runs on every
+            batch only for a method that ``needs_old_model``.
+        opt: optimiser, LR schedule and loss scaler of the step.
+        epochs: epochs the step trains.
+        net: what runs the training forward pass when it is not ``model`` itself: its DDP and/or
+            ``torch.compile`` wrapper (None: ``model``).
+        history: the epoch means of the loss terms so far (restored on resume).
+    """
+
+    info: StepInfo
+    loader: Any
+    model: nn.Module
+    old_model: nn.Module | None
+    opt: Optimisation
+    epochs: int = 1
+    net: nn.Module | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
 def train_one_epoch(
-    model: nn.Module,
-    old_model: nn.Module | None,
+    step: Step,
     method: Method,
-    loader,
-    opt: Optimisation,
-    info: StepInfo,
     rt: Runtime,
-    *,
     epoch: int,
-    net: nn.Module | None = None,
+    *,
     log_interval: int = 10,
     scalars: Scalars | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` for one pass over ``loader``; return the mean of each loss term.
+    """Train ``step.model`` for one pass over ``step.loader``; return the mean of each loss term.
 
-    ``net`` is what runs the forward pass when it is not ``model`` itself: its DDP and/or
-    ``torch.compile`` wrapper (the method's hooks always see the bare ``model``). ``old_model``
-    (frozen, eval mode) runs under ``no_grad`` inside the same autocast as the student; it is only
-    given when the method needs it. Loss values are read back to the host only every
-    ``log_interval`` iterations, to avoid a device sync per batch; then ``scalars`` gets this
-    rank's terms, the total and the LR under ``step_K/train`` (the x axis counts iterations from
-    1 within the step). The returned epoch means are averaged over all ranks.
+    Loss values are read back to the host only every ``log_interval`` iterations, to avoid a
+    device sync per batch; then ``scalars`` gets this rank's terms, the total and the LR under
+    ``step_K/train`` (the x axis counts iterations from 1 within the step). The returned epoch
+    means are averaged over all ranks.
     """
-    net = model if net is None else net
-    model.train()
+    step.model.train()
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=rt.device))
-    bar = tqdm(
-        loader, desc=f"step {info.step} epoch {epoch + 1}", leave=False, disable=not rt.progress
-    )
+    desc = f"step {step.info.step} epoch {epoch + 1}"
+    bar = tqdm(step.loader, desc=desc, leave=False, disable=not rt.progress)
     for it, (images, targets) in enumerate(bar):
-        images = images.to(rt.device, non_blocking=True, memory_format=rt.memory_format)
-        targets = targets.to(rt.device, non_blocking=True)
-        # Free the previous iteration's gradients before the forwards, not after: kept alive, they
-        # (one copy of every parameter) add to the activation peak (docs/benchmarks.md). The
-        # official code also clears them before the student's forward (fcdl94/MiB train.py:98).
-        opt.optimizer.zero_grad(set_to_none=True)
-        with rt.autocast():
-            # The old model runs first, as in the official code (train.py:94-99): its transient
-            # activations then never coexist with the student's graph, only its outputs do.
-            old_output = None
-            if old_model is not None:
-                with torch.no_grad():
-                    old_output = old_model(images, features=method.features)
-            targets = method.relabel(old_output, targets, info)
-            output = net(images, features=method.features)
-            terms = method.losses(output, old_output, targets, info)
-            loss = sum(terms.values())
-        # What the losses need is saved in the graph; dropping these references lets backward
-        # free the full-resolution logits as soon as it has used them.
-        del output, old_output
-        opt.scaler.scale(loss).backward()
-        if method.needs_gradients:
-            opt.scaler.unscale_(opt.optimizer)  # importance estimates need the true gradients
-            method.after_backward(model)
-        opt.scaler.step(opt.optimizer)
-        opt.scaler.update()
-        if method.needs_gradients:
-            method.after_update(model)
-        opt.scheduler.step()
-        fault_point(f"iteration:{info.step}:{epoch}:{it + 1}")
+        loss, terms = train_batch(step, method, rt, images, targets)
+        fault_point(f"iteration:{step.info.step}:{epoch}:{it + 1}")
         for name, value in terms.items():
             sums[name] += value.detach().float()
-        if (it + 1) % log_interval == 0 or it + 1 == len(loader):
-            _check_and_log(
-                loss, terms, info, epoch, it, opt, bar, scalars, epoch * len(loader) + it + 1
-            )
+        if (it + 1) % log_interval == 0 or it + 1 == len(step.loader):
+            _check_and_log(loss, terms, step, (epoch, it, len(step.loader)), bar, scalars)
     # Epoch means over all ranks' batches (one reduction per epoch), as one process would log.
     names = sorted(sums)
     if not names:
         return {}
-    means = all_reduce_mean(torch.stack([sums[n] for n in names]) / max(len(loader), 1), rt.dist)
+    num_batches = max(len(step.loader), 1)
+    means = all_reduce_mean(torch.stack([sums[n] for n in names]) / num_batches, rt.dist)
     return {name: float(mean) for name, mean in zip(names, means, strict=True)}
 
 
-def _check_and_log(loss, terms, info, epoch, it, opt, bar, scalars, x) -> None:
-    """Read the loss back (a device sync): stop on a non-finite value, else show and log it."""
+def train_batch(
+    step: Step, method: Method, rt: Runtime, images: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One iteration: old model, relabel, student, losses, backward, optimizer and LR step.
+    Returns the total loss and its named terms (on the device, not read back)."""
+    images = images.to(rt.device, non_blocking=True, memory_format=rt.memory_format)
+    targets = targets.to(rt.device, non_blocking=True)
+    opt = step.opt
+    # Free the previous iteration's gradients before the forwards, not after: kept alive, they
+    # (one copy of every parameter) add to the activation peak (docs/benchmarks.md). The
+    # official code also clears them before the student's forward (fcdl94/MiB train.py:98).
+    opt.optimizer.zero_grad(set_to_none=True)
+    with rt.autocast():
+        # The old model runs first, as in the official code (train.py:94-99): its transient
+        # activations then never coexist with the student's graph, only its outputs do.
+        old_output = None
+        if step.old_model is not None and method.needs_old_model:
+            with torch.no_grad():
+                old_output = step.old_model(images, features=method.features)
+        targets = method.relabel(old_output, targets, step.info)
+        output = (step.net or step.model)(images, features=method.features)
+        terms = method.losses(output, old_output, targets, step.info)
+        loss = sum(terms.values())
+    # What the losses need is saved in the graph; dropping these references lets backward
+    # free the full-resolution logits as soon as it has used them.
+    del output, old_output
+    opt.scaler.scale(loss).backward()
+    if method.needs_gradients:
+        opt.scaler.unscale_(opt.optimizer)  # importance estimates need the true gradients
+        method.after_backward(step.model)
+    opt.scaler.step(opt.optimizer)
+    opt.scaler.update()
+    opt.scheduler.step()
+    return loss, terms
+
+
+def _check_and_log(loss, terms, step: Step, at: tuple[int, int, int], bar, scalars) -> None:
+    """Read the loss back (a device sync): stop on a non-finite value, else show and log it.
+    ``at``: (epoch, iteration) 0-based and the batches per epoch."""
     value = float(loss.detach())
     if not math.isfinite(value):
         detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
         raise NonFiniteLossError(
-            f"non-finite loss at step {info.step}, epoch {epoch + 1}, iteration {it + 1}: loss={value} ({detail})"
+            f"non-finite loss at step {step.info.step}, epoch {at[0] + 1}, iteration {at[1] + 1}: "
+            f"loss={value} ({detail})"
         )
-    lr = opt.scheduler.get_last_lr()[0]
+    lr = step.opt.scheduler.get_last_lr()[0]
     bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
     if scalars is not None and scalars.enabled:
         values = {name: float(v.detach()) for name, v in terms.items()}
-        scalars.add(f"step_{info.step}/train", {**values, "total": value, "lr": lr}, x)
+        x = at[0] * at[2] + at[1] + 1  # iterations from 1 within the step
+        scalars.add(f"step_{step.info.step}/train", {**values, "total": value, "lr": lr}, x)
 
 
 @torch.no_grad()
-def scan_step(old_model: nn.Module, method: Method, loader, info: StepInfo, rt: Runtime) -> None:
+def scan_old_model(step: Step, method: Method, rt: Runtime) -> None:
     """The pass before a step's training (``Method.scans_old_model``): the frozen old model over
     the step's training batches in epoch 0's order and augmentation; ``method.scan``'s statistics
     are summed over batches and then over processes (the total one process would get; PLOP and
     cssegmentation keep each process's own, ``train.py:505-589``), then ``method.end_scan``."""
-    loader.batch_sampler.set_epoch(0)
+    step.loader.batch_sampler.set_epoch(0)
     totals: dict[str, torch.Tensor] = {}
-    bar = tqdm(loader, desc=f"step {info.step} scan", leave=False, disable=not rt.progress)
+    bar = tqdm(
+        step.loader, desc=f"step {step.info.step} scan", leave=False, disable=not rt.progress
+    )
     for images, targets in bar:
         images = images.to(rt.device, non_blocking=True, memory_format=rt.memory_format)
         targets = targets.to(rt.device, non_blocking=True)
         with rt.autocast():
-            old_output = old_model(images, features=method.features)
-        for name, value in method.scan(old_output, targets, info).items():
+            old_output = step.old_model(images, features=method.features)
+        for name, value in method.scan(old_output, targets, step.info).items():
             totals[name] = totals[name] + value if name in totals else value.clone()
-    method.end_scan({name: all_reduce_sum(value, rt.dist) for name, value in totals.items()}, info)
+    totals = {name: all_reduce_sum(value, rt.dist) for name, value in totals.items()}
+    method.end_scan(totals, step.info)

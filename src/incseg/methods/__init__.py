@@ -1,24 +1,19 @@
-"""Methods, found by name. Add a method: write a :class:`~incseg.methods.base.Method` subclass and
-register its ``module:Class`` path in :data:`METHOD_PATHS`.
+"""Methods, found by name: the table :data:`METHOD_PATHS`, or the path of a method outside incseg.
 
-A method outside incseg needs no edit here: ``method.name`` may be the ``module:Class`` path of
-any importable class (``my_methods:ConfidentPseudo``), or a name that an installed package registers in
-the ``incseg.methods`` entry-point group (``[project.entry-points."incseg.methods"]`` in its
-``pyproject.toml``, ``confident = "my_methods:ConfidentPseudo"``). Both are validated like the built-in
-methods (``docs/methods.md``, "Writing a method").
-
-The table holds paths, not classes, so that checking a method *name* imports nothing; a method's
-class (and torch with it) is imported when its hyperparameters are checked or it is built.
+Add a built-in method: write a :class:`~incseg.methods.base.Method` subclass and add its
+``module:Class`` path to the table. A method outside incseg needs no edit here: ``method.name``
+may be the ``module:Class`` path of an importable class (``my_methods:ConfidentPseudo``), or a
+name that an installed package registers in the ``incseg.methods`` entry-point group
+(docs/methods.md, "Writing a method"). The table holds paths, not classes, so that checking a
+method *name* imports nothing; a class (and torch with it) is imported when it is asked for.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import typing
 from importlib import import_module
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from incseg.errors import ConfigError
 from incseg.models.choices import FEATURE_NAMES
@@ -47,15 +42,15 @@ def plugin_paths() -> dict[str, str]:
 
 
 def check_method_name(name: str) -> None:
-    """Cheap check of a ``method.name`` (imports nothing for ``module:Class`` paths, which
-    :func:`method_class` checks when it imports them)."""
+    """Cheap check of a ``method.name`` (a ``module:Class`` path is imported, and checked, by
+    :func:`method_class`)."""
     if not isinstance(name, str) or not (
         name in METHOD_PATHS or ":" in name or name in plugin_paths()
     ):
-        choices = [*METHOD_NAMES, *sorted(plugin_paths())]
         raise ConfigError(
-            f"method.name: unknown value {name!r}; valid choices: {choices}, or the module:Class "
-            "path of a Method subclass (e.g. my_methods:ConfidentPseudo)"
+            f"method.name: unknown value {name!r}; valid choices: "
+            f"{[*METHOD_NAMES, *sorted(plugin_paths())]}, or the module:Class path of a Method "
+            "subclass (e.g. my_methods:ConfidentPseudo)"
         )
 
 
@@ -65,18 +60,18 @@ def method_class(name: str) -> type[Method]:
 
     Raises:
         ConfigError: unknown name (the valid ones are listed), a module that does not import, a
-            missing attribute, or a class that is not a dataclass subclass of ``Method``.
+            missing attribute, a class that is not a dataclass subclass of ``Method``, or one
+            that asks for unknown features.
     """
     check_method_name(name)
     path = METHOD_PATHS.get(name) or plugin_paths().get(name) or name
     module_name, _, attr = path.partition(":")
     try:
-        module = import_module(module_name)
+        cls = getattr(import_module(module_name), attr, None)
     except ImportError as err:
         raise ConfigError(
             f"method.name: {name!r}: cannot import module {module_name!r} ({err})"
         ) from None
-    cls = getattr(module, attr, None)
     from incseg.methods.base import Method  # torch: only once a class is asked for
 
     if cls is None:
@@ -96,63 +91,12 @@ def method_class(name: str) -> type[Method]:
     return cls
 
 
-def describe_method(name: str) -> str:
-    """What ``incseg methods NAME`` prints: the class, its docstring, what it asks of the engine
-    and every hyperparameter (``method.KEY``) with its type, default and valid range."""
-    cls = method_class(name)
-    hints = typing.get_type_hints(cls)
-    lines = [f"{name}: {cls.__module__}:{cls.__qualname__}", ""]
-    lines += [f"  {line}".rstrip() for line in inspect.cleandoc(cls.__doc__ or "").splitlines()]
-    asks = [f"{attr}={getattr(cls, attr)!r}" for attr in
-            ("needs_old_model", "features", "scans_old_model", "needs_gradients", "plain_first_step")]  # fmt: skip
-    lines += [
-        "",
-        f"  engine: {', '.join(asks)}",
-        "",
-        "  hyperparameters (method.KEY: type = default):",
-    ]
-    fields = [f for f in dataclasses.fields(cls) if f.init]
-    for f in fields:
-        kind = getattr(hints[f.name], "__name__", str(hints[f.name]))
-        valid = cls.ranges.get(f.name)
-        where = f"  in {valid.describe()}" if valid is not None else ""
-        lines.append(f"    {f.name}: {kind} = {f.default!r}{where}")
-    if not fields:
-        lines.append("    (none)")
-    return "\n".join(lines)
-
-
-def build_method(name: str, params: dict[str, Any]) -> Method:
-    """Instantiate method ``name`` with hyperparameters ``params`` (already validated)."""
-    return method_class(name)(**params)
-
-
-_CLASSES = {path.split(":")[1]: path for path in METHOD_PATHS.values()} | {
-    "Method": "incseg.methods.base:Method"
-}
-__all__ = [
-    "EWC",
-    "ILT",
-    "METHODS",
-    "METHOD_NAMES",
-    "METHOD_PATHS",
-    "PI",
-    "PLOP",
-    "RW",
-    "FineTuning",
-    "LwF",
-    "LwFMC",
-    "Method",
-    "MiB",
-    "build_method",
-    "method_class",
-]  # fmt: skip
-
-
 def __getattr__(name: str):  # PEP 562: METHODS and the classes import on first use
     if name == "METHODS":
         return {key: method_class(key) for key in METHOD_NAMES}
-    if name in _CLASSES:
-        module, attr = _CLASSES[name].split(":")
+    classes = {path.split(":")[1]: path for path in METHOD_PATHS.values()}
+    classes["Method"] = "incseg.methods.base:Method"
+    if name in classes:
+        module, attr = classes[name].split(":")
         return getattr(import_module(module), attr)
     raise AttributeError(f"module 'incseg.methods' has no attribute {name!r}")

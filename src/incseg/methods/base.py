@@ -1,6 +1,6 @@
-"""The method interface: a small class with named hooks that return values (DESIGN.md).
+"""The method interface: a small class with named hooks that return values.
 
-Per step the engine calls, in this order:
+Per step the engine (:mod:`incseg.engine.run`) calls, in this order:
 
 1. (steps > 0) the classifier grows, then :meth:`Method.init_new_classifier`;
 2. :meth:`Method.begin_step`, which sees the step's starting weights;
@@ -10,22 +10,25 @@ Per step the engine calls, in this order:
 4. otherwise, with ``scans_old_model`` at steps > 0: one pass of the frozen old model over the
    step's training batches (epoch 0's order and augmentation, no gradients): :meth:`Method.scan`
    returns additive statistics of each batch, the engine sums them over batches and processes
-   and hands the totals to :meth:`Method.end_scan` (PLOP's entropy thresholds; class prototypes).
+   and hands the totals to :meth:`Method.end_scan` (PLOP's entropy thresholds).
    What ``end_scan`` keeps belongs in :meth:`Method.step_state_dict`, so a resumed step skips
    the pass and gets the same values;
 5. every iteration: the old model's outputs (steps > 0, ``needs_old_model``), then
    :meth:`Method.relabel` (what it returns is what :meth:`Method.losses` gets as ``targets``),
-   the student's forward, :meth:`Method.losses`, backward, :meth:`Method.after_backward`, the
-   optimizer step, :meth:`Method.after_update` (the last two only with ``needs_gradients``);
+   the student's forward, :meth:`Method.losses`, backward, :meth:`Method.after_backward` (only
+   with ``needs_gradients``), the optimizer step;
 6. :meth:`Method.end_step`, then evaluation; :meth:`Method.state_dict` is saved with the step.
 
+Every hook is implemented by at least one built-in method (docs/design.md lists which).
 Both models return the intermediate maps named in ``features``
-(:data:`incseg.models.segmenter.FEATURE_NAMES`) in ``output.features``; with none named the
+(:data:`incseg.models.choices.FEATURE_NAMES`) in ``output.features``; with none named the
 forward pass is the plain one.
 
 A resumed run restores the finished steps' method state with :meth:`Method.load_state_dict`
 before step 1 above. A method never touches the optimizer, the grad scaler, distributed wrappers
-or logging. Hyperparameters are dataclass fields, filled from the YAML ``method:`` section.
+or logging. Hyperparameters are dataclass fields, filled from the YAML ``method:`` section; a
+numeric one declares its valid values with :func:`incseg.ranges.ranged`, a choice is a
+``Literal``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ import torch
 from torch import nn
 
 from incseg.protocol.steps import StepInfo
-from incseg.ranges import Range
 
 if TYPE_CHECKING:  # annotations only: the model modules import torchvision
     from incseg.models.segmenter import SegmenterOutput
@@ -51,8 +53,8 @@ class Method:
     ``needs_old_model``: run the frozen previous-step model on every batch (steps > 0);
     ``features``: names of the intermediate maps both models return (``output.features``);
     ``scans_old_model``: before training a step > 0, run :meth:`scan` / :meth:`end_scan`;
-    ``needs_gradients``: call :meth:`after_backward` (unscaled gradients in ``.grad``) and
-    :meth:`after_update` (after the optimizer step) every iteration;
+    ``needs_gradients``: call :meth:`after_backward` (unscaled gradients in ``.grad``) every
+    iteration;
     ``plain_first_step``: step 0 is plain cross-entropy and leaves no method state, so methods
     that declare it train the very same step-0 model (``incseg compare`` trains it once).
     """
@@ -62,16 +64,11 @@ class Method:
     scans_old_model: ClassVar[bool] = False
     needs_gradients: ClassVar[bool] = False
     plain_first_step: ClassVar[bool] = False
-    # Valid values of each numeric hyperparameter (every one must have an entry; checked with the
-    # config, the error names ``method.KEY``).
-    ranges: ClassVar[dict[str, Range]] = {}
 
     def init_new_classifier(self, model: nn.Module, info: StepInfo) -> None:
         """Called once right after the step's classifier was added (steps > 0)."""
 
-    def begin_step(
-        self, info: StepInfo, model: nn.Module, old_model: nn.Module | None, loader: Any
-    ) -> None:
+    def begin_step(self, info: StepInfo, model: nn.Module) -> None:
         """Called before training a step, with the step's starting weights (also on resume)."""
 
     def scan(
@@ -125,10 +122,7 @@ class Method:
     def after_backward(self, model: nn.Module) -> None:
         """Every iteration, after backward and before the optimizer step (``needs_gradients``)."""
 
-    def after_update(self, model: nn.Module) -> None:
-        """Every iteration, after the optimizer step (``needs_gradients``)."""
-
-    def end_step(self, info: StepInfo, model: nn.Module, loader: Any) -> None:
+    def end_step(self, info: StepInfo, model: nn.Module) -> None:
         """Called after a step's training, before evaluation."""
 
     def state_dict(self) -> dict[str, Any]:

@@ -22,7 +22,10 @@ class FineTuning(Method):
     plain_first_step: ClassVar[bool] = True
 
     def losses(
-        self, output: SegmenterOutput, old_output: SegmenterOutput | None, targets: torch.Tensor,
+        self,
+        output: SegmenterOutput,
+        old_output: SegmenterOutput | None,
+        targets: torch.Tensor,
         info: StepInfo,
-    ) -> dict[str, torch.Tensor]:  # fmt: skip
+    ) -> dict[str, torch.Tensor]:
         return {"ce": cross_entropy(output.logits, targets)}

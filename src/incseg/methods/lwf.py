@@ -1,4 +1,4 @@
-"""Distillation baselines of the MiB paper's Table 1 (SPEC section 6): LwF, LwF-MC and ILT.
+"""Distillation baselines of the MiB paper's Table 1 (docs/methods.md): LwF, LwF-MC and ILT.
 
 - LwF: Li & Hoiem, "Learning without Forgetting", TPAMI 2017.
 - LwF-MC: the multi-class LwF of Rebuffi et al., "iCaRL", CVPR 2017 (binary losses, no exemplars).
@@ -20,10 +20,10 @@ from incseg.losses import (
     knowledge_distillation,
     one_hot_bce,
     sigmoid_distillation,
-)  # fmt: skip
+)
 from incseg.methods.base import Method
 from incseg.protocol.steps import StepInfo
-from incseg.ranges import ALPHA, LOSS_WEIGHT, Range
+from incseg.ranges import ALPHA, LOSS_WEIGHT, ranged
 
 if TYPE_CHECKING:  # annotations only: the model modules import torchvision
     from incseg.models.segmenter import SegmenterOutput
@@ -36,15 +36,16 @@ class LwF(Method):
     needs_old_model: ClassVar[bool] = True
     plain_first_step: ClassVar[bool] = True
 
-    ranges: ClassVar[dict[str, Range]] = {"kd_weight": LOSS_WEIGHT, "alpha": ALPHA}
-
-    kd_weight: float = 100.0
-    alpha: float = 1.0
+    kd_weight: float = ranged(100.0, LOSS_WEIGHT)
+    alpha: float = ranged(1.0, ALPHA)
 
     def losses(
-        self, output: SegmenterOutput, old_output: SegmenterOutput | None, targets: torch.Tensor,
+        self,
+        output: SegmenterOutput,
+        old_output: SegmenterOutput | None,
+        targets: torch.Tensor,
         info: StepInfo,
-    ) -> dict[str, torch.Tensor]:  # fmt: skip
+    ) -> dict[str, torch.Tensor]:
         terms = {"ce": cross_entropy(output.logits, targets)}
         if info.step > 0 and self.kd_weight > 0:
             kd = knowledge_distillation(output.logits, old_output.logits, self.alpha)
@@ -58,14 +59,15 @@ class LwFMC(Method):
 
     needs_old_model: ClassVar[bool] = True
 
-    ranges: ClassVar[dict[str, Range]] = {"kd_weight": LOSS_WEIGHT}
-
-    kd_weight: float = 10.0
+    kd_weight: float = ranged(10.0, LOSS_WEIGHT)
 
     def losses(
-        self, output: SegmenterOutput, old_output: SegmenterOutput | None, targets: torch.Tensor,
+        self,
+        output: SegmenterOutput,
+        old_output: SegmenterOutput | None,
+        targets: torch.Tensor,
         info: StepInfo,
-    ) -> dict[str, torch.Tensor]:  # fmt: skip
+    ) -> dict[str, torch.Tensor]:
         terms = {"bce": one_hot_bce(output.logits, targets)}
         if info.step > 0 and self.kd_weight > 0:
             terms["kd"] = self.kd_weight * sigmoid_distillation(output.logits, old_output.logits)
@@ -73,33 +75,22 @@ class LwFMC(Method):
 
 
 @dataclass
-class ILT(Method):
+class ILT(LwF):
     """LwF's output distillation + ``feature_weight`` x MSE between old and new encoder features."""
 
-    needs_old_model: ClassVar[bool] = True
     features: ClassVar[tuple[str, ...]] = ("body",)
-    plain_first_step: ClassVar[bool] = True
 
-    ranges: ClassVar[dict[str, Range]] = {
-        "kd_weight": LOSS_WEIGHT,
-        "feature_weight": LOSS_WEIGHT,
-        "alpha": ALPHA,
-    }
-
-    kd_weight: float = 100.0
-    feature_weight: float = 100.0
-    alpha: float = 1.0
+    feature_weight: float = ranged(100.0, LOSS_WEIGHT)
 
     def losses(
-        self, output: SegmenterOutput, old_output: SegmenterOutput | None, targets: torch.Tensor,
+        self,
+        output: SegmenterOutput,
+        old_output: SegmenterOutput | None,
+        targets: torch.Tensor,
         info: StepInfo,
-    ) -> dict[str, torch.Tensor]:  # fmt: skip
-        terms = {"ce": cross_entropy(output.logits, targets)}
-        if info.step > 0:
-            if self.kd_weight > 0:
-                kd = knowledge_distillation(output.logits, old_output.logits, self.alpha)
-                terms["kd"] = self.kd_weight * kd
-            if self.feature_weight > 0:
-                mse = feature_distillation(output.features["body"], old_output.features["body"])
-                terms["feature"] = self.feature_weight * mse
+    ) -> dict[str, torch.Tensor]:
+        terms = super().losses(output, old_output, targets, info)
+        if info.step > 0 and self.feature_weight > 0:
+            mse = feature_distillation(output.features["body"], old_output.features["body"])
+            terms["feature"] = self.feature_weight * mse
         return terms

@@ -1,24 +1,23 @@
-"""MiB: Modeling the Background (Cermelli et al., CVPR 2020), SPEC section 5."""
+"""MiB: Modeling the Background (Cermelli et al., CVPR 2020); docs/methods.md, ``mib``."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from incseg.errors import ConfigError
 from incseg.losses import cross_entropy, unbiased_cross_entropy, unbiased_knowledge_distillation
 from incseg.methods.base import Method
 from incseg.protocol.steps import StepInfo
-from incseg.ranges import ALPHA, LOSS_WEIGHT, Range
+from incseg.ranges import ALPHA, LOSS_WEIGHT, ranged
 
 if TYPE_CHECKING:  # annotations only: the model modules import torchvision
     from incseg.models.segmenter import SegmenterOutput
 
-INITS = ("balanced", "random")
+Init = Literal["balanced", "random"]  # new classifiers: MiB's init, or left random
 
 
 def balanced_init(model: nn.Module) -> None:
@@ -52,19 +51,11 @@ class MiB(Method):
     needs_old_model: ClassVar[bool] = True
     plain_first_step: ClassVar[bool] = True
 
-    ranges: ClassVar[dict[str, Range]] = {"kd_weight": LOSS_WEIGHT, "alpha": ALPHA}
-
-    kd_weight: float = 10.0
-    alpha: float = 1.0
+    kd_weight: float = ranged(10.0, LOSS_WEIGHT)
+    alpha: float = ranged(1.0, ALPHA)
     unce: bool = True
     unkd: bool = True
-    init: str = "balanced"
-
-    def __post_init__(self) -> None:
-        if self.init not in INITS:
-            raise ConfigError(
-                f"method.init: unknown value {self.init!r}; valid choices: {list(INITS)}"
-            )
+    init: Init = "balanced"
 
     def init_new_classifier(self, model: nn.Module, info: StepInfo) -> None:
         if self.init == "balanced" and info.step > 0:

@@ -22,23 +22,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, get_args
 
 import torch
 from torch import nn
 
-from incseg.errors import ConfigError
 from incseg.losses import local_pod, pixel_mean_cross_entropy
 from incseg.methods.base import Method
-from incseg.methods.mib import INITS, balanced_init
+from incseg.methods.mib import Init, balanced_init
 from incseg.protocol.choices import IGNORE_INDEX
 from incseg.protocol.steps import StepInfo
-from incseg.ranges import LOSS_WEIGHT, Range
+from incseg.ranges import LOSS_WEIGHT, Range, ranged
 
 if TYPE_CHECKING:  # annotations only: the model modules import torchvision
     from incseg.models.segmenter import SegmenterOutput
 
-MEDIANS = ("published", "corrected")
+Median = Literal["published", "corrected"]
 # The distilled maps, in PLOP's order: 4 stages, the head's output, the logits (``--pod_logits``).
 POD_MAPS = ("stage1", "stage2", "stage3", "stage4", "head", "logits_small")
 
@@ -104,8 +103,8 @@ def median_thresholds(
     Returns:
         ``(C,)`` float32 thresholds, on the histogram's device.
     """
-    if rule not in MEDIANS:
-        raise ConfigError(f"method.median: unknown value {rule!r}; valid choices: {list(MEDIANS)}")
+    if rule not in get_args(Median):
+        raise ValueError(f"median rule {rule!r}; expected one of {get_args(Median)}")
     counts = histogram.detach().cpu().long()
     bins = counts.shape[1]
     thresholds = torch.zeros(counts.shape[0], dtype=torch.float32)
@@ -197,38 +196,24 @@ class PLOP(Method):
     scans_old_model: ClassVar[bool] = True
     features: ClassVar[tuple[str, ...]] = POD_MAPS
 
-    ranges: ClassVar[dict[str, Range]] = {
-        "pod_factor": LOSS_WEIGHT,
-        "pod_logits_factor": LOSS_WEIGHT,
-        "threshold": Range(0, 1, "normalised entropies lie in [0, 1]; PLOP uses 0.001"),
-        "bins": Range(1, 100_000, "histogram bins over [0, 1]; PLOP uses 100"),
-    }
-
-    pod_factor: float = 0.01
-    pod_logits_factor: float = 0.0005
+    pod_factor: float = ranged(0.01, LOSS_WEIGHT)
+    pod_logits_factor: float = ranged(0.0005, LOSS_WEIGHT)
     pod_schedule: bool = True
     pseudo: bool = True
-    threshold: float = 0.001
-    bins: int = 100
-    median: str = "published"
+    threshold: float = ranged(
+        0.001, Range(0, 1, "normalised entropies lie in [0, 1]; PLOP uses 0.001")
+    )
+    bins: int = ranged(100, Range(1, 100_000, "histogram bins over [0, 1]; PLOP uses 100"))
+    median: Median = "published"
     adaptive_factor: bool = True
-    init: str = "balanced"
+    init: Init = "balanced"
     thresholds: torch.Tensor | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        for key, value, valid in (("median", self.median, MEDIANS), ("init", self.init, INITS)):
-            if value not in valid:
-                raise ConfigError(
-                    f"method.{key}: unknown value {value!r}; valid choices: {list(valid)}"
-                )
 
     def init_new_classifier(self, model: nn.Module, info: StepInfo) -> None:
         if self.init == "balanced":
             balanced_init(model)
 
-    def begin_step(
-        self, info: StepInfo, model: nn.Module, old_model: nn.Module | None, loader: Any
-    ) -> None:
+    def begin_step(self, info: StepInfo, model: nn.Module) -> None:
         self.thresholds = None  # each step computes its own
 
     def scan(
@@ -258,9 +243,12 @@ class PLOP(Method):
         return PseudoLabels(labels, factor if self.adaptive_factor else 1.0)
 
     def losses(
-        self, output: SegmenterOutput, old_output: SegmenterOutput | None, targets: PseudoLabels,
+        self,
+        output: SegmenterOutput,
+        old_output: SegmenterOutput | None,
+        targets: PseudoLabels,
         info: StepInfo,
-    ) -> dict[str, torch.Tensor]:  # fmt: skip
+    ) -> dict[str, torch.Tensor]:
         terms = {"ce": pixel_mean_cross_entropy(output.logits, targets.labels, targets.weights)}
         if info.step > 0 and (self.pod_factor > 0 or self.pod_logits_factor > 0):
             factors = [self.pod_factor] * (len(POD_MAPS) - 1) + [self.pod_logits_factor]

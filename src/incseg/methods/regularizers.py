@@ -1,4 +1,4 @@
-"""Parameter-importance baselines of the MiB paper's Table 1 (SPEC section 6): EWC, PI and RW,
+"""Parameter-importance baselines of the MiB paper's Table 1 (docs/methods.md, "Baselines"): EWC, PI and RW,
 exactly as the official MiB code computes them (fcdl94/MiB ``utils/regularizer.py``, called from
 ``train.py:124-139``).
 
@@ -49,7 +49,7 @@ from torch import nn
 from incseg.losses import cross_entropy
 from incseg.methods.base import Method
 from incseg.protocol.steps import StepInfo
-from incseg.ranges import LOSS_WEIGHT, Range
+from incseg.ranges import LOSS_WEIGHT, Range, ranged
 
 if TYPE_CHECKING:  # annotations only: the model modules import torchvision
     from incseg.models.segmenter import SegmenterOutput
@@ -89,9 +89,7 @@ class _Importance(Method):
     the raw importance (:meth:`update` every iteration, :meth:`finish_estimate` per step)."""
 
     needs_gradients: ClassVar[bool] = True
-    ranges: ClassVar[dict[str, Range]] = {"weight": LOSS_WEIGHT}
-
-    weight: float = 500.0
+    weight: float = ranged(500.0, LOSS_WEIGHT)
     _state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
     _names: list[str] = field(default_factory=list, init=False, repr=False)
     _params: Tensors = field(default_factory=list, init=False, repr=False)
@@ -115,9 +113,7 @@ class _Importance(Method):
                 stored[name] = torch.full_like(p, fill).detach()
         return [stored[name] for name in self._names]
 
-    def begin_step(
-        self, info: StepInfo, model: nn.Module, old_model: nn.Module | None, loader
-    ) -> None:
+    def begin_step(self, info: StepInfo, model: nn.Module) -> None:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._names, self._params = [n for n, _ in named], [p for _, p in named]
         self._data = [p.detach() for p in self._params]  # views: they follow optimizer updates
@@ -133,9 +129,12 @@ class _Importance(Method):
         self.start_estimate()
 
     def losses(
-        self, output: SegmenterOutput, old_output: SegmenterOutput | None, targets: torch.Tensor,
+        self,
+        output: SegmenterOutput,
+        old_output: SegmenterOutput | None,
+        targets: torch.Tensor,
         info: StepInfo,
-    ) -> dict[str, torch.Tensor]:  # fmt: skip
+    ) -> dict[str, torch.Tensor]:
         terms = {"ce": cross_entropy(output.logits, targets)}
         if self._penalised is not None and self.weight > 0:
             shared, anchors, importance = self._penalised
@@ -158,7 +157,7 @@ class _Importance(Method):
             data = [p.detach() for p in params]
             add_penalty_gradient([p.grad for p in params], data, anchors, importance, self.weight)
 
-    def end_step(self, info: StepInfo, model: nn.Module, loader) -> None:
+    def end_step(self, info: StepInfo, model: nn.Module) -> None:
         self._state["importance"] = dict(zip(self._names, self.finish_estimate(), strict=True))
         self._state["anchor"] = {
             n: p.detach().clone() for n, p in zip(self._names, self._params, strict=True)
@@ -184,13 +183,10 @@ class _Importance(Method):
 class EWC(_Importance):
     """Elastic weight consolidation with the official running Fisher (weight 500, alpha 0.9)."""
 
-    ranges: ClassVar[dict[str, Range]] = {
-        **_Importance.ranges,
-        "alpha": Range(0, 1, "weight of the newest squared gradient in the running Fisher"),
-    }
-
-    weight: float = 500.0
-    alpha: float = 0.9
+    weight: float = ranged(500.0, LOSS_WEIGHT)
+    alpha: float = ranged(
+        0.9, Range(0, 1, "weight of the newest squared gradient in the running Fisher")
+    )
 
     def start_estimate(self) -> None:
         self._fisher = self._buffer("fisher", fill=1.0)  # regularizer.py:92-94: new entries are 1
@@ -213,15 +209,11 @@ class EWC(_Importance):
 class PI(_Importance):
     """Path integral (synaptic intelligence), weight 500, damping 1e-20 (``regularizer.py:187``)."""
 
-    ranges: ClassVar[dict[str, Range]] = {
-        **_Importance.ranges,
-        "damping": Range(
-            0, 1, "added to the squared parameter change; 0 divides by zero", low_open=True
-        ),
-    }
-
-    weight: float = 500.0
-    damping: float = 1e-20
+    weight: float = ranged(500.0, LOSS_WEIGHT)
+    damping: float = ranged(
+        1e-20,
+        Range(0, 1, "added to the squared parameter change; 0 divides by zero", low_open=True),
+    )
 
     def start_estimate(self) -> None:
         self._path = self._copy(self._data)
@@ -254,13 +246,8 @@ class PI(_Importance):
 class RW(EWC):
     """Riemannian Walk: EWC's Fisher plus a score updated every ``interval`` iterations (weight 100)."""
 
-    ranges: ClassVar[dict[str, Range]] = {
-        **EWC.ranges,
-        "interval": Range(1, 1_000_000, "iterations between score updates"),
-    }
-
-    weight: float = 100.0
-    interval: int = 10
+    weight: float = ranged(100.0, LOSS_WEIGHT)
+    interval: int = ranged(10, Range(1, 1_000_000, "iterations between score updates"))
 
     def start_estimate(self) -> None:
         super().start_estimate()
@@ -284,8 +271,12 @@ class RW(EWC):
         super().update(grads)  # the Fisher after the score, as regularizer.py:276-279
 
     def step_state_dict(self) -> dict[str, Any]:
-        return {**super().step_state_dict(), "score": list(self._score), "last": self._last,
-                "iteration": self._iteration}  # fmt: skip
+        return {
+            **super().step_state_dict(),
+            "score": list(self._score),
+            "last": self._last,
+            "iteration": self._iteration,
+        }
 
     def load_step_state_dict(self, state: dict[str, Any]) -> None:
         super().load_step_state_dict(state)

@@ -6,9 +6,12 @@ Names are imported on first use (PEP 562): ``incseg.models.choices`` stays free 
 from importlib import import_module
 
 _WHERE = {
-    "BACKBONES": "backbones", "build_backbone": "backbones",
-    "IncrementalSegmenter": "segmenter", "SegmenterOutput": "segmenter", "build_segmenter": "segmenter",
-}  # fmt: skip
+    "BACKBONES": "backbones",
+    "build_backbone": "backbones",
+    "IncrementalSegmenter": "segmenter",
+    "SegmenterOutput": "segmenter",
+    "build_segmenter": "segmenter",
+}
 __all__ = [
     "BACKBONES",
     "IncrementalSegmenter",

@@ -1,12 +1,21 @@
 """Names a model config is checked against (no torch import here, so that reading a config stays
-light). The builders in :mod:`incseg.models.backbones` and :mod:`incseg.models.norm` match them."""
+light). The builders in :mod:`incseg.models.backbones` and :mod:`incseg.models.norm` match them.
+Each ``Literal`` is the type of its config field; the tuple beside it lists the same values."""
 
-BACKBONE_NAMES = ("tiny", "resnet50", "resnet101")
-OUTPUT_STRIDES = (8, 16)
+from typing import Literal, get_args
+
+Backbone = Literal["resnet101", "resnet50", "tiny"]
+OutputStride = Literal[8, 16]
 # none: random init; imagenet: torchvision's ImageNet weights; iabn: In-Place ABN's ImageNet
 # ResNet-101, the MiB paper's (loaded into the built model by the engine, models/official.py).
-PRETRAINED = ("none", "imagenet", "iabn")
-NORMS = ("bn", "iabn")  # BatchNorm + ReLU; BatchNorm + LeakyReLU(0.01), In-Place ABN's function
+Pretrained = Literal["none", "imagenet", "iabn"]
+# bn: BatchNorm + ReLU; iabn: BatchNorm + LeakyReLU(0.01), In-Place ABN's function
+Norm = Literal["bn", "iabn"]
+
+BACKBONE_NAMES: tuple[str, ...] = get_args(Backbone)
+OUTPUT_STRIDES: tuple[int, ...] = get_args(OutputStride)
+PRETRAINED: tuple[str, ...] = get_args(Pretrained)
+NORMS: tuple[str, ...] = get_args(Norm)
 # Intermediate maps a method can ask for (``Method.features``), by name:
 # ``stage1``..``stage4``: each ResNet stage's last block before its final activation (PLOP's
 #   "attentions"), at output strides 4, 8, 16, 16 (OS16) with 256..2048 channels;

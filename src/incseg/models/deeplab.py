@@ -1,4 +1,4 @@
-"""DeepLabV3 ASPP head as used by MiB (SPEC section 7).
+"""DeepLabV3 ASPP head as used by MiB (docs/protocol.md, "Model").
 
 Four parallel branches without bias (1x1, and 3x3 with dilations ``rates``), concatenated, then
 norm+act and a 1x1 reduction. A global pooling branch (mean, 1x1, norm+act, 1x1) is *added* to the

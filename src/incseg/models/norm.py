@@ -1,7 +1,7 @@
 """Normalisation + activation pairs.
 
 ``iabn`` is the functional equivalent of In-Place ABN with leaky ReLU (slope 0.01) used by the MiB
-paper: a BatchNorm followed by LeakyReLU(0.01), without the in-place memory trick (SPEC section 7).
+paper: a BatchNorm followed by LeakyReLU(0.01), without the in-place memory trick (docs/protocol.md, "Model").
 """
 
 from __future__ import annotations

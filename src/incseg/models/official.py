@@ -1,6 +1,6 @@
 """Weights of the official MiB code and of In-Place ABN's ImageNet ResNet-101, mapped by name.
 
-Official names (SPEC section 7; a ``module.`` prefix from DataParallel is accepted everywhere):
+Official names (docs/protocol.md, "Model"; a ``module.`` prefix from DataParallel is accepted everywhere):
 
 ==========================================  =====================================
 official                                    incseg
@@ -132,8 +132,11 @@ def convert_official(
 
 def load_iabn_imagenet(model: nn.Module, path: str) -> None:
     """Load In-Place ABN's ImageNet ResNet checkpoint into ``model``'s backbone."""
-    data = load_torch_file(path, "In-Place ABN's ImageNet ResNet checkpoint (resnet101_iabn_sync.pth.tar)",
-                           key="model.backbone_weights")  # fmt: skip
+    data = load_torch_file(
+        path,
+        "In-Place ABN's ImageNet ResNet checkpoint (resnet101_iabn_sync.pth.tar)",
+        key="model.backbone_weights",
+    )
     state = data.get("state_dict", data) if isinstance(data, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"model.backbone_weights {path}: no state_dict inside")

@@ -1,4 +1,4 @@
-"""Backbone + ASPP head + one 1x1 classifier per step (the MiB model, SPEC section 7)."""
+"""Backbone + ASPP head + one 1x1 classifier per step (the MiB model, docs/protocol.md "Model")."""
 
 from __future__ import annotations
 

@@ -7,18 +7,41 @@ pull in torch.
 from importlib import import_module
 
 _WHERE = {
-    "CONVENTIONS": "choices", "IGNORE_INDEX": "choices", "MODES": "choices", "TEST_SELECTIONS": "choices",
-    "make_lut": "labels", "remap": "labels",
-    "build_presence": "selection", "label_presence": "selection", "pack_presence": "selection",
-    "select_test": "selection", "select_train": "selection",
-    "Setting": "settings", "get_setting": "settings", "setting_names": "settings",
-    "StepInfo": "steps", "step_info": "steps",
-}  # fmt: skip
+    "CONVENTIONS": "choices",
+    "IGNORE_INDEX": "choices",
+    "MODES": "choices",
+    "TEST_SELECTIONS": "choices",
+    "make_lut": "labels",
+    "remap": "labels",
+    "build_presence": "selection",
+    "label_presence": "selection",
+    "pack_presence": "selection",
+    "select_test": "selection",
+    "select_train": "selection",
+    "Setting": "settings",
+    "get_setting": "settings",
+    "setting_names": "settings",
+    "StepInfo": "steps",
+    "step_info": "steps",
+}
 __all__ = [
-    "CONVENTIONS", "IGNORE_INDEX", "MODES", "TEST_SELECTIONS", "Setting", "StepInfo", "build_presence",
-    "get_setting", "label_presence", "make_lut", "pack_presence", "remap", "select_test", "select_train",
-    "setting_names", "step_info",
-]  # fmt: skip
+    "CONVENTIONS",
+    "IGNORE_INDEX",
+    "MODES",
+    "TEST_SELECTIONS",
+    "Setting",
+    "StepInfo",
+    "build_presence",
+    "get_setting",
+    "label_presence",
+    "make_lut",
+    "pack_presence",
+    "remap",
+    "select_test",
+    "select_train",
+    "setting_names",
+    "step_info",
+]
 
 
 def __getattr__(name: str):

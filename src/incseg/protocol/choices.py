@@ -1,7 +1,20 @@
 """Names and values of the protocol that a config is checked against (no torch import here, so
-that reading a config stays light)."""
+that reading a config stays light). Each ``Literal`` is the type of its config field; the tuple
+beside it lists the same values for code that iterates over them."""
+
+from typing import Literal, get_args
 
 IGNORE_INDEX = 255  # label value the losses and the metric ignore ("void")
-MODES = ("disjoint", "overlap")  # which training images belong to a step (SPEC section 3)
-CONVENTIONS = ("mib", "plop")  # label conventions (incseg.protocol.labels)
-TEST_SELECTIONS = ("seen", "mode")  # which test images belong to a step (select_test)
+# which training images belong to a step (docs/protocol.md, "Image selection")
+Mode = Literal["disjoint", "overlap"]
+# label conventions (incseg.protocol.labels)
+Convention = Literal["mib", "plop"]
+# which test images belong to a step (select_test)
+TestSelection = Literal["seen", "mode"]
+# where a step's training images come from (incseg.protocol.official)
+SplitSource = Literal["auto", "official", "rule"]
+
+MODES: tuple[str, ...] = get_args(Mode)
+CONVENTIONS: tuple[str, ...] = get_args(Convention)
+TEST_SELECTIONS: tuple[str, ...] = get_args(TestSelection)
+SPLIT_SOURCES: tuple[str, ...] = get_args(SplitSource)

@@ -1,4 +1,4 @@
-"""Label remapping at step t by a 256-entry lookup table (SPEC section 4).
+"""Label remapping at step t by a 256-entry lookup table (docs/protocol.md, "Label remapping").
 
 Dataset labels hold original class ids (0 = background, 255 = void). The model's channel ``k`` is
 dataset class ``order[k]`` with ``order = [0] + old + new``. A remapped label holds channel indices,

@@ -1,4 +1,5 @@
-"""The official per-step training lists of the MiB code, shipped as image ids (SPEC section 3).
+"""The official per-step training lists of the MiB code, shipped as image ids (docs/protocol.md,
+"Which training images belong to step t").
 
 The official MiB code ships, per setting and step, index arrays into its own image lists; they
 were converted once to image ids (``tools/convert_mib_splits.py``) and live in
@@ -26,8 +27,6 @@ from importlib import resources
 import numpy as np
 
 from incseg.errors import ConfigError
-
-SPLIT_SOURCES = ("auto", "official", "rule")
 
 
 @cache
@@ -67,12 +66,9 @@ def uses_official(dataset: str, setting: str, mode: str, split_source: str) -> b
     Only the real datasets ``voc`` and ``ade`` have lists (the built-in ``shapes`` has none).
 
     Raises:
-        ConfigError: ``split_source`` is unknown, or ``official`` where no list is shipped.
+        ConfigError: ``official`` where no list is shipped (the config's type admits only
+            ``auto``, ``official`` and ``rule``).
     """
-    if split_source not in SPLIT_SOURCES:
-        raise ConfigError(
-            f"protocol.split_source: unknown value {split_source!r}; valid choices: {list(SPLIT_SOURCES)}"
-        )
     available = official_split(dataset, setting, mode) is not None
     if split_source == "official" and not available:
         have = ", ".join(official_settings(dataset)) or "none"

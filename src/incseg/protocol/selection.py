@@ -1,4 +1,5 @@
-"""Which images belong to a step (SPEC section 3), from a per-image class-presence index.
+"""Which images belong to a step, from a per-image class-presence index (docs/protocol.md,
+"Which training images belong to step t").
 
 The index is a boolean matrix ``presence`` of shape ``(num_images, 256)``: ``presence[i, c]`` is
 True when label value ``c`` occurs in image ``i``. It is computed once per dataset (one pass over
@@ -91,7 +92,7 @@ def select_train(presence: np.ndarray, info: StepInfo, mode: str) -> np.ndarray:
 def select_test(presence: np.ndarray, info: StepInfo, mode: str | None = None) -> np.ndarray:
     """Indices of the test images of a step.
 
-    Default (``protocol.test_selection: seen``, SPEC section 3): images with at least one seen
+    Default (``protocol.test_selection: seen``, docs/protocol.md): images with at least one seen
     class (0 excluded). With ``mode="disjoint"`` (``test_selection: mode``), images with a class
     not seen yet are dropped too: cssegmentation filters its test set with the training rule,
     every seen class counting as new (``csseg/modules/datasets/base.py:115-127, 147-167``);

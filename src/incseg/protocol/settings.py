@@ -2,7 +2,7 @@
 
 A *setting* is a list of steps; step ``t`` lists the original dataset class ids it introduces.
 Class 0 (background for VOC, "other" for ADE20K) always belongs to step 0. The tables follow
-SPEC section 2 and the task table of the official MiB code (Cermelli et al., CVPR 2020).
+docs/protocol.md ("Settings and steps") and the task table of the official MiB code (Cermelli et al., CVPR 2020).
 
 Two class families exist: ``voc`` (20 object classes + background; also used by the built-in
 ``shapes`` dataset) and ``ade`` (150 classes + "other").
@@ -18,10 +18,28 @@ from importlib import resources
 from incseg.errors import ConfigError
 
 VOC_CLASS_NAMES: tuple[str, ...] = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-    "sheep", "sofa", "train", "tvmonitor",
-)  # fmt: skip
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 
 
 @cache

@@ -12,7 +12,7 @@ from incseg.protocol.settings import Setting
 class StepInfo:
     """Step ``step`` of a setting.
 
-    Channels of the model are ordered ``order = [0] + classes of step 0..t`` (SPEC section 1), so
+    Channels of the model are ordered ``order = [0] + classes of step 0..t`` (docs/protocol.md, "Model"), so
     channel ``k`` predicts dataset class ``order[k]``.
 
     Attributes:

@@ -1,22 +1,16 @@
-"""Models as the engine handles them: built from a config, restored from a checkpoint, moved to
-the device, wrapped for training, frozen as the old model."""
+"""Models in and out of files: built from a config (with its backbone weights), restored from a
+step checkpoint, frozen as the old model. Placing them on the device and wrapping them for
+training is the :class:`~incseg.engine.runtime.Runtime`'s."""
 
 from __future__ import annotations
 
 import copy
 
-import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from incseg.config import Config, config_from_dict
-from incseg.engine.checkpoint import load_checkpoint
-from incseg.engine.distributed import DistInfo, barrier, convert_sync_bn
-from incseg.engine.rundir import RunDir
-from incseg.engine.runtime import Runtime
+from incseg.engine.distributed import DistInfo, barrier
 from incseg.errors import CheckpointError, ConfigError
-from incseg.methods.base import Method
-from incseg.metrics import StepReport
 from incseg.models import IncrementalSegmenter, build_segmenter
 from incseg.models.official import ensure_iabn_weights, load_iabn_imagenet
 from incseg.protocol import StepInfo, get_setting, step_info
@@ -36,9 +30,13 @@ def build_model(config: Config, info: StepInfo, *, pretrained: bool = True) -> I
     skips loading backbone weights (they are about to be overwritten by a checkpoint)."""
     m = config.model
     model = build_segmenter(
-        m.backbone, info.channels_per_step, output_stride=m.output_stride, norm=m.norm,
-        head_channels=m.head_channels, pretrained=m.pretrained if pretrained else "none",
-    )  # fmt: skip
+        m.backbone,
+        info.channels_per_step,
+        output_stride=m.output_stride,
+        norm=m.norm,
+        head_channels=m.head_channels,
+        pretrained=m.pretrained if pretrained else "none",
+    )
     if pretrained and (m.backbone_weights or m.pretrained == "iabn"):
         load_iabn_imagenet(model, m.backbone_weights or str(ensure_iabn_weights()))
     return model
@@ -78,54 +76,8 @@ def restore_step(checkpoint: dict) -> tuple[Config, StepInfo, IncrementalSegment
     return config, info, model
 
 
-def prepare_model(model: nn.Module, config: Config, rt: Runtime) -> nn.Module:
-    """Move to the device (channels-last if asked) and synchronise batch norm across processes."""
-    if rt.dist.distributed and config.train.sync_bn:
-        convert_sync_bn(model, rt.device)
-    return model.to(rt.device, memory_format=rt.memory_format)
-
-
-def wrap_for_training(model: nn.Module, config: Config, rt: Runtime) -> nn.Module:
-    """The module that runs the training forward pass: ``model`` itself, or its DDP wrapper
-    (several processes), compiled when ``train.compile`` is set. Parameters stay shared."""
-    net: nn.Module = model
-    if rt.dist.distributed:
-        net = DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
-        )
-    if config.train.compile:
-        net = torch.compile(net)
-    return net
-
-
 def frozen_copy(model: nn.Module) -> nn.Module:
     """The old model: a deep copy in eval mode with gradients off (never wrapped in DDP)."""
     old = copy.deepcopy(model).eval()
     old.requires_grad_(False)
     return old
-
-
-def restore_finished(
-    run: RunDir, config: Config, last_step: int, method: Method
-) -> tuple[list[dict], list[StepReport], IncrementalSegmenter | None]:
-    """What a resumed run keeps: the metrics and reports of the finished steps and the model of
-    the last one, whose method state is loaded into ``method``. Metrics entries are refreshed
-    from the saved confusion matrices (files of older versions grouped the classes otherwise).
-
-    Raises:
-        ConfigError: the run directory was made with another config (the differing keys are listed).
-    """
-    entries = run.finished(config, last_step)
-    if not entries:
-        return [], [], None
-    reports = []
-    for step in range(len(entries)):
-        checkpoint = load_checkpoint(run.step_file(step))
-        _, info, model = restore_step(checkpoint)
-        reports.append(StepReport.from_confusion(checkpoint["confusion"], info))
-    method.load_state_dict(checkpoint["method"])
-    return (
-        [{**entry, **report.to_dict()} for entry, report in zip(entries, reports, strict=True)],
-        reports,
-        model,
-    )

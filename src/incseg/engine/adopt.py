@@ -1,0 +1,64 @@
+"""Starting a run from another run's finished steps (``incseg run --start-from``, and
+``incseg compare``'s shared step 0): the steps are copied unchanged and the new run resumes
+from them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from incseg.config import Config, config_from_dict
+from incseg.engine.distributed import SINGLE, DistInfo, barrier
+from incseg.engine.rundir import RunDir
+from incseg.errors import IncsegError
+from incseg.methods import method_class
+
+
+def shared_steps_key(config: Config, step: int) -> str:
+    """Runs with equal keys train the very same steps ``0..step``: their configs agree on everything
+    but the run name and ``protocol.last_step``; for step 0 also the incremental-step keys, and the
+    method too when both methods train step 0 with plain cross-entropy and no state
+    (``Method.plain_first_step``)."""
+    d = config.to_dict()
+    d.pop("name")
+    d["protocol"].pop("last_step")
+    if step == 0:
+        d["train"].pop("epochs_incremental")
+        d["train"].pop("lr_incremental")
+        if method_class(config.method.name).plain_first_step:
+            d["method"] = "plain first step"
+    return json.dumps(d, sort_keys=True)
+
+
+def adopt_steps(
+    run_dir: Path, config: Config, source_dir: Path, step: int, dist: DistInfo = SINGLE
+) -> None:
+    """Start the run in ``run_dir`` with the finished steps ``0..step`` of the run in
+    ``source_dir`` (copied unchanged, by rank 0) when it has none yet; a run that has them
+    already is left as it is. Either way the run then resumes (``run_protocol(...,
+    resume=True)``).
+
+    Raises:
+        IncsegError: the source is not a run, its steps were trained otherwise, or step ``step``
+            is not finished there.
+    """
+    run = RunDir(run_dir)
+    started = run.step_file(0).exists()
+    barrier(dist)  # every rank has looked before rank 0 copies
+    if started:
+        return
+    source = RunDir(source_dir)
+    saved = source.saved_config()
+    if saved is None:
+        raise IncsegError(
+            f"--start-from {source.path}: no config.yaml there; is it a run directory?"
+        )
+    if shared_steps_key(config_from_dict(saved), step) != shared_steps_key(config, step):
+        raise IncsegError(
+            f"--start-from {source.path}: its steps 0..{step} were trained with another config "
+            "(only the name, last_step and, for step 0, the incremental keys or a plain-first-step "
+            "method may differ)"
+        )
+    if dist.is_main:
+        run.adopt_steps(source, step, note=str(source.path))
+    barrier(dist)
