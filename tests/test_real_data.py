@@ -304,14 +304,14 @@ def test_voc_run_end_to_end_on_fixtures(voc_config_path, tmp_path, capsys):
             assert mask.mode == "P" and mask.size == rgb.size
             assert set(np.unique(np.array(mask)).tolist()) <= set(range(21))
             assert mask.getpalette()[3 * 8 : 3 * 9] == [64, 0, 0]  # VOC colour of class 8 (cat)
-            with Image.open(tmp_path / "pred" / f"{image.stem}_overlay.jpg") as overlay:
+            with Image.open(tmp_path / "pred" / f"{image.stem}_overlay.png") as overlay:
                 assert overlay.size == (2 * rgb.size[0], rgb.size[1])
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
     assert (
         main(["predict", str(out), str(images[0]), str(bad), "--out", str(tmp_path / "pred2")]) == 2
     )
-    assert "bad.jpg: cannot decode image" in capsys.readouterr().err
+    assert "bad.jpg: not an image file PIL can read" in capsys.readouterr().err
     assert not (tmp_path / "pred2").exists()
 
 
