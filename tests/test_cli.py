@@ -56,7 +56,7 @@ def test_run_prints_tables_with_class_names(tiny_config_path, tmp_path, capsys):
 
 def test_reloaded_checkpoint_reproduces_evaluation_exactly(run_dir, capsys):
     metrics = json.loads((run_dir / "metrics.json").read_text())["steps"][1]
-    report = evaluate_checkpoint(load_checkpoint(run_dir / "step_1.pt"))
+    report, _ = evaluate_checkpoint(load_checkpoint(run_dir / "step_1.pt"))
     assert report.to_dict()["per_class"] == metrics["per_class"]
     assert report.miou_all == metrics["miou_all"]
     assert main(["eval", str(run_dir), "--no-progress"]) == 0

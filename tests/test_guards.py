@@ -49,8 +49,12 @@ def _checkpoint(tmp: Path) -> Path:
     return tmp / "run" / "step_0.pt"
 
 
-def _tampered(tmp: Path, change) -> Path:
+def _tampered(tmp: Path, change, *, keep_digest: bool = False) -> Path:
+    """A real checkpoint changed by ``change``; without ``keep_digest`` it is saved as an older incseg
+    wrote it (no content digest), so that the change reaches the checks after the digest's."""
     ckpt = torch.load(_checkpoint(tmp), weights_only=True)
+    if not keep_digest:
+        ckpt.pop("sha256")
     change(ckpt)
     torch.save(ckpt, tmp / "bad.pt")
     return tmp / "bad.pt"
@@ -62,6 +66,43 @@ def _truncated_step(tmp: Path) -> Path:
     data = (run / "step_0.pt").read_bytes()
     (run / "step_0.pt").write_bytes(data[: len(data) // 2])
     return run
+
+
+def _bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _locked_dir(tmp: Path) -> Path:
+    """A run directory whose lock another process holds (until the test's process group ends)."""
+    import subprocess
+    import sys
+
+    out = tmp / "busy"
+    out.mkdir()
+    code = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+    code += "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(20)"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(out / ".incseg.lock")], stdout=subprocess.PIPE
+    )
+    holder.stdout.readline()
+    return out
+
+
+def _foreign_step(tmp: Path) -> Path:
+    """A finished step-0 run whose step_0.pt was replaced by another run's (learning rate 0.02)."""
+    run = _checkpoint(tmp).parent
+    other = tmp / "other"
+    assert main(["run", *TINY, "--set", "train.lr=0.02", "--out", str(other), "--no-progress"]) == 0
+    (run / "step_0.pt").write_bytes((other / "step_0.pt").read_bytes())
+    return run
+
+
+def _photo(tmp: Path, name: str = "photo.png") -> Path:
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp / name)
+    return tmp / name
 
 
 def _foreign(tmp: Path) -> Path:
@@ -229,7 +270,7 @@ CASES = [
     (
         "unwritable output folder",
         lambda t: ["run", *TINY, "--out", str(_write(t / "file", "x") / "run"), "--no-progress"],
-        "cannot write (Not a directory)",
+        "cannot create (Not a directory)",
     ),
     (
         "resume with another config",
@@ -296,7 +337,7 @@ CASES = [
             "--out",
             str(t / "i.pt"),
         ],
-        "noise.pt: is not a PyTorch file (corrupt bytes or another format); expected a step checkpoint of the official MiB code",
+        "noise.pt: is not a PyTorch file (corrupt bytes or another format); expected a step checkpoint of MiB, PLOP or cssegmentation",
     ),
     (
         "backbone weights that are a truncated file",
@@ -430,7 +471,83 @@ CASES = [
         ],
         "step 0: 1 training image(s) and train.batch_size 8 give batches of 1 image(s) per process; batch norm needs 2",
     ),
+    # -- run directories, checkpoints and predict under misuse (docs/reliability.md) --
+    (
+        "an empty config file",
+        lambda t: ["run", str(_write(t / "c.yaml", "# nothing here\n")), "--out", str(t / "o")],
+        "lists no key; a config names at least what it changes from the defaults",
+    ),
+    (
+        "a config file that is not UTF-8 text",
+        lambda t: ["run", str(_bytes(t / "c.yaml", "name: caf\xe9\n".encode("latin-1")))],
+        "not a UTF-8 text file (byte 9 is 0xe9)",
+    ),
+    (
+        "a run name that leaves runs/",
+        lambda t: ["run", *TINY, "--set", "name=../../x"],
+        "name: '../../x' must be one folder name",
+    ),
+    (
+        "an --out another incseg process is writing",
+        lambda t: ["run", *TINY, "--out", str(_locked_dir(t)), "--no-progress"],
+        "is writing it; wait for it to finish, or choose another --out",
+    ),
+    (
+        "resume with another run's step_0.pt (other learning rate)",
+        lambda t: ["run", "--resume", str(_foreign_step(t)), "--no-progress"],
+        "step_0.pt: another run's step 0, trained with a different config (train.lr: 0.02 -> 0.05)",
+    ),
+    (
+        "eval a checkpoint whose bytes changed",
+        lambda t: [
+            "eval",
+            str(_tampered(t, lambda c: c["model"]["head.reduce.weight"].add_(1), keep_digest=True)),
+            "--no-progress",
+        ],
+        "corrupt: its content does not match the checksum recorded when it was written",
+    ),
+    (
+        "eval a checkpoint without its model",
+        lambda t: ["eval", str(_tampered(t, lambda c: c.pop("model"))), "--no-progress"],
+        "incomplete incseg checkpoint: no ['model'] entry",
+    ),
+    (
+        "predict into the image's own folder",
+        lambda t: ["predict", str(_checkpoint(t)), str(_photo(t)), "--out", str(t)],
+        "would overwrite the image itself",
+    ),
+    (
+        "predict two images with one output name",
+        lambda t: [
+            "predict",
+            str(_checkpoint(t)),
+            str(_photo(t, "a.png")),
+            str(_photo(t, "a.jpg")),
+            "--out",
+            str(t / "p"),
+        ],
+        "would both be",
+    ),
+    (
+        "predict --out naming a file",
+        lambda t: [
+            "predict",
+            str(_checkpoint(t)),
+            str(_photo(t)),
+            "--out",
+            str(_write(t / "f", "x")),
+        ],
+        "is a file, expected a folder",
+    ),
 ]
+if not torch.cuda.is_available():
+    CASES.append(
+        (
+            "train.device=cuda on a machine without CUDA",
+            lambda t: ["run", *TINY, "--set", "train.device=cuda", "--out", str(t / "o")],
+            "train.device: cuda, but PyTorch finds no CUDA device on this machine",
+        )
+    )
 
 
 def _below_case(key: str, valid: Range, method: str | None = None) -> tuple:

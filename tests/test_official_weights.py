@@ -133,7 +133,7 @@ def test_import_checkpoint_then_eval(r101, voc_config_path, tmp_path, capsys):
     torch.save({"state_dict": {}}, tmp_path / "other.pth")
     args[1], args[6] = str(tmp_path / "other.pth"), str(tmp_path / "x.pt")
     assert main(args) == 2
-    assert "no 'model_state' entry" in capsys.readouterr().err
+    assert "unknown checkpoint layout" in capsys.readouterr().err
 
 
 # -- the official architecture, restated from fcdl94/MiB (models/resnet.py, modules/residual.py,

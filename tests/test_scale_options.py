@@ -121,7 +121,7 @@ def test_channels_last_trains_to_the_same_numbers(tiny_config_path, tmp_path, mo
         return evaluate(model, loader, num_classes, rt)
 
     monkeypatch.setattr(evaluation, "evaluate", recording_evaluate)
-    again = evaluate_checkpoint(checkpoint)
+    again, _ = evaluate_checkpoint(checkpoint)
     assert seen["channels_last"] and seen["weight"].is_contiguous(memory_format=torch.channels_last)
     assert (
         np.array_equal(again.iou, trained.iou, equal_nan=True)

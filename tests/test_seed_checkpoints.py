@@ -554,3 +554,26 @@ def test_numpy_scores_load_and_other_objects_do_not(tmp_path):
     )
     with pytest.raises(CheckpointError, match=message):
         load_foreign_checkpoint(tmp_path / "other.pth")
+
+
+def test_import_checkpoint_command_reads_a_cssegmentation_file(csseg, image, tmp_path, capsys):
+    """``incseg import-checkpoint`` on a cssegmentation step file: the written incseg checkpoint
+    restores a model with the foreign logits; a --step that contradicts the file's task_id, and
+    an existing --out, are refused."""
+    from incseg.cli import main
+    from incseg.engine.checkpoint import load_checkpoint
+    from incseg.engine.model_io import restore_step
+
+    torch.save(csseg_checkpoint(csseg), tmp_path / "epoch_30.pth")
+    model = f"model={{backbone: resnet50, output_stride: 16, norm: iabn, head_channels: {HEAD}}}"
+    args = ["import-checkpoint", str(tmp_path / "epoch_30.pth"), "voc/15-5-overlap-mib", "--step", "1",
+            "--out", str(tmp_path / "step_1.pt"), "--set", model, "--set", "data={dataset: shapes}"]  # fmt: skip
+    assert main(args) == 0
+    _, info, restored = restore_step(load_checkpoint(tmp_path / "step_1.pt"))
+    assert info.channels_per_step == CLASSES
+    difference, _ = _max_difference(restored.eval(), csseg, image)
+    assert difference < 1e-5
+    assert main(args) == 2 and "exists" in capsys.readouterr().err
+    args[4], args[6] = "0", str(tmp_path / "other.pt")
+    assert main(args) == 2
+    assert "says it is step 1" in capsys.readouterr().err

@@ -8,6 +8,7 @@ without a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -70,8 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     _config_arguments(run, out_help="run directory (default: runs/NAME-TIME)")
     run.add_argument(
-        "--overwrite", action="store_true", help="allow writing into a directory that holds a run"
-    )
+        "--overwrite", action="store_true",
+        help="replace the run a directory holds (its run files are removed first)",
+    )  # fmt: skip
+    run.add_argument(
+        "--dry-run", action="store_true",
+        help="print the plan (per step: classes, training and test images, epochs, iterations, checks; "
+        "the image passes the cost is proportional to) and stop: nothing is trained or written",
+    )  # fmt: skip
     run.add_argument(
         "--resume",
         nargs="?",
@@ -128,12 +135,16 @@ def _parser() -> argparse.ArgumentParser:
     imp = sub.add_parser(
         "import-checkpoint",
         parents=[overrides],
-        help="convert an official MiB step checkpoint into an incseg checkpoint",
-        description="Convert a checkpoint of the official MiB code (model_state with module.body / "
-        "head / cls.i keys) into an incseg step checkpoint for the given config and step, so that "
-        "`incseg eval` can evaluate it. Every key is accounted for.",
+        help="convert a MiB, PLOP or cssegmentation step checkpoint into an incseg checkpoint",
+        description="Convert a step checkpoint of the official MiB code, PLOP or cssegmentation "
+        "into an incseg step checkpoint for the given config and step, so that `incseg eval` can "
+        "evaluate it. Every key is accounted for (docs/reproduction.md).",
     )
-    imp.add_argument("source", type=Path, help="official checkpoint (.pth)")
+    imp.add_argument("source", type=Path, help="the other codebase's step checkpoint (.pth)")
+    imp.add_argument(
+        "--layout", choices=("auto", "mib", "cssegmentation", "plop"), default="auto",
+        help="whose checkpoint it is (default: told from its keys; docs/reproduction.md)",
+    )  # fmt: skip
     imp.add_argument("config", help="incseg config of the same setting, e.g. voc/15-5-overlap-mib")
     imp.add_argument("--step", type=int, required=True, help="step the checkpoint was saved at")
     imp.add_argument(
@@ -220,6 +231,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise IncsegError("--resume and --overwrite contradict each other; pass one")
     config = load_config(args.config, args.overrides)
+    if args.dry_run:
+        return _dry_run(args, config)
     if args.resume and args.out is None:
         raise IncsegError("--resume needs the run directory: --out DIR --resume, or --resume DIR")
     from incseg.engine.adopt import adopt_steps  # heavy imports once the config is valid
@@ -233,22 +246,76 @@ def _run(args: argparse.Namespace) -> int:
     )
     if out.exists() and not out.is_dir():
         raise IncsegError(f"--out {out}: exists and is not a directory")
-    existing = RunDir(out).markers()
-    if existing and not (args.overwrite or args.resume):
-        raise IncsegError(
-            f"--out {out}: already holds a run ({', '.join(existing)}); choose another directory, "
-            "pass --resume to continue it, or --overwrite to replace it"
+    args.out = out  # named by the message of an interrupted run
+    run_dir = RunDir(out)
+    with _locked(run_dir, dist):  # one writer per run directory, from here to the end
+        existing = run_dir.markers()
+        if existing and not (args.overwrite or args.resume):
+            raise IncsegError(
+                f"--out {out}: already holds a run ({', '.join(existing)}); choose another directory, "
+                "pass --resume to continue it, or --overwrite to replace it"
+            )
+        if args.overwrite and existing and dist.is_main:
+            logger.info(
+                f"--overwrite: removed the previous run's {', '.join(run_dir.clear())} from {out}"
+            )
+        _notes(config)
+        logger.info(
+            f"incseg run: {config.method.name} on {config.data.dataset} {config.protocol.setting} "
+            f"({config.protocol.mode}) -> {out}"
         )
-    logger.info(
-        f"incseg run: {config.method.name} on {config.data.dataset} {config.protocol.setting} "
-        f"({config.protocol.mode}) -> {out}"
-    )
-    if args.start_from is not None:
-        adopt_steps(out, config, args.start_from, args.start_step, dist)
-    resume = bool(args.resume) or args.start_from is not None
-    run_protocol(config, out, dist=dist, progress=not args.no_progress, resume=resume)
+        if args.start_from is not None:
+            adopt_steps(out, config, args.start_from, args.start_step, dist)
+        resume = bool(args.resume) or args.start_from is not None
+        run_protocol(config, out, dist=dist, progress=not args.no_progress, resume=resume)
     logger.info(f"Run directory: {out}")
     return 0
+
+
+def _dry_run(args: argparse.Namespace, config) -> int:
+    from incseg.engine.plan import PlanError, dry_run
+
+    if args.resume or args.start_from is not None:
+        raise IncsegError(
+            "--dry-run plans a whole run from its config; it takes no --resume or --start-from"
+        )
+    try:
+        print(dry_run(config, progress=not args.no_progress))
+    except PlanError as err:
+        print(err.plan)
+        raise
+    return 0
+
+
+@contextlib.contextmanager
+def _locked(run_dir, dist):
+    """Rank 0 holds the run directory's lock; every rank fails alike when it cannot."""
+    from incseg.engine.distributed import barrier
+
+    with contextlib.ExitStack() as stack:
+        problem = None
+        if dist.is_main:
+            try:
+                stack.enter_context(run_dir.locked())
+            except IncsegError as err:
+                problem = str(err)
+        problem = _broadcast(problem, dist)
+        if problem is not None:
+            raise IncsegError(problem)
+        try:
+            yield
+        finally:
+            barrier(dist)  # rank 0 releases the lock only once every rank is done
+
+
+def _notes(config) -> None:
+    """Settings that are valid but probably not meant, said before the run starts."""
+    data = config.data
+    if data.test_crop is not None and data.test_crop > data.crop_size:
+        logger.info(
+            f"note: data.test_crop {data.test_crop} is larger than data.crop_size {data.crop_size}: test "
+            "images are cropped larger than training ones (set data.test_crop to change it)"
+        )
 
 
 def _join(config):
@@ -333,11 +400,17 @@ def _eval(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(path)
     if args.full_image:
         checkpoint["config"]["data"]["test_crop"] = None
-    report = evaluate_checkpoint(checkpoint, progress=not args.no_progress)
+    report, num_images = evaluate_checkpoint(checkpoint, progress=not args.no_progress)
     cfg = checkpoint["config"]
+    partial = (
+        f", after epoch {checkpoint['epochs_done']} of the step"
+        if checkpoint.get("kind") == "epoch"
+        else ""
+    )
     title = (
-        f"Evaluation of {path}: step {report.step} of {cfg['data']['dataset']} "
-        f"{cfg['protocol']['setting']} ({cfg['protocol']['mode']}, {cfg['method']['name']})"
+        f"Evaluation of {path}: step {report.step}{partial} of {cfg['data']['dataset']} "
+        f"{cfg['protocol']['setting']} ({cfg['protocol']['mode']}, {cfg['method']['name']}): "
+        f"{num_images} test images"
     )
     print(format_step_table(report, title))
     return 0
@@ -378,9 +451,8 @@ def _data(args: argparse.Namespace) -> int:
 def _import_checkpoint(args: argparse.Namespace) -> int:
     from incseg.engine.checkpoint import save_checkpoint
     from incseg.engine.model_io import build_model
-    from incseg.models.official import convert_official
+    from incseg.models.imports import checkpoint_step, convert_checkpoint, load_foreign_checkpoint
     from incseg.protocol import get_setting, step_info
-    from incseg.torchfile import load_torch_file
 
     if args.out.exists():
         raise IncsegError(f"--out {args.out}: exists; choose another file")
@@ -390,14 +462,13 @@ def _import_checkpoint(args: argparse.Namespace) -> int:
         raise IncsegError(
             f"--step {args.step}: setting {setting.name} has steps 0..{setting.num_steps - 1}"
         )
-    data = load_torch_file(args.source, "a step checkpoint of the official MiB code")
-    if not isinstance(data, dict) or "model_state" not in data:
-        raise IncsegError(
-            f"{args.source}: no 'model_state' entry; not a checkpoint of the official MiB code"
-        )
+    data = load_foreign_checkpoint(args.source)
+    saved_step = checkpoint_step(data)
+    if saved_step is not None and saved_step != args.step:
+        raise IncsegError(f"--step {args.step}: {args.source} says it is step {saved_step}")
     info = step_info(setting, args.step)
     model = build_model(config, info, pretrained=False)
-    model.load_state_dict(convert_official(data["model_state"], model), strict=False)
+    model.load_state_dict(convert_checkpoint(data, model, layout=args.layout), strict=False)
     save_checkpoint(
         args.out,
         {
@@ -508,6 +579,17 @@ COMMANDS = {  # one handler per command: args -> exit code
 }
 
 
+def _how_to_continue(args: argparse.Namespace) -> str:
+    """How to continue an interrupted command, for the message."""
+    if args.command == "run" and args.out is not None:
+        if (Path(args.out) / "config.yaml").is_file():
+            return f"; continue it with: incseg run --resume {args.out}"
+        return "; nothing was saved yet: run the same command again"
+    if args.command == "compare":
+        return "; run the same command again to continue (finished methods are kept)"
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 2 user error)."""
     args = _parser().parse_args(argv)
@@ -518,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"interrupted{_how_to_continue(args)}", file=sys.stderr)
         return 130
     finally:
         if "torch.distributed" in sys.modules:

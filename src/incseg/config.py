@@ -14,9 +14,11 @@ the valid choices, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import types
 import typing
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -32,10 +34,12 @@ from incseg.protocol.official import uses_official
 from incseg.protocol.settings import get_setting
 from incseg.ranges import SEED, Range, check_range, ranged, ranges_of
 
+log = logging.getLogger(__name__)
 DATASETS = {"shapes": "voc", "voc": "voc", "ade": "ade"}  # dataset name -> class family
 Dataset = Literal["shapes", "voc", "ade"]
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 MAX_SHAPES_BYTES = 8 * 2**30
+SHAPES_ONLY = ("image_size", "num_train", "num_test", "seed")  # data keys of the shapes dataset
 
 _EPOCHS = Range(1, 10_000, "epochs per step; every step trains at least one")
 _LR = Range(0, 10, "SGD learning rate (0.01 / 0.001 in the paper)", low_open=True)
@@ -227,6 +231,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
+            raise ConfigError(
+                f"name: {self.name!r} must be one folder name (no '/', no '..'): the run goes to "
+                "runs/NAME-DATE-TIME unless --out says where"
+            )
         proto = self.protocol
         try:
             setting = get_setting(self.family, proto.setting)
@@ -256,9 +265,14 @@ class Config:
         return get_setting(self.family, self.protocol.setting).num_steps
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict; ``method`` is flattened to ``{name, **params}`` as in YAML."""
+        """Plain nested dict; ``method`` is flattened to ``{name, **params}`` as in YAML.
+        Keys that mean nothing for the dataset (``shapes``' ``image_size``, ``num_train``,
+        ``num_test``, ``seed`` for VOC / ADE20K) are left out."""
         out = dataclasses.asdict(self)
         out["method"] = {"name": self.method.name, **self.method.params}
+        if self.data.dataset != "shapes":
+            for key in SHAPES_ONLY:
+                out["data"].pop(key)
         return out
 
     def to_yaml(self) -> str:
@@ -352,8 +366,13 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     return cls(**checked_fields(cls, data, prefix))
 
 
-def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Build and validate a :class:`Config` from nested plain data (as read from YAML)."""
+def config_from_dict(raw: dict[str, Any], *, trusted: Collection[str] | None = None) -> Config:
+    """Build and validate a :class:`Config` from nested plain data (as read from YAML).
+
+    ``trusted``: for data read from a checkpoint, the ``module:Class`` method paths that may be
+    imported (those the user named); a built-in or entry-point method name is always resolved.
+    None (a config file the user gave) trusts every path.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {raw!r}")
     raw = dict(raw)
@@ -363,6 +382,11 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     method_raw = dict(method_raw)
     name = method_raw.pop("name", MethodConfig.name)
     check_method_name(name)
+    if trusted is not None and ":" in str(name) and name not in trusted:
+        raise ConfigError(
+            f"method.name: {name!r} is a module:Class path named inside a checkpoint, and incseg does "
+            "not import code named in a checkpoint"
+        )
     config = build_dataclass(Config, raw, "")
     # The method's class (and torch) is imported only once the rest of the config is valid;
     # its hyperparameters are checked here and the method is built once, by the run.
@@ -428,7 +452,12 @@ def builtin_config_path(name: str) -> Path:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a config file; a name from :func:`builtin_configs` selects a shipped config."""
+    """Read a config file; a name from :func:`builtin_configs` selects a shipped config.
+
+    Raises:
+        ConfigError: a missing file, one that is not UTF-8 text or not valid YAML, or one that
+            lists no key (an empty config would silently be the paper's full ResNet-101 run).
+    """
     path = Path(path)
     # A folder named like a built-in config (e.g. the run directory `demo`) does not hide it.
     if not path.is_file() and str(path) in builtin_configs(with_folders=True):
@@ -439,22 +468,58 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             f"{builtin_configs()} or a paper config such as voc/15-5-overlap-mib (list: incseg configs)"
         )
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text)
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte {err.start} is {err.object[err.start]:#04x}); a "
+            "config is a YAML text file"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
-    return raw or {}
+    if raw is None or raw == {}:
+        raise ConfigError(
+            f"{path}: lists no key; a config names at least what it changes from the defaults, which "
+            "are the paper's full run (ResNet-101, 30 epochs, crop 512; see incseg configs)"
+        )
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {raw!r}")
+    return raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Load a YAML config (``None``: the demo config), apply ``--set`` overrides, validate."""
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config (``None``: the demo config), apply ``--set`` overrides, validate.
+
+    ``--set method.name=OTHER`` starts the other method from its own defaults: the file's
+    hyperparameters of its own method are dropped (those also given with ``--set`` stay).
+    An error says whether the key came from the file or from ``--set``.
+    """
     raw = read_yaml(path if path is not None else "demo")
+    file_method = dict(raw["method"]) if isinstance(raw.get("method"), dict) else {}
     for assignment in overrides:
         apply_override(raw, assignment)
-    where = f"{path}: " if path is not None else ""
+    given = {a.partition("=")[0].strip() for a in overrides}
+    method = raw.get("method")
+    if (
+        "method.name" in given
+        and isinstance(method, dict)
+        and method.get("name") != file_method.get("name")
+    ):
+        dropped = [k for k in file_method if k != "name" and f"method.{k}" not in given]
+        for key in dropped:
+            method.pop(key, None)
+        if dropped:
+            log.info(f"note: --set method.name={method.get('name')}: the config's {dropped} belong to "
+                     f"{file_method.get('name', MethodConfig.name)!r} and were dropped")  # fmt: skip
+    source = str(path) if path is not None else "demo"
     try:
         return config_from_dict(raw)
     except ConfigError as err:
-        raise ConfigError(f"{where}{err}") from None
+        key = str(err).partition(":")[0]
+        origin = "--set" if any(g == key or g.startswith(f"{key}.") for g in given) else source
+        raise ConfigError(f"{source}: {err} (from {origin})") from None

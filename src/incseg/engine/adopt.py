@@ -1,16 +1,16 @@
-"""Starting a run from another run's finished steps (``incseg run --start-from``, and
-``incseg compare``'s shared step 0): the steps are copied unchanged and the new run resumes
-from them."""
+"""Which finished steps a run may continue from: its own (:func:`check_belongs`) and another run's
+(``incseg run --start-from``, and ``incseg compare``'s shared step 0): those are copied unchanged
+and the new run resumes from them."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from incseg.config import Config, config_from_dict
+from incseg.config import Config, config_diff, config_from_dict
 from incseg.engine.distributed import SINGLE, DistInfo, barrier
 from incseg.engine.rundir import RunDir
-from incseg.errors import IncsegError
+from incseg.errors import CheckpointError, ConfigError, IncsegError
 from incseg.methods import method_class
 
 
@@ -62,3 +62,35 @@ def adopt_steps(
     if dist.is_main:
         run.adopt_steps(source, step, note=str(source.path))
     barrier(dist)
+
+
+def check_belongs(path: Path, checkpoint: dict, config: Config, step: int) -> None:
+    """A step checkpoint found in a run directory is that run's step ``step``: it says so, and its
+    config trains steps ``0..step`` as ``config`` does (the same config, or the config of the run
+    its steps were adopted from, :func:`shared_steps_key`). Its method is only resolved when it
+    is the run's own or a built-in one (nothing named inside a checkpoint is imported).
+
+    Raises:
+        CheckpointError: naming the file, what differs, and what to do.
+    """
+    if checkpoint.get("step") != step:
+        raise CheckpointError(
+            f"{path}: holds step {checkpoint.get('step')}, not step {step}; move it away to retrain step {step}"
+        )
+    try:
+        saved = config_from_dict(checkpoint["config"], trusted=(config.method.name,))
+    except ConfigError as err:
+        raise CheckpointError(
+            f"{path}: not this run's step {step}: its config does not load ({err}); move it away to "
+            f"retrain from step {step}"
+        ) from None
+    if saved.to_dict() == config.to_dict() or shared_steps_key(saved, step) == shared_steps_key(
+        config, step
+    ):
+        return
+    diffs = config_diff(saved.to_dict(), config.to_dict())
+    raise CheckpointError(
+        f"{path}: another run's step {step}, trained with a different config ({'; '.join(diffs[:4])}); "
+        f"move it (and any later step) away to retrain from step {step}, or resume with the config it "
+        "was trained with"
+    )

@@ -46,12 +46,13 @@ def evaluate(model: nn.Module, loader, num_classes: int, rt: Runtime) -> torch.T
 
 def evaluate_checkpoint(
     checkpoint: dict, *, progress: bool = False, dist: DistInfo = SINGLE
-) -> StepReport:
+) -> tuple[StepReport, int]:
     """Re-evaluate a saved step on its test set, exactly as at the end of training (the run's
-    device, precision and memory format: channels-last convolutions round differently)."""
+    device, precision and memory format: channels-last convolutions round differently). Returns
+    the report and the number of test images."""
     config, info, model = restore_step(checkpoint)
     rt = Runtime.of(config, dist, progress=progress)
     source = build_source(config.data, "test", progress=rt.progress)
     loader = build_test_loader(config, source, source.presence(), info, dist=dist)
     matrix = evaluate(rt.place(model), loader, info.num_channels, rt)
-    return StepReport.from_confusion(matrix, info)
+    return StepReport.from_confusion(matrix, info), len(loader.dataset)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -152,6 +152,11 @@ class Sources:
     test: Source
     train_presence: np.ndarray
     test_presence: np.ndarray
+    # A step's loaders, built once: the plan (engine/plan.py) and the run share them, so the
+    # selection (and its notes) happens once per step.
+    _loaders: dict[tuple[str, int], DataLoader] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @classmethod
     def load(cls, config: Config, dist: DistInfo = SINGLE, *, progress: bool = False) -> Sources:
@@ -167,7 +172,17 @@ class Sources:
         return cls(config, dist, train, test, *presence)
 
     def train_loader(self, info: StepInfo) -> DataLoader:
-        return build_train_loader(self.config, self.train, self.train_presence, info, self.dist)
+        key = ("train", info.step)
+        if key not in self._loaders:
+            self._loaders[key] = build_train_loader(
+                self.config, self.train, self.train_presence, info, self.dist
+            )
+        return self._loaders[key]
 
     def test_loader(self, info: StepInfo, split: str = "test") -> DataLoader:
-        return build_test_loader(self.config, self.test, self.test_presence, info, split, self.dist)
+        key = (split, info.step)
+        if key not in self._loaders:
+            self._loaders[key] = build_test_loader(
+                self.config, self.test, self.test_presence, info, split, self.dist
+            )
+        return self._loaders[key]

@@ -43,17 +43,31 @@ def build_model(config: Config, info: StepInfo, *, pretrained: bool = True) -> I
 
 
 def restore_step(checkpoint: dict) -> tuple[Config, StepInfo, IncrementalSegmenter]:
-    """Rebuild the config, step and model saved in a loaded checkpoint (see ``load_checkpoint``)."""
+    """Rebuild the config, step and model saved in a loaded checkpoint (see ``load_checkpoint``):
+    a step checkpoint ``step_K.pt``, an epoch checkpoint ``last.pt`` (the model part-way through
+    its step) or an imported one.
+
+    The model does not depend on the method, so the checkpoint's ``method`` section is not read:
+    the returned config names fine-tuning in its place. A method named inside a checkpoint (a
+    ``module:Class`` path could run any module's code) is therefore never imported.
+    """
+    raw = checkpoint["config"]
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"checkpoint config is not a mapping: {raw!r}")
     try:
-        config = config_from_dict(checkpoint["config"])
+        config = config_from_dict({**raw, "method": {"name": "ft"}})
     except ConfigError as err:
+        raise CheckpointError(f"checkpoint config does not load: {err}") from None
+    setting = get_setting(config.family, config.protocol.setting)
+    if not (isinstance(checkpoint["step"], int) and 0 <= checkpoint["step"] < setting.num_steps):
         raise CheckpointError(
-            f"checkpoint config is not valid for this version of incseg: {err}"
-        ) from None
-    info = step_info(get_setting(config.family, config.protocol.setting), checkpoint["step"])
-    if tuple(checkpoint["channels_per_step"]) != info.channels_per_step:
+            f"checkpoint step {checkpoint['step']!r} is not a step of {setting.name}"
+        )
+    info = step_info(setting, checkpoint["step"])
+    channels = checkpoint.get("channels_per_step", info.channels_per_step)  # last.pt: from the step
+    if tuple(channels) != info.channels_per_step:
         raise CheckpointError(
-            f"checkpoint classifier sizes {checkpoint['channels_per_step']} do not match step "
+            f"checkpoint classifier sizes {channels} do not match step "
             f"{info.step} of {config.protocol.setting} {list(info.channels_per_step)}"
         )
     model = build_model(config, info, pretrained=False)

@@ -25,11 +25,12 @@ from torch import nn
 from tqdm import tqdm
 
 from incseg.config import Config
-from incseg.engine.checkpoint import load_checkpoint
+from incseg.engine.adopt import check_belongs
 from incseg.engine.distributed import SINGLE, DistInfo, barrier
 from incseg.engine.evaluate import evaluate
 from incseg.engine.loaders import Sources, step_seed
 from incseg.engine.model_io import build_model, fetch_backbone_weights, frozen_copy, restore_step
+from incseg.engine.plan import check_plan, plan_steps
 from incseg.engine.rundir import TENSORBOARD_DIR, RunDir
 from incseg.engine.runtime import Runtime
 from incseg.engine.tensorboard import Scalars, check_tensorboard, open_scalars
@@ -115,24 +116,24 @@ class Run:
         run = cls(config, RunDir(run_dir), method, rt, data, resume)
         if resume:
             run.restore_finished()
-        if (
-            run.model is None
-        ):  # built now so that missing or foreign weights surface before any write
+        check_plan(plan_steps(config, data, first=len(run.reports)))  # every step can train
+        if run.model is None:  # built now: missing or foreign weights surface before any write
             torch.manual_seed(step_seed(config.train.seed, 0))
             run.model = build_model(config, step_info(run.setting, 0))
         barrier(rt.dist)  # every rank has read the run directory before rank 0 writes into it
+        tensorboard = run.files.path / TENSORBOARD_DIR
+        run.scalars = open_scalars(config.train.tensorboard, tensorboard, rt.dist.is_main)
         if rt.dist.is_main:
             run.files.start(config, resume=resume)
-        run.scalars = open_scalars(
-            config.train.tensorboard, run.files.path / TENSORBOARD_DIR, rt.dist.is_main
-        )
         return run
 
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         self.scalars.close()
+        if kind is not None and not self.resume and self.rt.dist.is_main:
+            self.files.undo_start()  # a failed start leaves nothing that blocks the same --out
 
     def remaining_steps(self) -> range:
         return range(len(self.reports), self.config.num_steps)
@@ -140,23 +141,27 @@ class Run:
     def restore_finished(self) -> None:
         """Restore the finished steps of the run directory: their metrics (refreshed from the saved
         confusion matrices: files of older versions grouped the classes otherwise) and reports,
-        the last one's model, its frozen copy and the method's state.
+        the last one's model, its frozen copy and the method's state. Every checkpoint is checked
+        to be this run's before anything is restored.
 
         Raises:
             ConfigError: the run directory was made with another config (the keys are listed).
+            CheckpointError: a step checkpoint is corrupt, unreadable or another run's.
         """
-        entries = self.files.finished(self.config, self.config.num_steps - 1)
-        for index, entry in enumerate(entries):
-            checkpoint = load_checkpoint(self.files.step_file(index))
+        self.files.check_config(self.config, "resume")
+        finished = self.files.finished(self.config.num_steps)
+        for index, (_, checkpoint) in enumerate(finished):
+            check_belongs(self.files.step_file(index), checkpoint, self.config, index)
+        for entry, checkpoint in finished:
             _, info, model = restore_step(checkpoint)
             self.reports.append(StepReport.from_confusion(checkpoint["confusion"], info))
             self.metrics["steps"].append({**entry, **self.reports[-1].to_dict()})
-        if entries:
-            self.method.load_state_dict(checkpoint["method"])
+        if finished:
+            self.method.load_state_dict(finished[-1][1]["method"])
             self.model = self.rt.place(model)
             self.old_model = frozen_copy(self.model)
             log.info(
-                f"resuming {self.files.path}: steps 0..{len(entries) - 1} finished and restored"
+                f"resuming {self.files.path}: steps 0..{len(finished) - 1} finished and restored"
             )
 
     def start(self, index: int) -> Step:
@@ -261,14 +266,13 @@ class Run:
         matrix = evaluate(step.model, test, info.num_channels, self.rt)
         report = StepReport.from_confusion(matrix, info)
         num_train = len(step.loader.dataset)
-        self.metrics["steps"].append(
-            {
-                **report.to_dict(),
-                "num_train_images": num_train,
-                "num_test_images": len(test.dataset),
-                "losses": step.history,
-            }
-        )
+        entry = {
+            **report.to_dict(),
+            "num_train_images": num_train,
+            "num_test_images": len(test.dataset),
+            "losses": step.history,
+        }
+        self.metrics["steps"].append(entry)
         if self.rt.dist.is_main:
             payload = {
                 "setting": self.config.protocol.setting,
@@ -277,6 +281,7 @@ class Run:
                 "model": step.model.state_dict(),
                 "method": self.method.state_dict(),
                 "confusion": matrix.cpu(),
+                "metrics_entry": entry,  # metrics.json's entry, should that file be lost
             }
             self.files.save_step(info.step, payload, self.metrics)
         groups = {k: 100 * getattr(report, f"miou_{k}") for k in ("old", "new", "all", "with_bg")}

@@ -9,16 +9,23 @@
       last.pt          the latest epoch checkpoint of the unfinished step (removed when it ends)
       summary.md       written when the last step is done
       tensorboard/     scalars (train.tensorboard)
+      .incseg.lock     held (``flock``) by the one process writing the run
 
 Files are written atomically (see :mod:`incseg.engine.checkpoint`); a killed write leaves a
-``.NAME.*.tmp`` file that the next resume removes. A step counts as finished when both its
-checkpoint and its metrics entry exist.
+``.NAME.*.tmp`` file that the next resume removes. A step counts as finished when its checkpoint
+exists; its metrics entry is kept in ``metrics.json`` and, as a copy, in the checkpoint itself.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
+import os
 import shutil
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +35,17 @@ import yaml
 from incseg.config import Config, config_diff, config_from_dict
 from incseg.engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from incseg.engine.faults import fault_point
-from incseg.errors import ConfigError, IncsegError
+from incseg.errors import CheckpointError, ConfigError, IncsegError
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "summary.md"
 LAST_FILE = "last.pt"
 TENSORBOARD_DIR = "tensorboard"
+LOCK_FILE = ".incseg.lock"
+_HELD: dict[Path, list[int]] = {}  # run directories this process has locked: [fd, depth]
 
 
 @dataclass(frozen=True)
@@ -103,43 +114,178 @@ class RunDir:
                 f"({'; '.join(diffs)})"
             )
 
-    def finished(self, config: Config, last_step: int) -> list[dict[str, Any]]:
-        """The metrics entries of the finished steps ``0..n-1`` (n <= last_step + 1), for a resume.
+    def finished(self, num_steps: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """The finished steps ``0..n-1`` (n <= ``num_steps``) as (metrics entry, checkpoint), the
+        checkpoints loaded and their checksums verified. An entry missing from ``metrics.json``
+        (or an unreadable ``metrics.json``, which is kept aside) is taken from the checkpoint's
+        own copy. The caller checks that each checkpoint belongs to the run.
 
         Raises:
-            ConfigError: the directory was made with another config (the differing keys are listed).
+            CheckpointError: a step checkpoint is corrupt or unreadable, or holds no entry where
+                ``metrics.json`` has none (a run of an older incseg that lost its metrics).
         """
-        self.check_config(config, "resume")
-        steps = (self.read_metrics() or {}).get("steps", [])
-        done = 0
-        while done < min(len(steps), last_step + 1) and self.step_file(done).is_file():
-            done += 1
-        return list(steps[:done])
+        entries = self._entries_for_resume()
+        done = []
+        for step in range(num_steps):
+            path = self.step_file(step)
+            if not path.is_file():
+                break
+            checkpoint = load_checkpoint(path)
+            entry = entries[step] if step < len(entries) else checkpoint.get("metrics_entry")
+            if entry is None:
+                raise CheckpointError(
+                    f"{path}: step {step} is finished but {self.path / METRICS_FILE} has no entry for "
+                    "it and the checkpoint (of an older incseg) holds no copy; restore metrics.json "
+                    f"or move {path.name} and later steps away to retrain from step {step}"
+                )
+            done.append((entry, checkpoint))
+        return done
+
+    def _entries_for_resume(self) -> list[dict[str, Any]]:
+        """The steps of ``metrics.json``; an unreadable file is renamed aside (never lost) and the
+        entries come from the checkpoints instead."""
+        path = self.path / METRICS_FILE
+        if not path.exists():
+            return []
+        metrics = self.read_metrics()
+        if metrics is not None and isinstance(metrics.get("steps"), list):
+            return metrics["steps"]
+        aside = path.with_name(f"{METRICS_FILE}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        with contextlib.suppress(FileNotFoundError):
+            path.rename(aside)
+        log.warning(
+            f"{path}: unreadable; kept as {aside.name}, the entries are rebuilt from the step checkpoints"
+        )
+        return []
 
     def interrupted_step(self, config: Config, step: int) -> dict[str, Any] | None:
-        """The epoch checkpoint of ``step``, if the run was interrupted during it with ``config``."""
+        """The epoch checkpoint of ``step``, if the run was interrupted during it. A ``last.pt``
+        of an earlier, finished step is stale and ignored; an unreadable or corrupt one is
+        renamed aside (the step restarts from its beginning).
+
+        Raises:
+            CheckpointError: ``last.pt`` was written by a run with another config.
+        """
         path = self.path / LAST_FILE
         if not path.is_file():
             return None
-        state = load_checkpoint(path)
-        if (
-            state.get("kind") != "epoch"
-            or state.get("step") != step
-            or state.get("config") != config.to_dict()
-        ):
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as err:
+            aside = path.with_name(f"{LAST_FILE}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+            with contextlib.suppress(FileNotFoundError):
+                path.rename(aside)
+            log.warning(f"{err}; kept as {aside.name}: step {step} restarts from its beginning")
             return None
+        if state.get("kind") != "epoch" or state.get("step") != step:
+            return None
+        try:  # normalised: keys added or dropped by later incseg versions take today's form
+            saved = config_from_dict(state["config"], trusted=(config.method.name,)).to_dict()
+        except ConfigError as err:
+            saved = {"config": f"does not load ({err})"}
+        diffs = config_diff(saved, config.to_dict())
+        if diffs:
+            raise CheckpointError(
+                f"{path}: written by a run with another config ({'; '.join(diffs[:5])}); move it away "
+                f"to restart step {step} from its beginning"
+            )
         return state
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run directory's lock: one writing process per run directory. The lock is the
+        operating system's (``flock`` on ``.incseg.lock``), so it dies with the process: a killed
+        run never leaves a stale lock. Re-entrant within a process. A directory this call created
+        and the run left empty is removed again, so a failed start blocks nothing.
+
+        Raises:
+            IncsegError: another process holds the lock, or the directory cannot be created.
+        """
+        key = self.path.resolve()
+        if key in _HELD:
+            _HELD[key][1] += 1
+            try:
+                yield
+            finally:
+                _HELD[key][1] -= 1
+            return
+        created = not self.path.exists()
+        fd = self._acquire()
+        _HELD[key] = [fd, 1]
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            if created and [p.name for p in self.path.iterdir()] == [LOCK_FILE]:
+                (self.path / LOCK_FILE).unlink()
+                self.path.rmdir()
+            os.close(fd)  # releases the lock
+
+    def _acquire(self) -> int:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise IncsegError(
+                f"run directory {self.path}: cannot create ({err.strerror or err})"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise IncsegError(
+                f"run directory {self.path}: another incseg process (pid {holder}) is writing it; wait "
+                "for it to finish, or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return fd
+
+    def clear(self) -> list[str]:
+        """Remove every file of a run from the directory (``--overwrite``), so that it holds only the
+        new run; files that are not a run's are left alone. Returns the names removed."""
+        removed = []
+        for path in sorted(self.path.iterdir()) if self.path.is_dir() else []:
+            run_file = path.name in (
+                CONFIG_FILE,
+                METRICS_FILE,
+                SUMMARY_FILE,
+                LAST_FILE,
+                TENSORBOARD_DIR,
+            )
+            if (
+                run_file
+                or path.name in self.step_files_names()
+                or (path.name.startswith(".") and path.name.endswith(".tmp"))
+            ):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                removed.append(path.name)
+        return removed
+
+    def step_files_names(self) -> set[str]:
+        return {p.name for p in self.step_files().values()}
 
     # -- writing (rank 0 only) --
     def start(self, config: Config, *, resume: bool) -> None:
         """Create the directory and write the config; a resume first removes half-written files."""
         for stale in self.path.glob(".*.tmp") if resume else ():
             stale.unlink()
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / CONFIG_FILE).write_text(config.to_yaml())
-        except OSError as err:
-            raise IncsegError(f"run directory {self.path}: cannot write ({err.strerror})") from None
+        text = config.to_yaml().encode()
+        atomic_write(self.path / CONFIG_FILE, lambda f: f.write(text))
+
+    def undo_start(self) -> None:
+        """After a run failed before it saved anything (no checkpoint, no metrics): remove what
+        :meth:`start` wrote (``config.yaml``, an empty ``tensorboard/``), so that the same
+        directory can be used again without ``--overwrite``."""
+        if self.step_files() or any((self.path / n).exists() for n in (METRICS_FILE, LAST_FILE)):
+            return
+        (self.path / CONFIG_FILE).unlink(missing_ok=True)
+        tensorboard = self.path / TENSORBOARD_DIR
+        if tensorboard.is_dir() and not any(
+            p.is_file() and p.stat().st_size > 0 for p in tensorboard.rglob("*")
+        ):
+            shutil.rmtree(tensorboard)
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         """``metrics.json``, written atomically (a reader never sees half a file)."""
@@ -163,7 +309,7 @@ class RunDir:
         fault_point(f"step:{step}")
 
     def write_summary(self, text: str) -> None:
-        (self.path / SUMMARY_FILE).write_text(text)
+        atomic_write(self.path / SUMMARY_FILE, lambda f: f.write(text.encode()))
 
     def adopt_steps(self, source: RunDir, last: int, note: str) -> None:
         """Start this run with ``source``'s finished steps ``0..last``: their checkpoints are copied

@@ -19,14 +19,24 @@ from incseg.engine.distributed import (
     local_batch_size,
     local_device,
 )
+from incseg.errors import ConfigError
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
-    """``train.device``: ``auto`` is CUDA when available, else the CPU."""
+    """``train.device``: ``auto`` is CUDA when available, else the CPU.
+
+    Raises:
+        ConfigError: ``cuda`` on a machine where PyTorch finds no CUDA device.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.device: cuda, but PyTorch finds no CUDA device on this machine "
+            "(torch.cuda.is_available() is False); use auto or cpu"
+        )
     return torch.device(name)
 
 

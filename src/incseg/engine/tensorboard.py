@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from incseg.errors import ConfigError
+from incseg.errors import ConfigError, IncsegError
+
+log = logging.getLogger(__name__)
 
 
 class Scalars:
@@ -58,4 +61,15 @@ def open_scalars(mode: str, log_dir: Path, is_main: bool) -> Scalars:
     requires it (see :func:`check_tensorboard`), ``off`` never logs. Only rank 0 logs."""
     check_tensorboard(mode)
     enabled = is_main and mode != "off" and tensorboard_available()
-    return Scalars(log_dir if enabled else None)
+    try:
+        return Scalars(log_dir if enabled else None)
+    except OSError as err:
+        if mode == "on":
+            raise IncsegError(
+                f"train.tensorboard: on, but {log_dir} cannot be created ({err.strerror or err}); "
+                "free that path or set train.tensorboard: off"
+            ) from None
+        log.warning(
+            f"note: no TensorBoard scalars: {log_dir} cannot be created ({err.strerror or err})"
+        )
+        return Scalars(None)
