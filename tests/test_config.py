@@ -233,6 +233,7 @@ def test_configs_lists_the_seed_rows_with_their_miou(capsys):
         for line in seeds
     )
     assert "voc/15-5-overlap-mib" in lines and "ade/100-50-mib" in lines
+    assert "docs/reproduction.md" in lines[-1]  # where the seed's own checkpoints are evaluated
 
 
 def test_unquoted_on_off_in_yaml_are_the_strings_they_look_like(tmp_path):

@@ -512,6 +512,12 @@ def _config_list() -> str:
             )
             name = f"{name:<58} {note}"
         lines.append(name)
+    seed_note = (
+        "Seed rows: the seed's own checkpoints can be imported and evaluated (download, incseg "
+        "import-checkpoint, incseg eval, the number to expect): docs/reproduction.md, "
+        '"Evaluating other codebases\' checkpoints".'
+    )
+    lines += ["", seed_note]
     return "\n".join(lines)
 
 

@@ -516,10 +516,15 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         if dropped:
             log.info(f"note: --set method.name={method.get('name')}: the config's {dropped} belong to "
                      f"{file_method.get('name', MethodConfig.name)!r} and were dropped")  # fmt: skip
-    source = str(path) if path is not None else "demo"
+    where = f"{path}: " if path is not None else ""
     try:
         return config_from_dict(raw)
     except ConfigError as err:
         key = str(err).partition(":")[0]
-        origin = "--set" if any(g == key or g.startswith(f"{key}.") for g in given) else source
-        raise ConfigError(f"{source}: {err} (from {origin})") from None
+        if any(g == key or g.startswith(f"{key}.") for g in given):
+            origin = " (from --set)"
+        elif "unknown key(s)" in str(err):  # say that the file, not the command line, has it
+            origin = f" (from {path if path is not None else 'the demo config'})"
+        else:
+            origin = ""
+        raise ConfigError(f"{where}{err}{origin}") from None
