@@ -167,12 +167,20 @@ def test_methods_lists_every_method_and_shows_hyperparameters(capsys):
     assert main(["methods"]) == 0
     rows = capsys.readouterr().out.splitlines()
     assert any(r.split() == ["plop", "incseg.methods.plop:PLOP"] for r in rows)
-    assert sum(1 for r in rows if ":" in r and not r.startswith("incseg")) == 9
+    methods = rows[: rows.index("")]
+    assert len(methods) == 9 and all(":" in r for r in methods)
+    assert any(r.split() == ["ewf", "incseg.methods.ewf:EWF"] for r in rows)  # the add-ons
     assert main(["methods", "plop"]) == 0
     shown = capsys.readouterr().out
     assert (
         "pod_logits_factor: float = 0.0005  in [0, 1,000,000]" in shown
         and "median: str = 'published'" in shown
+    )
+    assert main(["methods", "plop+ewf"]) == 0
+    shown = capsys.readouterr().out
+    assert (
+        "hyperparameters (method.ewf.KEY" in shown
+        and "freeze_old_classifiers: bool = True" in shown
     )
     assert main(["methods", "icarl"]) == 2
     assert "method.name: unknown value 'icarl'" in capsys.readouterr().err

@@ -127,7 +127,9 @@ def test_every_builtin_config_loads_and_paper_configs_hold_the_paper_setting():
     from incseg.config import builtin_configs, load_config
 
     names = builtin_configs(with_folders=True)
-    paper = [n for n in names if n.startswith(("voc/", "ade/")) and not n.endswith("-plop")]
+    paper = [
+        n for n in names if n.startswith(("voc/", "ade/")) and not n.endswith(("-plop", "+ewf"))
+    ]
     assert len(paper) == 68 and "voc/15-1-overlap-mib" in paper and "ade/100-50-mib" in paper
     for name in names:
         config = load_config(name)
@@ -338,3 +340,34 @@ def test_cssegmentation_plop_configs(name):
     assert (t.lr_power, t.amp, t.epochs_at(1)) == (0.0, "fp16", 10 if setting == "10-1" else 30)
     assert config.method.name == "plop" and config.method.params["pod_factor"] == 0.01
     assert config.method.params["pod_logits_factor"] == 0.0005
+
+
+EWF_SCRIPTS = [("voc", s, m) for s in ("19-1", "15-1", "10-1", "5-3") for m in ("mib", "plop")] + [
+    ("ade", s, "mib") for s in ("100-50", "100-10", "100-5")
+]
+
+
+@pytest.mark.parametrize(("dataset", "setting", "method"), EWF_SCRIPTS)
+def test_ewf_configs_resolve_to_the_official_scripts(dataset, setting, method):
+    """schuy1er/EWF_official scripts/: PLOP's data code (labels, on-the-fly overlap selection,
+    validation crop), 4 GPUs x batch 6 (x 12 for ADE 100-50), lr 0.01 / 0.001, apex O1, 30 epochs
+    on VOC and 60 on ADE20K, --weight_fusion --fix_pre_cls; MiB's loss_kd 10 (100 on ADE 100-10
+    and 100-5), PLOP's POD 0.01 / 0.0005."""
+    name = f"voc/{setting}-overlap-{method}+ewf" if dataset == "voc" else f"ade/{setting}-mib+ewf"
+    config = load_config(name)
+    p, t, d = config.protocol, config.train, config.data
+    assert (d.dataset, p.setting, p.mode, p.labels, p.split_source, d.test_crop) == (
+        dataset, setting, "overlap", "plop", "rule", 512
+    )  # fmt: skip
+    assert (t.lr, t.lr_incremental, t.amp, config.model.pretrained) == (0.01, 0.001, "fp16", "iabn")
+    assert t.batch_size == (48 if setting == "100-50" else 24)
+    assert t.epochs_at(0) == t.epochs_at(1) == (30 if dataset == "voc" else 60)
+    assert config.method.name == f"{method}+ewf"
+    assert config.method.params["ewf"] == {"freeze_old_classifiers": True}
+    if method == "mib":
+        assert config.method.params["kd_weight"] == (100 if setting in ("100-10", "100-5") else 10)
+    else:
+        assert (config.method.params["pod_factor"], config.method.params["pod_logits_factor"]) == (
+            0.01,
+            0.0005,
+        )

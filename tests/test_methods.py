@@ -105,3 +105,15 @@ def test_every_hook_is_implemented_by_a_built_in_method():
             n for n, cls in METHODS.items() if getattr(cls, hook) is not getattr(Method, hook)
         }
         assert implementing == users, hook
+
+
+def test_every_add_on_hook_is_implemented_by_an_add_on():
+    from incseg.methods import ADDON_PATHS, addon_class
+    from incseg.methods.base import AddOn
+
+    hooks = {n for n, v in vars(AddOn).items() if callable(v) and not n.startswith("_")}
+    assert hooks == {"init_new_classifier", "begin_step", "end_step"}
+    for hook in hooks:
+        assert any(
+            getattr(addon_class(n), hook) is not getattr(AddOn, hook) for n in ADDON_PATHS
+        ), hook

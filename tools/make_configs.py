@@ -190,6 +190,77 @@ def _plop(dataset: str, setting: str) -> str:
     )
 
 
+EWF_COMMIT = "560382d"
+EWF_VOC = ("19-1", "15-1", "10-1", "5-3")  # scripts/voc/{mib,plop}+ours_{19-1,15-1,5-3,10-1}.sh
+EWF_ADE = {
+    "100-50": ("mib+ours_100-50.sh", 48, 10),
+    "100-10": ("mib_ade_100-10.sh", 24, 100),
+    "100-5": ("mib_ade_100-5.sh", 24, 100),
+}  # script, global batch, loss_kd (MiB only)
+EWF_TEMPLATE = """\
+# {title} + EWF (Xiao et al., CVPR 2023) on {family} {setting}, as scripts/{folder}/{script} trains it.
+# Cited files are in github.com/schuy1er/EWF_official (commit {commit}), a fork of PLOP's code (its
+# dataset/voc.py, ade.py and transform.py are PLOP's); written by tools/make_configs.py. Keys left at
+# incseg's defaults are the scripts' too: SGD lr 0.01 at step 0{step0_note} and 0.001 after, poly 0.9,
+# crop 512 with scale 0.5-2.0 (run.py:45-52); {epochs_note}.
+name: {name}
+data:
+  dataset: {dataset}
+  root: data/{dataset}
+  test_crop: 512          # Resize(512) + CenterCrop(512) at test: --crop_val defaults to True (argparser.py:159-164)
+protocol:
+  setting: {setting}
+  mode: overlap           # --overlap in every EWF script
+  labels: plop            # PLOP's dataset code (dataset/{dataset}.py)
+  split_source: rule      # the overlap filter of PLOP's dataset code
+model:
+  pretrained: iabn        # In-Place ABN's ImageNet ResNet-101
+method:
+  name: {method}+ewf
+{method_keys}  ewf:
+    freeze_old_classifiers: true  # --fix_pre_cls in every script (train.py:334-342)
+train:
+  amp: fp16               # --opt_level O1 in every script
+{train_keys}"""
+
+
+def _ewf(dataset: str, setting: str, method: str) -> str:
+    voc = dataset == "voc"
+    if voc:
+        script = f"{method}+ours_{'15-1' if setting == '15-1' else setting}.sh"
+        batch, kd = 24, 10
+    else:
+        script, batch, kd = EWF_ADE[setting]
+    if method == "mib":
+        keys = f"  kd_weight: {kd}  # {'--method MiB sets loss_kd 10 (argparser.py:44-48)' if voc else f'--loss_kd {kd} in the script OPTIONS'}\n"
+    else:
+        keys = "  pod_factor: 0.01  # --method PLOP (argparser.py:49-57)\n  pod_logits_factor: 0.0005  # argparser.py:53\n"
+    train = (
+        ""
+        if batch == 24
+        else f"  batch_size: {batch}  # --batch_size 12 per GPU on 4 GPUs (NB_GPU=4)\n"
+    )
+    if not voc:
+        train += "  epochs: 60              # --epochs 60 at every step\n"
+    return EWF_TEMPLATE.format(
+        title="MiB" if method == "mib" else "PLOP",
+        family="Pascal VOC" if voc else "ADE20K",
+        setting=setting,
+        folder=dataset,
+        script=script,
+        commit=EWF_COMMIT,
+        epochs_note="batch 24 (6 per GPU on 4 GPUs), 30 epochs per step"
+        if voc
+        else "60 epochs per step",
+        step0_note=" (the scripts' step-0 line, commented out there)" if voc else "",
+        name=f"{dataset}-{setting}-overlap-{method}-ewf",
+        dataset=dataset,
+        method=method,
+        method_keys=keys,
+        train_keys=train,
+    )
+
+
 CSSEG_PLOP = [
     f"plop_r101iabnd16_aspp_512x512_vocaug{s}_{m}"
     for s in ("15-5", "15-1", "10-1")
@@ -265,6 +336,13 @@ def main() -> None:
         (OUT / "ade" / f"{setting}-plop.yaml").write_text(_plop("ade", setting))
     for name in CSSEG_PLOP:
         (OUT / "seed" / f"{name}.yaml").write_text(_csseg_plop(name))
+    for setting in EWF_VOC:
+        for method in ("mib", "plop"):
+            (OUT / "voc" / f"{setting}-overlap-{method}+ewf.yaml").write_text(
+                _ewf("voc", setting, method)
+            )
+    for setting in EWF_ADE:
+        (OUT / "ade" / f"{setting}-mib+ewf.yaml").write_text(_ewf("ade", setting, "mib"))
     print(
         f"wrote {len(jobs)} paper configs, {len(SEED_MIOU)} seed configs and "
         f"{len(PLOP_VOC) + len(PLOP_ADE) + len(CSSEG_PLOP)} PLOP configs under {OUT}"

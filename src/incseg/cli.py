@@ -522,33 +522,53 @@ def _config_list() -> str:
 
 
 def _methods(name: str | None) -> str:
-    from incseg.methods import METHOD_PATHS, plugin_paths
+    from incseg.methods import (
+        ADDON_PATHS,
+        METHOD_PATHS,
+        addon_class,
+        method_class,
+        plugin_paths,
+        split_name,
+    )
 
     if name is not None:
-        return _describe_method(name)
+        if name in ADDON_PATHS:
+            return _describe(name, addon_class(name), f"method.{name}.KEY", engine=False)
+        base, addons = split_name(name)
+        parts = [_describe(base, method_class(base), "method.KEY", engine=True)]
+        parts += [_describe(a, addon_class(a), f"method.{a}.KEY", engine=False) for a in addons]
+        return "\n\n".join(parts)
     rows = [f"{key:<8} {path}" for key, path in {**METHOD_PATHS, **plugin_paths()}.items()]
+    rows += ["", "add-ons (method.name: METHOD+ADDON, e.g. mib+ewf):"]
+    rows += [f"{key:<8} {path}" for key, path in ADDON_PATHS.items()]
     return "\n".join(
-        [*rows, "", "incseg methods NAME shows a method's hyperparameters (method.KEY)."]
+        [*rows, "", "incseg methods NAME shows a method's or add-on's hyperparameters."]
     )
 
 
-def _describe_method(name: str) -> str:
-    """What ``incseg methods NAME`` prints: the class, its docstring, what it asks of the engine
-    and every hyperparameter (``method.KEY``) with its type, default and valid values."""
+def _describe(name: str, cls: type, key: str, *, engine: bool) -> str:
+    """What ``incseg methods NAME`` prints of a method or add-on class: its docstring, what it
+    asks of the engine, and every hyperparameter (``key``) with its type, default and valid
+    values."""
     import dataclasses
     import inspect
     import typing
 
-    from incseg.methods import method_class
     from incseg.ranges import ranges_of
 
-    cls = method_class(name)
     hints, ranges = typing.get_type_hints(cls), ranges_of(cls)
     lines = [f"{name}: {cls.__module__}:{cls.__qualname__}", ""]
     lines += [f"  {line}".rstrip() for line in inspect.cleandoc(cls.__doc__ or "").splitlines()]
-    asks = ("needs_old_model", "features", "scans_old_model", "needs_gradients", "plain_first_step")
-    lines += ["", f"  engine: {', '.join(f'{a}={getattr(cls, a)!r}' for a in asks)}", ""]
-    lines.append("  hyperparameters (method.KEY: type = default):")
+    if engine:
+        asks = (
+            "needs_old_model",
+            "features",
+            "scans_old_model",
+            "needs_gradients",
+            "plain_first_step",
+        )
+        lines += ["", f"  engine: {', '.join(f'{a}={getattr(cls, a)!r}' for a in asks)}"]
+    lines += ["", f"  hyperparameters ({key}: type = default):"]
     fields = [f for f in dataclasses.fields(cls) if f.init]
     for f in fields:
         hint = hints[f.name]

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from incseg.errors import ConfigError
-from incseg.methods import check_method_name, method_class
+from incseg.methods import addon_class, check_method_name, method_class, split_name
 from incseg.models.choices import Backbone, Norm, OutputStride, Pretrained
 from incseg.protocol.choices import Convention, Mode, SplitSource, TestSelection
 from incseg.protocol.official import uses_official
@@ -146,8 +146,17 @@ class MethodConfig:
     params: dict[str, Any] = field(default_factory=dict)
 
     def build(self) -> Any:
-        """A fresh :class:`~incseg.methods.base.Method` with these hyperparameters."""
-        return method_class(self.name)(**self.params)
+        """A fresh :class:`~incseg.methods.base.Method` with these hyperparameters; a name with
+        add-ons (``mib+ewf``) gives the method wrapped with them (each add-on's hyperparameters
+        are under its own key)."""
+        base, addons = split_name(self.name)
+        params = {k: v for k, v in self.params.items() if k not in addons}
+        method = method_class(base)(**params)
+        if not addons:
+            return method
+        from incseg.methods.base import WithAddOns
+
+        return WithAddOns(method, [addon_class(a)(**self.params.get(a, {})) for a in addons])
 
 
 @dataclass(frozen=True)
@@ -366,6 +375,17 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     return cls(**checked_fields(cls, data, prefix))
 
 
+def _with_defaults(cls: type, data: Any, prefix: str) -> dict[str, Any]:
+    """Every hyperparameter of method (or add-on) class ``cls``: its defaults, overridden by the
+    checked values of ``data``."""
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(cls)
+        if f.init and f.default is not dataclasses.MISSING
+    }
+    return {**defaults, **checked_fields(cls, data, prefix)}
+
+
 def config_from_dict(raw: dict[str, Any], *, trusted: Collection[str] | None = None) -> Config:
     """Build and validate a :class:`Config` from nested plain data (as read from YAML).
 
@@ -391,12 +411,12 @@ def config_from_dict(raw: dict[str, Any], *, trusted: Collection[str] | None = N
     # The method's class (and torch) is imported only once the rest of the config is valid;
     # its hyperparameters are checked here and the method is built once, by the run.
     cls = method_class(name)
-    defaults = {
-        f.name: f.default
-        for f in dataclasses.fields(cls)
-        if f.init and f.default is not dataclasses.MISSING
-    }
-    params = {**defaults, **checked_fields(cls, method_raw, "method")}
+    params = {}
+    for addon in split_name(name)[1]:  # each add-on's hyperparameters under its own key
+        params[addon] = _with_defaults(
+            addon_class(addon), method_raw.pop(addon, None), f"method.{addon}"
+        )
+    params = {**_with_defaults(cls, method_raw, "method"), **params}
     return dataclasses.replace(config, method=MethodConfig(name=name, params=params))
 
 

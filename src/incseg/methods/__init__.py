@@ -33,7 +33,32 @@ METHOD_PATHS: dict[str, str] = {
     "plop": "incseg.methods.plop:PLOP",
 }
 METHOD_NAMES = tuple(sorted(METHOD_PATHS))
+# Add-ons apply on top of any method (``method.name: mib+ewf``); they act at steps > 0 only.
+ADDON_PATHS: dict[str, str] = {
+    "ewf": "incseg.methods.ewf:EWF",
+}
 ENTRY_POINT_GROUP = "incseg.methods"
+
+
+def split_name(name: str) -> tuple[str, list[str]]:
+    """``"plop+ewf"`` -> ``("plop", ["ewf"])``: the method and its add-ons, in order."""
+    base, *addons = name.split("+")
+    return base, addons
+
+
+def addon_class(name: str) -> type:
+    """The class of add-on ``name``.
+
+    Raises:
+        ConfigError: an unknown add-on (the valid ones are listed).
+    """
+    if name not in ADDON_PATHS:
+        raise ConfigError(
+            f"method.name: unknown add-on {name!r}; valid add-ons: {sorted(ADDON_PATHS)} (after the "
+            "method and a +, e.g. mib+ewf)"
+        )
+    module, attr = ADDON_PATHS[name].split(":")
+    return getattr(import_module(module), attr)
 
 
 def plugin_paths() -> dict[str, str]:
@@ -43,7 +68,13 @@ def plugin_paths() -> dict[str, str]:
 
 def check_method_name(name: str) -> None:
     """Cheap check of a ``method.name`` (a ``module:Class`` path is imported, and checked, by
-    :func:`method_class`)."""
+    :func:`method_class`); ``+ADDON`` suffixes are checked against the add-on table."""
+    if isinstance(name, str) and "+" in name:
+        base, addons = split_name(name)
+        for addon in addons:
+            if addon not in ADDON_PATHS:
+                addon_class(addon)  # raises, listing the add-ons
+        name = base
     if not isinstance(name, str) or not (
         name in METHOD_PATHS or ":" in name or name in plugin_paths()
     ):
@@ -64,6 +95,7 @@ def method_class(name: str) -> type[Method]:
             that asks for unknown features.
     """
     check_method_name(name)
+    name = split_name(name)[0]  # the class of mib+ewf is MiB's: add-ons wrap the instance
     path = METHOD_PATHS.get(name) or plugin_paths().get(name) or name
     module_name, _, attr = path.partition(":")
     try:

@@ -139,3 +139,77 @@ class Method:
 
     def load_step_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`step_state_dict`; called after :meth:`begin_step` on resume."""
+
+
+@dataclass
+class AddOn:
+    """Base class of an add-on: a technique that applies on top of any method (EWF), named after
+    it in the config (``method.name: mib+ewf``) with its hyperparameters under its own key
+    (``method: {name: mib+ewf, ewf: {freeze_old_classifiers: true}}``). It has the step hooks of
+    a method that such techniques need; the engine calls them through :class:`WithAddOns`:
+
+    - :meth:`init_new_classifier`: right after the classifier grew, *before* the method's own;
+    - :meth:`begin_step` and :meth:`end_step`: after the method's own.
+    """
+
+    def init_new_classifier(self, model: nn.Module, info: StepInfo) -> None:
+        """Called once right after the step's classifier was added (steps > 0)."""
+
+    def begin_step(self, info: StepInfo, model: nn.Module) -> None:
+        """Called before training a step, after the method's ``begin_step`` (also on resume)."""
+
+    def end_step(self, info: StepInfo, model: nn.Module) -> None:
+        """Called after a step's training and the method's ``end_step``, before evaluation."""
+
+
+class WithAddOns(Method):
+    """A method with add-ons: every hook is the method's, with the add-ons' step hooks around it
+    (:class:`AddOn`). Capabilities are the method's; checkpoints keep the method's state."""
+
+    def __init__(self, method: Method, addons: list[AddOn]) -> None:
+        self.method, self.addons = method, list(addons)
+        for capability in ("needs_old_model", "features", "scans_old_model", "needs_gradients"):
+            setattr(self, capability, getattr(method, capability))
+        self.plain_first_step = method.plain_first_step
+
+    def init_new_classifier(self, model: nn.Module, info: StepInfo) -> None:
+        for addon in self.addons:
+            addon.init_new_classifier(model, info)
+        self.method.init_new_classifier(model, info)
+
+    def begin_step(self, info: StepInfo, model: nn.Module) -> None:
+        self.method.begin_step(info, model)
+        for addon in self.addons:
+            addon.begin_step(info, model)
+
+    def end_step(self, info: StepInfo, model: nn.Module) -> None:
+        self.method.end_step(info, model)
+        for addon in self.addons:
+            addon.end_step(info, model)
+
+    def scan(self, old_output, targets, info):
+        return self.method.scan(old_output, targets, info)
+
+    def end_scan(self, totals: dict[str, torch.Tensor], info: StepInfo) -> None:
+        self.method.end_scan(totals, info)
+
+    def relabel(self, old_output, targets, info):
+        return self.method.relabel(old_output, targets, info)
+
+    def losses(self, output, old_output, targets, info):
+        return self.method.losses(output, old_output, targets, info)
+
+    def after_backward(self, model: nn.Module) -> None:
+        self.method.after_backward(model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.method.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.method.load_state_dict(state)
+
+    def step_state_dict(self) -> dict[str, Any]:
+        return self.method.step_state_dict()
+
+    def load_step_state_dict(self, state: dict[str, Any]) -> None:
+        self.method.load_step_state_dict(state)
