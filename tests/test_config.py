@@ -357,8 +357,13 @@ def test_ewf_configs_resolve_to_the_official_scripts(dataset, setting, method):
     config = load_config(name)
     p, t, d = config.protocol, config.train, config.data
     assert (d.dataset, p.setting, p.mode, p.labels, p.split_source, d.test_crop) == (
-        dataset, setting, "overlap", "plop", "rule", 512
-    )  # fmt: skip
+        dataset,
+        setting,
+        "overlap",
+        "plop",
+        "rule",
+        512,
+    )
     assert (t.lr, t.lr_incremental, t.amp, config.model.pretrained) == (0.01, 0.001, "fp16", "iabn")
     assert t.batch_size == (48 if setting == "100-50" else 24)
     assert t.epochs_at(0) == t.epochs_at(1) == (30 if dataset == "voc" else 60)

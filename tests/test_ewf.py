@@ -44,8 +44,11 @@ def test_fuse_endpoints_by_hand():
         model.weight.copy_(torch.tensor([1.0, 3.0]))
         model.running_mean.copy_(torch.tensor([4.0, -2.0]))
     model.num_batches_tracked.fill_(7)
-    old = {"weight": torch.tensor([5.0, -1.0]), "running_mean": torch.tensor([0.0, 2.0]),
-           "num_batches_tracked": torch.tensor(3)}  # fmt: skip
+    old = {
+        "weight": torch.tensor([5.0, -1.0]),
+        "running_mean": torch.tensor([0.0, 2.0]),
+        "num_batches_tracked": torch.tensor(3),
+    }
     fuse_endpoints(old, model, 0.25)
     assert model.weight.tolist() == [0.75 * 5 + 0.25 * 1, 0.75 * -1 + 0.25 * 3] == [4.0, 0.0]
     assert model.running_mean.tolist() == [1.0, 1.0]  # running statistics are fused too
@@ -88,8 +91,19 @@ def test_hooks_around_mib():
 @pytest.fixture(scope="module")
 def ewf_run(tiny_config_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("ewf") / "run"
-    args = ["run", str(tiny_config_path), "--out", str(out), "--no-progress", "--set", "method.name=mib+ewf",
-            "--set", "train.epochs_incremental=2", "--set", "train.tensorboard=off"]  # fmt: skip
+    args = [
+        "run",
+        str(tiny_config_path),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "method.name=mib+ewf",
+        "--set",
+        "train.epochs_incremental=2",
+        "--set",
+        "train.tensorboard=off",
+    ]
     assert main(args) == 0
     return out, args
 

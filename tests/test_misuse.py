@@ -34,9 +34,14 @@ def _numbers(run_dir):
 def _incseg(*args, cwd=None, env=None, preexec_fn=None):
     """``python -m incseg ARGS`` in a process of its own: (exit code, stderr)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "incseg", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-        env={**os.environ, **(env or {})}, preexec_fn=preexec_fn, check=False,
-    )  # fmt: skip
+        [sys.executable, "-m", "incseg", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        preexec_fn=preexec_fn,
+        check=False,
+    )
     return proc.returncode, proc.stderr
 
 
@@ -67,9 +72,10 @@ def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_stale_lock(
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK,
-         str(out / ".incseg.lock")], stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [sys.executable, "-c", HOLD_LOCK, str(out / ".incseg.lock")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         assert main(["run", str(tiny_config_path), "--out", str(out), *FAST]) == 2
@@ -281,8 +287,23 @@ def test_checkpoints_and_config_files_are_checked(reference, tmp_path, capsys):
 
 
 def test_set_method_name_starts_the_method_from_its_own_defaults(tmp_path, capsys):
-    args = ["run", "demo", "--out", str(tmp_path / "ft"), *FAST, "--set", "method.name=ft", "--set", "train.epochs=1",
-            "--set", "protocol.last_step=0", "--set", "data.image_size=32", "--set", "data.crop_size=32"]  # fmt: skip
+    args = [
+        "run",
+        "demo",
+        "--out",
+        str(tmp_path / "ft"),
+        *FAST,
+        "--set",
+        "method.name=ft",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "protocol.last_step=0",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "data.crop_size=32",
+    ]
     assert main(args) == 0
     assert "the config's ['kd_weight'] belong to 'mib' and were dropped" in capsys.readouterr().out
     assert main(["run", "demo", "--set", "method.kdw=1"]) == 2
@@ -292,9 +313,22 @@ def test_set_method_name_starts_the_method_from_its_own_defaults(tmp_path, capsy
 def test_files_follow_the_umask_and_an_interrupt_says_how_to_continue(tiny_config_path, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "incseg", "run", str(tiny_config_path), "--out", str(out), *FAST,
-         "--set", "train.epochs=3"], stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.umask(0o027),  # noqa: PLW1509
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "incseg",
+            "run",
+            str(tiny_config_path),
+            "--out",
+            str(out),
+            *FAST,
+            "--set",
+            "train.epochs=3",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: os.umask(0o027),  # noqa: PLW1509
+    )
     deadline = time.monotonic() + 120
     while not (out / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)

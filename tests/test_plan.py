@@ -14,8 +14,19 @@ def test_a_step_that_cannot_train_stops_the_run_before_step_0_trains(
     tiny_config_path, tmp_path, capsys
 ):
     out = tmp_path / "run"
-    args = ["run", str(tiny_config_path), "--out", str(out), "--no-progress", "--set", "protocol.setting=19-1",
-            "--set", "data.num_train=6", "--set", "train.batch_size=4"]  # fmt: skip
+    args = [
+        "run",
+        str(tiny_config_path),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "protocol.setting=19-1",
+        "--set",
+        "data.num_train=6",
+        "--set",
+        "train.batch_size=4",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "step 1 of 19-1 (overlap) selects no training images" in err
@@ -23,8 +34,19 @@ def test_a_step_that_cannot_train_stops_the_run_before_step_0_trains(
 
 
 def test_every_failing_step_is_named(tiny_config_path, tmp_path, capsys):
-    args = ["run", str(tiny_config_path), "--out", str(tmp_path / "run"), "--no-progress", "--set",
-            "protocol.setting=15-1", "--set", "data.num_train=10", "--set", "train.batch_size=4"]  # fmt: skip
+    args = [
+        "run",
+        str(tiny_config_path),
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+        "--set",
+        "protocol.setting=15-1",
+        "--set",
+        "data.num_train=10",
+        "--set",
+        "train.batch_size=4",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "steps cannot train" in err

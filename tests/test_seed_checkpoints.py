@@ -111,9 +111,11 @@ class CssegEncoder(nn.Module):
         for index, (num, stride, dilation) in enumerate(zip(blocks, (1, 2, 2, 1), (1, 1, 1, 2))):
             planes = 64 * 2**index
             layer = [
-                CssegBottleneck(cin if k == 0 else planes * 4, planes, stride if k == 0 else 1, dilation, k == 0)
+                CssegBottleneck(
+                    cin if k == 0 else planes * 4, planes, stride if k == 0 else 1, dilation, k == 0
+                )
                 for k in range(num)
-            ]  # fmt: skip
+            ]
             self.add_module(f"layer{index + 1}", nn.Sequential(*layer))
             cin = planes * 4
 
@@ -134,16 +136,19 @@ class CssegASPP(nn.Module):
     def __init__(self, cin: int = 2048, channels: int = HEAD) -> None:
         super().__init__()
         self.parallel_convs = nn.ModuleList(
-            nn.Conv2d(cin, channels, 1, bias=False) if d == 1
+            nn.Conv2d(cin, channels, 1, bias=False)
+            if d == 1
             else nn.Conv2d(cin, channels, 3, padding=d, dilation=d, bias=False)
             for d in (1, 6, 12, 18)
-        )  # fmt: skip
+        )
         self.parallel_bn = IABN(channels * 4)
         self.parallel_act = nn.Identity()
         self.global_branch = nn.Sequential(
-            nn.Conv2d(cin, channels, 1, bias=False), IABN(channels), nn.Identity(),
+            nn.Conv2d(cin, channels, 1, bias=False),
+            IABN(channels),
+            nn.Identity(),
             nn.Conv2d(channels, channels, 1, bias=False),
-        )  # fmt: skip
+        )
         self.out_project = nn.Sequential(
             nn.Conv2d(channels * 4, channels, 1, bias=False), IABN(channels), nn.Identity()
         )
@@ -180,11 +185,16 @@ class PlopBlock(nn.Module):
     def __init__(self, cin: int, channels, stride: int, dilation: int, last: bool) -> None:
         super().__init__()
         c0, c1, c2 = channels
-        self.convs = nn.Sequential(OrderedDict(
-            conv1=nn.Conv2d(cin, c0, 1, bias=False), bn1=IABN(c0, counts=False),
-            conv2=nn.Conv2d(c0, c1, 3, stride, dilation, dilation, bias=False), bn2=IABN(c1, counts=False),
-            conv3=nn.Conv2d(c1, c2, 1, bias=False), bn3=IABN(c2, "identity", counts=False),
-        ))  # fmt: skip
+        self.convs = nn.Sequential(
+            OrderedDict(
+                conv1=nn.Conv2d(cin, c0, 1, bias=False),
+                bn1=IABN(c0, counts=False),
+                conv2=nn.Conv2d(c0, c1, 3, stride, dilation, dilation, bias=False),
+                bn2=IABN(c1, counts=False),
+                conv3=nn.Conv2d(c1, c2, 1, bias=False),
+                bn3=IABN(c2, "identity", counts=False),
+            )
+        )
         if stride != 1 or cin != c2:
             self.proj_conv = nn.Conv2d(cin, c2, 1, stride, bias=False)
             self.proj_bn = IABN(c2, "identity", counts=False)
@@ -203,10 +213,13 @@ class PlopBody(nn.Module):
 
     def __init__(self, structure=BLOCKS) -> None:
         super().__init__()
-        self.mod1 = nn.Sequential(OrderedDict(
-            conv1=nn.Conv2d(3, 64, 7, 2, 3, bias=False), bn1=IABN(64, counts=False),
-            pool1=nn.MaxPool2d(3, 2, 1),
-        ))  # fmt: skip
+        self.mod1 = nn.Sequential(
+            OrderedDict(
+                conv1=nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+                bn1=IABN(64, counts=False),
+                pool1=nn.MaxPool2d(3, 2, 1),
+            )
+        )
         cin, channels = 64, (64, 64, 256)
         for mod_id, num in enumerate(structure):
             d = (1, 1, 1, 2)[mod_id]
@@ -301,17 +314,28 @@ def csseg_checkpoint(net: nn.Module, task_id: int = 1) -> dict:
     """runners/base.py:250-259: the DDP segmentor's state dict under 'segmentor', beside the
     scheduler's state and the apex state."""
     state = {f"module.{k}": v.clone() for k, v in net.state_dict().items()}
-    return {"cur_epoch": 30, "cur_iter": 9000, "optimizer": {"state": {}, "param_groups": []},
-            "best_score": np.float64(0.661), "segmentor": state, "task_id": task_id,
-            "amp": {"loss_scaler0": {}}}  # fmt: skip
+    return {
+        "cur_epoch": 30,
+        "cur_iter": 9000,
+        "optimizer": {"state": {}, "param_groups": []},
+        "best_score": np.float64(0.661),
+        "segmentor": state,
+        "task_id": task_id,
+        "amp": {"loss_scaler0": {}},
+    }
 
 
 def plop_checkpoint(net: nn.Module) -> dict:
     """run.py:25-36: apex DDP's state dict under 'model_state', beside the training state."""
     state = {f"module.{k}": v.clone() for k, v in net.state_dict().items()}
-    return {"epoch": 29, "model_state": state, "optimizer_state": {"state": {}, "param_groups": []},
-            "scheduler_state": {"last_epoch": 9000}, "best_score": np.float64(0.7),
-            "trainer_state": {"regularizer": None}}  # fmt: skip
+    return {
+        "epoch": 29,
+        "model_state": state,
+        "optimizer_state": {"state": {}, "param_groups": []},
+        "scheduler_state": {"last_epoch": 9000},
+        "best_score": np.float64(0.7),
+        "trainer_state": {"regularizer": None},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -389,9 +413,11 @@ def test_cssegmentation_checkpoint_computes_the_same_logits(csseg, image, tmp_pa
         f"cssegmentation: max |logit difference| {difference:.2e}, logit scale {expected.abs().max():.2f}"
     )
     assert difference < 1e-5
-    for a, b in [("decoder.parallel_convs.1.weight", "decoder.parallel_convs.2.weight"),
-                 ("encoder.layer2.1.bn1.weight", "encoder.layer2.1.bn2.weight"),
-                 ("decoder.global_branch.1.running_var", "decoder.out_project.1.running_var")]:  # fmt: skip
+    for a, b in [
+        ("decoder.parallel_convs.1.weight", "decoder.parallel_convs.2.weight"),
+        ("encoder.layer2.1.bn1.weight", "encoder.layer2.1.bn2.weight"),
+        ("decoder.global_branch.1.running_var", "decoder.out_project.1.running_var"),
+    ]:
         swapped = _swap(data, "segmentor", f"module.{a}", f"module.{b}")
         model.load_state_dict(convert_cssegmentation(swapped, model), strict=False)
         with torch.no_grad():
@@ -415,9 +441,11 @@ def test_plop_checkpoint_computes_the_same_logits(plop, image, tmp_path):
     difference, expected = _max_difference(model, plop, image)
     print(f"PLOP: max |logit difference| {difference:.2e}, logit scale {expected.abs().max():.2f}")
     assert difference < 1e-5
-    for a, b in [("head.map_convs.2.weight", "head.map_convs.3.weight"),
-                 ("body.mod3.block2.convs.bn1.weight", "body.mod3.block2.convs.bn2.weight"),
-                 ("head.global_pooling_bn.bias", "head.red_bn.bias")]:  # fmt: skip
+    for a, b in [
+        ("head.map_convs.2.weight", "head.map_convs.3.weight"),
+        ("body.mod3.block2.convs.bn1.weight", "body.mod3.block2.convs.bn2.weight"),
+        ("head.global_pooling_bn.bias", "head.red_bn.bias"),
+    ]:
         swapped = _swap(data, "model_state", f"module.{a}", f"module.{b}")
         model.load_state_dict(convert_plop(swapped, model), strict=False)
         with torch.no_grad():
@@ -566,8 +594,19 @@ def test_import_checkpoint_command_reads_a_cssegmentation_file(csseg, image, tmp
 
     torch.save(csseg_checkpoint(csseg), tmp_path / "epoch_30.pth")
     model = f"model={{backbone: resnet50, output_stride: 16, norm: iabn, head_channels: {HEAD}}}"
-    args = ["import-checkpoint", str(tmp_path / "epoch_30.pth"), "voc/15-5-overlap-mib", "--step", "1",
-            "--out", str(tmp_path / "step_1.pt"), "--set", model, "--set", "data={dataset: shapes}"]  # fmt: skip
+    args = [
+        "import-checkpoint",
+        str(tmp_path / "epoch_30.pth"),
+        "voc/15-5-overlap-mib",
+        "--step",
+        "1",
+        "--out",
+        str(tmp_path / "step_1.pt"),
+        "--set",
+        model,
+        "--set",
+        "data={dataset: shapes}",
+    ]
     assert main(args) == 0
     _, info, restored = restore_step(load_checkpoint(tmp_path / "step_1.pt"))
     assert info.channels_per_step == CLASSES

@@ -71,14 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     _config_arguments(run, out_help="run directory (default: runs/NAME-TIME)")
     run.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="replace the run a directory holds (its run files are removed first)",
-    )  # fmt: skip
+    )
     run.add_argument(
-        "--dry-run", action="store_true",
+        "--dry-run",
+        action="store_true",
         help="print the plan (per step: classes, training and test images, epochs, iterations, checks; "
         "the image passes the cost is proportional to) and stop: nothing is trained or written",
-    )  # fmt: skip
+    )
     run.add_argument(
         "--resume",
         nargs="?",
@@ -142,9 +144,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     imp.add_argument("source", type=Path, help="the other codebase's step checkpoint (.pth)")
     imp.add_argument(
-        "--layout", choices=("auto", "mib", "cssegmentation", "plop"), default="auto",
+        "--layout",
+        choices=("auto", "mib", "cssegmentation", "plop"),
+        default="auto",
         help="whose checkpoint it is (default: told from its keys; docs/reproduction.md)",
-    )  # fmt: skip
+    )
     imp.add_argument("config", help="incseg config of the same setting, e.g. voc/15-5-overlap-mib")
     imp.add_argument("--step", type=int, required=True, help="step the checkpoint was saved at")
     imp.add_argument(

@@ -534,8 +534,10 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         for key in dropped:
             method.pop(key, None)
         if dropped:
-            log.info(f"note: --set method.name={method.get('name')}: the config's {dropped} belong to "
-                     f"{file_method.get('name', MethodConfig.name)!r} and were dropped")  # fmt: skip
+            log.info(
+                f"note: --set method.name={method.get('name')}: the config's {dropped} belong to "
+                f"{file_method.get('name', MethodConfig.name)!r} and were dropped"
+            )
     where = f"{path}: " if path is not None else ""
     try:
         return config_from_dict(raw)
