@@ -245,26 +245,15 @@ class RunDir:
     def clear(self) -> list[str]:
         """Remove every file of a run from the directory (``--overwrite``), so that it holds only the
         new run; files that are not a run's are left alone. Returns the names removed."""
+        fixed = {CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, LAST_FILE, TENSORBOARD_DIR}
+        steps = {path.name for path in self.step_files().values()}
         removed = []
         for path in sorted(self.path.iterdir()) if self.path.is_dir() else []:
-            run_file = path.name in (
-                CONFIG_FILE,
-                METRICS_FILE,
-                SUMMARY_FILE,
-                LAST_FILE,
-                TENSORBOARD_DIR,
-            )
-            if (
-                run_file
-                or path.name in self.step_files_names()
-                or (path.name.startswith(".") and path.name.endswith(".tmp"))
-            ):
+            half_written = path.name.startswith(".") and path.name.endswith(".tmp")
+            if path.name in fixed or path.name in steps or half_written:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
                 removed.append(path.name)
         return removed
-
-    def step_files_names(self) -> set[str]:
-        return {p.name for p in self.step_files().values()}
 
     # -- writing (rank 0 only) --
     def start(self, config: Config, *, resume: bool) -> None:
