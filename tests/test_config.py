@@ -236,6 +236,13 @@ def test_configs_lists_the_seed_rows_with_their_miou(capsys):
     )
     assert "voc/15-5-overlap-mib" in lines and "ade/100-50-mib" in lines
     assert "docs/reproduction.md" in lines[-1]  # where the seed's own checkpoints are evaluated
+    shown = {line.split()[0]: line for line in seeds}
+    assert shown["seed/mib_r101iabnd16_aspp_512x512_vocaug15-1_disjoint"].endswith(
+        "cssegmentation's zoo: 40.7% (with background)"
+    )
+    assert shown["seed/mib_r101iabnd16_aspp_512x512_vocaug15-1_overlap"].endswith(
+        "zoo: 34.6% (with background)"
+    )
 
 
 def test_unquoted_on_off_in_yaml_are_the_strings_they_look_like(tmp_path):

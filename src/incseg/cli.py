@@ -501,19 +501,21 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _config_list() -> str:
-    from incseg.configs import SEED_MIOU
+    from incseg.configs import SEED_MIOU, ZOO_MIOU
 
     lines = []
     for name in builtin_configs(with_folders=True):
         if name.startswith("seed/"):
-            miou = SEED_MIOU.get(name.removeprefix("seed/"))
-            note = (
-                f"seed mIoU {miou}% (with background)"
-                if miou is not None
-                else "cssegmentation's PLOP recipe, no number reported"
-                if name.startswith("seed/plop_")
-                else "seed mIoU not reported"
-            )
+            row = name.removeprefix("seed/")
+            miou, zoo = SEED_MIOU.get(row), ZOO_MIOU.get(row)
+            if miou is not None:
+                note = f"seed mIoU {miou}% (with background)"
+            elif zoo is not None:
+                note = f"not in the seed table; cssegmentation's zoo: {zoo}% (with background)"
+            elif name.startswith("seed/plop_"):
+                note = "cssegmentation's PLOP recipe, no number reported"
+            else:
+                note = "seed mIoU not reported"
             name = f"{name:<58} {note}"
         lines.append(name)
     seed_note = (

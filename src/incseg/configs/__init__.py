@@ -18,3 +18,10 @@ SEED_MIOU: dict[str, float | None] = {
     "mib_r101iabnd16_aspp_512x512_ade20k100-5_disjoint": None,
     "mib_r101iabnd16_aspp_512x512_ade20k100-5_overlap": None,
 }
+
+# Rows the seed table leaves empty that cssegmentation's model zoo reports today
+# (SegmentationBLWX/cssegmentation at c125175, docs/modelzoo/mib/README.md:31-32), same convention.
+ZOO_MIOU: dict[str, float] = {
+    "mib_r101iabnd16_aspp_512x512_vocaug15-1_disjoint": 40.7,
+    "mib_r101iabnd16_aspp_512x512_vocaug15-1_overlap": 34.6,
+}
