@@ -342,3 +342,22 @@ def test_files_follow_the_umask_and_an_interrupt_says_how_to_continue(tiny_confi
         if p.is_file() and not p.name.startswith(".")
     }
     assert modes and set(modes.values()) == {0o640}, modes
+
+
+def test_start_from_the_out_directory_itself_is_refused(
+    reference, tiny_config_path, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    args = [
+        "run",
+        str(tiny_config_path),
+        "--out",
+        str(run),
+        "--start-from",
+        str(run),
+        "--overwrite",
+    ]
+    assert main([*args, *FAST]) == 2  # --overwrite would first remove the steps it is to start from
+    assert "is the --out directory itself" in capsys.readouterr().err
+    assert sorted(p.name for p in run.glob("step_*.pt")) == ["step_0.pt", "step_1.pt"]

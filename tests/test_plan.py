@@ -85,3 +85,13 @@ def test_dry_run_of_every_shipped_config(name, tmp_path, capsys, monkeypatch):
     # On the small fixtures most incremental steps select too few images: then the plan names them.
     assert code == 0 or ("cannot train" in out and "step(s) cannot train" in err)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_counts_the_old_model_of_a_method_with_add_ons(capsys):
+    assert main(["run", "demo", "--dry-run", "--no-progress", "--set", "method.name=mib+ewf"]) == 0
+    assert main(["run", "demo", "--dry-run", "--no-progress"]) == 0
+    with_addon, plain = (
+        next(line for line in text.splitlines() if line.startswith("image passes"))
+        for text in capsys.readouterr().out.split("Plan of ")[1:]
+    )
+    assert with_addon == plain and " 0 old-model" not in plain

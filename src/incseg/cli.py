@@ -219,7 +219,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
+def _resume_arguments(args: argparse.Namespace) -> None:
+    """``--resume DIR`` names the run directory (and, without CONFIG, its config.yaml)."""
     if isinstance(args.resume, str):
         if args.out is not None and args.out != Path(args.resume):
             raise IncsegError(
@@ -234,6 +235,10 @@ def _run(args: argparse.Namespace) -> int:
             args.config = str(args.out / "config.yaml")
     if args.resume and args.overwrite:
         raise IncsegError("--resume and --overwrite contradict each other; pass one")
+
+
+def _run(args: argparse.Namespace) -> int:
+    _resume_arguments(args)
     config = load_config(args.config, args.overrides)
     if args.dry_run:
         return _dry_run(args, config)
@@ -250,6 +255,11 @@ def _run(args: argparse.Namespace) -> int:
     )
     if out.exists() and not out.is_dir():
         raise IncsegError(f"--out {out}: exists and is not a directory")
+    if args.start_from is not None and Path(args.start_from).resolve() == Path(out).resolve():
+        raise IncsegError(
+            f"--start-from {args.start_from} is the --out directory itself; start from another run "
+            "(to continue this one, pass --resume)"
+        )
     args.out = out  # named by the message of an interrupted run
     run_dir = RunDir(out)
     with _locked(run_dir, dist):  # one writer per run directory, from here to the end

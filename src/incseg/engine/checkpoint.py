@@ -91,7 +91,8 @@ def content_digest(data: Any) -> str:
         if isinstance(value, torch.Tensor):
             flat = value.detach().cpu().contiguous().reshape(-1)
             digest.update(f"T{value.dtype}{tuple(value.shape)}".encode())
-            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+            if flat.numel():  # the tensor's own buffer, not a copy of it
+                digest.update(flat.view(torch.uint8).numpy())
         elif isinstance(value, dict):
             digest.update(f"D{len(value)}".encode())
             for key in sorted(value, key=repr):

@@ -68,7 +68,7 @@ def check_plan(plans: list[StepPlan]) -> None:
         raise DataError(f"{len(problems)} steps cannot train:\n  " + "\n  ".join(problems))
 
 
-def format_plan(config: Config, plans: list[StepPlan], method: type[Method]) -> str:
+def format_plan(config: Config, plans: list[StepPlan], method: Method) -> str:
     """The table ``incseg run --dry-run`` prints, with the image passes the run's cost is
     proportional to: forward+backward passes of the student, forward passes of the old model
     (every batch with ``needs_old_model``, one more epoch with ``scans_old_model``, steps > 0)
@@ -118,7 +118,7 @@ def dry_run(config: Config, progress: bool = False) -> str:
     """
     data = Sources.load(config, progress=progress)
     plans = plan_steps(config, data)
-    text = format_plan(config, plans, type(config.method.build()))
+    text = format_plan(config, plans, config.method.build())
     failing = [p for p in plans if p.problem is not None]
     if failing:
         raise PlanError(text, f"{len(failing)} step(s) cannot train: see the plan above")

@@ -142,26 +142,28 @@ class Run:
         """Restore the finished steps of the run directory: their metrics (refreshed from the saved
         confusion matrices: files of older versions grouped the classes otherwise) and reports,
         the last one's model, its frozen copy and the method's state. Every checkpoint is checked
-        to be this run's before anything is restored.
+        to be this run's before its step counts as restored.
 
         Raises:
             ConfigError: the run directory was made with another config (the keys are listed).
             CheckpointError: a step checkpoint is corrupt, unreadable or another run's.
         """
         self.files.check_config(self.config, "resume")
-        finished = self.files.finished(self.config.num_steps)
-        for index, (_, checkpoint) in enumerate(finished):
+        last = None
+        for index, (entry, checkpoint) in enumerate(self.files.finished(self.config.num_steps)):
             check_belongs(self.files.step_file(index), checkpoint, self.config, index)
-        for entry, checkpoint in finished:
-            _, info, model = restore_step(checkpoint)
-            self.reports.append(StepReport.from_confusion(checkpoint["confusion"], info))
-            self.metrics["steps"].append({**entry, **self.reports[-1].to_dict()})
-        if finished:
-            self.method.load_state_dict(finished[-1][1]["method"])
-            self.model = self.rt.place(model)
+            report = StepReport.from_confusion(
+                checkpoint["confusion"], step_info(self.setting, index)
+            )
+            self.reports.append(report)
+            self.metrics["steps"].append({**entry, **report.to_dict()})
+            last = checkpoint  # only the last step's model and method state are restored
+        if last is not None:
+            self.method.load_state_dict(last["method"])
+            self.model = self.rt.place(restore_step(last)[2])
             self.old_model = frozen_copy(self.model)
             log.info(
-                f"resuming {self.files.path}: steps 0..{len(finished) - 1} finished and restored"
+                f"resuming {self.files.path}: steps 0..{len(self.reports) - 1} finished and restored"
             )
 
     def start(self, index: int) -> Step:

@@ -114,9 +114,10 @@ class RunDir:
                 f"({'; '.join(diffs)})"
             )
 
-    def finished(self, num_steps: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-        """The finished steps ``0..n-1`` (n <= ``num_steps``) as (metrics entry, checkpoint), the
-        checkpoints loaded and their checksums verified. An entry missing from ``metrics.json``
+    def finished(self, num_steps: int) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        """The finished steps ``0..n-1`` (n <= ``num_steps``) as (metrics entry, checkpoint), one
+        at a time (a checkpoint is loaded when it is asked for, so a long run's checkpoints are
+        never all in memory), their checksums verified. An entry missing from ``metrics.json``
         (or an unreadable ``metrics.json``, which is kept aside) is taken from the checkpoint's
         own copy. The caller checks that each checkpoint belongs to the run.
 
@@ -125,7 +126,6 @@ class RunDir:
                 ``metrics.json`` has none (a run of an older incseg that lost its metrics).
         """
         entries = self._entries_for_resume()
-        done = []
         for step in range(num_steps):
             path = self.step_file(step)
             if not path.is_file():
@@ -138,8 +138,7 @@ class RunDir:
                     "it and the checkpoint (of an older incseg) holds no copy; restore metrics.json "
                     f"or move {path.name} and later steps away to retrain from step {step}"
                 )
-            done.append((entry, checkpoint))
-        return done
+            yield entry, checkpoint
 
     def _entries_for_resume(self) -> list[dict[str, Any]]:
         """The steps of ``metrics.json``; an unreadable file is renamed aside (never lost) and the

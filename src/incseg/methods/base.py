@@ -187,16 +187,26 @@ class WithAddOns(Method):
         for addon in self.addons:
             addon.end_step(info, model)
 
-    def scan(self, old_output, targets, info):
+    def scan(
+        self, old_output: SegmenterOutput, targets: torch.Tensor, info: StepInfo
+    ) -> dict[str, torch.Tensor]:
         return self.method.scan(old_output, targets, info)
 
     def end_scan(self, totals: dict[str, torch.Tensor], info: StepInfo) -> None:
         self.method.end_scan(totals, info)
 
-    def relabel(self, old_output, targets, info):
+    def relabel(
+        self, old_output: SegmenterOutput | None, targets: torch.Tensor, info: StepInfo
+    ) -> Any:
         return self.method.relabel(old_output, targets, info)
 
-    def losses(self, output, old_output, targets, info):
+    def losses(
+        self,
+        output: SegmenterOutput,
+        old_output: SegmenterOutput | None,
+        targets: Any,
+        info: StepInfo,
+    ) -> dict[str, torch.Tensor]:
         return self.method.losses(output, old_output, targets, info)
 
     def after_backward(self, model: nn.Module) -> None:
