@@ -128,7 +128,10 @@ def test_every_builtin_config_loads_and_paper_configs_hold_the_paper_setting():
 
     names = builtin_configs(with_folders=True)
     paper = [
-        n for n in names if n.startswith(("voc/", "ade/")) and not n.endswith(("-plop", "+ewf"))
+        n
+        for n in names
+        if n.startswith(("voc/", "ade/"))
+        and not n.endswith(("-plop", "+ewf", "+nest", "+ucd", "-reminder"))
     ]
     assert len(paper) == 68 and "voc/15-1-overlap-mib" in paper and "ade/100-50-mib" in paper
     for name in names:
@@ -383,3 +386,129 @@ def test_ewf_configs_resolve_to_the_official_scripts(dataset, setting, method):
             0.01,
             0.0005,
         )
+
+
+NEST_SCRIPTS = [("voc", s, m) for s in ("15-1", "10-1") for m in ("mib", "plop")] + [
+    ("ade", "100-5", m) for m in ("mib", "plop")
+]
+
+
+@pytest.mark.parametrize(("dataset", "setting", "method"), NEST_SCRIPTS)
+def test_nest_configs_resolve_to_the_official_scripts(dataset, setting, method):
+    """zhengyuan-xie/ECCV24_NeST scripts/: PLOP's data code, 4 GPUs x batch 6, lr 0.02 / 0.001,
+    apex O1; VOC 30 epochs (10 per incremental step on 10-1), --warm_epochs 5 --warm_lr_scale 1;
+    ADE 60 epochs, --warm_epochs 15 --warm_lr_scale 500; MiB's loss_kd 10; PLOP's POD 0.01 /
+    0.0005 (0.001 / 0.00001 on ADE) and --fix_pre_cls on VOC."""
+    voc = dataset == "voc"
+    name = f"voc/{setting}-overlap-{method}+nest" if voc else f"ade/{setting}-{method}+nest"
+    config = load_config(name)
+    p, t, d = config.protocol, config.train, config.data
+    assert (d.dataset, p.setting, p.mode, p.labels, p.split_source, d.test_crop) == (
+        dataset,
+        setting,
+        "overlap",
+        "plop",
+        "rule",
+        512,
+    )
+    assert (t.lr, t.lr_incremental, t.amp, t.batch_size) == (0.02, 0.001, "fp16", 24)
+    assert t.epochs_at(0) == (30 if voc else 60)
+    assert t.epochs_at(1) == {"15-1": 30, "10-1": 10, "100-5": 60}[setting]
+    nest = config.method.build().addons[0]
+    assert (nest.epochs, nest.lr_scale, nest.bias_init) == (
+        (5, 1.0, "random") if voc else (15, 500.0, "random")
+    )
+    assert nest.freeze_old_classifiers == (method == "plop" and voc)
+    params = config.method.params
+    if method == "mib":
+        assert params["kd_weight"] == 10
+    else:
+        assert (params["pod_factor"], params["pod_logits_factor"]) == (
+            (0.01, 0.0005) if voc else (0.001, 0.00001)
+        )
+
+
+@pytest.mark.parametrize("family", ["ilt", "mib+ucd"])
+@pytest.mark.parametrize("setting", ["15-5", "15-1", "10-1"])
+@pytest.mark.parametrize("mode", ["disjoint", "overlap"])
+def test_cssegmentation_ilt_and_ucd_configs(family, setting, mode):
+    """csseg/configs/{ilt,ucd}/*: batch 24, crop 512, apex O1, the poly schedule never stepped;
+    step 0 lr 0.01 (ILT) or 0.02 (UCD), then 0.001; 30 epochs, 10 per incremental step on 10-1;
+    ILT: CE + 100 x KD + 100 x MSE(encoder); UCD: MiB's terms with KD 10, contrastive 0.01."""
+    config = load_config(f"seed/{family}_r101iabnd16_aspp_512x512_vocaug{setting}_{mode}")
+    p, t = config.protocol, config.train
+    assert (p.setting, p.mode, *(p.labels, p.split_source, p.test_selection)) == (
+        setting,
+        mode,
+        *CSSEG,
+    )
+    assert (t.lr, t.lr_incremental, t.lr_power, t.amp, t.batch_size) == (
+        0.02 if family == "mib+ucd" else 0.01,
+        0.001,
+        0.0,
+        "fp16",
+        24,
+    )
+    assert (t.epochs_at(0), t.epochs_at(1)) == (30, 10 if setting == "10-1" else 30)
+    method = config.method.build()
+    if family == "ilt":
+        assert (method.kd_weight, method.feature_weight, method.alpha) == (100, 100, 1)
+    else:
+        assert (method.method.kd_weight, method.method.unce, method.method.unkd) == (10, True, True)
+        assert (method.addons[0].weight, method.addons[0].temperature) == (0.01, 0.07)
+
+
+@pytest.mark.parametrize("setting", ["19-1", "15-5", "15-1"])
+@pytest.mark.parametrize("mode", ["disjoint", "overlap"])
+def test_ucd_paper_configs(setting, mode):
+    """ygjwd12345/UCD README.md:50-53 and argparser.py:35-39: MiB's recipe (lr 0.01 / 0.001,
+    batch 24, 30 epochs, poly 0.9) with loss_kd 10 and the contrastive term / 100."""
+    config = load_config(f"voc/{setting}-{mode}-mib+ucd")
+    t = config.train
+    assert (config.protocol.setting, config.protocol.mode) == (setting, mode)
+    assert (t.lr, t.lr_incremental, t.lr_power, t.batch_size, t.epochs_at(1)) == (
+        0.01,
+        0.001,
+        0.9,
+        24,
+        30,
+    )
+    method = config.method.build()
+    assert method.method.kd_weight == 10 and method.addons[0].weight == 0.01
+
+
+REMINDER_SCRIPTS = {
+    "voc/19-1-overlap-reminder": (32, 30, 30, 0.001, 0.01, 0.0),
+    "voc/15-5-overlap-reminder": (32, 30, 30, 0.001, 0.01, 0.0),
+    "voc/15-1-overlap-reminder": (16, 30, 30, 0.001, 0.01, 0.0),
+    "ade/100-50-reminder": (10, 60, 70, 0.0008, 0.001, 1.0),
+    "ade/100-10-reminder": (10, 60, 70, 0.001, 0.001, 1.0),
+    "ade/100-5-reminder": (10, 60, 70, 0.001, 0.001, 1.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REMINDER_SCRIPTS))
+def test_reminder_configs_resolve_to_the_official_scripts(name):
+    """HieuPhan33/REMINDER scripts/: batch = GPUs x --batch_size (VOC 16 per GPU; ADE 10 on one
+    GPU), lr 0.01 at step 0, --method REMINDER = PLOP + csw_kd 0.5 on VOC; the ADE20K scripts'
+    explicit POD 0.001 / 0.00001 and --delta_csw 1.0; 70 epochs after step 0 on ADE20K."""
+    batch, e0, e1, lr, pod, delta = REMINDER_SCRIPTS[name]
+    config = load_config(name)
+    t, p = config.train, config.protocol
+    assert (p.mode, p.labels, p.split_source) == ("overlap", "plop", "rule")
+    assert (t.batch_size, t.epochs_at(0), t.epochs_at(1), t.lr, t.lr_incremental) == (
+        batch,
+        e0,
+        e1,
+        0.01,
+        lr,
+    )
+    method = config.method.build()
+    assert (method.pod_factor, method.csw_weight, method.delta, method.temperature) == (
+        pod,
+        0.5,
+        delta,
+        3.0,
+    )
+    assert method.pod_logits_factor == (0.0005 if pod == 0.01 else 0.00001)
+    assert method.prototypes == "corrected"

@@ -77,32 +77,41 @@ def test_method_lookup_and_validation():
         config_from_dict({"method": {"name": "mib", "init": "zeros"}})
 
 
-# Which built-in methods implement each hook of the interface (docs/design.md has this table);
-# a hook that no built-in method implements does not belong in the interface.
+# Which built-in methods (and, as "+name", add-ons) implement each hook of the interface
+# (docs/design.md has this table); a hook that none implements does not belong in the interface.
 HOOK_USERS = {
-    "init_new_classifier": {"mib", "plop"},
-    "begin_step": {"ewc", "pi", "rw", "plop"},
-    "scan": {"plop"},
-    "end_scan": {"plop"},
-    "relabel": {"plop"},
-    "losses": {"ft", "lwf", "lwf_mc", "ilt", "ewc", "pi", "rw", "mib", "plop"},
+    "init_new_classifier": {"mib", "plop", "reminder", "+ewf"},
+    "begin_step": {"ewc", "pi", "rw", "plop", "reminder", "+ewf", "+nest"},
+    "scan": {"plop", "reminder"},
+    "end_scan": {"plop", "reminder"},
+    "relabel": {"plop", "reminder"},
+    "losses": {"ft", "lwf", "lwf_mc", "ilt", "ewc", "pi", "rw", "mib", "plop", "reminder", "+ucd"},
+    "prepare_step": {"+nest"},
+    "prepare_passes": {"+nest"},
     "after_backward": {"ewc", "pi", "rw"},
-    "end_step": {"ewc", "pi", "rw"},
-    "state_dict": {"ewc", "pi", "rw"},
-    "load_state_dict": {"ewc", "pi", "rw"},
-    "step_state_dict": {"ewc", "pi", "rw", "plop"},
-    "load_step_state_dict": {"ewc", "pi", "rw", "plop"},
+    "end_step": {"ewc", "pi", "rw", "+ewf"},
+    "after_training": {"reminder"},
+    "state_dict": {"ewc", "pi", "rw", "reminder"},
+    "load_state_dict": {"ewc", "pi", "rw", "reminder"},
+    "step_state_dict": {"ewc", "pi", "rw", "plop", "reminder"},
+    "load_step_state_dict": {"ewc", "pi", "rw", "plop", "reminder"},
 }
 
 
 def test_every_hook_is_implemented_by_a_built_in_method():
-    from incseg.methods.base import Method
+    from incseg.methods import ADDON_PATHS, addon_class
+    from incseg.methods.base import AddOn, Method
 
     hooks = {n for n, v in vars(Method).items() if callable(v) and not n.startswith("_")}
     assert hooks == set(HOOK_USERS)
     for hook, users in HOOK_USERS.items():
         implementing = {
             n for n, cls in METHODS.items() if getattr(cls, hook) is not getattr(Method, hook)
+        }
+        implementing |= {
+            f"+{n}"
+            for n in ADDON_PATHS
+            if getattr(addon_class(n), hook, None) not in (None, getattr(AddOn, hook, None))
         }
         assert implementing == users, hook
 
@@ -112,7 +121,14 @@ def test_every_add_on_hook_is_implemented_by_an_add_on():
     from incseg.methods.base import AddOn
 
     hooks = {n for n, v in vars(AddOn).items() if callable(v) and not n.startswith("_")}
-    assert hooks == {"init_new_classifier", "begin_step", "end_step"}
+    assert hooks == {
+        "init_new_classifier",
+        "begin_step",
+        "prepare_step",
+        "prepare_passes",
+        "losses",
+        "end_step",
+    }
     for hook in hooks:
         assert any(
             getattr(addon_class(n), hook) is not getattr(AddOn, hook) for n in ADDON_PATHS

@@ -12,7 +12,7 @@ import pytest
 from incseg.cli import main
 from incseg.config import RANGES, RELATIVE_KEYS, Config, config_from_dict, load_config
 from incseg.errors import ConfigError
-from incseg.methods import METHODS
+from incseg.methods import ADDON_PATHS, METHODS, addon_class
 from incseg.ranges import Range, check_range, ranges_of
 
 TINY = [
@@ -67,10 +67,23 @@ def method_numeric_keys() -> list[tuple[str, str]]:
     return pairs
 
 
+def addon_numeric_keys() -> list[tuple[str, str]]:
+    pairs = []
+    for name in sorted(ADDON_PATHS):
+        cls = addon_class(name)
+        hints = typing.get_type_hints(cls)
+        pairs += [
+            (name, f.name) for f in dataclasses.fields(cls) if f.init and _numeric(hints[f.name])
+        ]
+    return pairs
+
+
 def test_every_numeric_key_has_a_range():
     assert set(config_numeric_keys()) == set(RANGES) | set(RELATIVE_KEYS)
     for name, key in method_numeric_keys():
         assert key in ranges_of(METHODS[name]), f"{name}.{key} has no range"
+    for name, key in addon_numeric_keys():
+        assert key in ranges_of(addon_class(name)), f"{name}.{key} has no range"
     # Every upper bound is below the walk's absurd value, so the walk meets it.
     every = list(RANGES.values()) + [r for cls in METHODS.values() for r in ranges_of(cls).values()]
     assert all(r.high < WALK[-1] and r.low >= 0 for r in every)
@@ -152,6 +165,15 @@ ACCEPTED_RUNS = {  # the in-range values the walk meets, grouped into real runs
     "rw": ["method.weight=0", "method.alpha=0"],
     "pi": ["method.weight=0"],
     "plop": ["method.pod_factor=0", "method.pod_logits_factor=0", "method.threshold=0"],
+    "reminder": [
+        "method.pod_factor=0",
+        "method.pod_logits_factor=0",
+        "method.threshold=0",
+        "method.csw_weight=0",
+        "method.delta=0",
+    ],
+    "mib+nest": ["method.nest.epochs=0"],
+    "mib+ucd": ["method.ucd.weight=0"],
 }
 
 
@@ -169,6 +191,11 @@ def test_walk_every_numeric_key_with_zero_negative_and_absurd(tmp_path, capsys):
             (name, a)
             for a in _walk(f"method.{key}", prefix, ranges_of(METHODS[name])[key], tmp_path, capsys)
         }
+    for addon, key in addon_numeric_keys():
+        prefix = ["run", "demo", "--set", f"method={{name: mib+{addon}}}"]
+        valid = ranges_of(addon_class(addon))[key]
+        key = f"method.{addon}.{key}"
+        met |= {(f"mib+{addon}", a) for a in _walk(key, prefix, valid, tmp_path, capsys)}
     assert met == {(group, a) for group, values in ACCEPTED_RUNS.items() for a in values}
 
 

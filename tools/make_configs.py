@@ -261,6 +261,255 @@ def _ewf(dataset: str, setting: str, method: str) -> str:
     )
 
 
+NEST_COMMIT = "f96185b"
+NEST_SCRIPTS = {
+    ("voc", "15-1"): 30,
+    ("voc", "10-1"): 10,
+    ("ade", "100-5"): 60,
+}  # scripts/{voc,ade}/{mib,plop}+ours_resnet101_{setting}.sh: epochs of the incremental steps
+NEST_TEMPLATE = """\
+# {title} + NeST (Xie et al., ECCV 2024) on {family} {setting}, as
+# scripts/{dataset}/{method}+ours_resnet101_{setting}.sh trains it (TASK={task}). Cited files are in
+# github.com/zhengyuan-xie/ECCV24_NeST (commit {commit}), based on MiB's and PLOP's code (its dataset
+# code and transforms are PLOP's); written by tools/make_configs.py. Keys left at incseg's defaults are
+# the scripts' too: SGD lr 0.001 after step 0, Nesterov momentum 0.9, weight decay 1e-4, poly 0.9
+# (run.py:382-394, argparser.py:165, 182), crop 512 with scale 0.5-2.0 (run.py:47-54), batch 24
+# (6 per GPU on 4 GPUs).
+name: {name}
+data:
+  dataset: {dataset}
+  root: data/{dataset}
+  test_crop: 512          # Resize(512) + CenterCrop(512) at test (--crop_val, run.py:56-62)
+protocol:
+  setting: {setting}
+  mode: overlap           # --overlap in every NeST script
+  labels: plop            # PLOP's dataset code (dataset/{dataset}.py)
+  split_source: rule      # the overlap filter of PLOP's dataset code
+model:
+  pretrained: iabn        # In-Place ABN's ImageNet ResNet-101 (README: resnet101_iabn_sync.pth.tar)
+method:
+  name: {method}+nest
+{method_keys}  nest:
+    epochs: {warm_epochs}  # --warm_epochs {warm_epochs}
+    lr_scale: {lr_scale}  # --warm_lr_scale {lr_scale}
+{freeze}train:
+  lr: 0.02                # --lr 0.02 on the step-0 line
+  amp: fp16               # --opt_level O1 in every script
+{epochs}"""
+
+
+def _nest(dataset: str, setting: str, method: str) -> str:
+    voc = dataset == "voc"
+    incremental = NEST_SCRIPTS[(dataset, setting)]
+    if method == "mib":
+        keys = "  kd_weight: 10  # --loss_kd 10 --unce --unkd --init_balanced in OPTIONS\n"
+    elif voc:
+        keys = "  pod_factor: 0.01  # --pod local --pod_factor 0.01 --pod_logits in OPTIONS\n  pod_logits_factor: 0.0005  # --pod_options switch.after.factor\n"
+    else:
+        keys = "  pod_factor: 0.001  # --pod_factor 0.001 in OPTIONS\n  pod_logits_factor: 0.00001  # --pod_options switch.after.factor\n"
+    freeze = ""
+    if method == "plop" and voc:
+        freeze = "    freeze_old_classifiers: true  # --fix_pre_cls in OPTIONS (train.py:422-430)\n"
+    if voc:
+        epochs = (
+            ""
+            if incremental == 30
+            else f"  epochs_incremental: {incremental}  # EPOCHS={incremental}\n"
+        )
+    else:
+        epochs = "  epochs: 60              # --epochs 60 at every step\n"
+    return NEST_TEMPLATE.format(
+        title="MiB" if method == "mib" else "PLOP",
+        family="Pascal VOC" if voc else "ADE20K",
+        setting=setting,
+        dataset=dataset,
+        method=method,
+        task="15-5s" if setting == "15-1" else setting,
+        commit=NEST_COMMIT,
+        name=f"{dataset}-{setting}-overlap-{method}-nest"
+        if voc
+        else f"ade-{setting}-{method}-nest",
+        method_keys=keys,
+        warm_epochs=5 if voc else 15,
+        lr_scale=1 if voc else 500,
+        freeze=freeze,
+        epochs=epochs,
+    )
+
+
+CSSEG_STEMS = [f"vocaug{s}_{m}" for s in ("15-5", "15-1", "10-1") for m in ("disjoint", "overlap")]
+CSSEG_METHOD_TEMPLATE = """\
+# {title} on VOC {setting} {mode_word}, trained with cssegmentation's recipe ({reported}).
+# Source: configs/{folder}/{name}.py and configs/{folder}/base_cfg.py.
+# Written by tools/make_configs.py; cited files are under csseg/ in
+# github.com/SegmentationBLWX/cssegmentation (commit c125175).{extra}
+# Not reproduced: cssegmentation keeps the checkpoint with the best *test* mIoU of each step
+# (modules/runners/base.py:160-167); incseg reports the last epoch.
+name: {name}
+data:
+  dataset: voc
+  root: data/voc
+  test_crop: 512          # Resize(512) + CenterCrop(512) at test (configs/_base_/datasets/vocaug_512x512.py)
+protocol:
+  setting: {setting}
+  mode: {mode}
+  labels: plop            # void ignored in training, unseen classes background at test (modules/datasets/base.py:128-133)
+  split_source: rule      # images filtered on the fly by the {mode} rule (modules/datasets/base.py:147-167)
+  test_selection: mode    # the test set filtered by the same rule{test_note} (modules/datasets/base.py:115-127)
+model:
+  pretrained: iabn        # In-Place ABN's ImageNet ResNet-101 (configs/{folder}/base_cfg.py)
+method:
+{method}train:
+{lr}  lr_power: 0             # constant LR: the poly scheduler is built but never stepped (modules/models/schedulers/base.py:26-35 never calls updatelr)
+  amp: fp16               # apex O1 mixed precision
+{epochs}"""
+ILT_METHOD = """\
+  name: ilt
+  kd_weight: 100          # distillation_logits scale_factor, alpha 1 (configs/ilt/base_cfg.py:37; runners/ilt.py:56-73)
+  feature_weight: 100     # distillation_features MSELoss scale_factor on the encoder output (configs/ilt/base_cfg.py:38)
+"""
+UCD_METHOD = """\
+  name: mib+ucd
+  kd_weight: 10           # distillation scale_factor 10, alpha 1 (configs/ucd/base_cfg.py:33)
+  ucd:
+    weight: 0.01          # contrastive scale_factor 0.01, temperature 0.07 by default (configs/ucd/base_cfg.py:34; runners/ucd.py:91)
+"""
+
+
+def _csseg_method(family: str, stem: str, zoo: float | None) -> str:
+    setting, mode = stem.removeprefix("vocaug").split("_")
+    name = f"{family}_r101iabnd16_aspp_512x512_{stem}"
+    epochs = ""
+    if setting == "10-1":
+        epochs = "  epochs_incremental: 10  # 10 epochs per incremental step (the config's scheduler_cfg[1:] max_epochs)\n"
+    ucd = family == "mib+ucd"
+    extra = ""
+    if ucd:
+        extra = (
+            "\n# cssegmentation's UCD builds its new-class masks from zeros (modules/runners/ucd.py:152-160),"
+            "\n# so new-with-new pairs keep the old model's joint probability as weight; incseg gives them"
+            "\n# weight 1, as the official code (docs/methods.md, ucd). Its UCD configs do not run at"
+            "\n# c125175 (they import OPTIMIZER_CFG_SGD, which configs/_base_ no longer exports)."
+        )
+    return CSSEG_METHOD_TEMPLATE.format(
+        title="MiB + UCD" if ucd else "ILT",
+        setting=setting,
+        mode=mode,
+        mode_word="overlapped" if mode == "overlap" else mode,
+        reported=f"its model zoo reports mIoU {zoo}%"
+        if zoo is not None
+        else "its model zoo reports no number",
+        folder="ucd" if ucd else "ilt",
+        name=name,
+        extra=extra,
+        test_note="; under overlap that is the default selection" if mode == "overlap" else "",
+        method=UCD_METHOD if ucd else ILT_METHOD,
+        lr="  lr: 0.02                # step-0 learning rate 0.02 (scheduler_cfg[0])\n"
+        if ucd
+        else "",
+        epochs=epochs,
+    )
+
+
+UCD_PAPER = ("19-1", "15-5", "15-1")  # the paper's Table 1 (VOC, disjoint and overlapped)
+UCD_TEMPLATE = """\
+# MiB + UCD (Yang et al., TPAMI 2022) on Pascal VOC {setting} {mode}, the recipe of the official README
+# (github.com/ygjwd12345/UCD at cc73546, README.md:50-53; the repository ships no script): lr 0.01 at
+# step 0 and 0.001 after, global batch 24, 30 epochs; --method UCD sets MiB's terms, loss_kd 10
+# (argparser.py:35-39); the contrastive term's weight 1/100 is fixed (train.py:116). Data code and
+# splits are MiB's (the repository is a fork of fcdl94/MiB). Written by tools/make_configs.py.
+name: voc-{setting}-{mode}-mib-ucd
+data:
+  dataset: voc
+  root: data/voc
+  test_crop: 512
+protocol:
+  setting: {setting}
+  mode: {mode}
+model:
+  pretrained: iabn        # In-Place ABN's ImageNet ResNet-101, as MiB
+method:
+  name: mib+ucd
+  kd_weight: 10           # --method UCD: loss_kd 10 (argparser.py:35-39)
+  ucd:
+    weight: 0.01          # /100 (train.py:116)
+    temperature: 0.07     # --temperature default (argparser.py:138-139)
+"""
+
+
+REMINDER_COMMIT = "f8d225e"
+REMINDER_SCRIPTS = {
+    ("voc", "19-1"): ("reminder_19-1.sh", 32, 30, 0.001),
+    ("voc", "15-5"): ("reminder_15-5.sh", 32, 30, 0.001),
+    ("voc", "15-1"): ("reminder_15-1.sh", 16, 30, 0.001),
+    ("ade", "100-50"): ("reminder_100-50.sh", 10, 70, 0.0008),
+    ("ade", "100-10"): ("reminder_100-10.sh", 10, 70, 0.001),
+    ("ade", "100-5"): ("reminder_100-5.sh", 10, 70, 0.001),
+}  # script, global batch (GPUs x --batch_size), epochs and lr of the incremental steps
+REMINDER_TEMPLATE = """\
+# REMINDER (Phan et al., CVPR 2022) on {family} {setting}, as scripts/{dataset}/{script} trains it.
+# Cited files are in github.com/HieuPhan33/REMINDER (commit {commit}), a fork of PLOP's code (its data
+# code and transforms are PLOP's); written by tools/make_configs.py. Keys left at incseg's defaults
+# are the scripts' too: SGD lr 0.01 at step 0, Nesterov momentum 0.9, weight decay 1e-4, poly 0.9
+# stepped every iteration (run.py:274-279), crop 512 with scale 0.5-2.0 (run.py:42-49).
+# The paper's numbers came from the code at 7872ac7, which pairs prototypes' labels with transposed
+# positions: set method.prototypes: published to train that variant (docs/methods.md, reminder).
+name: {name}
+data:
+  dataset: {dataset}
+  root: data/{dataset}
+  test_crop: 512          # Resize(512) + CenterCrop(512) at test (--crop_val)
+protocol:
+  setting: {setting}
+  mode: overlap           # --overlap in every REMINDER script
+  labels: plop            # PLOP's dataset code (dataset/{dataset}.py)
+  split_source: rule      # the overlap filter of PLOP's dataset code
+model:
+  pretrained: iabn        # In-Place ABN's ImageNet ResNet-101
+method:
+  name: reminder
+{method_keys}train:
+  batch_size: {batch}  # {batch_note}
+  lr_incremental: {lr}  # --lr {lr} for steps > 0
+  amp: fp16               # --opt_level O1 in every script
+{epochs}"""
+
+
+def _reminder(dataset: str, setting: str) -> str:
+    voc = dataset == "voc"
+    script, batch, epochs, lr = REMINDER_SCRIPTS[(dataset, setting)]
+    if voc:
+        keys = (
+            "  pod_factor: 0.01  # --method REMINDER = PLOP's settings (argparser.py:58-66)\n"
+            "  pod_logits_factor: 0.0005  # pod_options switch.after.factor (argparser.py:61)\n"
+            "  csw_weight: 0.5  # csw_kd (argparser.py:67)\n"
+            "  delta: 0.0  # --delta_csw not set (default 0, argparser.py:297-302)\n"
+        )
+        train_epochs = ""
+    else:
+        keys = (
+            "  pod_factor: 0.001  # --pod_factor 0.001 in the script\n"
+            "  pod_logits_factor: 0.00001  # --pod_options switch.after.factor\n"
+            "  csw_weight: 0.5  # --csw_kd 0.5\n"
+            "  delta: 1.0  # --delta_csw 1.0\n"
+        )
+        train_epochs = f"  epochs: 60              # --epochs 60 at step 0\n  epochs_incremental: {epochs}  # --epochs {epochs} after\n"
+    gpus = batch // (16 if voc else 10)
+    return REMINDER_TEMPLATE.format(
+        family="Pascal VOC" if voc else "ADE20K",
+        setting=setting,
+        dataset=dataset,
+        script=script,
+        commit=REMINDER_COMMIT,
+        name=f"voc-{setting}-overlap-reminder" if voc else f"ade-{setting}-reminder",
+        method_keys=keys,
+        batch=batch,
+        batch_note=f"--batch_size {16 if voc else 10} per GPU on {gpus} GPU{'s' if gpus > 1 else ''}",
+        lr=lr,
+        epochs=train_epochs,
+    )
+
+
 CSSEG_PLOP = [
     f"plop_r101iabnd16_aspp_512x512_vocaug{s}_{m}"
     for s in ("15-5", "15-1", "10-1")
@@ -336,17 +585,47 @@ def main() -> None:
         (OUT / "ade" / f"{setting}-plop.yaml").write_text(_plop("ade", setting))
     for name in CSSEG_PLOP:
         (OUT / "seed" / f"{name}.yaml").write_text(_csseg_plop(name))
+    written = _write_successors()
+    print(
+        f"wrote {len(jobs)} paper configs, {len(SEED_MIOU)} seed configs, "
+        f"{len(PLOP_VOC) + len(PLOP_ADE) + len(CSSEG_PLOP)} PLOP configs and {written} configs "
+        f"of later methods under {OUT}"
+    )
+
+
+def _write_successors() -> int:
+    """The configs of the methods after PLOP (and cssegmentation's ILT); returns how many."""
+    from incseg.configs import PUBLISHED
+
+    files: dict[Path, str] = {}
     for setting in EWF_VOC:
         for method in ("mib", "plop"):
-            (OUT / "voc" / f"{setting}-overlap-{method}+ewf.yaml").write_text(
-                _ewf("voc", setting, method)
+            files[OUT / "voc" / f"{setting}-overlap-{method}+ewf.yaml"] = _ewf(
+                "voc", setting, method
             )
     for setting in EWF_ADE:
-        (OUT / "ade" / f"{setting}-mib+ewf.yaml").write_text(_ewf("ade", setting, "mib"))
-    print(
-        f"wrote {len(jobs)} paper configs, {len(SEED_MIOU)} seed configs and "
-        f"{len(PLOP_VOC) + len(PLOP_ADE) + len(CSSEG_PLOP)} PLOP configs under {OUT}"
-    )
+        files[OUT / "ade" / f"{setting}-mib+ewf.yaml"] = _ewf("ade", setting, "mib")
+
+    for stem in CSSEG_STEMS:
+        for family in ("ilt", "mib+ucd"):
+            name = f"{family}_r101iabnd16_aspp_512x512_{stem}"
+            zoo = PUBLISHED.get(f"seed/{name}", (None,))[0]
+            files[OUT / "seed" / f"{name}.yaml"] = _csseg_method(family, stem, zoo)
+    for setting in UCD_PAPER:
+        for mode in ("disjoint", "overlap"):
+            text = UCD_TEMPLATE.format(setting=setting, mode=mode)
+            files[OUT / "voc" / f"{setting}-{mode}-mib+ucd.yaml"] = text
+    for dataset, setting in NEST_SCRIPTS:
+        for method in ("mib", "plop"):
+            voc = dataset == "voc"
+            stem = f"{setting}-overlap-{method}+nest" if voc else f"{setting}-{method}+nest"
+            files[OUT / dataset / f"{stem}.yaml"] = _nest(dataset, setting, method)
+    for dataset, setting in REMINDER_SCRIPTS:
+        stem = f"{setting}-overlap-reminder" if dataset == "voc" else f"{setting}-reminder"
+        files[OUT / dataset / f"{stem}.yaml"] = _reminder(dataset, setting)
+    for path, text in files.items():
+        path.write_text(text)
+    return len(files)
 
 
 if __name__ == "__main__":

@@ -511,7 +511,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _config_list() -> str:
-    from incseg.configs import SEED_MIOU, ZOO_MIOU
+    from incseg.configs import PUBLISHED, SEED_MIOU, ZOO_MIOU
 
     lines = []
     for name in builtin_configs(with_folders=True):
@@ -522,11 +522,15 @@ def _config_list() -> str:
                 note = f"seed mIoU {miou}% (with background)"
             elif zoo is not None:
                 note = f"not in the seed table; cssegmentation's zoo: {zoo}% (with background)"
-            elif name.startswith("seed/plop_"):
-                note = "cssegmentation's PLOP recipe, no number reported"
+            elif name in PUBLISHED:
+                note = "{}% ({})".format(*PUBLISHED[name])
+            elif name.startswith(("seed/plop_", "seed/mib+ucd_", "seed/ilt_")):
+                note = "cssegmentation's recipe, no number reported"
             else:
                 note = "seed mIoU not reported"
             name = f"{name:<58} {note}"
+        elif name in PUBLISHED:
+            name = "{:<58} {}% ({})".format(name, *PUBLISHED[name])
         lines.append(name)
     seed_note = (
         "Seed rows: the seed's own checkpoints can be imported and evaluated (download, incseg "

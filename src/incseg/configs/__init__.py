@@ -25,3 +25,39 @@ ZOO_MIOU: dict[str, float] = {
     "mib_r101iabnd16_aspp_512x512_vocaug15-1_disjoint": 40.7,
     "mib_r101iabnd16_aspp_512x512_vocaug15-1_overlap": 34.6,
 }
+
+# Numbers other codebases and papers publish for built-in configs that are not seed rows:
+# config name -> (mIoU in %, what it is and where it is published). ``incseg configs`` shows them.
+PUBLISHED: dict[str, tuple[float, str]] = {
+    # cssegmentation's ILT model zoo (docs/modelzoo/ilt/README.md:33-36 at c125175), every class
+    # with background, as the seed table.
+    "seed/ilt_r101iabnd16_aspp_512x512_vocaug15-1_disjoint": (
+        8.6,
+        "cssegmentation's zoo, with background",
+    ),
+    "seed/ilt_r101iabnd16_aspp_512x512_vocaug15-1_overlap": (
+        9.3,
+        "cssegmentation's zoo, with background",
+    ),
+    "seed/ilt_r101iabnd16_aspp_512x512_vocaug10-1_disjoint": (
+        5.4,
+        "cssegmentation's zoo, with background",
+    ),
+    "seed/ilt_r101iabnd16_aspp_512x512_vocaug10-1_overlap": (
+        5.9,
+        "cssegmentation's zoo, with background",
+    ),
+    # UCD paper, Table 1 (ygjwd12345/UCD image/result1.png), MiB+UCD, the "all" column.
+    "voc/19-1-disjoint-mib+ucd": (72.0, "UCD paper Table 1, all"),
+    "voc/19-1-overlap-mib+ucd": (71.7, "UCD paper Table 1, all"),
+    "voc/15-5-disjoint-mib+ucd": (66.3, "UCD paper Table 1, all"),
+    "voc/15-5-overlap-mib+ucd": (71.5, "UCD paper Table 1, all"),
+    "voc/15-1-disjoint-mib+ucd": (43.5, "UCD paper Table 1, all"),
+    "voc/15-1-overlap-mib+ucd": (42.2, "UCD paper Table 1, all"),
+    # REMINDER README (images/results.png), the "all" column (VOC overlapped; ADE20K).
+    "voc/19-1-overlap-reminder": (74.38, "REMINDER README, all"),
+    "voc/15-5-overlap-reminder": (70.07, "REMINDER README, all"),
+    "voc/15-1-overlap-reminder": (58.52, "REMINDER README, all"),
+    "ade/100-50-reminder": (34.14, "REMINDER README, all"),
+    "ade/100-10-reminder": (33.11, "REMINDER README, all"),
+}

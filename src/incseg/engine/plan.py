@@ -71,7 +71,8 @@ def check_plan(plans: list[StepPlan]) -> None:
 def format_plan(config: Config, plans: list[StepPlan], method: Method) -> str:
     """The table ``incseg run --dry-run`` prints, with the image passes the run's cost is
     proportional to: forward+backward passes of the student, forward passes of the old model
-    (every batch with ``needs_old_model``, one more epoch with ``scans_old_model``, steps > 0)
+    (every batch with ``needs_old_model``, one more epoch with ``scans_old_model``, steps > 0),
+    those of ``prepare_step`` (``Method.prepare_passes``)
     and evaluation forwards (the test set after each step)."""
     c = config
     title = (
@@ -97,6 +98,9 @@ def format_plan(config: Config, plans: list[StepPlan], method: Method) -> str:
         if p.step > 0:
             old += p.epochs * p.images_per_epoch if method.needs_old_model else 0
             old += p.images_per_epoch if method.scans_old_model else 0
+            extra_student, extra_old = method.prepare_passes()
+            student += extra_student * p.images_per_epoch
+            old += extra_old * p.images_per_epoch
         evaluated += p.num_test
     lines.append(
         f"image passes: {student:,} student forward+backward, {old:,} old-model forward, "

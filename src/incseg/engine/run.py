@@ -34,7 +34,7 @@ from incseg.engine.plan import check_plan, plan_steps
 from incseg.engine.rundir import TENSORBOARD_DIR, RunDir
 from incseg.engine.runtime import Runtime
 from incseg.engine.tensorboard import Scalars, check_tensorboard, open_scalars
-from incseg.engine.train import Optimisation, Step, scan_old_model, train_one_epoch
+from incseg.engine.train import Optimisation, Step, StepData, scan_old_model, train_one_epoch
 from incseg.methods.base import Method
 from incseg.metrics import GROUPING, StepReport, iou_per_class
 from incseg.protocol import Setting, get_setting, step_info
@@ -203,10 +203,15 @@ class Run:
         log.info(f"resuming step {step.info.step} after epoch {partial['epochs_done']}")
 
     def before_training(self, step: Step) -> None:
-        """The method's pass of the old model over the step's data (``scans_old_model``); a
-        resumed step restored its result with the method's step state instead."""
-        if self.method.scans_old_model and step.old_model is not None and not step.history:
+        """At a step > 0, the method's pass of the old model over the step's data
+        (``scans_old_model``), then its ``prepare_step``; a resumed step restored their results
+        (method step state, weights) instead."""
+        if step.old_model is None or step.history:
+            return
+        if self.method.scans_old_model:
             scan_old_model(step, self.method, self.rt)
+        data = StepData(step, self.rt, self.config.train)
+        self.method.prepare_step(data, step.info, step.model, step.old_model)
 
     def epochs(self, step: Step) -> tqdm:
         """The epochs left to train in ``step``, with a progress bar."""
@@ -260,10 +265,11 @@ class Run:
         return float(iou[present].mean()) if bool(present.any()) else float("nan")
 
     def finish(self, step: Step) -> StepReport:
-        """``end_step``; evaluate on all seen classes; record the step (checkpoint, metrics,
+        """``end_step`` and ``after_training``; evaluate on all seen classes; record the step (checkpoint, metrics,
         scalars) and print its table; its model becomes the next step's old model."""
         info = step.info
         self.method.end_step(info, step.model)
+        self.method.after_training(StepData(step, self.rt, self.config.train), info, step.model)
         test = self.data.test_loader(info)
         matrix = evaluate(step.model, test, info.num_channels, self.rt)
         report = StepReport.from_confusion(matrix, info)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +103,56 @@ class Step:
     epochs: int = 1
     net: nn.Module | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class StepData:
+    """A step's training batches and optimiser settings as a method's ``prepare_step`` sees them
+    (the protocol :class:`incseg.methods.base.StepData`)."""
+
+    step: Step
+    rt: Runtime
+    train: TrainConfig
+
+    @property
+    def device(self) -> torch.device:
+        return self.rt.device
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.step.loader)
+
+    @property
+    def epochs(self) -> int:
+        return self.step.epochs
+
+    @property
+    def sgd_settings(self) -> dict[str, Any]:
+        train = self.train
+        return {
+            "lr": train.lr_at(self.step.info.step),
+            "momentum": train.momentum,
+            "nesterov": train.nesterov and train.momentum > 0,
+            "weight_decay": train.weight_decay,
+            "lr_power": train.lr_power,
+        }
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.step.loader.batch_sampler.set_epoch(epoch)
+        for images, targets in self.step.loader:
+            images = images.to(
+                self.rt.device, non_blocking=True, memory_format=self.rt.memory_format
+            )
+            yield images, targets.to(self.rt.device, non_blocking=True)
+
+    def autocast(self) -> AbstractContextManager:
+        return self.rt.autocast()
+
+    def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(tensor, self.rt.dist)
+
+    def mean_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce_mean(tensor, self.rt.dist)
 
 
 def train_one_epoch(

@@ -31,11 +31,14 @@ METHOD_PATHS: dict[str, str] = {
     "pi": "incseg.methods.regularizers:PI",
     "mib": "incseg.methods.mib:MiB",
     "plop": "incseg.methods.plop:PLOP",
+    "reminder": "incseg.methods.reminder:REMINDER",
 }
 METHOD_NAMES = tuple(sorted(METHOD_PATHS))
 # Add-ons apply on top of any method (``method.name: mib+ewf``); they act at steps > 0 only.
 ADDON_PATHS: dict[str, str] = {
     "ewf": "incseg.methods.ewf:EWF",
+    "nest": "incseg.methods.nest:NeST",
+    "ucd": "incseg.methods.ucd:UCD",
 }
 ENTRY_POINT_GROUP = "incseg.methods"
 

@@ -7,19 +7,22 @@ Per step the engine (:mod:`incseg.engine.run`) calls, in this order:
 3. only when resuming an interrupted step: the mid-step weights are loaded into the model (in
    place) and :meth:`Method.load_step_state_dict` restores what the method accumulated in the
    step so far, so everything before this point is exactly what a fresh run did;
-4. otherwise, with ``scans_old_model`` at steps > 0: one pass of the frozen old model over the
+4. otherwise, at steps > 0: with ``scans_old_model``, one pass of the frozen old model over the
    step's training batches (epoch 0's order and augmentation, no gradients): :meth:`Method.scan`
    returns additive statistics of each batch, the engine sums them over batches and processes
    and hands the totals to :meth:`Method.end_scan` (PLOP's entropy thresholds).
    What ``end_scan`` keeps belongs in :meth:`Method.step_state_dict`, so a resumed step skips
-   the pass and gets the same values;
+   the pass and gets the same values; then :meth:`Method.prepare_step` (NeST's pre-tuning),
+   which sees the step's training batches (:class:`StepData`) and may change the model; a
+   resumed step loads the weights it left instead;
 5. every iteration: the old model's outputs (steps > 0, ``needs_old_model``), then
    :meth:`Method.relabel` (what it returns is what :meth:`Method.losses` gets as ``targets``),
    the student's forward, :meth:`Method.losses`, backward, :meth:`Method.after_backward` (only
    with ``needs_gradients``), the optimizer step;
-6. :meth:`Method.end_step`, then evaluation; :meth:`Method.state_dict` is saved with the step.
+6. :meth:`Method.end_step`, :meth:`Method.after_training`, then evaluation;
+   :meth:`Method.state_dict` is saved with the step.
 
-Every hook is implemented by at least one built-in method (docs/design.md lists which).
+Every hook is implemented by at least one built-in method or add-on (docs/design.md lists which).
 Both models return the intermediate maps named in ``features``
 (:data:`incseg.models.choices.FEATURE_NAMES`) in ``output.features``; with none named the
 forward pass is the plain one.
@@ -33,8 +36,10 @@ numeric one declares its valid values with :func:`incseg.ranges.ranged`, a choic
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -43,6 +48,41 @@ from incseg.protocol.steps import StepInfo
 
 if TYPE_CHECKING:  # annotations only: the model modules import torchvision
     from incseg.models.segmenter import SegmenterOutput
+
+
+class StepData(Protocol):
+    """What :meth:`Method.prepare_step` sees of a step's training (the engine's
+    :class:`incseg.engine.train.StepData`).
+
+    Attributes:
+        device: where the models are.
+        batches_per_epoch: training batches per epoch (this process's).
+        epochs: epochs the step trains.
+        sgd_settings: the step's ``lr``, ``momentum``, ``nesterov``, ``weight_decay`` and
+            ``lr_power`` (the poly exponent).
+    """
+
+    device: torch.device
+    batches_per_epoch: int
+    epochs: int
+    sgd_settings: dict[str, Any]
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The training batches of ``epoch`` (its order and augmentation), on the device:
+        ``(B, 3, H, W)`` images and ``(B, H, W)`` channel indices, 255 = ignore."""
+        ...
+
+    def autocast(self) -> AbstractContextManager:
+        """The run's mixed precision context."""
+        ...
+
+    def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In place over every process (identity for one); returns it."""
+        ...
+
+    def mean_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In place over every process (identity for one); returns it."""
+        ...
 
 
 @dataclass
@@ -92,6 +132,18 @@ class Method:
     def end_scan(self, totals: dict[str, torch.Tensor], info: StepInfo) -> None:
         """Receive the summed :meth:`scan` statistics (same keys) before the step's training."""
 
+    def prepare_step(
+        self, data: StepData, info: StepInfo, model: nn.Module, old_model: nn.Module
+    ) -> None:
+        """Before a step > 0 trains (after the scan; not when resuming it mid-step): may train
+        parts of ``model`` on the step's batches (NeST's pre-tuning). ``old_model`` is frozen,
+        in eval mode."""
+
+    def prepare_passes(self) -> tuple[int, int]:
+        """Epochs of (student, old-model) passes :meth:`prepare_step` runs per step > 0, for the
+        cost ``incseg run --dry-run`` shows."""
+        return (0, 0)
+
     def relabel(
         self, old_output: SegmenterOutput | None, targets: torch.Tensor, info: StepInfo
     ) -> Any:
@@ -125,6 +177,11 @@ class Method:
     def end_step(self, info: StepInfo, model: nn.Module) -> None:
         """Called after a step's training, before evaluation."""
 
+    def after_training(self, data: StepData, info: StepInfo, model: nn.Module) -> None:
+        """After :meth:`end_step`, before evaluation: may pass ``model`` (the step's final one)
+        over the step's training batches to keep statistics for later steps (REMINDER's class
+        prototypes); what it keeps belongs in :meth:`state_dict`."""
+
     def state_dict(self) -> dict[str, Any]:
         """State that must survive across steps and in checkpoints (none here)."""
         return {}
@@ -148,15 +205,44 @@ class AddOn:
     (``method: {name: mib+ewf, ewf: {freeze_old_classifiers: true}}``). It has the step hooks of
     a method that such techniques need; the engine calls them through :class:`WithAddOns`:
 
-    - :meth:`init_new_classifier`: right after the classifier grew, *before* the method's own;
-    - :meth:`begin_step` and :meth:`end_step`: after the method's own.
+    - :meth:`init_new_classifier`: right after the classifier grew, *before* the method's own,
+      which is skipped when an add-on ``replaces_classifier_init`` (NeST);
+    - :meth:`begin_step`, :meth:`prepare_step` and :meth:`end_step`: after the method's own;
+    - :meth:`losses`: its terms are added to the method's (UCD), with the batch's labels as the
+      loader gave them (before the method's ``relabel``).
+
+    ``needs_old_model`` and ``features`` add to the method's capabilities.
     """
+
+    replaces_classifier_init: ClassVar[bool] = False
+    needs_old_model: ClassVar[bool] = False
+    features: ClassVar[tuple[str, ...]] = ()
 
     def init_new_classifier(self, model: nn.Module, info: StepInfo) -> None:
         """Called once right after the step's classifier was added (steps > 0)."""
 
     def begin_step(self, info: StepInfo, model: nn.Module) -> None:
         """Called before training a step, after the method's ``begin_step`` (also on resume)."""
+
+    def prepare_step(
+        self, data: StepData, info: StepInfo, model: nn.Module, old_model: nn.Module
+    ) -> None:
+        """As :meth:`Method.prepare_step`, after the method's own."""
+
+    def prepare_passes(self) -> tuple[int, int]:
+        """As :meth:`Method.prepare_passes`."""
+        return (0, 0)
+
+    def losses(
+        self,
+        output: SegmenterOutput,
+        old_output: SegmenterOutput | None,
+        targets: torch.Tensor,
+        info: StepInfo,
+    ) -> dict[str, torch.Tensor]:
+        """Extra named, weighted loss terms (names distinct from the method's); ``targets`` are
+        the batch's ``(B, H, W)`` channel indices before the method's ``relabel``."""
+        return {}
 
     def end_step(self, info: StepInfo, model: nn.Module) -> None:
         """Called after a step's training and the method's ``end_step``, before evaluation."""
@@ -168,24 +254,41 @@ class WithAddOns(Method):
 
     def __init__(self, method: Method, addons: list[AddOn]) -> None:
         self.method, self.addons = method, list(addons)
-        for capability in ("needs_old_model", "features", "scans_old_model", "needs_gradients"):
+        for capability in ("scans_old_model", "needs_gradients", "plain_first_step"):
             setattr(self, capability, getattr(method, capability))
-        self.plain_first_step = method.plain_first_step
+        self.needs_old_model = method.needs_old_model or any(a.needs_old_model for a in addons)
+        features = [*method.features, *(f for a in addons for f in a.features)]
+        self.features = tuple(dict.fromkeys(features))
 
     def init_new_classifier(self, model: nn.Module, info: StepInfo) -> None:
         for addon in self.addons:
             addon.init_new_classifier(model, info)
-        self.method.init_new_classifier(model, info)
+        if not any(addon.replaces_classifier_init for addon in self.addons):
+            self.method.init_new_classifier(model, info)
 
     def begin_step(self, info: StepInfo, model: nn.Module) -> None:
         self.method.begin_step(info, model)
         for addon in self.addons:
             addon.begin_step(info, model)
 
+    def prepare_step(
+        self, data: StepData, info: StepInfo, model: nn.Module, old_model: nn.Module
+    ) -> None:
+        self.method.prepare_step(data, info, model, old_model)
+        for addon in self.addons:
+            addon.prepare_step(data, info, model, old_model)
+
+    def prepare_passes(self) -> tuple[int, int]:
+        passes = [self.method.prepare_passes(), *(a.prepare_passes() for a in self.addons)]
+        return sum(p[0] for p in passes), sum(p[1] for p in passes)
+
     def end_step(self, info: StepInfo, model: nn.Module) -> None:
         self.method.end_step(info, model)
         for addon in self.addons:
             addon.end_step(info, model)
+
+    def after_training(self, data: StepData, info: StepInfo, model: nn.Module) -> None:
+        self.method.after_training(data, info, model)
 
     def scan(
         self, old_output: SegmenterOutput, targets: torch.Tensor, info: StepInfo
@@ -198,7 +301,7 @@ class WithAddOns(Method):
     def relabel(
         self, old_output: SegmenterOutput | None, targets: torch.Tensor, info: StepInfo
     ) -> Any:
-        return self.method.relabel(old_output, targets, info)
+        return targets, self.method.relabel(old_output, targets, info)
 
     def losses(
         self,
@@ -207,7 +310,15 @@ class WithAddOns(Method):
         targets: Any,
         info: StepInfo,
     ) -> dict[str, torch.Tensor]:
-        return self.method.losses(output, old_output, targets, info)
+        labels, relabelled = targets
+        terms = self.method.losses(output, old_output, relabelled, info)
+        for addon in self.addons:
+            extra = addon.losses(output, old_output, labels, info)
+            clash = sorted(set(extra) & set(terms))
+            if clash:
+                raise ValueError(f"{type(addon).__name__}: loss names {clash} are taken")
+            terms |= extra
+        return terms
 
     def after_backward(self, model: nn.Module) -> None:
         self.method.after_backward(model)

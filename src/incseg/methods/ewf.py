@@ -38,6 +38,15 @@ def fusion_weight(info: StepInfo) -> float:
     return math.sqrt(info.channels_per_step[-1] / info.num_channels)
 
 
+def set_old_classifiers_trainable(model: nn.Module, info: StepInfo, *, trainable: bool) -> None:
+    """At a step > 0, let the classifiers of earlier steps (background row included) receive
+    gradients or not; the newest classifier, and every classifier at step 0, stay trainable.
+    Frozen parameters have no gradient, so SGD leaves them alone (weight decay and momentum
+    included), as ``requires_grad = False`` does in the official codes."""
+    for index, classifier in enumerate(model.classifiers):
+        classifier.requires_grad_(trainable or info.step == 0 or index >= info.step)
+
+
 def fuse_endpoints(old: dict[str, torch.Tensor], model: nn.Module, weight: float) -> None:
     """In place: every floating-point entry of ``model``'s state that ``old`` has becomes
     ``(1 - weight) * old + weight * current``; other entries keep their values.
@@ -80,9 +89,7 @@ class EWF(AddOn):
         }
 
     def begin_step(self, info: StepInfo, model: nn.Module) -> None:
-        for index, classifier in enumerate(model.classifiers):
-            frozen = self.freeze_old_classifiers and info.step > 0 and index < info.step
-            classifier.requires_grad_(not frozen)
+        set_old_classifiers_trainable(model, info, trainable=not self.freeze_old_classifiers)
 
     def end_step(self, info: StepInfo, model: nn.Module) -> None:
         if info.step > 0:

@@ -1,0 +1,221 @@
+"""REMINDER: class-similarity weighted knowledge distillation (Phan et al., "Class Similarity
+Weighted Knowledge Distillation for Continual Semantic Segmentation", CVPR 2022), as the official
+code computes it (HieuPhan33/REMINDER at f8d225e, a fork of PLOP's code; ``file:line`` below are
+in that repository). ``--method REMINDER`` is PLOP with ``csw_kd 0.5`` (``argparser.py:58-67``):
+this class is :class:`~incseg.methods.plop.PLOP` (pseudo-labels, adaptive factor, Local POD, MiB's
+init) plus the CSW-KD term and the class prototypes it needs.
+
+- **Prototypes** (``train.py:20-31, 628-647``, ``run.py:542-548``): after each step (step 0
+  included), one pass of the step's final model in eval mode over the step's training batches
+  (their augmentation, ground-truth labels): the head features (ASPP output) upsampled
+  bilinearly with ``align_corners=True`` to the labels' size; per batch, the mean feature of each
+  class of the step (at step 0 the background too); per class, an equal-weight running mean of
+  those batch means over the batches where the class appears. Old classes keep the prototypes of
+  the step that learned them.
+- **CSW-KD** at steps t > 0 (``utils/loss.py:326-364``, ``train.py:428-439``): on pixels whose
+  label (after pseudo-labelling) is a new class, with ``bp`` the batch prototypes of the new
+  classes from the *student's* head features (same upsampling; no gradient through them) and
+  ``P`` the O stored prototypes: ``w = softmax_c(cos(bp[y_p], P_c))`` over the old channels, set
+  to 0 below ``delta / O`` (no renormalisation); target ``q = softmax(z_old / T) * w + 1e-7``;
+  ``L = weight * T^2 * sum_p sum_c -q_pc log_softmax(z_new[:O] / T)_c / |pixels|`` with T = 3,
+  on the full-resolution logits.
+
+Options where the official history disagrees (``prototypes``): ``corrected`` flattens features
+and labels in the same order (``permute(0, 2, 3, 1)``, the code since f8d225e); ``published``
+flattens the features with ``transpose(1, 3)`` against row-major labels, so each label meets the
+feature at the transposed position (7872ac7, the code behind the paper's numbers; square crops
+only). Quirks kept: the cosine has no epsilon (a zero prototype gives NaN, set to 0,
+``loss.py:265-278``). Not reproduced: a batch without a new-class pixel makes the official term
+0/0 (NaN in its log, zero gradient); incseg gives 0. The official prototypes are one process's
+(no reduction, every rank writes the same file); incseg combines all processes' batch means,
+weighted by their counts. See docs/methods.md, ``reminder``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from incseg.errors import IncsegError
+from incseg.methods.base import StepData
+from incseg.methods.plop import PLOP, POD_MAPS, PseudoLabels
+from incseg.protocol.choices import IGNORE_INDEX
+from incseg.protocol.steps import StepInfo
+from incseg.ranges import LOSS_WEIGHT, Range, ranged
+
+if TYPE_CHECKING:
+    from incseg.models.segmenter import SegmenterOutput
+
+Layout = Literal["corrected", "published"]
+
+
+def _flatten(features: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """``(B, D, H, W)`` -> ``(B*H*W, D)`` rows in label order (``corrected``) or in the order of
+    ``transpose(1, 3)`` (``published``, width before height)."""
+    dim = features.shape[1]
+    if layout == "published":
+        return features.transpose(1, 3).reshape(-1, dim)
+    return features.permute(0, 2, 3, 1).reshape(-1, dim)
+
+
+def batch_prototypes(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    classes: range,
+    layout: Layout = "corrected",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class mean feature of one batch (``compute_prototype``, ``train.py:20-31``).
+
+    Args:
+        features: ``(B, D, h, w)`` head features; upsampled here to the labels' size
+            (bilinear, ``align_corners=True``).
+        labels: ``(B, H, W)`` channel indices, 255 = ignore.
+        classes: the channels to compute.
+
+    Returns:
+        ``(max(classes) + 1, D)`` float32 means (zero rows for absent or other classes) and a
+        ``(max(classes) + 1,)`` bool tensor of the classes present.
+    """
+    up = F.interpolate(features.float(), labels.shape[-2:], mode="bilinear", align_corners=True)
+    flat, labels = _flatten(up, layout), labels.reshape(-1).long()
+    out = flat.new_zeros(max(classes) + 1, flat.shape[1])
+    present = torch.zeros(max(classes) + 1, dtype=torch.bool, device=flat.device)
+    for c in classes:
+        mask = labels == c
+        if bool(mask.any()):
+            out[c], present[c] = flat[mask].mean(dim=0), True
+    return out, present
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(N, D) x (M, D) -> (N, M)`` cosines without an epsilon; NaN (a zero row) becomes 0
+    (``pairwise_cosine_sim``, ``utils/loss.py:265-278``)."""
+    sim = (a / a.norm(dim=1, keepdim=True)) @ (b / b.norm(dim=1, keepdim=True)).T
+    return torch.nan_to_num(sim, nan=0.0)
+
+
+def csw_distillation(
+    logits: torch.Tensor,
+    old_logits: torch.Tensor,
+    labels: torch.Tensor,
+    prototypes_now: torch.Tensor,
+    prototypes_old: torch.Tensor,
+    *,
+    delta: float = 0.0,
+    temperature: float = 3.0,
+) -> torch.Tensor:
+    """CSW-KD before its weight (``ClassSimilarityWeightedKD``, ``utils/loss.py:326-364``).
+
+    Args:
+        logits: ``(B, C_t, H, W)`` student logits; only the O old channels are used.
+        old_logits: ``(B, O, H, W)``.
+        labels: ``(B, H, W)`` labels after pseudo-labelling; pixels with ``O <= y < 255`` count.
+        prototypes_now: ``(C_t, D)`` batch prototypes (rows of new classes used).
+        prototypes_old: ``(O, D)`` stored prototypes.
+
+    Returns:
+        ``T^2 sum(-q log p) / |pixels|``, 0 without a new-class pixel.
+    """
+    num_old = old_logits.shape[1]
+    labels = labels.reshape(-1).long()
+    mask = (labels >= num_old) & (labels != IGNORE_INDEX)
+    if not bool(mask.any()):
+        return logits.sum() * 0.0
+    student = logits[:, :num_old].float().permute(0, 2, 3, 1).reshape(-1, num_old)[mask]
+    teacher = old_logits.float().permute(0, 2, 3, 1).reshape(-1, num_old)[mask]
+    with torch.no_grad():
+        weights = cosine_similarity(prototypes_now[labels[mask]], prototypes_old).softmax(dim=-1)
+        weights = torch.where(weights < delta / num_old, torch.zeros_like(weights), weights)
+        target = (teacher / temperature).softmax(dim=1) * weights + 1e-7
+    log_p = (student / temperature).log_softmax(dim=1)
+    return temperature**2 * (-target * log_p).sum() / mask.sum()
+
+
+@dataclass
+class REMINDER(PLOP):
+    """PLOP + class-similarity weighted distillation on new-class pixels (module docstring).
+
+    Attributes (besides PLOP's):
+        csw_weight: weight of CSW-KD (``--csw_kd``: 0.5, ``argparser.py:67``).
+        delta: similarity threshold times O (``--delta_csw``: 0 on VOC, 1.0 in the ADE20K scripts).
+        temperature: T of CSW-KD (3, fixed in ``utils/loss.py:327``).
+        prototypes: ``corrected`` or ``published`` flattening (module docstring).
+    """
+
+    plain_first_step: ClassVar[bool] = False  # step 0 leaves its prototypes
+    features: ClassVar[tuple[str, ...]] = POD_MAPS
+
+    csw_weight: float = ranged(0.5, LOSS_WEIGHT)
+    delta: float = ranged(
+        0.0, Range(0, 1e3, "keeps old classes whose similarity weight is >= delta / O; 0 keeps all")
+    )
+    temperature: float = ranged(3.0, Range(0, 100, "CSW-KD temperature (3)", low_open=True))
+    prototypes: Layout = "corrected"
+    _prototypes: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def losses(
+        self,
+        output: SegmenterOutput,
+        old_output: SegmenterOutput | None,
+        targets: PseudoLabels,
+        info: StepInfo,
+    ) -> dict[str, torch.Tensor]:
+        terms = super().losses(output, old_output, targets, info)
+        if info.step == 0 or self.csw_weight == 0:
+            return terms
+        if self._prototypes is None or self._prototypes.shape[0] < info.num_old_channels:
+            raise IncsegError(
+                f"reminder: step {info.step} needs the class prototypes of steps 0..{info.step - 1}, "
+                "which REMINDER computes at the end of each step and saves in its checkpoint; the "
+                "previous step was not trained by REMINDER (--start-from another method's run?)"
+            )
+        with torch.no_grad():
+            new = range(info.num_old_channels, info.num_channels)
+            now, _ = batch_prototypes(output.features["head"], targets.labels, new, self.prototypes)
+        old = self._prototypes[: info.num_old_channels].to(now.device)
+        kd = csw_distillation(
+            output.logits,
+            old_output.logits,
+            targets.labels,
+            now,
+            old,
+            delta=self.delta,
+            temperature=self.temperature,
+        )
+        return terms | {"csw": self.csw_weight * kd}
+
+    @torch.no_grad()
+    def after_training(self, data: StepData, info: StepInfo, model: nn.Module) -> None:
+        first = 0 if info.step == 0 else info.num_old_channels
+        classes = range(first, info.num_channels)
+        total = torch.zeros(info.num_channels, model.classifiers[0].in_channels, device=data.device)
+        count = torch.zeros(info.num_channels, device=data.device)
+        model.eval()
+        for images, targets in data.batches(data.epochs - 1):
+            with data.autocast():
+                head = model(images, features=("head",)).features["head"]
+            means, present = batch_prototypes(head, targets, classes, self.prototypes)
+            # train.py:640-645: counts once per batch; the running mean of batch means over all
+            # processes' batches is the count-weighted mean of each process's running mean.
+            count += present
+            total[present] += means[present]
+        data.sum_over_processes(total)
+        data.sum_over_processes(count)
+        found = count > 0
+        prototypes = torch.zeros_like(total)
+        prototypes[found] = total[found] / count[found, None]
+        if info.step > 0 and self._prototypes is not None:
+            prototypes[: info.num_old_channels] = self._prototypes[: info.num_old_channels].to(
+                prototypes.device
+            )
+        self._prototypes = prototypes.float().cpu()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self._prototypes is None else {"prototypes": self._prototypes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._prototypes = state.get("prototypes")
