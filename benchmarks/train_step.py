@@ -6,12 +6,18 @@ Each variant runs in a fresh process so that its peak resident memory (``ru_maxr
   and runs under ``no_grad`` in eval mode, so none of its activations are kept for backward;
 * ``plop``: the same iteration with PLOP (both models return six maps for Local POD; background
   pixels pseudo-labelled with thresholds from one scan of the batch);
+* ``mib+ucd``, ``reminder``: the engine's iteration with UCD's contrastive term on MiB (both
+  models return their head and small logits) and with REMINDER (PLOP's iteration + CSW-KD, with
+  random stored prototypes);
+* ``rcil``: RCIL's iteration at step 1 on its two-branch model (after the step's merge), with
+  unbiased CE, unbiased KD and pooled-cube distillation of six maps;
 * ``naive``: the straightforward version: a second full model that still records its graph
   (a deep copy whose parameters require gradients), its outputs kept through backward;
 * ``late_zero``: the engine's iteration as it was before, gradients cleared *after* the forwards
   (the previous iteration's gradients, one copy of every parameter, alive through both forwards);
 * ``eval``: ``incseg.engine.evaluate.evaluate`` on one batch (forward, upsample, prediction with
-  ``max(1).indices``, confusion matrix); ``eval_argmax``: the same with ``argmax(1)``, as before.
+  ``max(1).indices``, confusion matrix); ``eval_argmax``: the same with ``argmax(1)``, as before;
+  ``eval_rcil``: ``eval`` on RCIL's merged model (each pair of branches runs as one folded conv).
 
 ``python -m benchmarks.train_step VARIANT CROP [--batch B] [--iters N] [--device cpu|cuda]
 [--amp off|bf16] [--channels-last] [--compile]`` prints one JSON line (with ``--compile`` the
@@ -30,16 +36,18 @@ import time
 
 import torch
 
+from incseg.config import MethodConfig
 from incseg.engine.evaluate import evaluate
 from incseg.engine.runtime import Runtime
 from incseg.engine.train import Optimisation, Step, train_one_epoch
 from incseg.methods import PLOP, MiB
 from incseg.metrics import confusion_matrix
 from incseg.models import build_segmenter
+from incseg.models.rcil import parallel_layers, to_rcil
 from incseg.protocol import get_setting, step_info
 
 
-def _model(device, channels_last):
+def _model(device, channels_last, rcil=False):
     info = step_info(get_setting("voc", "15-5"), 1)
     model = build_segmenter(
         "resnet101",
@@ -49,6 +57,8 @@ def _model(device, channels_last):
         head_channels=256,
         pretrained="none",
     )
+    if rcil:
+        to_rcil(model, "iabn")
     old = copy.deepcopy(model)
     model.add_classifier(info.channels_per_step[-1])
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -71,7 +81,7 @@ def run(
     compile_model: bool = False,
 ) -> dict:
     torch.manual_seed(0)
-    info, model, old = _model(device, channels_last)
+    info, model, old = _model(device, channels_last, rcil=variant in ("rcil", "eval_rcil"))
     images = torch.randn(batch, 3, crop, crop, device=device)
     targets = torch.randint(
         0, info.num_channels, (batch, crop, crop), device=device, dtype=torch.uint8
@@ -84,10 +94,17 @@ def run(
     rt = Runtime(device, amp_dtype=amp_dtype, channels_last=channels_last)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    if variant in ("incseg", "plop"):
+    if variant in ("incseg", "plop", "mib+ucd", "reminder", "rcil"):
         old.eval().requires_grad_(False)
-        if variant == "plop":  # six maps per model for Local POD; pseudo-labels from one scan
+        if variant in ("mib+ucd", "reminder", "rcil"):
+            method = MethodConfig(name=variant).build()
+        if variant == "rcil":
+            method.begin_step(info, model)  # the step-1 merge: branch 1 frozen
+        if variant == "reminder":
+            method.load_state_dict({"prototypes": torch.randn(info.num_old_channels, 256)})
+        if variant == "plop":
             method = PLOP()
+        if variant in ("plop", "reminder"):  # six maps per model for POD; pseudo-labels, one scan
             with torch.no_grad():
                 scanned = method.scan(old(images, features=method.features), targets, info)
             method.end_scan(scanned, info)
@@ -126,7 +143,10 @@ def run(
             )  # the previous gradients lived through both forwards
             loss.backward()
             optimizer.step()
-    elif variant == "eval":
+    elif variant in ("eval", "eval_rcil"):
+        if variant == "eval_rcil":  # the merged model of a step: each pair runs as one conv
+            for layer in parallel_layers(model):
+                layer.merge()
 
         def step():
             evaluate(model, [(images, targets)], info.num_channels, rt)
@@ -176,7 +196,17 @@ def run(
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step")
     parser.add_argument(
-        "variant", choices=("incseg", "plop", "naive", "late_zero", "eval", "eval_argmax")
+        "variant",
+        choices=(
+            "incseg",
+            "plop",
+            "mib+ucd",
+            "reminder",
+            "naive",
+            "late_zero",
+            "eval",
+            "eval_argmax",
+        ),
     )
     parser.add_argument("crop", type=int)
     parser.add_argument("--batch", type=int, default=2)

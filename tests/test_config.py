@@ -131,7 +131,7 @@ def test_every_builtin_config_loads_and_paper_configs_hold_the_paper_setting():
         n
         for n in names
         if n.startswith(("voc/", "ade/"))
-        and not n.endswith(("-plop", "+ewf", "+nest", "+ucd", "-reminder"))
+        and not n.endswith(("-plop", "+ewf", "+nest", "+ucd", "-reminder", "-rcil"))
     ]
     assert len(paper) == 68 and "voc/15-1-overlap-mib" in paper and "ade/100-50-mib" in paper
     for name in names:
@@ -512,3 +512,43 @@ def test_reminder_configs_resolve_to_the_official_scripts(name):
     )
     assert method.pod_logits_factor == (0.0005 if pod == 0.01 else 0.00001)
     assert method.prototypes == "corrected"
+
+
+RCIL_SCRIPTS = [("voc", s, m) for s in ("15-1", "10-1") for m in ("overlap", "disjoint")] + [
+    ("ade", s, "overlap") for s in ("100-50", "100-10", "100-5")
+]
+
+
+@pytest.mark.parametrize(("dataset", "setting", "mode"), RCIL_SCRIPTS)
+def test_rcil_configs_resolve_to_the_official_scripts(dataset, setting, mode):
+    """zhangchbin/RCIL scripts/: batch 24, lr 0.02 (VOC) / 0.01 (ADE20K) then 0.001, 30 / 60
+    epochs at every step, --loss_kd 100, PCD factors 0.01 / 0.0005 (ADE20K 5e-6 / 5e-7)."""
+    voc = dataset == "voc"
+    name = f"voc/{setting}-{mode}-rcil" if voc else f"ade/{setting}-rcil"
+    config = load_config(name)
+    t, p = config.train, config.protocol
+    assert (p.setting, p.mode, p.labels, p.split_source) == (setting, mode, "plop", "rule")
+    assert config.model.architecture == "rcil" and config.model.pretrained == "iabn"
+    assert (t.batch_size, t.lr, t.lr_incremental, t.amp) == (
+        24,
+        0.02 if voc else 0.01,
+        0.001,
+        "fp16",
+    )
+    assert t.epochs_at(0) == t.epochs_at(1) == (30 if voc else 60)
+    method = config.method.build()
+    assert (method.kd_weight, method.alpha) == (100, 1)
+    assert (method.pcd_factor, method.pcd_last_factor) == ((0.01, 0.0005) if voc else (5e-6, 5e-7))
+
+
+@pytest.mark.parametrize("setting", ["15-5", "15-1", "10-1"])
+@pytest.mark.parametrize("mode", ["disjoint", "overlap"])
+def test_cssegmentation_rcil_configs(setting, mode):
+    """csseg/configs/rcil/*: lr 0.02 then 0.001, constant; 30 epochs, 10 per incremental step
+    on 10-1; batch 24; KD 100."""
+    config = load_config(f"seed/rcil_r101iabnd16_aspp_512x512_vocaug{setting}_{mode}")
+    t = config.train
+    assert (config.protocol.setting, config.protocol.mode) == (setting, mode)
+    assert (t.lr, t.lr_incremental, t.lr_power, t.batch_size) == (0.02, 0.001, 0.0, 24)
+    assert t.epochs_at(1) == (10 if setting == "10-1" else 30)
+    assert config.model.architecture == "rcil" and config.method.build().kd_weight == 100

@@ -4,17 +4,12 @@ to exactly ``b - w log(N + 1)``), with an exact resume of an interrupted step.""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers.method_runs import check_exact_resume, run_method
 
-from incseg.cli import main
 from incseg.config import config_from_dict
 from incseg.engine.checkpoint import load_checkpoint
 from incseg.methods.ewf import fuse_endpoints, fusion_weight
@@ -91,21 +86,7 @@ def test_hooks_around_mib():
 @pytest.fixture(scope="module")
 def ewf_run(tiny_config_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("ewf") / "run"
-    args = [
-        "run",
-        str(tiny_config_path),
-        "--out",
-        str(out),
-        "--no-progress",
-        "--set",
-        "method.name=mib+ewf",
-        "--set",
-        "train.epochs_incremental=2",
-        "--set",
-        "train.tensorboard=off",
-    ]
-    assert main(args) == 0
-    return out, args
+    return out, run_method(tiny_config_path, out, "method.name=mib+ewf")
 
 
 def test_a_run_fuses_each_step_and_freezes_the_old_classifiers(ewf_run):
@@ -131,18 +112,4 @@ def test_a_run_fuses_each_step_and_freezes_the_old_classifiers(ewf_run):
 
 def test_an_interrupted_ewf_step_resumes_to_the_same_numbers(ewf_run, tmp_path):
     out, args = ewf_run
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "incseg", *args]
-    cmd[cmd.index(str(out))] = str(run)
-    proc = subprocess.run(
-        cmd,
-        capture_output=True,
-        env={**os.environ, "INCSEG_KILL_AT": "iteration:1:1:2"},
-        check=False,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    assert main(["run", "--resume", str(run), "--no-progress"]) == 0
-    numbers = [json.loads((d / "metrics.json").read_text())["steps"] for d in (out, run)]
-    assert [(s["per_class"], s["losses"]) for s in numbers[0]] == [
-        (s["per_class"], s["losses"]) for s in numbers[1]
-    ]
+    check_exact_resume(out, args, tmp_path)

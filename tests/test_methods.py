@@ -80,12 +80,25 @@ def test_method_lookup_and_validation():
 # Which built-in methods (and, as "+name", add-ons) implement each hook of the interface
 # (docs/design.md has this table); a hook that none implements does not belong in the interface.
 HOOK_USERS = {
-    "init_new_classifier": {"mib", "plop", "reminder", "+ewf"},
-    "begin_step": {"ewc", "pi", "rw", "plop", "reminder", "+ewf", "+nest"},
+    "init_new_classifier": {"mib", "plop", "rcil", "reminder", "+ewf"},
+    "begin_step": {"ewc", "pi", "rw", "plop", "rcil", "reminder", "+ewf", "+nest"},
     "scan": {"plop", "reminder"},
     "end_scan": {"plop", "reminder"},
     "relabel": {"plop", "reminder"},
-    "losses": {"ft", "lwf", "lwf_mc", "ilt", "ewc", "pi", "rw", "mib", "plop", "reminder", "+ucd"},
+    "losses": {
+        "ft",
+        "lwf",
+        "lwf_mc",
+        "ilt",
+        "ewc",
+        "pi",
+        "rw",
+        "mib",
+        "plop",
+        "rcil",
+        "reminder",
+        "+ucd",
+    },
     "prepare_step": {"+nest"},
     "prepare_passes": {"+nest"},
     "after_backward": {"ewc", "pi", "rw"},

@@ -6,27 +6,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 from contextlib import nullcontext
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.method_runs import check_exact_resume, run_method
 
-from incseg.cli import main
 from incseg.config import config_from_dict
 from incseg.engine.checkpoint import load_checkpoint
 from incseg.errors import ConfigError
-from incseg.losses import unbiased_cross_entropy
+from incseg.losses import unbiased_cross_entropy, unbiased_cross_entropy_all_pixels
 from incseg.methods.nest import (
     NeST,
     Transformation,
     similarity_sums,
     transformed_weights,
-    unbiased_ce_all_pixels,
 )
 from incseg.models import build_segmenter
 from incseg.protocol import get_setting, step_info
@@ -116,17 +111,18 @@ def test_install_by_hand():
     torch.testing.assert_close(model.classifiers[1].weight[:, :, 0, 0].detach(), new * gamma)
 
 
-def test_unbiased_ce_all_pixels():
+def test_unbiased_cross_entropy_all_pixels():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 3, 3)
     targets = torch.randint(0, 5, (2, 3, 3))
     # No void: the mean over all pixels is MiB's unbiased CE.
     torch.testing.assert_close(
-        unbiased_ce_all_pixels(logits, targets, 3), unbiased_cross_entropy(logits, targets, 3)
+        unbiased_cross_entropy_all_pixels(logits, targets, 3),
+        unbiased_cross_entropy(logits, targets, 3),
     )
     targets[0, 0] = 255  # 3 of 18 pixels void: they count as zeros in the mean
     torch.testing.assert_close(
-        unbiased_ce_all_pixels(logits, targets, 3),
+        unbiased_cross_entropy_all_pixels(logits, targets, 3),
         unbiased_cross_entropy(logits, targets, 3) * 15 / 18,
     )
 
@@ -214,7 +210,7 @@ def test_pretuning_lowers_the_unbiased_loss_and_a_single_update_has_lr_zero():
         model.eval()
         with torch.no_grad():
             return sum(
-                float(unbiased_ce_all_pixels(model(x).logits, y, info.num_old_channels))
+                float(unbiased_cross_entropy_all_pixels(model(x).logits, y, info.num_old_channels))
                 for x, y in batches
             )
 
@@ -244,23 +240,7 @@ def test_bias_init_choices_and_validation():
 @pytest.fixture(scope="module")
 def nest_run(tiny_config_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("nest") / "run"
-    args = [
-        "run",
-        str(tiny_config_path),
-        "--out",
-        str(out),
-        "--no-progress",
-        "--set",
-        "method.name=mib+nest",
-        "--set",
-        "method.nest.epochs=2",
-        "--set",
-        "train.epochs_incremental=2",
-        "--set",
-        "train.tensorboard=off",
-    ]
-    assert main(args) == 0
-    return out, args
+    return out, run_method(tiny_config_path, out, "method.name=mib+nest", "method.nest.epochs=2")
 
 
 def test_a_run_pretunes_the_new_classifier(nest_run):
@@ -279,18 +259,4 @@ def test_a_run_pretunes_the_new_classifier(nest_run):
 
 def test_an_interrupted_nest_step_resumes_to_the_same_numbers(nest_run, tmp_path):
     out, args = nest_run
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "incseg", *args]
-    cmd[cmd.index(str(out))] = str(run)
-    proc = subprocess.run(
-        cmd,
-        capture_output=True,
-        env={**os.environ, "INCSEG_KILL_AT": "iteration:1:1:2"},
-        check=False,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    assert main(["run", "--resume", str(run), "--no-progress"]) == 0
-    numbers = [json.loads((d / "metrics.json").read_text())["steps"] for d in (out, run)]
-    assert [(s["per_class"], s["losses"]) for s in numbers[0]] == [
-        (s["per_class"], s["losses"]) for s in numbers[1]
-    ]
+    check_exact_resume(out, args, tmp_path)

@@ -172,9 +172,14 @@ ACCEPTED_RUNS = {  # the in-range values the walk meets, grouped into real runs
         "method.csw_weight=0",
         "method.delta=0",
     ],
+    "rcil": ["method.kd_weight=0", "method.pcd_factor=0", "method.pcd_last_factor=0"],
     "mib+nest": ["method.nest.epochs=0"],
     "mib+ucd": ["method.ucd.weight=0"],
 }
+
+
+# What a method needs besides its name (RCIL trains its own architecture).
+METHOD_SETS = {"rcil": ["--set", "model.architecture=rcil"]}
 
 
 def test_walk_every_numeric_key_with_zero_negative_and_absurd(tmp_path, capsys):
@@ -186,7 +191,7 @@ def test_walk_every_numeric_key_with_zero_negative_and_absurd(tmp_path, capsys):
         )
         met |= {("config", a) for a in _walk(key, ["run", "demo"], valid, tmp_path, capsys)}
     for name, key in method_numeric_keys():
-        prefix = ["run", "demo", "--set", f"method={{name: {name}}}"]
+        prefix = ["run", "demo", "--set", f"method={{name: {name}}}", *METHOD_SETS.get(name, [])]
         met |= {
             (name, a)
             for a in _walk(f"method.{key}", prefix, ranges_of(METHODS[name])[key], tmp_path, capsys)
@@ -202,6 +207,7 @@ def test_walk_every_numeric_key_with_zero_negative_and_absurd(tmp_path, capsys):
 @pytest.mark.parametrize("group", sorted(ACCEPTED_RUNS))
 def test_accepted_edge_values_complete_a_run(group, tmp_path, capsys):
     method = [] if group == "config" else ["--set", f"method={{name: {group}}}"]
+    method += METHOD_SETS.get(group, [])
     sets = [arg for value in ACCEPTED_RUNS[group] for arg in ("--set", value)]
     code, err = _outcome(
         ["run", "demo", *TINY, *method, *sets, "--out", str(tmp_path / "run"), "--no-progress"],

@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.method_runs import check_exact_resume, run_method
 
-from incseg.cli import main
 from incseg.engine.checkpoint import load_checkpoint
 from incseg.methods.reminder import (
     batch_prototypes,
@@ -109,24 +105,8 @@ def test_csw_by_hand_one_pixel():
 
 @pytest.fixture(scope="module")
 def reminder_run(tiny_config_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reminder") / "run"
-    args = [
-        "run",
-        str(tiny_config_path),
-        "--out",
-        str(out),
-        "--no-progress",
-        "--set",
-        "method.name=reminder",
-        "--set",
-        "model.output_stride=8",  # POD's 4x4 grid needs maps 4 wide at crop 32
-        "--set",
-        "train.epochs_incremental=2",
-        "--set",
-        "train.tensorboard=off",
-    ]
-    assert main(args) == 0
-    return out, args
+    out = tmp_path_factory.mktemp("reminder") / "run"  # POD's 4x4 grid needs maps 4 wide at crop 32
+    return out, run_method(tiny_config_path, out, "method.name=reminder", "model.output_stride=8")
 
 
 def test_a_run_keeps_prototypes_and_logs_the_term(reminder_run):
@@ -142,14 +122,4 @@ def test_a_run_keeps_prototypes_and_logs_the_term(reminder_run):
 
 def test_an_interrupted_reminder_step_resumes_to_the_same_numbers(reminder_run, tmp_path):
     out, args = reminder_run
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "incseg", *args]
-    cmd[cmd.index(str(out))] = str(run)
-    env = {**os.environ, "INCSEG_KILL_AT": "iteration:1:1:2"}
-    proc = subprocess.run(cmd, capture_output=True, env=env, check=False)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    assert main(["run", "--resume", str(run), "--no-progress"]) == 0
-    numbers = [json.loads((d / "metrics.json").read_text())["steps"] for d in (out, run)]
-    assert [(s["per_class"], s["losses"]) for s in numbers[0]] == [
-        (s["per_class"], s["losses"]) for s in numbers[1]
-    ]
+    check_exact_resume(out, args, tmp_path)

@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.method_runs import check_exact_resume, run_method
 
-from incseg.cli import main
 from incseg.config import config_from_dict
 from incseg.methods.ucd import contrastive_pairs, labels_at, pixel_contrastive_loss
 from incseg.models.segmenter import SegmenterOutput
@@ -146,21 +142,7 @@ def test_terms_add_to_mibs_with_the_unrelabelled_targets():
 @pytest.fixture(scope="module")
 def ucd_run(tiny_config_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("ucd") / "run"
-    args = [
-        "run",
-        str(tiny_config_path),
-        "--out",
-        str(out),
-        "--no-progress",
-        "--set",
-        "method.name=mib+ucd",
-        "--set",
-        "train.epochs_incremental=2",
-        "--set",
-        "train.tensorboard=off",
-    ]
-    assert main(args) == 0
-    return out, args
+    return out, run_method(tiny_config_path, out, "method.name=mib+ucd")
 
 
 def test_a_run_logs_the_contrastive_term(ucd_run):
@@ -173,18 +155,4 @@ def test_a_run_logs_the_contrastive_term(ucd_run):
 
 def test_an_interrupted_ucd_step_resumes_to_the_same_numbers(ucd_run, tmp_path):
     out, args = ucd_run
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "incseg", *args]
-    cmd[cmd.index(str(out))] = str(run)
-    proc = subprocess.run(
-        cmd,
-        capture_output=True,
-        env={**os.environ, "INCSEG_KILL_AT": "iteration:1:1:2"},
-        check=False,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    assert main(["run", "--resume", str(run), "--no-progress"]) == 0
-    numbers = [json.loads((d / "metrics.json").read_text())["steps"] for d in (out, run)]
-    assert [(s["per_class"], s["losses"]) for s in numbers[0]] == [
-        (s["per_class"], s["losses"]) for s in numbers[1]
-    ]
+    check_exact_resume(out, args, tmp_path)

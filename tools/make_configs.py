@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -510,6 +511,117 @@ def _reminder(dataset: str, setting: str) -> str:
     )
 
 
+RCIL_COMMIT = "b9aad58"
+RCIL_SCRIPTS = {
+    ("voc", "15-1", "overlap"): "RCIL_15-1-overlap.sh",
+    ("voc", "15-1", "disjoint"): "RCIL_15-1-disjoint.sh",
+    ("voc", "10-1", "overlap"): "RCIL_10-1-overlap.sh",
+    ("voc", "10-1", "disjoint"): "RCIL_10-1-disjoint.sh",
+    ("ade", "100-50", "overlap"): "RCIL_ade_100-50.sh",
+    ("ade", "100-10", "overlap"): "RCIL_ade_100-10.sh",
+    ("ade", "100-5", "overlap"): "RCIL_ade_100-5.sh",
+}
+RCIL_TEMPLATE = """\
+# RCIL (Zhang et al., CVPR 2022) on {family} {setting} {mode}, as scripts/{dataset}/{script} trains it{task}.
+# Cited files are in github.com/zhangchbin/RCIL (commit {commit}), a fork of PLOP's code (its data code
+# and transforms are PLOP's); written by tools/make_configs.py. Keys left at incseg's defaults are the
+# scripts' too: SGD lr 0.001 after step 0, Nesterov momentum 0.9, weight decay 1e-4, poly 0.9 stepped
+# every iteration (run.py:326-371), crop 512 with scale 0.5-2.0 (run.py:132-139), batch 24 ({gpus}).
+name: {name}
+data:
+  dataset: {dataset}
+  root: data/{dataset}
+  test_crop: 512          # Resize(512) + CenterCrop(512) at test (run.py:141-149)
+protocol:
+  setting: {setting}
+  mode: {mode}{mode_note}
+  labels: plop            # PLOP's dataset code (dataset/{dataset}.py)
+  split_source: rule      # the {mode} filter of PLOP's dataset code
+model:
+  pretrained: iabn        # In-Place ABN's ImageNet ResNet-101 (README, "Training")
+  architecture: rcil      # the parallel branches, merged at each step (models/rcil.py)
+method:
+  name: rcil
+  kd_weight: 100          # --loss_kd 100 (argparser.py:49-59{kd_note})
+{pcd}train:
+  lr: {lr}                # --lr {lr} on the step-0 line
+  amp: fp16               # --opt_level O1 in every script
+{epochs}"""
+
+
+def _rcil(dataset: str, setting: str, mode: str) -> str:
+    voc = dataset == "voc"
+    pcd = ""
+    if not voc:
+        pcd = (
+            "  pcd_factor: 0.000005  # hard-coded for ADE20K (train.py:57-58, 123-124)\n"
+            "  pcd_last_factor: 0.0000005  # train.py:50-51, 116-117\n"
+        )
+    gpus = "2 GPUs x 12" if setting in ("100-10", "100-5") else "4 GPUs x 6"
+    return RCIL_TEMPLATE.format(
+        family="Pascal VOC" if voc else "ADE20K",
+        setting=setting,
+        mode=mode,
+        dataset=dataset,
+        script=RCIL_SCRIPTS[(dataset, setting, mode)],
+        task=" (TASK=15-5s)" if setting == "15-1" else "",
+        commit=RCIL_COMMIT,
+        gpus=gpus,
+        name=f"voc-{setting}-{mode}-rcil" if voc else f"ade-{setting}-rcil",
+        mode_note="           # --overlap" if mode == "overlap" else "          # no --overlap",
+        kd_note="" if voc else "; the ADE20K scripts' OPTIONS",
+        pcd=pcd,
+        lr=0.02 if voc else 0.01,
+        epochs="" if voc else "  epochs: 60              # --epochs 60 at every step\n",
+    )
+
+
+CSSEG_RCIL_TEMPLATE = """\
+# RCIL on VOC {setting} {mode_word}, trained with cssegmentation's recipe (its RCIL model zoo reports no
+# number). Source: configs/rcil/{name}.py and configs/rcil/base_cfg.py.
+# Written by tools/make_configs.py; cited files are under csseg/ in
+# github.com/SegmentationBLWX/cssegmentation (commit c125175). cssegmentation's RCIL does not run at
+# that commit (RCILSegmentor is not registered, modules/models/segmentors/builder.py:17-19); where its
+# formulas differ from the official code incseg follows the official (docs/methods.md, rcil).
+name: {name}
+data:
+  dataset: voc
+  root: data/voc
+  test_crop: 512          # Resize(512) + CenterCrop(512) at test (configs/_base_/datasets/vocaug_512x512.py)
+protocol:
+  setting: {setting}
+  mode: {mode}
+  labels: plop            # void ignored in training, unseen classes background at test (modules/datasets/base.py:128-133)
+  split_source: rule      # images filtered on the fly by the {mode} rule (modules/datasets/base.py:147-167)
+  test_selection: mode    # the test set filtered by the same rule{test_note} (modules/datasets/base.py:115-127)
+model:
+  pretrained: iabn        # In-Place ABN's ImageNet ResNet-101 (configs/rcil/base_cfg.py:8-16)
+  architecture: rcil
+method:
+  name: rcil
+  kd_weight: 100          # distillation_mib scale_factor 100, alpha 1 (configs/rcil/base_cfg.py:26-35)
+train:
+  lr: 0.02                # step-0 learning rate 0.02 (scheduler_cfg[0])
+  lr_power: 0             # constant LR: the poly scheduler is built but never stepped (modules/models/schedulers/base.py:26-35 never calls updatelr)
+  amp: fp16               # apex O1 mixed precision
+{epochs}"""
+
+
+def _csseg_rcil(stem: str) -> str:
+    setting, mode = stem.removeprefix("vocaug").split("_")
+    epochs = ""
+    if setting == "10-1":
+        epochs = "  epochs_incremental: 10  # 10 epochs per incremental step (the config's scheduler_cfg[1:] max_epochs)\n"
+    return CSSEG_RCIL_TEMPLATE.format(
+        setting=setting,
+        mode=mode,
+        mode_word="overlapped" if mode == "overlap" else mode,
+        name=f"rcil_r101iabnd16_aspp_512x512_{stem}",
+        test_note="; under overlap that is the default selection" if mode == "overlap" else "",
+        epochs=epochs,
+    )
+
+
 CSSEG_PLOP = [
     f"plop_r101iabnd16_aspp_512x512_vocaug{s}_{m}"
     for s in ("15-5", "15-1", "10-1")
@@ -593,36 +705,43 @@ def main() -> None:
     )
 
 
-def _write_successors() -> int:
-    """The configs of the methods after PLOP (and cssegmentation's ILT); returns how many."""
-    from incseg.configs import PUBLISHED
-
+def _official_successors() -> dict[Path, str]:
+    """Configs from the official scripts of EWF, NeST, UCD, REMINDER and RCIL."""
     files: dict[Path, str] = {}
     for setting in EWF_VOC:
         for method in ("mib", "plop"):
-            files[OUT / "voc" / f"{setting}-overlap-{method}+ewf.yaml"] = _ewf(
-                "voc", setting, method
-            )
+            text = _ewf("voc", setting, method)
+            files[OUT / "voc" / f"{setting}-overlap-{method}+ewf.yaml"] = text
     for setting in EWF_ADE:
         files[OUT / "ade" / f"{setting}-mib+ewf.yaml"] = _ewf("ade", setting, "mib")
-
-    for stem in CSSEG_STEMS:
-        for family in ("ilt", "mib+ucd"):
-            name = f"{family}_r101iabnd16_aspp_512x512_{stem}"
-            zoo = PUBLISHED.get(f"seed/{name}", (None,))[0]
-            files[OUT / "seed" / f"{name}.yaml"] = _csseg_method(family, stem, zoo)
-    for setting in UCD_PAPER:
-        for mode in ("disjoint", "overlap"):
-            text = UCD_TEMPLATE.format(setting=setting, mode=mode)
-            files[OUT / "voc" / f"{setting}-{mode}-mib+ucd.yaml"] = text
-    for dataset, setting in NEST_SCRIPTS:
-        for method in ("mib", "plop"):
-            voc = dataset == "voc"
-            stem = f"{setting}-overlap-{method}+nest" if voc else f"{setting}-{method}+nest"
-            files[OUT / dataset / f"{stem}.yaml"] = _nest(dataset, setting, method)
+    for setting, mode in itertools.product(UCD_PAPER, ("disjoint", "overlap")):
+        text = UCD_TEMPLATE.format(setting=setting, mode=mode)
+        files[OUT / "voc" / f"{setting}-{mode}-mib+ucd.yaml"] = text
+    for (dataset, setting), method in itertools.product(NEST_SCRIPTS, ("mib", "plop")):
+        voc = dataset == "voc"
+        stem = f"{setting}-overlap-{method}+nest" if voc else f"{setting}-{method}+nest"
+        files[OUT / dataset / f"{stem}.yaml"] = _nest(dataset, setting, method)
     for dataset, setting in REMINDER_SCRIPTS:
         stem = f"{setting}-overlap-reminder" if dataset == "voc" else f"{setting}-reminder"
         files[OUT / dataset / f"{stem}.yaml"] = _reminder(dataset, setting)
+    for dataset, setting, mode in RCIL_SCRIPTS:
+        stem = f"{setting}-{mode}-rcil" if dataset == "voc" else f"{setting}-rcil"
+        files[OUT / dataset / f"{stem}.yaml"] = _rcil(dataset, setting, mode)
+    return files
+
+
+def _write_successors() -> int:
+    """The configs of the methods after PLOP, and cssegmentation's ILT, MiB+UCD and RCIL
+    recipes; returns how many."""
+    from incseg.configs import PUBLISHED
+
+    files = _official_successors()
+    for stem, family in itertools.product(CSSEG_STEMS, ("ilt", "mib+ucd")):
+        name = f"{family}_r101iabnd16_aspp_512x512_{stem}"
+        zoo = PUBLISHED.get(f"seed/{name}", (None,))[0]
+        files[OUT / "seed" / f"{name}.yaml"] = _csseg_method(family, stem, zoo)
+    for stem in CSSEG_STEMS:
+        files[OUT / "seed" / f"rcil_r101iabnd16_aspp_512x512_{stem}.yaml"] = _csseg_rcil(stem)
     for path, text in files.items():
         path.write_text(text)
     return len(files)

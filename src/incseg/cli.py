@@ -524,7 +524,7 @@ def _config_list() -> str:
                 note = f"not in the seed table; cssegmentation's zoo: {zoo}% (with background)"
             elif name in PUBLISHED:
                 note = "{}% ({})".format(*PUBLISHED[name])
-            elif name.startswith(("seed/plop_", "seed/mib+ucd_", "seed/ilt_")):
+            elif name.startswith(("seed/plop_", "seed/mib+ucd_", "seed/ilt_", "seed/rcil_")):
                 note = "cssegmentation's recipe, no number reported"
             else:
                 note = "seed mIoU not reported"

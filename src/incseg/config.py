@@ -28,7 +28,7 @@ import yaml
 
 from incseg.errors import ConfigError
 from incseg.methods import addon_class, check_method_name, method_class, split_name
-from incseg.models.choices import Backbone, Norm, OutputStride, Pretrained
+from incseg.models.choices import Architecture, Backbone, Norm, OutputStride, Pretrained
 from incseg.protocol.choices import Convention, Mode, SplitSource, TestSelection
 from incseg.protocol.official import uses_official
 from incseg.protocol.settings import get_setting
@@ -123,6 +123,8 @@ class ModelConfig:
     # In-Place ABN's ImageNet checkpoint (resnet101_iabn_sync.pth.tar) at this path instead of
     # the cache path of ``pretrained: iabn`` (models/official.py)
     backbone_weights: str | None = None
+    # deeplabv3 | rcil: RCIL's parallel branches (models/rcil.py), which method rcil needs
+    architecture: Architecture = "deeplabv3"
 
     def __post_init__(self) -> None:
         if self.backbone_weights and (self.pretrained == "imagenet" or self.backbone == "tiny"):
@@ -255,6 +257,12 @@ class Config:
             raise ConfigError(
                 f"protocol.last_step: step {proto.last_step} is out of range for setting "
                 f"{setting.name!r}; valid steps are 0..{setting.num_steps - 1}"
+            )
+        needs = getattr(method_class(self.method.name), "architecture", None)
+        if needs is not None and self.model.architecture != needs:
+            raise ConfigError(
+                f"model.architecture: method {self.method.name!r} trains the {needs!r} "
+                f"architecture; set model.architecture: {needs}"
             )
         if self.train.val_interval and proto.labels != "mib":
             raise ConfigError(

@@ -64,6 +64,24 @@ def unbiased_cross_entropy(
     return F.nll_loss(log_probs, shifted, ignore_index=IGNORE_INDEX)
 
 
+def unbiased_cross_entropy_all_pixels(
+    logits: torch.Tensor, targets: torch.Tensor, num_old: int
+) -> torch.Tensor:
+    """MiB's unbiased cross-entropy with ``reduction="none"`` then ``.mean()`` over *all* pixels
+    (void pixels count as 0), as the codes built on PLOP's average it (NeST's pre-tuning,
+    ECCV24_NeST ``train.py:300-304, 349-350``; RCIL, zhangchbin/RCIL ``train.py:170-173, 470-471``).
+    It differs from :func:`unbiased_cross_entropy` as soon as a target is 255. Shapes as there;
+    ``num_old`` >= 1."""
+    logits = logits.float()
+    denom = torch.logsumexp(logits, dim=1)
+    log_bg = torch.logsumexp(logits[:, :num_old], dim=1) - denom
+    targets = targets.long()
+    index = (targets - num_old).clamp(min=0, max=logits.shape[1] - num_old - 1)
+    log_new = logits[:, num_old:].gather(1, index[:, None])[:, 0] - denom
+    per_pixel = -torch.where(targets < num_old, log_bg, log_new)
+    return torch.where(targets == IGNORE_INDEX, torch.zeros_like(per_pixel), per_pixel).mean()
+
+
 def unbiased_knowledge_distillation(
     logits: torch.Tensor, old_logits: torch.Tensor, alpha: float = 1.0
 ) -> torch.Tensor:

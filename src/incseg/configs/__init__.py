@@ -60,4 +60,12 @@ PUBLISHED: dict[str, tuple[float, str]] = {
     "voc/15-1-overlap-reminder": (58.52, "REMINDER README, all"),
     "ade/100-50-reminder": (34.14, "REMINDER README, all"),
     "ade/100-10-reminder": (33.11, "REMINDER README, all"),
+    # RCIL README.md:75-92 (final-step mIoU over all classes).
+    "voc/15-1-disjoint-rcil": (54.7, "RCIL README, all"),
+    "voc/15-1-overlap-rcil": (59.4, "RCIL README, all"),
+    "voc/10-1-disjoint-rcil": (18.2, "RCIL README, all"),
+    "voc/10-1-overlap-rcil": (34.3, "RCIL README, all"),
+    "ade/100-50-rcil": (34.5, "RCIL README, all"),
+    "ade/100-10-rcil": (32.1, "RCIL README, all"),
+    "ade/100-5-rcil": (29.6, "RCIL README, all"),
 }

@@ -13,6 +13,7 @@ from incseg.engine.distributed import DistInfo, barrier
 from incseg.errors import CheckpointError, ConfigError
 from incseg.models import IncrementalSegmenter, build_segmenter
 from incseg.models.official import ensure_iabn_weights, load_iabn_imagenet
+from incseg.models.rcil import to_rcil
 from incseg.protocol import StepInfo, get_setting, step_info
 
 
@@ -39,6 +40,8 @@ def build_model(config: Config, info: StepInfo, *, pretrained: bool = True) -> I
     )
     if pretrained and (m.backbone_weights or m.pretrained == "iabn"):
         load_iabn_imagenet(model, m.backbone_weights or str(ensure_iabn_weights()))
+    if m.architecture == "rcil":  # after the weights: both backbone branches start from them
+        to_rcil(model, m.norm)
     return model
 
 

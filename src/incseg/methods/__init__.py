@@ -31,6 +31,7 @@ METHOD_PATHS: dict[str, str] = {
     "pi": "incseg.methods.regularizers:PI",
     "mib": "incseg.methods.mib:MiB",
     "plop": "incseg.methods.plop:PLOP",
+    "rcil": "incseg.methods.rcil:RCIL",
     "reminder": "incseg.methods.reminder:REMINDER",
 }
 METHOD_NAMES = tuple(sorted(METHOD_PATHS))

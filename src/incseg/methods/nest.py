@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from incseg.losses import IGNORE_INDEX
+from incseg.losses import unbiased_cross_entropy_all_pixels
 from incseg.methods.base import AddOn, StepData
 from incseg.methods.ewf import set_old_classifiers_trainable
 from incseg.protocol.steps import StepInfo
@@ -186,22 +186,6 @@ class Transformation(nn.Module):
         new.weight.mul_(gamma)
 
 
-def unbiased_ce_all_pixels(
-    logits: torch.Tensor, targets: torch.Tensor, num_old: int
-) -> torch.Tensor:
-    """MiB's unbiased cross-entropy with ``reduction="none"`` then ``.mean()`` over *all* pixels
-    (void pixels count as 0), as NeST's pre-tuning averages it (``train.py:300-304, 349-350``).
-    Shapes as :func:`incseg.losses.unbiased_cross_entropy`."""
-    logits = logits.float()
-    denom = torch.logsumexp(logits, dim=1)
-    log_bg = torch.logsumexp(logits[:, :num_old], dim=1) - denom
-    targets = targets.long()
-    index = (targets - num_old).clamp(min=0, max=logits.shape[1] - num_old - 1)
-    log_new = logits[:, num_old:].gather(1, index[:, None])[:, 0] - denom
-    per_pixel = -torch.where(targets < num_old, log_bg, log_new)
-    return torch.where(targets == IGNORE_INDEX, torch.zeros_like(per_pixel), per_pixel).mean()
-
-
 @dataclass
 class NeST(AddOn):
     """New classifier pre-tuning before each step > 0 (module docstring).
@@ -321,7 +305,7 @@ class NeST(AddOn):
                     logits = F.interpolate(
                         small.float(), images.shape[-2:], mode="bilinear", align_corners=False
                     )
-                    loss = unbiased_ce_all_pixels(logits, targets, info.num_old_channels)
+                    loss = unbiased_cross_entropy_all_pixels(logits, targets, info.num_old_channels)
                     loss.backward()
                     for p in transform.parameters():
                         if p.grad is not None:

@@ -2,7 +2,7 @@
 
 Every backbone maps ``(B, 3, H, W)`` float images to ``(B, out_channels, H/OS, W/OS)`` features
 and has an ``out_channels`` attribute. ``forward_stages`` returns the same features together with
-the four stages' maps *before* the last activation of each stage (PLOP's distilled "attentions",
+the four stages' outputs and their maps *before* the last activation of each stage (PLOP's distilled "attentions",
 arthurdouillard/CVPR2021_PLOP ``modules/residual.py:125-138``: the last block of a stage returns
 ``convs(x) + residual`` beside its activated output); it costs nothing unless called. Backbones are
 found by name in :data:`BACKBONES`.
@@ -54,9 +54,12 @@ class TinyBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
 
-    def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``forward`` plus each stage's last layer after its norm, before its activation."""
-        stages = []
+    def forward_stages(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """``forward`` plus each stage's last layer after its norm, before its activation, and
+        each stage's (activated) output."""
+        stages, outputs = [], []
         for index, layer in enumerate(self.layers):
             if index not in self.STAGE_ENDS:
                 x = layer(x)
@@ -65,7 +68,8 @@ class TinyBackbone(nn.Module):
             pre = norm(conv(x))
             x = _activate(act, pre)
             stages.append(pre)
-        return x, stages
+            outputs.append(x)
+        return x, stages, outputs
 
 
 class ResNetBackbone(nn.Module):
@@ -105,17 +109,21 @@ class ResNetBackbone(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
-    def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward_stages(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """``forward`` plus, per stage, its last block's ``bn3(conv3(.)) + shortcut`` before the
-        activation (PLOP ``models/resnet.py:118-148``, ``modules/residual.py:125-138``)."""
+        activation (PLOP ``models/resnet.py:118-148``, ``modules/residual.py:125-138``), and each
+        stage's (activated) output."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        stages = []
+        stages, outputs = [], []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer[:-1]:
                 x = block(x)
             x, pre = _bottleneck_with_pre_activation(layer[-1], x)
             stages.append(pre)
-        return x, stages
+            outputs.append(x)
+        return x, stages, outputs
 
 
 def _activate(act: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,26 @@ NORMS: tuple[str, ...] = get_args(Norm)
 # Intermediate maps a method can ask for (``Method.features``), by name:
 # ``stage1``..``stage4``: each ResNet stage's last block before its final activation (PLOP's
 #   "attentions"), at output strides 4, 8, 16, 16 (OS16) with 256..2048 channels;
+# ``stage1_out``..``stage4_out``: each stage's activated output (RCIL's distilled "attentions",
+#   zhangchbin/RCIL ``modules/residual.py:170-171``; ``stage4_out`` is ``body``);
 # ``body``: the backbone's output (activated), what ILT distils;
 # ``head``: the ASPP output after its last norm and activation, the classifiers' input (PLOP's
 #   "pre_logits", arthurdouillard/CVPR2021_PLOP ``modules/deeplab.py:37, 69``);
 # ``logits_small``: all classifiers' logits at feature resolution, before upsampling.
-FEATURE_NAMES = ("stage1", "stage2", "stage3", "stage4", "body", "head", "logits_small")
+FEATURE_NAMES = (
+    "stage1",
+    "stage2",
+    "stage3",
+    "stage4",
+    "stage1_out",
+    "stage2_out",
+    "stage3_out",
+    "stage4_out",
+    "body",
+    "head",
+    "logits_small",
+)
+# none: DeepLabV3 as MiB builds it; rcil: RCIL's two parallel branches for every 3x3 conv + norm of
+# the backbone's blocks and the ASPP convs (models/rcil.py), for method rcil.
+Architecture = Literal["deeplabv3", "rcil"]
+ARCHITECTURES: tuple[str, ...] = get_args(Architecture)

@@ -13,7 +13,7 @@ from incseg.models.backbones import build_backbone
 from incseg.models.choices import FEATURE_NAMES
 from incseg.models.deeplab import ASPP, ASPP_RATES
 
-STAGES = FEATURE_NAMES[:4]
+STAGES = FEATURE_NAMES[:8]  # before the activation, then activated
 
 
 class SegmenterOutput(NamedTuple):
@@ -71,7 +71,8 @@ class IncrementalSegmenter(nn.Module):
         and the intermediate maps named in ``features`` (:data:`FEATURE_NAMES`). Without names the
         plain path runs: nothing extra is computed or kept."""
         if any(name in STAGES for name in features):
-            body, stages = self.backbone.forward_stages(images)
+            body, pre, out = self.backbone.forward_stages(images)
+            stages = [*pre, *out]
         else:
             body, stages = self.backbone(images), []
         head = self.head(body)
@@ -97,7 +98,9 @@ def build_segmenter(
     head_channels: int = 256,
     pretrained: str = "none",
 ) -> IncrementalSegmenter:
-    """Build the segmenter of a step from names (see :data:`incseg.models.BACKBONES`)."""
+    """Build the segmenter of a step from names (see :data:`incseg.models.BACKBONES`); RCIL's
+    architecture is made from it by :func:`incseg.models.rcil.to_rcil` once the pretrained
+    weights are in."""
     net = build_backbone(backbone, output_stride, norm, pretrained)
     return IncrementalSegmenter(
         net, head_channels, channels_per_step, ASPP_RATES[output_stride], norm
