@@ -211,3 +211,15 @@ def test_retrain_first_step_trains_it_for_every_method(tiny_config_path, tmp_pat
     assert main(args) == 0
     assert "step 0 is the one of" not in capsys.readouterr().out
     assert "started_from" not in json.loads((out / "mib" / "metrics.json").read_text())["steps"][0]
+
+
+def test_method_config_gives_rcil_its_architecture_and_add_ons_their_keys():
+    from incseg.compare import method_config, parse_method_sets
+    from incseg.config import config_from_dict
+
+    base = config_from_dict({"model": {"backbone": "tiny"}, "method": {"name": "mib"}})
+    assert method_config(base, "rcil").model.architecture == "rcil"
+    assert method_config(base, "mib").model.architecture == "deeplabv3"
+    sets = parse_method_sets(["mib+ucd.ucd.weight=0.5"], ["mib", "mib+ucd"])
+    ucd = method_config(base, "mib+ucd", sets["mib+ucd"])
+    assert ucd.method.build().addons[0].weight == 0.5

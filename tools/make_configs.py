@@ -359,7 +359,7 @@ protocol:
   test_selection: mode    # the test set filtered by the same rule{test_note} (modules/datasets/base.py:115-127)
 model:
   pretrained: iabn        # In-Place ABN's ImageNet ResNet-101 (configs/{folder}/base_cfg.py)
-method:
+{model_extra}method:
 {method}train:
 {lr}  lr_power: 0             # constant LR: the poly scheduler is built but never stepped (modules/models/schedulers/base.py:26-35 never calls updatelr)
   amp: fp16               # apex O1 mixed precision
@@ -369,6 +369,10 @@ ILT_METHOD = """\
   kd_weight: 100          # distillation_logits scale_factor, alpha 1 (configs/ilt/base_cfg.py:37; runners/ilt.py:56-73)
   feature_weight: 100     # distillation_features MSELoss scale_factor on the encoder output (configs/ilt/base_cfg.py:38)
 """
+RCIL_METHOD = """\
+  name: rcil
+  kd_weight: 100          # distillation_mib scale_factor 100, alpha 1 (configs/rcil/base_cfg.py:26-35)
+"""
 UCD_METHOD = """\
   name: mib+ucd
   kd_weight: 10           # distillation scale_factor 10, alpha 1 (configs/ucd/base_cfg.py:33)
@@ -377,36 +381,46 @@ UCD_METHOD = """\
 """
 
 
+CSSEG_TITLES = {"ilt": "ILT", "mib+ucd": "MiB + UCD", "rcil": "RCIL"}
+CSSEG_EXTRA = {
+    "mib+ucd": (
+        "\n# cssegmentation's UCD builds its new-class masks from zeros (modules/runners/ucd.py:152-160),"
+        "\n# so new-with-new pairs keep the old model's joint probability as weight; incseg gives them"
+        "\n# weight 1, as the official code (docs/methods.md, ucd). Its UCD configs do not run at"
+        "\n# c125175 (they import OPTIMIZER_CFG_SGD, which configs/_base_ no longer exports)."
+    ),
+    "rcil": (
+        "\n# cssegmentation's RCIL does not run at that commit (RCILSegmentor is not registered,"
+        "\n# modules/models/segmentors/builder.py:17-19); where its formulas differ from the official"
+        "\n# code incseg follows the official (docs/methods.md, rcil)."
+    ),
+}
+
+
 def _csseg_method(family: str, stem: str, zoo: float | None) -> str:
+    """cssegmentation's ILT, MiB+UCD or RCIL recipe for one VOC setting and mode."""
     setting, mode = stem.removeprefix("vocaug").split("_")
     name = f"{family}_r101iabnd16_aspp_512x512_{stem}"
     epochs = ""
     if setting == "10-1":
         epochs = "  epochs_incremental: 10  # 10 epochs per incremental step (the config's scheduler_cfg[1:] max_epochs)\n"
-    ucd = family == "mib+ucd"
-    extra = ""
-    if ucd:
-        extra = (
-            "\n# cssegmentation's UCD builds its new-class masks from zeros (modules/runners/ucd.py:152-160),"
-            "\n# so new-with-new pairs keep the old model's joint probability as weight; incseg gives them"
-            "\n# weight 1, as the official code (docs/methods.md, ucd). Its UCD configs do not run at"
-            "\n# c125175 (they import OPTIMIZER_CFG_SGD, which configs/_base_ no longer exports)."
-        )
+    lr_02 = family in ("mib+ucd", "rcil")
     return CSSEG_METHOD_TEMPLATE.format(
-        title="MiB + UCD" if ucd else "ILT",
+        title=CSSEG_TITLES[family],
         setting=setting,
         mode=mode,
         mode_word="overlapped" if mode == "overlap" else mode,
         reported=f"its model zoo reports mIoU {zoo}%"
         if zoo is not None
         else "its model zoo reports no number",
-        folder="ucd" if ucd else "ilt",
+        folder={"mib+ucd": "ucd"}.get(family, family),
         name=name,
-        extra=extra,
+        extra=CSSEG_EXTRA.get(family, ""),
         test_note="; under overlap that is the default selection" if mode == "overlap" else "",
-        method=UCD_METHOD if ucd else ILT_METHOD,
+        model_extra="  architecture: rcil\n" if family == "rcil" else "",
+        method={"ilt": ILT_METHOD, "mib+ucd": UCD_METHOD, "rcil": RCIL_METHOD}[family],
         lr="  lr: 0.02                # step-0 learning rate 0.02 (scheduler_cfg[0])\n"
-        if ucd
+        if lr_02
         else "",
         epochs=epochs,
     )
@@ -576,52 +590,6 @@ def _rcil(dataset: str, setting: str, mode: str) -> str:
     )
 
 
-CSSEG_RCIL_TEMPLATE = """\
-# RCIL on VOC {setting} {mode_word}, trained with cssegmentation's recipe (its RCIL model zoo reports no
-# number). Source: configs/rcil/{name}.py and configs/rcil/base_cfg.py.
-# Written by tools/make_configs.py; cited files are under csseg/ in
-# github.com/SegmentationBLWX/cssegmentation (commit c125175). cssegmentation's RCIL does not run at
-# that commit (RCILSegmentor is not registered, modules/models/segmentors/builder.py:17-19); where its
-# formulas differ from the official code incseg follows the official (docs/methods.md, rcil).
-name: {name}
-data:
-  dataset: voc
-  root: data/voc
-  test_crop: 512          # Resize(512) + CenterCrop(512) at test (configs/_base_/datasets/vocaug_512x512.py)
-protocol:
-  setting: {setting}
-  mode: {mode}
-  labels: plop            # void ignored in training, unseen classes background at test (modules/datasets/base.py:128-133)
-  split_source: rule      # images filtered on the fly by the {mode} rule (modules/datasets/base.py:147-167)
-  test_selection: mode    # the test set filtered by the same rule{test_note} (modules/datasets/base.py:115-127)
-model:
-  pretrained: iabn        # In-Place ABN's ImageNet ResNet-101 (configs/rcil/base_cfg.py:8-16)
-  architecture: rcil
-method:
-  name: rcil
-  kd_weight: 100          # distillation_mib scale_factor 100, alpha 1 (configs/rcil/base_cfg.py:26-35)
-train:
-  lr: 0.02                # step-0 learning rate 0.02 (scheduler_cfg[0])
-  lr_power: 0             # constant LR: the poly scheduler is built but never stepped (modules/models/schedulers/base.py:26-35 never calls updatelr)
-  amp: fp16               # apex O1 mixed precision
-{epochs}"""
-
-
-def _csseg_rcil(stem: str) -> str:
-    setting, mode = stem.removeprefix("vocaug").split("_")
-    epochs = ""
-    if setting == "10-1":
-        epochs = "  epochs_incremental: 10  # 10 epochs per incremental step (the config's scheduler_cfg[1:] max_epochs)\n"
-    return CSSEG_RCIL_TEMPLATE.format(
-        setting=setting,
-        mode=mode,
-        mode_word="overlapped" if mode == "overlap" else mode,
-        name=f"rcil_r101iabnd16_aspp_512x512_{stem}",
-        test_note="; under overlap that is the default selection" if mode == "overlap" else "",
-        epochs=epochs,
-    )
-
-
 CSSEG_PLOP = [
     f"plop_r101iabnd16_aspp_512x512_vocaug{s}_{m}"
     for s in ("15-5", "15-1", "10-1")
@@ -736,12 +704,10 @@ def _write_successors() -> int:
     from incseg.configs import PUBLISHED
 
     files = _official_successors()
-    for stem, family in itertools.product(CSSEG_STEMS, ("ilt", "mib+ucd")):
+    for stem, family in itertools.product(CSSEG_STEMS, CSSEG_TITLES):
         name = f"{family}_r101iabnd16_aspp_512x512_{stem}"
         zoo = PUBLISHED.get(f"seed/{name}", (None,))[0]
         files[OUT / "seed" / f"{name}.yaml"] = _csseg_method(family, stem, zoo)
-    for stem in CSSEG_STEMS:
-        files[OUT / "seed" / f"rcil_r101iabnd16_aspp_512x512_{stem}.yaml"] = _csseg_rcil(stem)
     for path, text in files.items():
         path.write_text(text)
     return len(files)

@@ -114,7 +114,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     _config_arguments(cmp, out_help="output directory (default: runs/compare-NAME)")
     cmp.add_argument(
-        "--methods", required=True, help="comma-separated method names, e.g. ft,lwf,ilt,mib"
+        "--methods",
+        required=True,
+        help="comma-separated method names, add-ons with +, e.g. ft,lwf,ilt,mib,mib+ucd,rcil "
+        "(rcil gets model.architecture: rcil)",
     )
     cmp.add_argument("--joint", action="store_true", help="also train Joint (the offline setting)")
     cmp.add_argument(

@@ -31,7 +31,8 @@ JOINT = "joint"
 
 def method_config(base: Config, name: str, overrides: Sequence[str] = ()) -> Config:
     """``base`` with method ``name``; the base's method hyperparameters carry over only to the
-    same method (they are not valid for others). ``overrides`` are ``KEY=VALUE`` assignments
+    same method (they are not valid for others), and a method that trains its own architecture
+    (RCIL) gets it. ``overrides`` are ``KEY=VALUE`` assignments
     inside this method's section (``weight=50``), validated like ``--set method.KEY=VALUE``."""
     try:
         check_method_name(name)
@@ -39,6 +40,9 @@ def method_config(base: Config, name: str, overrides: Sequence[str] = ()) -> Con
         raise ConfigError(f"--methods: {err}") from None
     raw = base.to_dict()
     raw["method"] = dict(raw["method"]) if base.method.name == name else {"name": name}
+    needs = getattr(method_class(name), "architecture", None)
+    if needs is not None:  # RCIL trains its own model: the other methods keep the base's
+        raw["model"]["architecture"] = needs
     for assignment in overrides:
         apply_override(raw["method"], assignment)
     try:
