@@ -552,3 +552,12 @@ def test_cssegmentation_rcil_configs(setting, mode):
     assert (t.lr, t.lr_incremental, t.lr_power, t.batch_size) == (0.02, 0.001, 0.0, 24)
     assert t.epochs_at(1) == (10 if setting == "10-1" else 30)
     assert config.model.architecture == "rcil" and config.method.build().kd_weight == 100
+
+
+def test_set_method_name_keeps_the_method_keys_when_only_add_ons_change():
+    with_ucd = load_config("voc/15-1-overlap-mib", ["method.name=mib+ucd"])
+    assert with_ucd.method.params["kd_weight"] == 100  # the file's MiB key stays
+    plain = load_config("voc/15-1-overlap-mib+ewf", ["method.name=mib"])
+    assert "ewf" not in plain.method.params and plain.method.params["kd_weight"] == 10
+    other = load_config("voc/15-1-overlap-mib", ["method.name=plop"])
+    assert "kd_weight" not in other.method.params

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from incseg.errors import ConfigError
-from incseg.methods import addon_class, check_method_name, method_class, split_name
+from incseg.methods import ADDON_PATHS, addon_class, check_method_name, method_class, split_name
 from incseg.models.choices import Architecture, Backbone, Norm, OutputStride, Pretrained
 from incseg.protocol.choices import Convention, Mode, SplitSource, TestSelection
 from incseg.protocol.official import uses_official
@@ -520,11 +520,27 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def _base_name(name: object) -> object:
+    """The method of a ``METHOD+ADDON`` name (other values as they are)."""
+    return split_name(name)[0] if isinstance(name, str) else name
+
+
+def _drop_sections_of_removed_addons(method: dict, file_method: dict, given: set[str]) -> None:
+    """``mib+ewf`` -> ``--set method.name=mib``: the file's ``ewf:`` section goes with the add-on."""
+    kept = set(split_name(method["name"])[1])
+    for key in list(method):
+        named = f"method.{key}" in given or any(g.startswith(f"method.{key}.") for g in given)
+        if key in ADDON_PATHS and key not in kept and key in file_method and not named:
+            method.pop(key)
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Load a YAML config (``None``: the demo config), apply ``--set`` overrides, validate.
 
     ``--set method.name=OTHER`` starts the other method from its own defaults: the file's
-    hyperparameters of its own method are dropped (those also given with ``--set`` stay).
+    hyperparameters of its own method are dropped (those also given with ``--set`` stay). Adding
+    or removing add-ons keeps them (``mib`` -> ``mib+ucd``: MiB's keys stay, and so do the
+    add-ons' sections).
     An error says whether the key came from the file or from ``--set``.
     """
     raw = read_yaml(path if path is not None else "demo")
@@ -533,10 +549,12 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         apply_override(raw, assignment)
     given = {a.partition("=")[0].strip() for a in overrides}
     method = raw.get("method")
+    if "method.name" in given and isinstance(method, dict) and isinstance(method.get("name"), str):
+        _drop_sections_of_removed_addons(method, file_method, given)
     if (
         "method.name" in given
         and isinstance(method, dict)
-        and method.get("name") != file_method.get("name")
+        and _base_name(method.get("name")) != _base_name(file_method.get("name"))
     ):
         dropped = [k for k in file_method if k != "name" and f"method.{k}" not in given]
         for key in dropped:
