@@ -224,3 +224,19 @@ def test_a_run_merges_and_evaluates(rcil_run, capsys):
 def test_an_interrupted_rcil_step_resumes_to_the_same_numbers(rcil_run, tmp_path):
     out, args = rcil_run
     check_exact_resume(out, args, tmp_path)
+
+
+def test_evaluation_folds_once_and_refolds_after_a_change():
+    torch.manual_seed(0)
+    layer = ParallelConvBN(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)).eval()
+    _randomise_norms(layer, 1)
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        first = layer(x)
+        cached = layer._cache[0]
+        assert layer(x).equal(first) and layer._cache[0] is cached  # folded once
+        layer.conv2.weight.mul_(2.0)  # an in-place change (as load_state_dict makes)
+        changed = layer(x)
+    weight, bias = layer.folded()
+    torch.testing.assert_close(changed, F.conv2d(x, weight, bias, padding=1))
+    assert not changed.equal(first)

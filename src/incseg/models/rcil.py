@@ -81,9 +81,21 @@ class ParallelConvBN(nn.Module):
         (w1, b1), (w2, b2) = fold(self.conv1, self.norm1), fold(self.conv2, self.norm2)
         return 0.5 * (w1 + w2), 0.5 * (b1 + b2)
 
+    def _folded_cached(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # Evaluation runs many batches with fixed weights: fold once. The key changes whenever a
+        # tensor is modified in place (its version counter) or replaced (its storage).
+        modules = (self.conv1, self.norm1, self.conv2, self.norm2)
+        tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if getattr(self, "_cache_key", None) != key:
+            with torch.no_grad():
+                self._cache = self.folded()
+            self._cache_key = key
+        return self._cache
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and self.fold_in_eval:
-            weight, bias = self.folded()
+            weight, bias = self._folded_cached() if not torch.is_grad_enabled() else self.folded()
             return self._conv(self.conv1, x, weight.to(x.dtype), bias.to(x.dtype))
         if not self.training:
             return 0.5 * (self.norm1(self.conv1(x)) + self.norm2(self.conv2(x)))
