@@ -202,9 +202,11 @@ def main(argv=None) -> int:
             "plop",
             "mib+ucd",
             "reminder",
+            "rcil",
             "naive",
             "late_zero",
             "eval",
+            "eval_rcil",
             "eval_argmax",
         ),
     )

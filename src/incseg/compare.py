@@ -189,15 +189,23 @@ def _plot(rows: list[dict], path: Path, title: str, ranges: dict[str, str]) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for r in rows:
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    # Twenty distinct colours, then the markers change, so that many methods stay apart.
+    colours = plt.get_cmap("tab20").colors
+    markers = "osD^v"
+    for index, r in enumerate(rows):
         if r["method"] == JOINT:  # one step: its final numbers are the upper bound at every step
             for ax, key in zip(axes, ("all", "old"), strict=True):
                 ax.axhline(100 * r[key], linestyle="--", color="black", alpha=0.6, label="joint")
             continue
         steps = range(len(r["all_per_step"]))
-        axes[0].plot(steps, [100 * v for v in r["all_per_step"]], label=r["method"], marker="o")
-        axes[1].plot(steps, [100 * v for v in r["old_per_step"]], label=r["method"], marker="o")
+        style = {
+            "label": r["method"],
+            "color": colours[index % len(colours)],
+            "marker": markers[index // len(colours) % len(markers)],
+        }
+        axes[0].plot(steps, [100 * v for v in r["all_per_step"]], **style)
+        axes[1].plot(steps, [100 * v for v in r["old_per_step"]], **style)
     num_steps = max((len(r["all_per_step"]) for r in rows if r["method"] != JOINT), default=1)
     names = (
         f"all seen classes, background excluded ({ranges['all']})",
@@ -209,7 +217,7 @@ def _plot(rows: list[dict], path: Path, title: str, ranges: dict[str, str]) -> N
         ax.set_ylabel("mIoU (%)")
         ax.set_title(name)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
