@@ -184,3 +184,11 @@ def test_methods_lists_every_method_and_shows_hyperparameters(capsys):
     )
     assert main(["methods", "icarl"]) == 2
     assert "method.name: unknown value 'icarl'" in capsys.readouterr().err
+
+
+def test_methods_says_what_rcil_needs_and_lists_the_add_ons_keys(capsys):
+    assert main(["methods", "rcil"]) == 0
+    assert "needs model.architecture: rcil" in capsys.readouterr().out
+    assert main(["methods", "mib+nest+ucd"]) == 0
+    shown = capsys.readouterr().out
+    assert "method.nest.KEY" in shown and "method.ucd.KEY" in shown and "lr_scale" in shown

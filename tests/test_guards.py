@@ -170,6 +170,29 @@ CASES = [
         "method.name: unknown value 'icarl'; valid choices:",
     ),
     (
+        "unknown add-on",
+        lambda t: ["run", "--set", "method.name=mib+sdr", "--out", str(t / "o")],
+        "method.name: unknown add-on 'sdr'; valid add-ons: ['ewf', 'nest', 'ucd']",
+    ),
+    (
+        "add-on key out of range",
+        lambda t: [
+            "run",
+            "--set",
+            "method.name=mib+nest",
+            "--set",
+            "method.nest.epochs=-1",
+            "--out",
+            str(t / "o"),
+        ],
+        "method.nest.epochs: must be in [0, 1,000], got -1",
+    ),
+    (
+        "RCIL without its architecture",
+        lambda t: ["run", "--set", "method.name=rcil", "--out", str(t / "o")],
+        "model.architecture: method 'rcil' trains the 'rcil' architecture",
+    ),
+    (
         "outside method: module missing",
         lambda t: ["run", "--set", "method.name=no_such_module:Foo", "--out", str(t / "o")],
         "method.name: 'no_such_module:Foo': cannot import module 'no_such_module'",

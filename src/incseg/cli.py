@@ -591,6 +591,9 @@ def _describe(name: str, cls: type, key: str, *, engine: bool) -> str:
             "plain_first_step",
         )
         lines += ["", f"  engine: {', '.join(f'{a}={getattr(cls, a)!r}' for a in asks)}"]
+        needs = getattr(cls, "architecture", None)
+        if needs is not None:
+            lines.append(f"  model: needs model.architecture: {needs}")
     lines += ["", f"  hyperparameters ({key}: type = default):"]
     fields = [f for f in dataclasses.fields(cls) if f.init]
     for f in fields:
