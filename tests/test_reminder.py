@@ -20,6 +20,35 @@ from incseg.methods.reminder import (
 )
 
 
+def literal_prototypes(features, labels, classes, layout="corrected"):
+    """train.py:20-31 restated: upsample, flatten (HEAD's permute, or 7872ac7's transpose),
+    masked means."""
+    up = F.interpolate(features, labels.shape[-2:], mode="bilinear", align_corners=True)
+    dim = up.shape[1]
+    flat = (
+        up.transpose(1, 3).reshape(-1, dim)
+        if layout == "published"
+        else up.permute(0, 2, 3, 1).reshape(-1, dim)
+    )
+    seg = labels.reshape(-1)
+    out = torch.zeros(max(classes) + 1, dim)
+    for c in classes:
+        if (seg == c).any():
+            out[c] = flat[seg == c].mean(0)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["corrected", "published"])
+def test_batch_prototypes_equal_the_literal_upsampling(layout):
+    torch.manual_seed(0)
+    features = torch.randn(2, 5, 4, 4)
+    labels = torch.randint(0, 4, (2, 13, 13))
+    labels[0, :3] = 255
+    ours, present = batch_prototypes(features, labels, range(1, 4), layout)
+    torch.testing.assert_close(ours, literal_prototypes(features, labels, range(1, 4), layout))
+    assert present.tolist() == [False, True, True, True]
+
+
 def test_batch_prototypes_by_hand():
     # Features already at label size (1x1 -> 2x2 with align_corners=True copies the value).
     features = torch.tensor([[[[1.0, 3.0], [5.0, 7.0]], [[0.0, 2.0], [4.0, 6.0]]]])  # (1, 2, 2, 2)
@@ -123,3 +152,12 @@ def test_a_run_keeps_prototypes_and_logs_the_term(reminder_run):
 def test_an_interrupted_reminder_step_resumes_to_the_same_numbers(reminder_run, tmp_path):
     out, args = reminder_run
     check_exact_resume(out, args, tmp_path)
+
+
+def test_batch_prototypes_non_square_crops():
+    torch.manual_seed(1)
+    features, labels = torch.randn(3, 6, 5, 3), torch.randint(0, 3, (3, 17, 9))
+    ours, _ = batch_prototypes(features, labels, range(3))
+    torch.testing.assert_close(ours, literal_prototypes(features, labels, range(3)))
+    with pytest.raises(ValueError, match="square"):
+        batch_prototypes(features, labels, range(3), "published")

@@ -53,13 +53,12 @@ if TYPE_CHECKING:
 Layout = Literal["corrected", "published"]
 
 
-def _flatten(features: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """``(B, D, H, W)`` -> ``(B*H*W, D)`` rows in label order (``corrected``) or in the order of
-    ``transpose(1, 3)`` (``published``, width before height)."""
-    dim = features.shape[1]
-    if layout == "published":
-        return features.transpose(1, 3).reshape(-1, dim)
-    return features.permute(0, 2, 3, 1).reshape(-1, dim)
+def _interpolation_matrix(size_in: int, size_out: int, device: torch.device) -> torch.Tensor:
+    """``(size_in, size_out)``: the weights of 1-D linear interpolation with
+    ``align_corners=True``, taken from PyTorch's own ``interpolate`` of a basis."""
+    basis = torch.eye(size_in, device=device).view(size_in, 1, size_in, 1)
+    out = F.interpolate(basis, size=(size_out, 1), mode="bilinear", align_corners=True)
+    return out[:, 0, :, 0]
 
 
 def batch_prototypes(
@@ -68,11 +67,18 @@ def batch_prototypes(
     classes: range,
     layout: Layout = "corrected",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class mean feature of one batch (``compute_prototype``, ``train.py:20-31``).
+    """Per-class mean feature of one batch (``compute_prototype``, ``train.py:20-31``): the mean,
+    over the class's pixels, of the features upsampled to the labels' size (bilinear,
+    ``align_corners=True``).
+
+    Computed without the upsampled map (at 512 px it would be B x 256 x 512 x 512): bilinear
+    upsampling is separable and linear, ``up(f) = R_h f R_w^T``, so the sum over a class mask
+    ``m`` is ``sum_ij f_ij (R_h^T m R_w)_ij`` (the same value up to float rounding;
+    tests/test_reminder.py checks it against the literal upsampling). ``published`` pairs each
+    label with the feature at the transposed position (square crops).
 
     Args:
-        features: ``(B, D, h, w)`` head features; upsampled here to the labels' size
-            (bilinear, ``align_corners=True``).
+        features: ``(B, D, h, w)`` head features.
         labels: ``(B, H, W)`` channel indices, 255 = ignore.
         classes: the channels to compute.
 
@@ -80,14 +86,25 @@ def batch_prototypes(
         ``(max(classes) + 1, D)`` float32 means (zero rows for absent or other classes) and a
         ``(max(classes) + 1,)`` bool tensor of the classes present.
     """
-    up = F.interpolate(features.float(), labels.shape[-2:], mode="bilinear", align_corners=True)
-    flat, labels = _flatten(up, layout), labels.reshape(-1).long()
-    out = flat.new_zeros(max(classes) + 1, flat.shape[1])
-    present = torch.zeros(max(classes) + 1, dtype=torch.bool, device=flat.device)
+    features, labels = features.float(), labels.long()
+    (h, w), (height, width) = features.shape[-2:], labels.shape[-2:]
+    if layout == "published":
+        if height != width:
+            raise ValueError(
+                f"the published prototype layout needs square crops, got {height}x{width}"
+            )
+        labels = labels.transpose(1, 2)
+    rows = _interpolation_matrix(h, height, features.device)  # (h, H)
+    cols = _interpolation_matrix(w, width, features.device)  # (w, W)
+    out = features.new_zeros(max(classes) + 1, features.shape[1])
+    present = torch.zeros(max(classes) + 1, dtype=torch.bool, device=features.device)
     for c in classes:
-        mask = labels == c
-        if bool(mask.any()):
-            out[c], present[c] = flat[mask].mean(dim=0), True
+        mask = (labels == c).float()
+        count = mask.sum()
+        if bool(count > 0):
+            weights = rows @ mask @ cols.T  # (B, h, w): each feature cell's share of the class
+            out[c] = torch.einsum("bdij,bij->d", features, weights) / count
+            present[c] = True
     return out, present
 
 
