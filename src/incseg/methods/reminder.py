@@ -26,9 +26,10 @@ flattens the features with ``transpose(1, 3)`` against row-major labels, so each
 feature at the transposed position (7872ac7, the code behind the paper's numbers; square crops
 only). Quirks kept: the cosine has no epsilon (a zero prototype gives NaN, set to 0,
 ``loss.py:265-278``). Not reproduced: a batch without a new-class pixel makes the official term
-0/0 (NaN in its log, zero gradient); incseg gives 0. The official prototypes are one process's
-(no reduction, every rank writes the same file); incseg combines all processes' batch means,
-weighted by their counts. See docs/methods.md, ``reminder``.
+0/0 (NaN in its log, zero gradient); incseg gives 0. The official batch prototypes are each GPU's
+own (and its stored prototypes one process's: every rank writes the same file); incseg's are the
+global batch's, so any number of processes trains as one process with the global batch (its VOC
+15-1 script runs one GPU, where both agree). See docs/methods.md, ``reminder``.
 """
 
 from __future__ import annotations
@@ -61,11 +62,31 @@ def _interpolation_matrix(size_in: int, size_out: int, device: torch.device) -> 
     return out[:, 0, :, 0]
 
 
+def _sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """In place over the default process group when one is running (torchrun), else as is."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def _pixels_per_process(labels: torch.Tensor, num_old: int) -> torch.Tensor | None:
+    """The global batch's new-class pixels over the number of processes (None for one process):
+    dividing each process's sum by it, then averaging the gradients as DDP does, gives the
+    global batch's mean, as one process would."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    count = ((labels >= num_old) & (labels != IGNORE_INDEX)).sum().float()
+    torch.distributed.all_reduce(count)
+    return count / torch.distributed.get_world_size()
+
+
 def batch_prototypes(
     features: torch.Tensor,
     labels: torch.Tensor,
     classes: range,
     layout: Layout = "corrected",
+    *,
+    across_processes: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class mean feature of one batch (``compute_prototype``, ``train.py:20-31``): the mean,
     over the class's pixels, of the features upsampled to the labels' size (bilinear,
@@ -81,6 +102,8 @@ def batch_prototypes(
         features: ``(B, D, h, w)`` head features.
         labels: ``(B, H, W)`` channel indices, 255 = ignore.
         classes: the channels to compute.
+        across_processes: the means over the batches of all processes (each process must call
+            this with the same classes; the official code keeps each GPU's own).
 
     Returns:
         ``(max(classes) + 1, D)`` float32 means (zero rows for absent or other classes) and a
@@ -96,16 +119,20 @@ def batch_prototypes(
         labels = labels.transpose(1, 2)
     rows = _interpolation_matrix(h, height, features.device)  # (h, H)
     cols = _interpolation_matrix(w, width, features.device)  # (w, W)
-    out = features.new_zeros(max(classes) + 1, features.shape[1])
-    present = torch.zeros(max(classes) + 1, dtype=torch.bool, device=features.device)
+    sums = features.new_zeros(max(classes) + 1, features.shape[1])
+    counts = features.new_zeros(max(classes) + 1)
     for c in classes:
         mask = (labels == c).float()
-        count = mask.sum()
-        if bool(count > 0):
+        counts[c] = mask.sum()
+        if bool(counts[c] > 0):
             weights = rows @ mask @ cols.T  # (B, h, w): each feature cell's share of the class
-            out[c] = torch.einsum("bdij,bij->d", features, weights) / count
-            present[c] = True
-    return out, present
+            sums[c] = torch.einsum("bdij,bij->d", features, weights)
+    if across_processes:  # the global batch's sums (one process with the global batch)
+        sums, counts = _sum_over_processes(sums), _sum_over_processes(counts)
+    present = counts > 0
+    means = torch.zeros_like(sums)
+    means[present] = sums[present] / counts[present, None]
+    return means, present
 
 
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -124,6 +151,7 @@ def csw_distillation(
     *,
     delta: float = 0.0,
     temperature: float = 3.0,
+    pixels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CSW-KD before its weight (``ClassSimilarityWeightedKD``, ``utils/loss.py:326-364``).
 
@@ -133,6 +161,7 @@ def csw_distillation(
         labels: ``(B, H, W)`` labels after pseudo-labelling; pixels with ``O <= y < 255`` count.
         prototypes_now: ``(C_t, D)`` batch prototypes (rows of new classes used).
         prototypes_old: ``(O, D)`` stored prototypes.
+        pixels: what the sum is divided by (default: this batch's new-class pixels).
 
     Returns:
         ``T^2 sum(-q log p) / |pixels|``, 0 without a new-class pixel.
@@ -149,7 +178,7 @@ def csw_distillation(
         weights = torch.where(weights < delta / num_old, torch.zeros_like(weights), weights)
         target = (teacher / temperature).softmax(dim=1) * weights + 1e-7
     log_p = (student / temperature).log_softmax(dim=1)
-    return temperature**2 * (-target * log_p).sum() / mask.sum()
+    return temperature**2 * (-target * log_p).sum() / (mask.sum() if pixels is None else pixels)
 
 
 @dataclass
@@ -192,7 +221,9 @@ class REMINDER(PLOP):
             )
         with torch.no_grad():
             new = range(info.num_old_channels, info.num_channels)
-            now, _ = batch_prototypes(output.features["head"], targets.labels, new, self.prototypes)
+            now, _ = batch_prototypes(
+                output.features["head"], targets.labels, new, self.prototypes, across_processes=True
+            )
         old = self._prototypes[: info.num_old_channels].to(now.device)
         kd = csw_distillation(
             output.logits,
@@ -202,6 +233,7 @@ class REMINDER(PLOP):
             old,
             delta=self.delta,
             temperature=self.temperature,
+            pixels=_pixels_per_process(targets.labels, info.num_old_channels),
         )
         return terms | {"csw": self.csw_weight * kd}
 
@@ -215,13 +247,13 @@ class REMINDER(PLOP):
         for images, targets in data.batches(data.epochs - 1):
             with data.autocast():
                 head = model(images, features=("head",)).features["head"]
-            means, present = batch_prototypes(head, targets, classes, self.prototypes)
-            # train.py:640-645: counts once per batch; the running mean of batch means over all
-            # processes' batches is the count-weighted mean of each process's running mean.
+            means, present = batch_prototypes(
+                head, targets, classes, self.prototypes, across_processes=True
+            )
+            # train.py:640-645: an equal-weight running mean of the batch means, a class counted
+            # once per batch where it appears (the sum of the means over the count).
             count += present
             total[present] += means[present]
-        data.sum_over_processes(total)
-        data.sum_over_processes(count)
         found = count > 0
         prototypes = torch.zeros_like(total)
         prototypes[found] = total[found] / count[found, None]
