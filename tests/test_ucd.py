@@ -101,7 +101,8 @@ def test_matches_the_official_code_path():
     labels = labels_at(targets, (4, 4), last=20)
     smallest = int(labels[labels > 0].min())
     assert smallest == 8
-    _, _, la, lc, weights = pairs
+    _, _, la, lc, weights, offset = pairs
+    assert offset == 0
     both_new = (la >= smallest)[:, None] & (lc >= smallest)[None]
     assert both_new.any() and bool((weights[both_new] == 1).all())
     assert bool((weights[~both_new] < 1).all())

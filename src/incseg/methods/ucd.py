@@ -27,7 +27,9 @@ The official ``train.py`` cannot run as committed (``:115`` unpacks three values
 five-value path the loss code defines. Not reproduced: the official model freezes the step-0
 classifier at every step (``segmentation_module.py:75-78``), a leftover the paper does not
 describe; a batch without any ground-truth pixel at feature resolution (official: an error from
-``.min()`` of an empty tensor) or without any positive pair (official: NaN) gives 0 here.
+``.min()`` of an empty tensor) or without any positive pair (official: NaN) gives 0 here. Under
+several processes the pairs are those of the global batch (the official code pairs each GPU's
+pixels only), so any number of processes trains as one process with the global batch.
 cssegmentation's UCD (``csseg/modules/runners/ucd.py:152-160``) builds its new-class masks from
 zeros, so the weight-1 override of step 3 never applies; see docs/methods.md, ``ucd``.
 """
@@ -56,6 +58,28 @@ def labels_at(targets: torch.Tensor, size: tuple[int, int], last: int) -> torch.
     return torch.where((labels >= 0) & (labels <= last), labels, torch.zeros_like(labels))
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the running process group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gather_rows(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every process's ``(N_r, ...)`` rows (N_r may differ), in rank order; no gradient."""
+    _, world = _world()
+    if world == 1:
+        return [tensor.detach()]
+    sizes = [torch.zeros((), dtype=torch.long, device=tensor.device) for _ in range(world)]
+    torch.distributed.all_gather(sizes, torch.tensor(tensor.shape[0], device=tensor.device))
+    largest = max(int(n) for n in sizes)
+    padded = tensor.detach().new_zeros((largest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    return [part[: int(n)] for part, n in zip(parts, sizes, strict=True)]
+
+
 def contrastive_pairs(
     features: torch.Tensor,
     old_features: torch.Tensor,
@@ -64,35 +88,52 @@ def contrastive_pairs(
 ) -> tuple[torch.Tensor, ...] | None:
     """Anchors, contrast set, their labels and the weights (``utils.py:349-393``, ``v2``).
 
+    Under several processes the contrast set, and the smallest ground-truth label, are those
+    of the global batch (the official code pairs the pixels of each GPU's batch only), so that
+    any number of processes computes what one process with the global batch computes.
+
     Args:
         features, old_features: ``(B, D, h, w)`` student / old head features.
         old_logits: ``(B, O, h, w)`` old logits at feature resolution.
         labels: ``(B, h, w)`` from :func:`labels_at`.
 
     Returns:
-        ``(anchors (A, D), contrast (A + K, D), anchor labels (A,), contrast labels (A + K,),
-        weights (A, A + K))``, or None when the batch has no ground-truth pixel.
+        ``(anchors (A, D), contrast (A' + K', D), anchor labels (A,), contrast labels
+        (A' + K',), weights (A, A' + K'), offset)``: the contrast set starts with every
+        process's anchors (A' of them; this process's from row ``offset``), then the pixels
+        labelled by the old model; None when the global batch has no ground-truth pixel.
     """
     dim = features.shape[1]
     labels = labels.reshape(-1)
     truth = labels > 0
-    if not bool(truth.any()):
+    none = torch.iinfo(torch.long).max
+    smallest = (
+        labels[truth].min() if bool(truth.any()) else torch.tensor(none, device=labels.device)
+    )
+    if _world()[1] > 1:
+        torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
+    if int(smallest) == none:
         return None
-    smallest = labels[truth].min()
     pseudo = old_logits.argmax(dim=1).reshape(-1)
     mixed = torch.where(labels == 0, pseudo, labels)
     anchor, extra = mixed > 0, (mixed > 0) & ~truth
     flat = features.permute(0, 2, 3, 1).reshape(-1, dim)
     old_flat = old_features.permute(0, 2, 3, 1).reshape(-1, dim)
     anchors = F.normalize(flat[anchor].float(), dim=1)
-    contrast = torch.cat([anchors, F.normalize(old_flat[extra].float(), dim=1)]).detach()
-    anchor_labels = mixed[anchor]
-    contrast_labels = torch.cat([anchor_labels, mixed[extra]])
     probs = old_logits.permute(0, 2, 3, 1).reshape(-1, old_logits.shape[1]).float().softmax(-1)
-    weights = probs[anchor] @ torch.cat([probs[anchor], probs[extra]]).T
+    anchor_labels = mixed[anchor]
+    own = [anchors, anchor_labels, probs[anchor]]
+    others = [F.normalize(old_flat[extra].float(), dim=1), mixed[extra], probs[extra]]
+    gathered = [_gather_rows(t) for t in (*own, *others)]
+    rank = _world()[0]
+    offset = sum(part.shape[0] for part in gathered[0][:rank])
+    contrast, contrast_labels, contrast_probs = (
+        torch.cat([*gathered[i], *gathered[i + 3]]) for i in range(3)
+    )
+    weights = probs[anchor] @ contrast_probs.T
     both_new = (anchor_labels >= smallest)[:, None] & (contrast_labels >= smallest)[None]
     weights = torch.where(both_new, torch.ones_like(weights), weights)
-    return anchors, contrast, anchor_labels, contrast_labels, weights
+    return anchors, contrast, anchor_labels, contrast_labels, weights, offset
 
 
 def pixel_contrastive_loss(
@@ -101,13 +142,17 @@ def pixel_contrastive_loss(
     anchor_labels: torch.Tensor,
     contrast_labels: torch.Tensor,
     weights: torch.Tensor,
+    offset: int = 0,
     temperature: float = 0.07,
 ) -> torch.Tensor:
-    """``PixelConLossV2`` (``loss.py:431-466``; module docstring, step 4). Shapes as returned by
-    :func:`contrastive_pairs`; the first A rows of ``contrast`` are the anchors themselves."""
+    """``PixelConLossV2`` (``loss.py:431-466``; module docstring, step 4). Arguments as returned
+    by :func:`contrastive_pairs`: rows ``offset .. offset + A`` of ``contrast`` are the anchors
+    themselves (their self-pairs are not positives). The mean over anchors with a positive is
+    taken over every process's anchors (DDP then averages the processes' gradients)."""
+    num = anchors.shape[0]
     same = (anchor_labels[:, None] == contrast_labels[None]).float()
     positive = same.clone()
-    positive[:, : anchors.shape[0]] -= torch.eye(anchors.shape[0], device=anchors.device)
+    positive[:, offset : offset + num] -= torch.eye(num, device=anchors.device)
     negative = 1 - same
     scores = anchors @ contrast.T / temperature
     negatives = (scores.exp() * negative).sum(dim=1, keepdim=True)
@@ -115,9 +160,14 @@ def pixel_contrastive_loss(
     terms = (scores - torch.log(scores.exp() + negatives)) * positive * weights
     count = positive.sum(dim=1)
     keep = count != 0
-    if not bool(keep.any()):
+    kept = keep.sum().float()
+    _, world = _world()
+    if world > 1:
+        torch.distributed.all_reduce(kept)
+        kept = kept / world
+    if float(kept) == 0:
         return anchors.sum() * 0.0
-    return -(terms.sum(dim=1)[keep] / count[keep]).mean()
+    return -(terms.sum(dim=1)[keep] / count[keep]).sum() / kept
 
 
 @dataclass
