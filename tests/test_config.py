@@ -352,6 +352,20 @@ def test_cssegmentation_plop_configs(name):
     assert config.method.params["pod_logits_factor"] == 0.0005
 
 
+def assert_plop_data_code(config, dataset: str, setting: str) -> None:
+    """The data side of the codes forked from PLOP's: its labels, the overlap rule applied on the
+    fly, Resize + CenterCrop 512 at test."""
+    d, p = config.data, config.protocol
+    assert (d.dataset, p.setting, p.mode, p.labels, p.split_source, d.test_crop) == (
+        dataset,
+        setting,
+        "overlap",
+        "plop",
+        "rule",
+        512,
+    )
+
+
 EWF_SCRIPTS = [("voc", s, m) for s in ("19-1", "15-1", "10-1", "5-3") for m in ("mib", "plop")] + [
     ("ade", s, "mib") for s in ("100-50", "100-10", "100-5")
 ]
@@ -365,15 +379,8 @@ def test_ewf_configs_resolve_to_the_official_scripts(dataset, setting, method):
     and 100-5), PLOP's POD 0.01 / 0.0005."""
     name = f"voc/{setting}-overlap-{method}+ewf" if dataset == "voc" else f"ade/{setting}-mib+ewf"
     config = load_config(name)
-    p, t, d = config.protocol, config.train, config.data
-    assert (d.dataset, p.setting, p.mode, p.labels, p.split_source, d.test_crop) == (
-        dataset,
-        setting,
-        "overlap",
-        "plop",
-        "rule",
-        512,
-    )
+    t = config.train
+    assert_plop_data_code(config, dataset, setting)
     assert (t.lr, t.lr_incremental, t.amp, config.model.pretrained) == (0.01, 0.001, "fp16", "iabn")
     assert t.batch_size == (48 if setting == "100-50" else 24)
     assert t.epochs_at(0) == t.epochs_at(1) == (30 if dataset == "voc" else 60)
@@ -402,15 +409,8 @@ def test_nest_configs_resolve_to_the_official_scripts(dataset, setting, method):
     voc = dataset == "voc"
     name = f"voc/{setting}-overlap-{method}+nest" if voc else f"ade/{setting}-{method}+nest"
     config = load_config(name)
-    p, t, d = config.protocol, config.train, config.data
-    assert (d.dataset, p.setting, p.mode, p.labels, p.split_source, d.test_crop) == (
-        dataset,
-        setting,
-        "overlap",
-        "plop",
-        "rule",
-        512,
-    )
+    t = config.train
+    assert_plop_data_code(config, dataset, setting)
     assert (t.lr, t.lr_incremental, t.amp, t.batch_size) == (0.02, 0.001, "fp16", 24)
     assert t.epochs_at(0) == (30 if voc else 60)
     assert t.epochs_at(1) == {"15-1": 30, "10-1": 10, "100-5": 60}[setting]

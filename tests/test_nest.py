@@ -229,12 +229,23 @@ def test_pretuning_lowers_the_unbiased_loss_and_a_single_update_has_lr_zero():
 def test_bias_init_choices_and_validation():
     info = step_info(get_setting("voc", "15-5"), 1)
     model = _model(info)
-    nest = NeST(bias_init="background")
+    old = _model(info).eval()
+    old.classifiers = old.classifiers[:-1]
+    data = FakeData(_step_batches(info))
+    background = float(model.classifiers[0].bias[0].detach())
+    bound = 1 / math.sqrt(model.classifiers[0].in_channels)
+    started = {
+        init: NeST(bias_init=init)._start(data, info, model, old).bias.detach()
+        for init in ("background", "random")
+    }
+    # One value repeated: the trained background bias, or one draw of a fresh conv's bias init.
+    assert started["background"].tolist() == [pytest.approx(background)] * 5
+    assert len(set(started["random"].tolist())) == 1
+    assert abs(float(started["random"][0])) <= bound
     with pytest.raises(ConfigError, match="bias_init"):
         config_from_dict({"method": {"name": "mib+nest", "nest": {"bias_init": "zero"}}})
     with pytest.raises(ConfigError, match="epochs"):
         config_from_dict({"method": {"name": "mib+nest", "nest": {"epochs": -1}}})
-    assert nest.bias_init == "background" and model.classifiers[0].bias is not None
 
 
 @pytest.fixture(scope="module")

@@ -237,7 +237,7 @@ class NeST(AddOn):
             bound = 1 / math.sqrt(dim)
             bias = float(torch.empty(()).uniform_(-bound, bound))
         else:
-            bias = float(model.classifiers[0].bias[0])
+            bias = float(model.classifiers[0].bias[0].detach())
         num_old, num_new = info.num_old_channels, info.channels_per_step[-1]
         transform = Transformation(num_new, num_old, dim, bias).to(data.device)
         sums, counts = self._similarity(data.batches(0), old_model, info, data)

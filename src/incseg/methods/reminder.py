@@ -44,6 +44,7 @@ from torch import nn
 from incseg.errors import IncsegError
 from incseg.methods.base import StepData
 from incseg.methods.plop import PLOP, POD_MAPS, PseudoLabels
+from incseg.methods.processes import reduce_over_processes, world
 from incseg.protocol.choices import IGNORE_INDEX
 from incseg.protocol.steps import StepInfo
 from incseg.ranges import LOSS_WEIGHT, Range, ranged
@@ -62,22 +63,14 @@ def _interpolation_matrix(size_in: int, size_out: int, device: torch.device) -> 
     return out[:, 0, :, 0]
 
 
-def _sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
-    """In place over the default process group when one is running (torchrun), else as is."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor)
-    return tensor
-
-
 def _pixels_per_process(labels: torch.Tensor, num_old: int) -> torch.Tensor | None:
     """The global batch's new-class pixels over the number of processes (None for one process):
     dividing each process's sum by it, then averaging the gradients as DDP does, gives the
     global batch's mean, as one process would."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if world()[1] == 1:
         return None
     count = ((labels >= num_old) & (labels != IGNORE_INDEX)).sum().float()
-    torch.distributed.all_reduce(count)
-    return count / torch.distributed.get_world_size()
+    return reduce_over_processes(count) / world()[1]
 
 
 def batch_prototypes(
@@ -128,7 +121,7 @@ def batch_prototypes(
             weights = rows @ mask @ cols.T  # (B, h, w): each feature cell's share of the class
             sums[c] = torch.einsum("bdij,bij->d", features, weights)
     if across_processes:  # the global batch's sums (one process with the global batch)
-        sums, counts = _sum_over_processes(sums), _sum_over_processes(counts)
+        sums, counts = reduce_over_processes(sums), reduce_over_processes(counts)
     present = counts > 0
     means = torch.zeros_like(sums)
     means[present] = sums[present] / counts[present, None]

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from incseg.methods.base import AddOn
+from incseg.methods.processes import gather_rows, reduce_over_processes, world
 from incseg.protocol.steps import StepInfo
 from incseg.ranges import LOSS_WEIGHT, Range, ranged
 
@@ -56,28 +57,6 @@ def labels_at(targets: torch.Tensor, size: tuple[int, int], last: int) -> torch.
     resized = F.interpolate(targets[:, None].float(), size, mode="bilinear", align_corners=False)
     labels = resized[:, 0].trunc().long()
     return torch.where((labels >= 0) & (labels <= last), labels, torch.zeros_like(labels))
-
-
-def _world() -> tuple[int, int]:
-    """(rank, world size) of the running process group, (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _gather_rows(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """Every process's ``(N_r, ...)`` rows (N_r may differ), in rank order; no gradient."""
-    _, world = _world()
-    if world == 1:
-        return [tensor.detach()]
-    sizes = [torch.zeros((), dtype=torch.long, device=tensor.device) for _ in range(world)]
-    torch.distributed.all_gather(sizes, torch.tensor(tensor.shape[0], device=tensor.device))
-    largest = max(int(n) for n in sizes)
-    padded = tensor.detach().new_zeros((largest, *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor.detach()
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(parts, padded)
-    return [part[: int(n)] for part, n in zip(parts, sizes, strict=True)]
 
 
 def contrastive_pairs(
@@ -110,8 +89,7 @@ def contrastive_pairs(
     smallest = (
         labels[truth].min() if bool(truth.any()) else torch.tensor(none, device=labels.device)
     )
-    if _world()[1] > 1:
-        torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
+    reduce_over_processes(smallest, "min")
     if int(smallest) == none:
         return None
     pseudo = old_logits.argmax(dim=1).reshape(-1)
@@ -124,8 +102,8 @@ def contrastive_pairs(
     anchor_labels = mixed[anchor]
     own = [anchors, anchor_labels, probs[anchor]]
     others = [F.normalize(old_flat[extra].float(), dim=1), mixed[extra], probs[extra]]
-    gathered = [_gather_rows(t) for t in (*own, *others)]
-    rank = _world()[0]
+    gathered = [gather_rows(t) for t in (*own, *others)]
+    rank = world()[0]
     offset = sum(part.shape[0] for part in gathered[0][:rank])
     contrast, contrast_labels, contrast_probs = (
         torch.cat([*gathered[i], *gathered[i + 3]]) for i in range(3)
@@ -160,11 +138,8 @@ def pixel_contrastive_loss(
     terms = (scores - torch.log(scores.exp() + negatives)) * positive * weights
     count = positive.sum(dim=1)
     keep = count != 0
-    kept = keep.sum().float()
-    _, world = _world()
-    if world > 1:
-        torch.distributed.all_reduce(kept)
-        kept = kept / world
+    # Every process's anchors with a positive, per process: DDP averages the gradients.
+    kept = reduce_over_processes(keep.sum().float()) / world()[1]
     if float(kept) == 0:
         return anchors.sum() * 0.0
     return -(terms.sum(dim=1)[keep] / count[keep]).sum() / kept
