@@ -131,7 +131,20 @@ def test_every_builtin_config_loads_and_paper_configs_hold_the_paper_setting():
         n
         for n in names
         if n.startswith(("voc/", "ade/"))
-        and not n.endswith(("-plop", "+ewf", "+nest", "+ucd", "-reminder", "-rcil"))
+        and not n.endswith(
+            (
+                "-plop",
+                "+ewf",
+                "+nest",
+                "+ucd",
+                "-reminder",
+                "-rcil",
+                "-ssul",
+                "-ssul-m",
+                "-dkd",
+                "-dkd-m",
+            )
+        )
     ]
     assert len(paper) == 68 and "voc/15-1-overlap-mib" in paper and "ade/100-50-mib" in paper
     for name in names:
@@ -561,3 +574,77 @@ def test_set_method_name_keeps_the_method_keys_when_only_add_ons_change():
     assert "ewf" not in plain.method.params and plain.method.params["kd_weight"] == 10
     other = load_config("voc/15-1-overlap-mib", ["method.name=plop"])
     assert "kd_weight" not in other.method.params
+
+
+SSUL_ROWS = [("voc", s) for s in ("15-5", "15-1", "10-1")]
+SSUL_ROWS += [("ade", s) for s in ("100-50", "100-10", "100-5")]
+
+
+@pytest.mark.parametrize(("dataset", "setting"), SSUL_ROWS)
+@pytest.mark.parametrize("memory", [False, True])
+def test_ssul_configs_resolve_to_the_readme_command(dataset, setting, memory):
+    """clovaai/SSUL README.md:82-108: VOC 50 epochs, batch 32, lr 0.01, poly (PolyLR floor 1e-6);
+    ADE20K 100 epochs, batch 24, lr 0.05, warm_poly (10%); step 0 at 0.001 / 0.01 hard-coded;
+    memory 100 / 300 for SSUL-M; crop 513, crop_val 513, threshold 0.7, ResNet-101 with BN."""
+    voc = dataset == "voc"
+    suffix = "ssul-m" if memory else "ssul"
+    config = load_config(f"voc/{setting}-overlap-{suffix}" if voc else f"ade/{setting}-{suffix}")
+    t, d, p, m = config.train, config.data, config.protocol, config.model
+    assert (p.setting, p.mode, p.labels, p.split_source) == (setting, "overlap", "ssul", "rule")
+    assert (m.backbone, m.pretrained, m.norm, m.output_stride, m.architecture) == (
+        "resnet101",
+        "imagenet",
+        "bn",
+        16,
+        "ssul",
+    )
+    assert (d.crop_size, d.test_crop) == (513, 513)
+    assert d.saliency == ("data/voc/saliency_map" if voc else None)
+    assert (t.epochs_at(0), t.epochs_at(3), t.batch_size) == (
+        (50, 50, 32) if voc else (100, 100, 24)
+    )
+    assert (t.lr, t.lr_incremental, t.amp) == (0.001, 0.01 if voc else 0.05, "fp16")
+    assert (t.lr_min, t.lr_warmup) == ((1e-6, 0.0) if voc else (0.0, 0.1))
+    assert (t.momentum, t.nesterov, t.weight_decay, t.lr_power) == (0.9, True, 1e-4, 0.9)
+    method = config.method.build()
+    assert method.memory_size == ((100 if voc else 300) if memory else 0)
+    assert (method.pseudo_threshold, method.memory_labels) == (0.7, "unshifted")
+    assert method.unknown == ("saliency" if voc else "background")
+    assert (method.background_lr_scale, method.classifier_lr_scale) == (1e-4, 10)
+
+
+DKD_ROWS = [("voc", s, "overlap") for s in ("15-5", "15-1", "10-1")]
+DKD_ROWS += [("voc", s, "disjoint") for s in ("15-5", "15-1")]
+DKD_ROWS += [("ade", s, "overlap") for s in ("100-50", "100-10", "100-5")]
+
+
+@pytest.mark.parametrize(("dataset", "setting", "mode"), DKD_ROWS)
+@pytest.mark.parametrize("memory", [False, True])
+def test_dkd_configs_resolve_to_the_official_scripts(dataset, setting, mode, memory):
+    """cvlab-yonsei/DKD scripts and configs: VOC 60 epochs, batch 32, lr 1e-3 then 1e-4, pos
+    weight 2 then 1; ADE20K 100 epochs, batch 24, lr 2.5e-3 then 2.5e-4, pos weight 35, warmup
+    20%; loss weights 1 / 5 / 5 / 5 / 1; memory 100 / 300 for DKD-M; crop 512 both ways."""
+    voc = dataset == "voc"
+    suffix = "dkd-m" if memory else "dkd"
+    config = load_config(f"voc/{setting}-{mode}-{suffix}" if voc else f"ade/{setting}-{suffix}")
+    t, d, p, m = config.train, config.data, config.protocol, config.model
+    assert (p.setting, p.mode, p.split_source) == (setting, mode, "rule")
+    assert p.labels == ("plop" if voc else "ssul")
+    assert (m.backbone, m.pretrained, m.norm, m.output_stride, m.architecture) == (
+        "resnet101",
+        "imagenet",
+        "bn",
+        16,
+        "dkd",
+    )
+    assert (d.crop_size, d.test_crop, d.scale_min, d.scale_max) == (512, 512, 0.5, 2.0)
+    assert (t.epochs_at(0), t.epochs_at(2), t.batch_size) == (
+        (60, 60, 32) if voc else (100, 100, 24)
+    )
+    assert (t.lr, t.lr_incremental) == ((0.001, 0.0001) if voc else (0.0025, 0.00025))
+    assert (t.lr_warmup, t.lr_min, t.amp) == (0.0 if voc else 0.2, 0.0, "fp16")
+    method = config.method.build()
+    assert method.memory_size == ((100 if voc else 300) if memory else 0)
+    assert (method.pos_weight_first, method.pos_weight) == ((2, 1) if voc else (35, 35))
+    weights = (method.mbce, method.kd, method.dkd_pos, method.dkd_neg, method.ac)
+    assert weights == (1, 5, 5, 5, 1) and method.classifier_lr_scale == 10

@@ -80,11 +80,14 @@ def test_method_lookup_and_validation():
 # Which built-in methods (and, as "+name", add-ons) implement each hook of the interface
 # (docs/design.md has this table); a hook that none implements does not belong in the interface.
 HOOK_USERS = {
-    "init_new_classifier": {"mib", "plop", "rcil", "reminder", "+ewf"},
-    "begin_step": {"ewc", "pi", "rw", "plop", "rcil", "reminder", "+ewf", "+nest"},
+    "init_new_classifier": {"mib", "plop", "rcil", "reminder", "ssul", "dkd", "+ewf"},
+    "begin_step": {"ewc", "pi", "rw", "plop", "rcil", "reminder", "ssul", "dkd", "+ewf", "+nest"},
+    "param_groups": {"ssul", "dkd"},
+    "memory_lut": {"ssul"},
+    "memory_pseudo_labels": {"ssul", "dkd"},
     "scan": {"plop", "reminder"},
     "end_scan": {"plop", "reminder"},
-    "relabel": {"plop", "reminder"},
+    "relabel": {"plop", "reminder", "ssul"},
     "losses": {
         "ft",
         "lwf",
@@ -97,6 +100,8 @@ HOOK_USERS = {
         "plop",
         "rcil",
         "reminder",
+        "ssul",
+        "dkd",
         "+ucd",
     },
     "prepare_step": {"+nest"},

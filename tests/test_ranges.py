@@ -153,6 +153,8 @@ ACCEPTED_RUNS = {  # the in-range values the walk meets, grouped into real runs
         "data.num_workers=0",
         "train.weight_decay=0",
         "train.lr_power=0",
+        "train.lr_warmup=0",
+        "train.lr_min=0",
         "train.seed=0",
         "train.val_interval=0",
         "train.checkpoint_every=0",
@@ -173,13 +175,30 @@ ACCEPTED_RUNS = {  # the in-range values the walk meets, grouped into real runs
         "method.delta=0",
     ],
     "rcil": ["method.kd_weight=0", "method.pcd_factor=0", "method.pcd_last_factor=0"],
+    "ssul": [
+        "method.memory_size=0",
+        "method.pseudo_threshold=0",
+        "method.background_lr_scale=0",
+        "method.classifier_lr_scale=0",
+    ],
+    "dkd": [
+        "method.memory_size=0",
+        "method.pos_weight_first=0",
+        "method.pos_weight=0",
+        "method.mbce=0",
+        "method.kd=0",
+        "method.dkd_pos=0",
+        "method.dkd_neg=0",
+        "method.ac=0",
+        "method.classifier_lr_scale=0",
+    ],
     "mib+nest": ["method.nest.epochs=0"],
     "mib+ucd": ["method.ucd.weight=0"],
 }
 
 
-# What a method needs besides its name (RCIL trains its own architecture).
-METHOD_SETS = {"rcil": ["--set", "model.architecture=rcil"]}
+# What a method needs besides its name (RCIL, SSUL and DKD train their own architectures).
+METHOD_SETS = {name: ["--set", f"model.architecture={name}"] for name in ("rcil", "ssul", "dkd")}
 
 
 def test_walk_every_numeric_key_with_zero_negative_and_absurd(tmp_path, capsys):

@@ -641,6 +641,172 @@ def _csseg_plop(name: str) -> str:
     )
 
 
+SSUL_COMMIT = "e08ee9c"
+SSUL_SETTINGS = {"voc": ("15-5", "15-1", "10-1"), "ade": ("100-50", "100-10", "100-5")}
+SSUL_TEMPLATE = """\
+# {title} (Cha et al., NeurIPS 2021) on {family} {setting}{mode_title}, as the README's command trains it
+# (README.md:{readme}). Cited files are in github.com/clovaai/SSUL (commit {commit}); written by
+# tools/make_configs.py. Keys left at incseg's defaults are the official ones too: SGD Nesterov
+# momentum 0.9, weight decay 1e-4 (main.py:78, 266-270), poly 0.9 stepped every iteration
+# (main.py:383-389, 474), output stride 16 (main.py:50). Training images are augmented with
+# incseg's random resized crop (area 0.5-2.0); SSUL scales by 0.5-2.0 and crops 513 px, padding
+# with background (main.py:105-113): docs/methods.md, ssul.
+name: {name}
+data:
+  dataset: {dataset}
+  root: data/{dataset}
+  crop_size: 513          # --crop_size 513 (main.py:69)
+  test_crop: 513          # --crop_val: Resize(513) + CenterCrop(513) (main.py:114-121)
+{saliency}protocol:
+  setting: {setting}
+  mode: overlap           # --overlap in the README's command
+  labels: ssul            # void kept at training, future classes ignored at test (datasets/{dataset}.py)
+  split_source: rule      # utils/tasks.py:261-289: images with a class of the step
+model:
+  backbone: resnet101     # deeplabv3_resnet101 (README.md:{model_line})
+  pretrained: imagenet    # torchvision's ImageNet ResNet-101 (network/backbone/resnet.py:15)
+  norm: bn                # nn.BatchNorm2d, backbone momentum 0.01 (main.py:224)
+  architecture: ssul      # unknown + background + one head per step (network/_deeplab.py:84-103)
+method:
+  name: ssul
+  memory_size: {memory}{memory_note}
+  pseudo_threshold: 0.7   # --pseudo_thresh 0.7
+  unknown: {unknown}{unknown_note}
+train:
+  epochs: {epochs}              # --train_epoch {epochs} at every step
+  batch_size: {batch}          # --batch_size {batch}
+  lr: 0.001               # step 0: backbone 0.001, head and classifiers x10 (main.py:262-264)
+  lr_incremental: {lr}        # --lr {lr}: the new, unknown and background heads (main.py:241-260)
+{schedule}  amp: fp16               # --amp
+"""
+
+
+def _ssul(dataset: str, setting: str, memory: bool) -> str:
+    voc = dataset == "voc"
+    size = (100 if voc else 300) if memory else 0
+    title = "SSUL-M" if memory else "SSUL"
+    if voc:
+        schedule = "  lr_min: 0.000001        # --lr_policy poly: PolyLR floors each LR at 1e-6 (utils/scheduler.py:7-16)\n"
+    else:
+        schedule = "  lr_warmup: 0.1          # --lr_policy warm_poly: 10% of the iterations (main.py:387-389)\n"
+    return SSUL_TEMPLATE.format(
+        title=title,
+        family="Pascal VOC" if voc else "ADE20K",
+        setting=setting,
+        mode_title=" overlap" if voc else "",
+        readme="82-92" if voc else "98-108",
+        commit=SSUL_COMMIT,
+        name=f"voc-{setting}-overlap-{title.lower()}" if voc else f"ade-{setting}-{title.lower()}",
+        dataset=dataset,
+        saliency="  saliency: data/voc/saliency_map  # the release's saliency_map.zip (README.md:77)\n"
+        if voc
+        else "",
+        model_line="92" if voc else "108",
+        memory=size,
+        memory_note=f"  # --mem_size {size}" + (" (SSUL-M)" if memory else ""),
+        unknown="saliency" if voc else "background",
+        unknown_note="  # salient background (datasets/voc.py:135-141)"
+        if voc
+        else "  # every background pixel (datasets/ade.py:291-298)",
+        epochs=50 if voc else 100,
+        batch=32 if voc else 24,
+        lr=0.01 if voc else 0.05,
+        schedule=schedule,
+    )
+
+
+DKD_COMMIT = "fb4693f"
+DKD_SETTINGS = {
+    ("voc", "15-5", "overlap"): "overlapped/train_voc_15-5.sh",
+    ("voc", "15-1", "overlap"): "overlapped/train_voc_15-1.sh",
+    ("voc", "10-1", "overlap"): "overlapped/train_voc_10-1.sh",
+    ("voc", "15-5", "disjoint"): None,  # README.md:44-54: the overlapped scripts with 'disjoint'
+    ("voc", "15-1", "disjoint"): None,
+    ("ade", "100-50", "overlap"): "overlapped/train_ade_100-50.sh",
+    ("ade", "100-10", "overlap"): "overlapped/train_ade_100-10.sh",
+    ("ade", "100-5", "overlap"): None,  # no script: data_loader/task.py:158-170 defines the task
+}
+DKD_TEMPLATE = """\
+# {title} (Baek et al., NeurIPS 2022) on {family} {setting}{mode_title}, as {source}.
+# Cited files are in github.com/cvlab-yonsei/DKD (commit {commit}); written by tools/make_configs.py.
+# Keys left at incseg's defaults are the official ones too: SGD Nesterov momentum 0.9, weight decay
+# 1e-4 (configs/config_{dataset}.json:66-73), poly 0.9 stepped every iteration (utils/lr_scheduler.py),
+# random resized crop 512 with area 0.5-2.0 (data_loader/dataset.py:140-152), output stride 16
+# (models/modules/backbone.py:28).
+name: {name}
+data:
+  dataset: {dataset}
+  root: data/{dataset}
+  test_crop: 512          # Resize(512) + CenterCrop(512) at test (dataset.py:154-163)
+protocol:
+  setting: {setting}
+  mode: {mode}
+  labels: {labels}{labels_note}
+  split_source: rule      # the {mode} rule of data_loader/dataset.py:73-112
+model:
+  backbone: resnet101
+  pretrained: imagenet    # torchvision's resnet101-63fe2227.pth (models/modules/backbone.py:32)
+  norm: bn                # "norm_act": "bn_sync" (config_{dataset}.json:16), backbone momentum 0.01
+  architecture: dkd       # auxiliary classifier, no background channel (models/model.py:41-75)
+method:
+  name: dkd
+  memory_size: {memory}{memory_note}
+  pos_weight_first: {pw_first}{pw_first_note}
+  pos_weight: {pw}         # config_{dataset}.json:76
+train:
+  epochs: {epochs}             # config_{dataset}.json:95-97, at every step
+  batch_size: {batch}          # {batch_note}
+  lr: {lr}             # backbone; head and classifiers x10 (train_voc.py:127-143)
+  lr_incremental: {lr_inc}
+{schedule}  amp: fp16               # "use_amp": true (config_{dataset}.json:11)
+"""
+
+
+def _dkd(dataset: str, setting: str, mode: str, memory: bool) -> str:
+    voc = dataset == "voc"
+    size = (100 if voc else 300) if memory else 0
+    title = "DKD-M" if memory else "DKD"
+    script = DKD_SETTINGS[(dataset, setting, mode)]
+    if script:
+        source = f"scripts/{dataset}/{script} trains it"
+    elif voc:
+        source = "the README's disjoint setting trains it (README.md:44-54: the overlapped script, TASKSETTING='disjoint')"
+    else:
+        source = "the 100-10 script would train it (no script or number for 100-5; task.py:158-170 defines it)"
+    return DKD_TEMPLATE.format(
+        title=title,
+        family="Pascal VOC" if voc else "ADE20K",
+        setting=setting,
+        mode_title=f" {mode}" if voc else "",
+        source=source,
+        commit=DKD_COMMIT,
+        name=f"voc-{setting}-{mode}-{title.lower()}" if voc else f"ade-{setting}-{title.lower()}",
+        dataset=dataset,
+        mode=mode,
+        labels="plop" if voc else "ssul",
+        labels_note="            # future classes are background at test (config_voc.json:57)"
+        if voc
+        else "            # future classes ignored at test (config_ade.json:57), class 0 counted",
+        memory=size,
+        memory_note=f"  # MEMORY_SIZE={size}" + (" (DKD-M, README.md:54,79)" if memory else ""),
+        pw_first=2 if voc else 35,
+        pw_first_note="  # --pos_weight ${INIT_POSWEIGHT}=2 at step 0 (the scripts' line 13)"
+        if voc
+        else "  # config_ade.json:76 (the ADE20K scripts pass no --pos_weight)",
+        pw=1 if voc else 35,
+        epochs=60 if voc else 100,
+        batch=32 if voc else 24,
+        batch_note="BS=8 per GPU x 4 (scripts line 5)"
+        if voc
+        else "BS=6 per GPU x 4 (scripts line 4)",
+        lr=0.001 if voc else 0.0025,
+        lr_inc=0.0001 if voc else 0.00025,
+        schedule=""
+        if voc
+        else "  lr_warmup: 0.2          # WarmupPolyLR, warmup_iters 0.2 of the step (config_ade.json:81-84)\n",
+    )
+
+
 def main() -> None:
     jobs = [
         ("voc", s, mode, m)
@@ -674,7 +840,7 @@ def main() -> None:
 
 
 def _official_successors() -> dict[Path, str]:
-    """Configs from the official scripts of EWF, NeST, UCD, REMINDER and RCIL."""
+    """Configs from the official scripts of EWF, NeST, UCD, REMINDER, RCIL, SSUL and DKD."""
     files: dict[Path, str] = {}
     for setting in EWF_VOC:
         for method in ("mib", "plop"):
@@ -695,6 +861,15 @@ def _official_successors() -> dict[Path, str]:
     for dataset, setting, mode in RCIL_SCRIPTS:
         stem = f"{setting}-{mode}-rcil" if dataset == "voc" else f"{setting}-rcil"
         files[OUT / dataset / f"{stem}.yaml"] = _rcil(dataset, setting, mode)
+    for (dataset, settings), memory in itertools.product(SSUL_SETTINGS.items(), (False, True)):
+        for setting in settings:
+            title = "ssul-m" if memory else "ssul"
+            stem = f"{setting}-overlap-{title}" if dataset == "voc" else f"{setting}-{title}"
+            files[OUT / dataset / f"{stem}.yaml"] = _ssul(dataset, setting, memory)
+    for (dataset, setting, mode), memory in itertools.product(DKD_SETTINGS, (False, True)):
+        title = "dkd-m" if memory else "dkd"
+        stem = f"{setting}-{mode}-{title}" if dataset == "voc" else f"{setting}-{title}"
+        files[OUT / dataset / f"{stem}.yaml"] = _dkd(dataset, setting, mode, memory)
     return files
 
 

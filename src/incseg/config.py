@@ -75,6 +75,9 @@ class DataConfig:
     num_workers: int = ranged(
         0, Range(0, 256, "loader worker processes; 0 loads in the main process")
     )
+    # folder of saliency maps, one <image id>.png each (SSUL's release), for methods that take the
+    # unknown class from them (ssul); shapes has exact maps built in
+    saliency: str | None = None
 
     def __post_init__(self) -> None:
         if self.dataset == "shapes":
@@ -85,7 +88,11 @@ class DataConfig:
                     f"images of {self.image_size} px take {size / 2**30:.1f} GiB in memory; keep it "
                     f"under {MAX_SHAPES_BYTES // 2**30} GiB"
                 )
-        elif not self.root:
+        if self.dataset == "shapes" and self.saliency:
+            raise ConfigError(
+                "data.saliency: the shapes dataset has exact saliency maps built in; leave it unset"
+            )
+        if self.dataset != "shapes" and not self.root:
             raise ConfigError(
                 f"data.root: required for dataset {self.dataset!r} (the folder holding it)"
             )
@@ -196,6 +203,13 @@ class TrainConfig:
         0.9,
         Range(0, 10, "exponent of the poly schedule (0.9 in the paper); 0 keeps the LR constant"),
     )
+    # fraction of a step's iterations over which the LR warms up linearly from 0.001x (the
+    # WarmupPolyLR of SSUL utils/scheduler.py:19-85 and DKD utils/lr_scheduler.py:18-86); 0 = none
+    lr_warmup: float = ranged(
+        0.0, Range(0, 1, "fraction of a step's iterations with a linear LR warmup; 0 = none")
+    )
+    # floor of every parameter group's LR (SSUL's PolyLR clamps at 1e-6, utils/scheduler.py:15)
+    lr_min: float = ranged(0.0, Range(0, 1, "lowest LR of the poly schedule; 0 = no floor"))
     amp: Literal["off", "bf16", "fp16"] = "off"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = ranged(0, SEED)

@@ -23,13 +23,16 @@ def run_method(config: Path, out: Path, *sets: str) -> list[str]:
     return args
 
 
-def check_exact_resume(out: Path, args: list[str], tmp: Path) -> None:
-    """Run ``args`` again into ``tmp / "run"``, killed (SIGKILL) in step 1's second epoch, resume
-    it, and assert every per-class IoU and epoch loss equals the uninterrupted run ``out``'s."""
+def check_exact_resume(
+    out: Path, args: list[str], tmp: Path, kill_at: str = "iteration:1:1:2"
+) -> None:
+    """Run ``args`` again into ``tmp / "run"``, killed (SIGKILL) at ``kill_at`` (by default in
+    step 1's second epoch), resume it, and assert every per-class IoU and epoch loss equals the
+    uninterrupted run ``out``'s."""
     run = tmp / "run"
     cmd = [sys.executable, "-m", "incseg", *args]
     cmd[cmd.index(str(out))] = str(run)
-    env = {**os.environ, "INCSEG_KILL_AT": "iteration:1:1:2"}
+    env = {**os.environ, "INCSEG_KILL_AT": kill_at}
     proc = subprocess.run(cmd, capture_output=True, env=env, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert main(["run", "--resume", str(run), "--no-progress"]) == 0

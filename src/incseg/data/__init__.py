@@ -1,5 +1,7 @@
 """Datasets: sources of image/label pairs, step views, transforms."""
 
+from pathlib import Path
+
 from incseg.data.datasets import Source, StepDataset
 from incseg.data.files import FileSource
 from incseg.data.layouts import dataset_pairs
@@ -27,6 +29,12 @@ def build_source(config, split: str, *, progress: bool = True) -> Source:
         )
     if not pairs.names:
         raise DataError(f"data.root {config.root}: the {split} split of {config.dataset} is empty")
+    saliency = Path(config.saliency).expanduser() if config.saliency and split == "train" else None
     return FileSource(
-        pairs.names, pairs.images, pairs.labels, tag=f"{config.dataset}-{split}", progress=progress
+        pairs.names,
+        pairs.images,
+        pairs.labels,
+        tag=f"{config.dataset}-{split}",
+        progress=progress,
+        saliency_dir=saliency,
     )

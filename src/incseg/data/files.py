@@ -52,6 +52,25 @@ def read_label(path: Path) -> np.ndarray:
         return np.array(img, dtype=np.uint8)
 
 
+SALIENCY_SOURCE = (
+    "SSUL's release: https://github.com/clovaai/SSUL/releases/download/preparation/saliency_map.zip "
+    "(one PNG per image id)"
+)
+
+
+def read_saliency(path: Path) -> np.ndarray:
+    """``(H, W)`` uint8 saliency map of a PNG (grey values; only ``> 0`` matters to SSUL)."""
+    try:
+        with Image.open(path) as img:
+            return np.array(img if img.mode in ("L", "P") else img.convert("L"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(
+            f"saliency map {path} is missing; the maps come from {SALIENCY_SOURCE}"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: cannot decode saliency map ({err})") from None
+
+
 def read_image(path: Path) -> torch.Tensor:
     """``(3, H, W)`` uint8 RGB image (grey JPEGs are expanded to three channels)."""
     try:
@@ -155,6 +174,7 @@ class FileSource:
     tag: str
     progress: bool = True
     fixed_size: bool = False  # images differ in size: full-image evaluation needs batch size 1
+    saliency_dir: Path | None = None  # data.saliency: ``<id>.png`` per image (train split)
 
     def __post_init__(self) -> None:
         missing = [p for p in (*self.images, *self.labels) if not p.is_file()]
@@ -178,6 +198,41 @@ class FileSource:
                 f"{self.labels[index]} {tuple(label.shape)}"
             )
         return image, label
+
+    def saliency(self, index: int) -> torch.Tensor:
+        """``(H, W)`` uint8 saliency map of image ``index`` (``data.saliency``)."""
+        if self.saliency_dir is None:
+            raise DataError(
+                f"the {self.tag} images have no saliency maps: set data.saliency to the folder of "
+                f"{SALIENCY_SOURCE}"
+            )
+        sal = torch.from_numpy(read_saliency(self.saliency_dir / f"{self.names[index]}.png"))
+        if sal.shape != read_label(self.labels[index]).shape:
+            raise DataError(
+                f"{self.saliency_dir / self.names[index]}.png: size {tuple(sal.shape)} differs "
+                f"from its label {self.labels[index]}"
+            )
+        return sal
+
+    def check_saliency(self, indices: Sequence[int]) -> None:
+        """Stop before training when ``data.saliency`` is unset, not a folder, or lacks a map of
+        one of ``indices``; the message names the paths and where the maps come from."""
+        folder = self.saliency_dir
+        if folder is None or not folder.is_dir():
+            what = (
+                "data.saliency is not set"
+                if folder is None
+                else f"data.saliency {folder} is not a folder"
+            )
+            raise DataError(f"{what}; this method needs the saliency maps of {SALIENCY_SOURCE}")
+        missing = [folder / f"{self.names[i]}.png" for i in indices]
+        missing = [p for p in missing if not p.is_file()]
+        if missing:
+            shown = ", ".join(str(p) for p in missing[:3])
+            raise DataError(
+                f"{len(missing)} saliency map(s) missing in {folder}, e.g. {shown}; the maps come "
+                f"from {SALIENCY_SOURCE}"
+            )
 
     def presence(self) -> np.ndarray:
         """``(N, 256)`` bool class-presence index, from the on-disk cache when it is current."""

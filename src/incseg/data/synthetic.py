@@ -134,6 +134,14 @@ class ShapesSource:
         """``(3, H, W)`` uint8 image and ``(H, W)`` uint8 label of image ``index``."""
         return self.images[index], self.labels[index]
 
+    def saliency(self, index: int) -> torch.Tensor:
+        """``(H, W)`` uint8 exact saliency map of image ``index``: 255 on every object pixel, 0 on
+        the clutter (what a perfect saliency detector would give SSUL)."""
+        return (self.labels[index] > 0).to(torch.uint8) * 255
+
+    def check_saliency(self, indices) -> None:
+        """Every shapes image has its exact saliency map (:meth:`saliency`)."""
+
     def presence(self) -> np.ndarray:
         """``(N, 256)`` bool class-presence index (see :mod:`incseg.protocol.selection`)."""
         return build_presence(self.labels)

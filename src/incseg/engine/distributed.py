@@ -151,16 +151,62 @@ class EpochBatchSampler:
         """Global batches per epoch (the same on every rank)."""
         return self.n // self.batch_size if self.n >= self.batch_size else int(self.n > 0)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def global_batches(self) -> Iterator[list[tuple[int, int]]]:
+        """The epoch's global batches of ``(index, seed)`` keys, before they are split."""
         generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         order = torch.randperm(self.n, generator=generator).tolist()
         seeds = torch.randint(0, 2**62, (self.n,), generator=generator).tolist()
         size = min(self.batch_size, self.n)
         for start in range(0, len(self) * size, size):
+            yield [(order[i], seeds[i]) for i in range(start, start + size)]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.global_batches():
             # A short epoch (n < batch) splits its only batch as evenly as it can.
-            bounds = [start + size * r // self.world_size for r in range(self.world_size + 1)]
-            lo, hi = bounds[self.rank], bounds[self.rank + 1]
-            yield [(order[i], seeds[i]) for i in range(lo, hi)]
+            bounds = [len(batch) * r // self.world_size for r in range(self.world_size + 1)]
+            yield batch[bounds[self.rank] : bounds[self.rank + 1]]
+
+
+class HalfMemorySampler(EpochBatchSampler):
+    """:class:`EpochBatchSampler` over ``n`` training images whose every global batch has half
+    its places (drawn at random) taken by memory images, keys ``n + j`` for memory image ``j``:
+    SSUL's mixing (clovaai/SSUL ``main.py:429-443``: a batch from the memory's own shuffled
+    loader, then ``randperm(B)[:B // 2]`` of the batch's places overwritten by it).
+
+    The memory's list is doubled until it fills a batch (SSUL ``datasets/voc.py:88-89``) and
+    drawn in shuffled batches (the last incomplete one dropped), a new shuffle when it runs out.
+    Every draw comes from a generator seeded by ``seed`` and the epoch, apart from the training
+    order's, so an epoch is again a function of (seed, epoch). Where SSUL's memory loader
+    carries its position over from one epoch to the next, here each epoch starts a new shuffle.
+    """
+
+    def __init__(
+        self, n: int, n_memory: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        super().__init__(n, batch_size, seed, rank, world_size)
+        self.n_memory = n_memory
+
+    def global_batches(self) -> Iterator[list[tuple[int, int]]]:
+        generator = torch.Generator().manual_seed((self.seed * 100003 + self.epoch) * 7 + 3)
+        pool = list(range(self.n_memory))
+        while pool and len(pool) < self.batch_size:
+            pool = pool * 2
+        queue: list[tuple[int, int]] = []
+        for batch in super().global_batches():
+            size = len(batch)
+            if not pool:
+                yield batch
+                continue
+            if len(queue) < size:  # a new shuffle of the memory, cut into whole batches
+                order = torch.randperm(len(pool), generator=generator).tolist()
+                seeds = torch.randint(0, 2**62, (len(pool),), generator=generator).tolist()
+                whole = len(pool) // size * size
+                queue = [(self.n + pool[order[i]], seeds[i]) for i in range(whole)]
+            memory, queue = queue[:size], queue[size:]
+            places = torch.randperm(size, generator=generator)[: size // 2].tolist()
+            for place in places:
+                batch[place] = memory[place]
+            yield batch
 
 
 def shard_indices(n: int, rank: int, world_size: int) -> range:

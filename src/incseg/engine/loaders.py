@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -12,14 +13,45 @@ from torch.utils.data import DataLoader
 
 from incseg.config import Config
 from incseg.data import Source, StepDataset, build_source
+from incseg.data.datasets import WithMemory
 from incseg.data.transforms import test_transform, train_transform
-from incseg.engine.distributed import SINGLE, DistInfo, EpochBatchSampler, barrier, shard_indices
+from incseg.engine.distributed import (
+    SINGLE,
+    DistInfo,
+    EpochBatchSampler,
+    HalfMemorySampler,
+    barrier,
+    shard_indices,
+)
 from incseg.errors import DataError
 from incseg.protocol import StepInfo, get_setting, make_lut, select_test, select_train
 from incseg.protocol.official import official_split, select_listed, uses_official
 from incseg.protocol.selection import pack_presence
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What a method adds to a step's training images (:class:`Sources.train_loader`).
+
+    Attributes:
+        unknown_from: which background pixels of the training images become unknown (254):
+            ``"saliency"``, ``"background"`` or None (:class:`incseg.data.StepDataset`).
+        memory: training-source indices of the step's memory images.
+        memory_lut: their label lookup table (None: the step's training labels).
+        mixing: ``concat``: memory images join the training images (DKD
+            ``data_loaders.py:64-76``); ``half_batch``: they fill half of every batch
+            (:class:`incseg.engine.distributed.HalfMemorySampler`, SSUL).
+    """
+
+    unknown_from: str | None = None
+    memory: tuple[int, ...] = ()
+    memory_lut: torch.Tensor | None = field(default=None, compare=False)
+    mixing: Literal["concat", "half_batch"] = "concat"
+
+
+NO_EXTRAS = Extras()
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -57,9 +89,15 @@ def train_indices(
 
 
 def build_train_loader(
-    config: Config, source: Source, presence: np.ndarray, info: StepInfo, dist: DistInfo = SINGLE
+    config: Config,
+    source: Source,
+    presence: np.ndarray,
+    info: StepInfo,
+    dist: DistInfo = SINGLE,
+    extras: Extras = NO_EXTRAS,
 ) -> DataLoader:
-    """Shuffled training loader of a step (images from :func:`train_indices`).
+    """Shuffled training loader of a step (images from :func:`train_indices`, with the method's
+    :class:`Extras`).
 
     Batches come from an :class:`EpochBatchSampler`: the order and each image's augmentation
     seed depend only on ``train.seed``, the step and the epoch (call ``set_epoch``), and under
@@ -82,15 +120,21 @@ def build_train_loader(
             f"batches of {batch // (1 if shared else dist.world_size)} image(s) per process; batch norm "
             "needs 2 or more (use more images or a larger batch)"
         )
-    dataset = StepDataset(
-        source,
-        indices,
-        make_lut(info, "train", proto.labels),
-        train_transform(data.crop_size, (data.scale_min, data.scale_max)),
-    )
-    sampler = EpochBatchSampler(
-        len(dataset), cfg.batch_size, step_seed(cfg.seed, info.step), dist.rank, dist.world_size
-    )
+    lut = make_lut(info, "train", proto.labels)
+    transform = train_transform(data.crop_size, (data.scale_min, data.scale_max))
+    memory = np.asarray(extras.memory, dtype=np.int64)
+    if extras.mixing == "concat":
+        indices = np.concatenate([indices, memory])
+    dataset = StepDataset(source, indices, lut, transform, unknown_from=extras.unknown_from)
+    seed = step_seed(cfg.seed, info.step)
+    if extras.mixing == "half_batch" and len(memory):
+        memory_lut = lut if extras.memory_lut is None else extras.memory_lut
+        dataset = WithMemory(dataset, StepDataset(source, memory, memory_lut, transform))
+        sampler = HalfMemorySampler(
+            len(indices), len(memory), cfg.batch_size, seed, dist.rank, dist.world_size
+        )
+    else:
+        sampler = EpochBatchSampler(len(dataset), cfg.batch_size, seed, dist.rank, dist.world_size)
     # The generator only seeds the workers (transforms are seeded per image); having one keeps
     # starting an epoch from drawing on the global RNG.
     return DataLoader(
@@ -154,9 +198,7 @@ class Sources:
     test_presence: np.ndarray
     # A step's loaders, built once: the plan (engine/plan.py) and the run share them, so the
     # selection (and its notes) happens once per step.
-    _loaders: dict[tuple[str, int], DataLoader] = field(
-        default_factory=dict, repr=False, compare=False
-    )
+    _loaders: dict[tuple, DataLoader] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def load(cls, config: Config, dist: DistInfo = SINGLE, *, progress: bool = False) -> Sources:
@@ -171,13 +213,17 @@ class Sources:
         presence = pack_presence(train.presence()), pack_presence(test.presence())
         return cls(config, dist, train, test, *presence)
 
-    def train_loader(self, info: StepInfo) -> DataLoader:
-        key = ("train", info.step)
+    def train_loader(self, info: StepInfo, extras: Extras = NO_EXTRAS) -> DataLoader:
+        key = ("train", info.step, extras)
         if key not in self._loaders:
             self._loaders[key] = build_train_loader(
-                self.config, self.train, self.train_presence, info, self.dist
+                self.config, self.train, self.train_presence, info, self.dist, extras
             )
         return self._loaders[key]
+
+    def train_indices(self, info: StepInfo) -> np.ndarray:
+        """The training images of step ``info`` (positions in :attr:`train`)."""
+        return train_indices(self.config, self.train, self.train_presence, info)
 
     def test_loader(self, info: StepInfo, split: str = "test") -> DataLoader:
         key = (split, info.step)

@@ -37,6 +37,7 @@ def build_model(config: Config, info: StepInfo, *, pretrained: bool = True) -> I
         norm=m.norm,
         head_channels=m.head_channels,
         pretrained=m.pretrained if pretrained else "none",
+        architecture=m.architecture,
     )
     if pretrained and (m.backbone_weights or m.pretrained == "iabn"):
         load_iabn_imagenet(model, m.backbone_weights or str(ensure_iabn_weights()))

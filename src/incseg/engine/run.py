@@ -28,7 +28,8 @@ from incseg.config import Config
 from incseg.engine.adopt import check_belongs
 from incseg.engine.distributed import SINGLE, DistInfo, barrier
 from incseg.engine.evaluate import evaluate
-from incseg.engine.loaders import Sources, step_seed
+from incseg.engine.loaders import Extras, Sources, step_seed
+from incseg.engine.memory import read_memory, select_memory, write_memory
 from incseg.engine.model_io import build_model, fetch_backbone_weights, frozen_copy, restore_step
 from incseg.engine.plan import check_plan, plan_steps
 from incseg.engine.rundir import TENSORBOARD_DIR, RunDir
@@ -37,7 +38,8 @@ from incseg.engine.tensorboard import Scalars, check_tensorboard, open_scalars
 from incseg.engine.train import Optimisation, Step, StepData, scan_old_model, train_one_epoch
 from incseg.methods.base import Method
 from incseg.metrics import GROUPING, StepReport, iou_per_class
-from incseg.protocol import Setting, get_setting, step_info
+from incseg.protocol import Setting, StepInfo, get_setting, step_info
+from incseg.protocol.memory import Exemplar, memory_summary
 from incseg.report import format_step_table, format_summary, summary_markdown
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,7 @@ class Run:
     metrics: dict[str, Any] = field(default_factory=dict)
     model: nn.Module | None = None  # the last finished step's model
     old_model: nn.Module | None = None  # its frozen copy, the next step's old model
+    memory: list[Exemplar] = field(default_factory=list)  # the last finished step's memory
     scalars: Scalars = field(default_factory=lambda: Scalars(None))
 
     def __post_init__(self) -> None:
@@ -117,6 +120,9 @@ class Run:
         if resume:
             run.restore_finished()
         check_plan(plan_steps(config, data, first=len(run.reports)))  # every step can train
+        if method.unknown_from == "saliency":  # a missing map stops the run now, not steps later
+            for index in run.remaining_steps():
+                data.train.check_saliency(data.train_indices(step_info(run.setting, index)))
         if run.model is None:  # built now: missing or foreign weights surface before any write
             torch.manual_seed(step_seed(config.train.seed, 0))
             run.model = build_model(config, step_info(run.setting, 0))
@@ -159,6 +165,7 @@ class Run:
             self.metrics["steps"].append({**entry, **report.to_dict()})
             last = checkpoint  # only the last step's model and method state are restored
         if last is not None:
+            self.memory = [Exemplar.from_dict(raw) for raw in last.get("memory", [])]
             self.method.load_state_dict(last["method"])
             self.model = self.rt.place(restore_step(last)[2])
             self.old_model = frozen_copy(self.model)
@@ -172,7 +179,14 @@ class Run:
         device, ``begin_step``, the optimiser; then, when resuming, the interrupted step's
         mid-step state."""
         info = step_info(self.setting, index)
-        loader = self.data.train_loader(info)
+        memory = self.step_memory(info)
+        extras = Extras(
+            self.method.unknown_from,
+            tuple(e.index for e in memory),
+            self.method.memory_lut(info) if memory else None,
+            self.method.memory_mixing,
+        )
+        loader = self.data.train_loader(info, extras)
         model = self.model
         if len(model.classifiers) == index:  # the model of the previous step: grow it
             torch.manual_seed(step_seed(self.config.train.seed, index))
@@ -181,12 +195,38 @@ class Run:
         model = self.rt.place(model)
         self.method.begin_step(info, model)
         epochs = self.config.train.epochs_at(index)
-        opt = Optimisation.for_step(model, self.config.train, index, epochs * len(loader), self.rt)
-        step = Step(info, loader, model, self.old_model, opt, epochs)
+        groups = self.method.param_groups(model, info)
+        iterations = epochs * len(loader)
+        opt = Optimisation.for_step(model, self.config.train, index, iterations, self.rt, groups)
+        step = Step(info, loader, model, self.old_model, opt, epochs, memory=memory)
         if self.resume:
             self.restore_interrupted(step)
         step.net = self.rt.wrap(model)
         return step
+
+    def step_memory(self, info: StepInfo) -> list[Exemplar]:
+        """The exemplar memory of a step > 0 of a method with one: chosen once (rank 0, from the
+        previous memory and the previous step's images, :mod:`incseg.engine.memory`) and kept in
+        the run directory, where a resumed step finds it again."""
+        size = self.method.memory_size
+        if info.step == 0 or size == 0:
+            return []
+        path = self.files.memory_file(info.step)
+        if self.rt.dist.is_main and not (self.resume and path.is_file()):
+            chosen = select_memory(
+                self.config,
+                self.data.train,
+                self.memory,
+                self.data.train_indices(step_info(self.setting, info.step - 1)),
+                info,
+                size,
+                self.rt,
+                self.method.memory_pseudo_labels,
+                self.old_model,
+            )
+            write_memory(path, info.step, chosen)
+        barrier(self.rt.dist)
+        return read_memory(path)
 
     def restore_interrupted(self, step: Step) -> None:
         """After :meth:`start`, restore an interrupted step's weights (in place: the method's
@@ -273,13 +313,21 @@ class Run:
         test = self.data.test_loader(info)
         matrix = evaluate(step.model, test, info.num_channels, self.rt)
         report = StepReport.from_confusion(matrix, info)
-        num_train = len(step.loader.dataset)
+        num_train = len(step.loader.dataset) - (
+            len(step.memory) if self.method.memory_mixing == "concat" else 0
+        )
         entry = {
             **report.to_dict(),
             "num_train_images": num_train,
             "num_test_images": len(test.dataset),
             "losses": step.history,
         }
+        names = dict(zip(info.order, info.class_names, strict=True))
+        if step.memory:
+            entry["memory"] = {
+                "images": len(step.memory),
+                "summary": memory_summary(step.memory, names),
+            }
         self.metrics["steps"].append(entry)
         if self.rt.dist.is_main:
             payload = {
@@ -289,6 +337,7 @@ class Run:
                 "model": step.model.state_dict(),
                 "method": self.method.state_dict(),
                 "confusion": matrix.cpu(),
+                "memory": [e.to_dict() for e in step.memory],
                 "metrics_entry": entry,  # metrics.json's entry, should that file be lost
             }
             self.files.save_step(info.step, payload, self.metrics)
@@ -299,9 +348,12 @@ class Run:
             f"Step {info.step} of {c.data.dataset} {c.protocol.setting} ({c.protocol.mode}, "
             f"{c.method.name}): {num_train} train / {len(test.dataset)} test images"
         )
+        if step.memory:
+            title += f"; memory {memory_summary(step.memory, names)}"
         log.info(format_step_table(report, title))
         self.reports.append(report)
         self.model, self.old_model = step.model, frozen_copy(step.model)
+        self.memory = step.memory
         return report
 
     def summarise(self) -> None:

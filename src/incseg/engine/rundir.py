@@ -7,6 +7,7 @@
       metrics.json     per finished step: mIoU groups, per-class IoU, image counts, epoch losses
       step_K.pt        checkpoint of finished step K (model, method state, confusion matrix)
       last.pt          the latest epoch checkpoint of the unfinished step (removed when it ends)
+      memory_step_K.json  the exemplar memory of step K (methods with one, engine/memory.py)
       summary.md       written when the last step is done
       tensorboard/     scalars (train.tensorboard)
       .incseg.lock     held (``flock``) by the one process writing the run
@@ -58,6 +59,9 @@ class RunDir:
     # -- reading --
     def step_file(self, step: int) -> Path:
         return self.path / f"step_{step}.pt"
+
+    def memory_file(self, step: int) -> Path:
+        return self.path / f"memory_step_{step}.json"
 
     def step_files(self) -> dict[int, Path]:
         """Finished-step checkpoints by step."""
@@ -249,7 +253,8 @@ class RunDir:
         removed = []
         for path in sorted(self.path.iterdir()) if self.path.is_dir() else []:
             half_written = path.name.startswith(".") and path.name.endswith(".tmp")
-            if path.name in fixed or path.name in steps or half_written:
+            memory = path.name.startswith("memory_step_") and path.suffix == ".json"
+            if path.name in fixed or path.name in steps or half_written or memory:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
                 removed.append(path.name)
         return removed

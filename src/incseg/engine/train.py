@@ -28,13 +28,28 @@ class NonFiniteLossError(IncsegError):
     """The loss became NaN or infinite; the message names step, epoch, iteration and terms."""
 
 
-def poly_lr_lambda(total_iters: int, power: float):
+def poly_lr_lambda(total_iters: int, power: float, warmup: float = 0.0, floor: float = 0.0):
     """Poly factor ``(1 - it / total)^power``, updated per iteration, in the closed form of the
     official ``PolyLR`` (fcdl94/MiB ``utils/scheduler.py:9-11``). ``torch.optim.lr_scheduler.
     PolynomialLR`` is not used: it updates the LR multiplicatively, step by step, and so differs
     from the closed form in the last bits (measured on the demo: 1,111 of 1,130 LRs, by up to
-    1.9e-15 relative), which changes the trained weights. ``power`` 0 keeps the LR constant."""
-    return lambda it: max(0.0, 1.0 - it / max(total_iters, 1)) ** power
+    1.9e-15 relative), which changes the trained weights. ``power`` 0 keeps the LR constant.
+
+    ``warmup`` (a fraction of ``total_iters``): the factor is also multiplied by
+    ``0.001 (1 - a) + a``, ``a = it / (warmup total)``, while ``it`` is below ``warmup total``
+    (the linear ``WarmupPolyLR`` of clovaai/SSUL ``utils/scheduler.py:39-56, 78-85`` and
+    cvlab-yonsei/DKD ``utils/lr_scheduler.py:32, 50-55, 77-84``). ``floor``: the factor never goes
+    below it (SSUL's ``PolyLR`` clamps each LR at ``min_lr``, ``scheduler.py:15``)."""
+    warm = warmup * total_iters
+
+    def factor(it: int) -> float:
+        value = max(0.0, 1.0 - it / max(total_iters, 1)) ** power
+        if it < warm:
+            alpha = it / warm
+            value *= 0.001 * (1 - alpha) + alpha
+        return max(value, floor)
+
+    return factor
 
 
 @dataclass
@@ -47,19 +62,41 @@ class Optimisation:
 
     @classmethod
     def for_step(
-        cls, model: nn.Module, train: TrainConfig, step: int, iterations: int, rt: Runtime
+        cls,
+        model: nn.Module,
+        train: TrainConfig,
+        step: int,
+        iterations: int,
+        rt: Runtime,
+        groups: list[dict[str, Any]] | None = None,
     ) -> Optimisation:
-        """``iterations``: of the whole step (epochs x batches per epoch)."""
+        """``iterations``: of the whole step (epochs x batches per epoch). ``groups``: the
+        method's parameter groups (:meth:`incseg.methods.base.Method.param_groups`; None: every
+        parameter at the step's LR)."""
+        lr = train.lr_at(step)
+        groups = [{"params": list(model.parameters())}] if groups is None else groups
+        options = []
+        for group in groups:
+            group = dict(group)
+            group["lr"] = lr * group.pop("lr_scale", 1.0)
+            options.append(group)
         optimizer = torch.optim.SGD(
-            model.parameters(),
-            lr=train.lr_at(step),
+            options,
+            lr=lr,
             momentum=train.momentum,
             nesterov=train.nesterov and train.momentum > 0,
             weight_decay=train.weight_decay,
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, poly_lr_lambda(iterations, train.lr_power)
-        )
+        schedules = [
+            poly_lr_lambda(
+                iterations,
+                train.lr_power,
+                train.lr_warmup,
+                train.lr_min / g["lr"] if g["lr"] > 0 else 0.0,
+            )
+            for g in optimizer.param_groups
+        ]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
         fp16 = rt.amp_dtype == torch.float16
         return cls(optimizer, scheduler, torch.amp.GradScaler(rt.device.type, enabled=fp16))
 
@@ -93,6 +130,8 @@ class Step:
         net: what runs the training forward pass when it is not ``model`` itself: its DDP and/or
             ``torch.compile`` wrapper (None: ``model``).
         history: the epoch means of the loss terms so far (restored on resume).
+        memory: the step's exemplar memory (:class:`incseg.protocol.memory.Exemplar`), empty
+            without one.
     """
 
     info: StepInfo
@@ -103,6 +142,7 @@ class Step:
     epochs: int = 1
     net: nn.Module | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    memory: list[Any] = field(default_factory=list)
 
 
 @dataclass

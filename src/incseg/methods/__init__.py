@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from incseg.methods.base import Method
 
 METHOD_PATHS: dict[str, str] = {
+    "dkd": "incseg.methods.dkd:DKD",
     "ft": "incseg.methods.ft:FineTuning",
     "lwf": "incseg.methods.lwf:LwF",
     "lwf_mc": "incseg.methods.lwf:LwFMC",
@@ -33,6 +34,7 @@ METHOD_PATHS: dict[str, str] = {
     "plop": "incseg.methods.plop:PLOP",
     "rcil": "incseg.methods.rcil:RCIL",
     "reminder": "incseg.methods.reminder:REMINDER",
+    "ssul": "incseg.methods.ssul:SSUL",
 }
 METHOD_NAMES = tuple(sorted(METHOD_PATHS))
 # Add-ons apply on top of any method (``method.name: mib+ewf``); they act at steps > 0 only.

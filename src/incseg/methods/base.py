@@ -3,7 +3,10 @@
 Per step the engine (:mod:`incseg.engine.run`) calls, in this order:
 
 1. (steps > 0) the classifier grows, then :meth:`Method.init_new_classifier`;
-2. :meth:`Method.begin_step`, which sees the step's starting weights;
+2. :meth:`Method.begin_step`, which sees the step's starting weights; then
+   :meth:`Method.param_groups` for the step's optimiser (with a memory, the step's memory was
+   chosen before all this: :attr:`Method.memory_size`, :meth:`Method.memory_pseudo_labels`,
+   :meth:`Method.memory_lut`);
 3. only when resuming an interrupted step: the mid-step weights are loaded into the model (in
    place) and :meth:`Method.load_step_state_dict` restores what the method accumulated in the
    step so far, so everything before this point is exactly what a fresh run did;
@@ -104,12 +107,40 @@ class Method:
     scans_old_model: ClassVar[bool] = False
     needs_gradients: ClassVar[bool] = False
     plain_first_step: ClassVar[bool] = False
+    # Exemplar memory (the -M variants, docs/methods.md "Exemplar memory"): images kept in total
+    # from step 1 on (0: none; a method with a memory makes it a hyperparameter), and how they
+    # join a step's batches (engine/loaders.py Extras).
+    memory_size: ClassVar[int] = 0
+    memory_mixing: ClassVar[str] = "concat"
+    # Which background pixels of the training labels become 254, SSUL's unknown class:
+    # "saliency" (the salient ones, data.saliency), "background" (all), None (none).
+    unknown_from: ClassVar[str | None] = None
+
+    def memory_lut(self, info: StepInfo) -> torch.Tensor | None:
+        """The ``(256,)`` uint8 label lookup table of the step's memory images (dataset ids ->
+        training labels); None (default): the step's training labels."""
+        return None
+
+    def memory_pseudo_labels(
+        self, old_output: SegmenterOutput, targets: torch.Tensor, info: StepInfo
+    ) -> torch.Tensor:
+        """The labels from which the memory selection reads which classes a candidate of step
+        ``info`` (>= 1) holds: ``targets`` (``(B, H, W)`` long channel indices of that step,
+        255 = ignore) completed with the model of that step's ``old_output`` (by default left
+        as they are)."""
+        return targets
 
     def init_new_classifier(self, model: nn.Module, info: StepInfo) -> None:
         """Called once right after the step's classifier was added (steps > 0)."""
 
     def begin_step(self, info: StepInfo, model: nn.Module) -> None:
         """Called before training a step, with the step's starting weights (also on resume)."""
+
+    def param_groups(self, model: nn.Module, info: StepInfo) -> list[dict[str, Any]] | None:
+        """The step's SGD parameter groups, after :meth:`begin_step`: dicts with ``params`` and
+        optionally ``lr_scale`` (times the step's LR) and ``weight_decay``; a parameter in no
+        group is not trained. None (default): every parameter, at the step's LR."""
+        return None
 
     def scan(
         self, old_output: SegmenterOutput, targets: torch.Tensor, info: StepInfo
@@ -257,6 +288,9 @@ class WithAddOns(Method):
         for capability in ("scans_old_model", "needs_gradients", "plain_first_step"):
             setattr(self, capability, getattr(method, capability))
         self.needs_old_model = method.needs_old_model or any(a.needs_old_model for a in addons)
+        self.memory_size, self.memory_mixing = method.memory_size, method.memory_mixing
+        self.unknown_from = method.unknown_from
+        self.memory_lut, self.memory_pseudo_labels = method.memory_lut, method.memory_pseudo_labels
         features = [*method.features, *(f for a in addons for f in a.features)]
         self.features = tuple(dict.fromkeys(features))
 
@@ -289,6 +323,9 @@ class WithAddOns(Method):
 
     def after_training(self, data: StepData, info: StepInfo, model: nn.Module) -> None:
         self.method.after_training(data, info, model)
+
+    def param_groups(self, model: nn.Module, info: StepInfo) -> list[dict[str, Any]] | None:
+        return self.method.param_groups(model, info)
 
     def scan(
         self, old_output: SegmenterOutput, targets: torch.Tensor, info: StepInfo

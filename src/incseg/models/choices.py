@@ -24,7 +24,9 @@ NORMS: tuple[str, ...] = get_args(Norm)
 # ``body``: the backbone's output (activated), what ILT distils;
 # ``head``: the ASPP output after its last norm and activation, the classifiers' input (PLOP's
 #   "pre_logits", arthurdouillard/CVPR2021_PLOP ``modules/deeplab.py:37, 69``);
-# ``logits_small``: all classifiers' logits at feature resolution, before upsampling.
+# ``logits_small``: all classifiers' logits at feature resolution, before upsampling;
+# ``logits_pos`` / ``logits_neg``: the dkd architecture's class logits at feature resolution from
+#   the positive / negative parts of the weights, no bias (models/heads.py).
 FEATURE_NAMES = (
     "stage1",
     "stage2",
@@ -37,8 +39,12 @@ FEATURE_NAMES = (
     "body",
     "head",
     "logits_small",
+    "logits_pos",
+    "logits_neg",
 )
-# none: DeepLabV3 as MiB builds it; rcil: RCIL's two parallel branches for every 3x3 conv + norm of
-# the backbone's blocks and the ASPP convs (models/rcil.py), for method rcil.
-Architecture = Literal["deeplabv3", "rcil"]
+# deeplabv3: DeepLabV3 as MiB builds it; rcil: RCIL's two parallel branches for every 3x3 conv +
+# norm of the backbone's blocks and the ASPP convs (models/rcil.py), for method rcil; ssul / dkd:
+# torchvision's DeepLabV3 head with SSUL's unknown + background + per-step heads, or DKD's
+# auxiliary classifier, all sigmoid (models/heads.py), for methods ssul / dkd.
+Architecture = Literal["deeplabv3", "rcil", "ssul", "dkd"]
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)

@@ -45,7 +45,7 @@ class IncrementalSegmenter(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = ASPP(backbone.out_channels, head_channels, rates, norm)
+        self.head = self.make_head(backbone.out_channels, head_channels, rates, norm)
         self.head_channels = head_channels
         self.classifiers = nn.ModuleList()
         for num in channels_per_step:
@@ -59,12 +59,28 @@ class IncrementalSegmenter(nn.Module):
     def num_channels(self) -> int:
         return sum(self.channels_per_step)
 
-    def add_classifier(self, num_channels: int) -> nn.Conv2d:
-        """Append a ``head_channels -> num_channels`` 1x1 conv (PyTorch default init)."""
+    def make_head(self, in_channels: int, out_channels: int, rates, norm: str) -> nn.Module:
+        """The head between backbone and classifiers: MiB's ASPP."""
+        return ASPP(in_channels, out_channels, rates, norm)
+
+    def make_classifier(self, num_channels: int) -> nn.Module:
+        """A step's classifier: a ``head_channels -> num_channels`` 1x1 conv (PyTorch default
+        init). Its ``out_channels`` is the number of the step's class channels."""
+        return nn.Conv2d(self.head_channels, num_channels, 1)
+
+    def add_classifier(self, num_channels: int) -> nn.Module:
+        """Append the next step's classifier (:meth:`make_classifier`) on the model's device."""
         ref = next(self.head.parameters())
-        conv = nn.Conv2d(self.head_channels, num_channels, 1).to(device=ref.device, dtype=ref.dtype)
-        self.classifiers.append(conv)
-        return conv
+        classifier = self.make_classifier(num_channels).to(device=ref.device, dtype=ref.dtype)
+        self.classifiers.append(classifier)
+        return classifier
+
+    @staticmethod
+    def scores(logits: torch.Tensor) -> torch.Tensor:
+        """``(B, *, H, W)`` logits -> ``(B, C_t, H, W)`` scores whose argmax over channels (first
+        on ties) is the prediction, channel ``k`` for class ``order[k]``: the logits themselves
+        here (softmax layouts); sigmoid layouts override it (:mod:`incseg.models.heads`)."""
+        return logits
 
     def forward(self, images: torch.Tensor, features: Collection[str] = ()) -> SegmenterOutput:
         """``(B, 3, H, W)`` normalised images -> logits ``(B, C_t, H, W)`` (channel order = steps)
@@ -97,11 +113,14 @@ def build_segmenter(
     norm: str = "bn",
     head_channels: int = 256,
     pretrained: str = "none",
+    architecture: str = "deeplabv3",
 ) -> IncrementalSegmenter:
-    """Build the segmenter of a step from names (see :data:`incseg.models.BACKBONES`); RCIL's
-    architecture is made from it by :func:`incseg.models.rcil.to_rcil` once the pretrained
+    """Build the segmenter of a step from names (see :data:`incseg.models.BACKBONES`). The
+    ``ssul`` and ``dkd`` architectures are the sigmoid layouts of :mod:`incseg.models.heads`;
+    RCIL's is made from the plain one by :func:`incseg.models.rcil.to_rcil` once the pretrained
     weights are in."""
+    from incseg.models.heads import LAYOUTS
+
     net = build_backbone(backbone, output_stride, norm, pretrained)
-    return IncrementalSegmenter(
-        net, head_channels, channels_per_step, ASPP_RATES[output_stride], norm
-    )
+    kind = LAYOUTS.get(architecture, IncrementalSegmenter)
+    return kind(net, head_channels, channels_per_step, ASPP_RATES[output_stride], norm)

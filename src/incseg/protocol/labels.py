@@ -23,6 +23,10 @@ classes are 255 (MiB ``dataset/voc.py:142-156``: outside training ``masking_valu
 ``data_masking=opts.data_masking``, default ``"current"`` in ``argparser.py:382-387``;
 ``dataset/voc.py:182-207`` then maps every value outside ``[0] + labels + [255]``, old classes
 included, to ``masking_value = 0``, and 255 stays 255).
+``ssul``: PLOP's training labels (void stays 255: clovaai/SSUL ``datasets/voc.py:69-70,
+149-156`` keep ``255`` among the step's target classes) and MiB's test labels (SSUL's metric
+drops ground truth at or above the number of seen classes, i.e. future classes and 255,
+``metrics/stream_metrics.py:84``); validation as MiB's.
 For ADE20K, class 0 ("other") is trained as background and, with ``ignore_zero_at_test``
 (MiB), ignored (255) at test.
 """
@@ -51,7 +55,8 @@ def make_lut(
         info: the step.
         split: ``"train"``, ``"test"`` or ``"val"`` (validation during training: old classes are
             255 under ``"mib"`` and 0 under ``"plop"``, see the module docstring).
-        convention: ``"mib"`` (default, the MiB paper) or ``"plop"`` (PLOP / cssegmentation).
+        convention: ``"mib"`` (default, the MiB paper), ``"plop"`` (PLOP / cssegmentation) or
+            ``"ssul"`` (SSUL: PLOP's training, MiB's test labels).
         ignore_zero_at_test: map class 0 to 255 outside training (ADE20K under MiB).
 
     Returns:
@@ -65,7 +70,8 @@ def make_lut(
     if train:
         fill, void = 0, (0 if convention == "mib" else IGNORE_INDEX)
     else:
-        fill, void = (IGNORE_INDEX if convention == "mib" else 0), IGNORE_INDEX
+        fill, void = (0 if convention == "plop" else IGNORE_INDEX), IGNORE_INDEX
+        convention = "mib" if convention == "ssul" else convention
     # `fill` covers every value not listed below: future classes and values outside the setting.
     lut = torch.full((256,), fill, dtype=torch.uint8)
     lut[IGNORE_INDEX] = void
