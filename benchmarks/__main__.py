@@ -10,9 +10,15 @@ from pathlib import Path
 
 from benchmarks.common import machine
 from benchmarks.data_path import BENCHMARKS as DATA_BENCHMARKS
+from benchmarks.memory import bench_memory
 from benchmarks.train_step import bench_prediction, bench_train_step
 
-BENCHMARKS = {**DATA_BENCHMARKS, "prediction": bench_prediction, "train_step": bench_train_step}
+BENCHMARKS = {
+    **DATA_BENCHMARKS,
+    "prediction": bench_prediction,
+    "train_step": bench_train_step,
+    "memory": bench_memory,
+}
 
 
 def main(argv=None) -> int:

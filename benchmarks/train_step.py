@@ -11,6 +11,10 @@ Each variant runs in a fresh process so that its peak resident memory (``ru_maxr
   random stored prototypes);
 * ``rcil``: RCIL's iteration at step 1 on its two-branch model (after the step's merge), with
   unbiased CE, unbiased KD and pooled-cube distillation of six maps;
+* ``ssul``, ``dkd``, ``star``: their iterations at step 1 on their own models (torchvision
+  ResNet-101 with BN, the sigmoid layouts of ``incseg.models.heads``) with the method's frozen
+  parts and LR groups; STAR with random stored statistics replaying 100 features per old class
+  and iteration (the official count is one epoch's worth of each class's cells);
 * ``naive``: the straightforward version: a second full model that still records its graph
   (a deep copy whose parameters require gradients), its outputs kept through backward;
 * ``late_zero``: the engine's iteration as it was before, gradients cleared *after* the forwards
@@ -46,16 +50,19 @@ from incseg.models import build_segmenter
 from incseg.models.rcil import parallel_layers, to_rcil
 from incseg.protocol import get_setting, step_info
 
+SIGMOID = ("ssul", "dkd", "star")  # methods with their own architecture and BN ResNet
 
-def _model(device, channels_last, rcil=False):
+
+def _model(device, channels_last, rcil=False, architecture="deeplabv3"):
     info = step_info(get_setting("voc", "15-5"), 1)
     model = build_segmenter(
         "resnet101",
         info.channels_per_step[:1],
         output_stride=16,
-        norm="iabn",
+        norm="bn" if architecture in SIGMOID else "iabn",
         head_channels=256,
         pretrained="none",
+        architecture=architecture,
     )
     if rcil:
         to_rcil(model, "iabn")
@@ -81,7 +88,10 @@ def run(
     compile_model: bool = False,
 ) -> dict:
     torch.manual_seed(0)
-    info, model, old = _model(device, channels_last, rcil=variant in ("rcil", "eval_rcil"))
+    architecture = variant if variant in SIGMOID else "deeplabv3"
+    info, model, old = _model(
+        device, channels_last, rcil=variant in ("rcil", "eval_rcil"), architecture=architecture
+    )
     images = torch.randn(batch, 3, crop, crop, device=device)
     targets = torch.randint(
         0, info.num_channels, (batch, crop, crop), device=device, dtype=torch.uint8
@@ -94,10 +104,29 @@ def run(
     rt = Runtime(device, amp_dtype=amp_dtype, channels_last=channels_last)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    if variant in ("incseg", "plop", "mib+ucd", "reminder", "rcil"):
+    if variant in ("incseg", "plop", "mib+ucd", "reminder", "rcil", *SIGMOID):
         old.eval().requires_grad_(False)
-        if variant in ("mib+ucd", "reminder", "rcil"):
+        if variant in ("mib+ucd", "reminder", "rcil", *SIGMOID):
             method = MethodConfig(name=variant).build()
+        if variant in SIGMOID:  # frozen parts and LR groups of the step
+            method.init_new_classifier(model, info)
+            method.begin_step(info, model)
+            groups = method.param_groups(model, info)
+            optimizer = torch.optim.SGD(
+                [{"params": g["params"]} for g in groups], lr=1e-3, momentum=0.9, nesterov=True
+            )
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        if variant == "star":
+            old_classes = info.num_old_channels - 1
+            method.stats = {
+                "prototypes": torch.nn.functional.normalize(torch.randn(old_classes, 256), dim=1),
+                "norms": torch.tensor([[4.0] * old_classes, [1.0] * old_classes]),
+                "noise": torch.full((old_classes, 256), 0.05),
+            }
+            method.schedule = {
+                "per_iteration": torch.full((old_classes,), 100),
+                "extra_bg_ratio": 0.5,
+            }
         if variant == "rcil":
             method.begin_step(info, model)  # the step-1 merge: branch 1 frozen
         if variant == "reminder":
@@ -203,6 +232,7 @@ def main(argv=None) -> int:
             "mib+ucd",
             "reminder",
             "rcil",
+            *SIGMOID,
             "naive",
             "late_zero",
             "eval",

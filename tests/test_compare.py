@@ -223,3 +223,23 @@ def test_method_config_gives_rcil_its_architecture_and_add_ons_their_keys():
     sets = parse_method_sets(["mib+ucd.ucd.weight=0.5"], ["mib", "mib+ucd"])
     ucd = method_config(base, "mib+ucd", sets["mib+ucd"])
     assert ucd.method.build().addons[0].weight == 0.5
+
+
+def test_a_memory_variant_is_its_method_with_the_official_memory_and_shares_step_0():
+    from incseg.compare import memory_variant, method_config
+    from incseg.config import load_config
+    from incseg.engine.adopt import shared_steps_key
+
+    assert memory_variant("ssul-m") == ("ssul", 100)
+    assert memory_variant("star-m") == ("star", 50)
+    assert memory_variant("mib-m") is None and memory_variant("dkd") is None
+    base = load_config("demo")
+    plain, with_memory = method_config(base, "dkd"), method_config(base, "dkd-m")
+    assert (plain.method.params["memory_size"], with_memory.method.params["memory_size"]) == (
+        0,
+        100,
+    )
+    assert with_memory.model.architecture == "dkd"
+    assert shared_steps_key(plain, 0) == shared_steps_key(with_memory, 0)
+    assert shared_steps_key(plain, 1) != shared_steps_key(with_memory, 1)
+    assert method_config(base, "dkd-m", ["memory_size=7"]).method.params["memory_size"] == 7

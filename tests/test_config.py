@@ -143,6 +143,8 @@ def test_every_builtin_config_loads_and_paper_configs_hold_the_paper_setting():
                 "-ssul-m",
                 "-dkd",
                 "-dkd-m",
+                "-star",
+                "-star-m",
             )
         )
     ]
@@ -648,3 +650,49 @@ def test_dkd_configs_resolve_to_the_official_scripts(dataset, setting, mode, mem
     assert (method.pos_weight_first, method.pos_weight) == ((2, 1) if voc else (35, 35))
     weights = (method.mbce, method.kd, method.dkd_pos, method.dkd_neg, method.ac)
     assert weights == (1, 5, 5, 5, 1) and method.classifier_lr_scale == 10
+
+
+STAR_ROWS = [("voc", s, "overlap") for s in ("15-5", "15-1", "10-1")]
+STAR_ROWS += [("voc", s, "disjoint") for s in ("15-5", "15-1")]
+STAR_ROWS += [("ade", s, "overlap") for s in ("100-50", "100-10", "100-5")]
+
+
+@pytest.mark.parametrize(("dataset", "setting", "mode"), STAR_ROWS)
+@pytest.mark.parametrize("memory", [False, True])
+def test_star_configs_resolve_to_the_official_scripts(dataset, setting, mode, memory):
+    """jinpeng0528/STAR scripts and configs: batch 24, VOC 60 epochs, lr 1e-3 then 1e-4, pos
+    weight 4; ADE20K 100 epochs, lr 2.5e-3 then 2.5e-4, pos weight 30, warmup 20%; weights
+    1 / 5 / 0.05; LR x10 head and old classifiers, x100 the new one; STAR-M 50 on VOC."""
+    voc = dataset == "voc"
+    suffix = "star-m" if memory else "star"
+    config = load_config(f"voc/{setting}-{mode}-{suffix}" if voc else f"ade/{setting}-{suffix}")
+    t, d, p, m = config.train, config.data, config.protocol, config.model
+    assert (p.setting, p.mode, p.split_source, p.labels) == (
+        setting,
+        mode,
+        "rule",
+        "plop" if voc else "ssul",
+    )
+    assert (m.backbone, m.pretrained, m.norm, m.architecture) == (
+        "resnet101",
+        "imagenet",
+        "bn",
+        "star",
+    )
+    assert (d.crop_size, d.test_crop) == (512, 512)
+    assert (t.epochs_at(0), t.epochs_at(1), t.batch_size) == (
+        (60, 60, 24) if voc else (100, 100, 24)
+    )
+    assert (t.lr, t.lr_incremental) == ((0.001, 0.0001) if voc else (0.0025, 0.00025))
+    assert (t.lr_warmup, t.weight_decay, t.amp) == (0.0 if voc else 0.2, 1e-4, "fp16")
+    method = config.method.build()
+    assert method.memory_size == ((50 if voc else 300) if memory else 0)
+    assert method.pos_weight == (4 if voc else 30) and method.mode == mode
+    assert (method.mbce, method.pkd, method.cont, method.noise) == (1, 5, 0.05, "official")
+    assert (method.classifier_lr_scale, method.new_classifier_lr_scale) == (10, 100)
+
+
+def test_a_method_that_follows_the_mode_gets_it_or_refuses_another():
+    assert load_config("voc/15-1-disjoint-star").method.params["mode"] == "disjoint"
+    with pytest.raises(ConfigError, match="method.mode: 'star' follows protocol.mode"):
+        load_config("voc/15-1-disjoint-star", ["method.mode=overlap"])

@@ -34,7 +34,8 @@ def official_loop(pool, classes, size, rng):
                     break
             if size <= num:
                 break
-    return taken
+    # Saved grouped by class in ascending order (memory.py:129): the next step's candidates.
+    return [pair for cls in sorted(classes) for pair in taken if pair[1] == cls]
 
 
 def test_selection_equals_the_official_loop():

@@ -192,13 +192,24 @@ ACCEPTED_RUNS = {  # the in-range values the walk meets, grouped into real runs
         "method.ac=0",
         "method.classifier_lr_scale=0",
     ],
+    "star": [
+        "method.memory_size=0",
+        "method.pos_weight=0",
+        "method.mbce=0",
+        "method.pkd=0",
+        "method.cont=0",
+        "method.classifier_lr_scale=0",
+        "method.new_classifier_lr_scale=0",
+    ],
     "mib+nest": ["method.nest.epochs=0"],
     "mib+ucd": ["method.ucd.weight=0"],
 }
 
 
 # What a method needs besides its name (RCIL, SSUL and DKD train their own architectures).
-METHOD_SETS = {name: ["--set", f"model.architecture={name}"] for name in ("rcil", "ssul", "dkd")}
+METHOD_SETS = {
+    name: ["--set", f"model.architecture={name}"] for name in ("rcil", "ssul", "dkd", "star")
+}
 
 
 def test_walk_every_numeric_key_with_zero_negative_and_absurd(tmp_path, capsys):

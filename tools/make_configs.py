@@ -807,6 +807,97 @@ def _dkd(dataset: str, setting: str, mode: str, memory: bool) -> str:
     )
 
 
+STAR_COMMIT = "9e31f36"
+STAR_SETTINGS = {
+    ("voc", "15-5", "overlap"): "voc/overlapped/train_voc_15-5.sh",
+    ("voc", "15-1", "overlap"): "voc/overlapped/train_voc_15-1.sh",
+    ("voc", "10-1", "overlap"): "voc/overlapped/train_voc_10-1.sh",
+    ("voc", "15-5", "disjoint"): "voc/disjoint/train_voc_15-5.sh",
+    ("voc", "15-1", "disjoint"): "voc/disjoint/train_voc_15-1.sh",
+    ("ade", "100-50", "overlap"): "ade/overlapped/train_ade_100-50.sh",
+    ("ade", "100-10", "overlap"): "ade/overlapped/train_ade_100-10.sh",
+    ("ade", "100-5", "overlap"): None,  # no script; trainer_ade.py:316 breaks at step 10
+}
+STAR_TEMPLATE = """\
+# {title} (Chen et al., NeurIPS 2023) on {family} {setting}{mode_title}, as {source}.
+# Cited files are in github.com/jinpeng0528/STAR (commit {commit}), built on DKD's code; written by
+# tools/make_configs.py. Keys left at incseg's defaults are the official ones too: SGD Nesterov
+# momentum 0.9, weight decay 1e-4 on every group (configs/config_{dataset}.json:66-74,
+# train_voc.py:123-142), poly 0.9 stepped every iteration, random resized crop 512 with area
+# 0.5-2.0 (data_loader/dataset.py:140-152), output stride 16.
+name: {name}
+data:
+  dataset: {dataset}
+  root: data/{dataset}
+  test_crop: 512          # Resize(512) + CenterCrop(512) at test (dataset.py:154-170)
+protocol:
+  setting: {setting}
+  mode: {mode}
+  labels: {labels}{labels_note}
+  split_source: rule
+model:
+  backbone: resnet101
+  pretrained: imagenet    # torchvision's ImageNet ResNet-101 (models/modules/backbone.py:24-32)
+  norm: bn                # "bn_sync", backbone momentum 0.01 (train_voc.py:101)
+  architecture: star      # one sigmoid per class, no background channel (models/model.py:41)
+method:
+  name: star
+  memory_size: {memory}{memory_note}
+  pos_weight: {pw}           # config_{dataset}.json:76
+train:
+  epochs: {epochs}             # config_{dataset}.json:95, at every step
+  batch_size: {batch}          # {batch_note}
+  lr: {lr}             # INIT_LR: backbone; head and classifiers x10 (train_voc.py:136-142)
+  lr_incremental: {lr_inc}   # LR: backbone; head, old classifiers x10, new x100 (train_voc.py:123-134)
+{schedule}  amp: fp16               # "use_amp": true (config_{dataset}.json:11)
+"""
+
+
+def _star(dataset: str, setting: str, mode: str, memory: bool) -> str:
+    voc = dataset == "voc"
+    title = "STAR-M" if memory else "STAR"
+    script = STAR_SETTINGS[(dataset, setting, mode)]
+    source = (
+        f"scripts/{script} trains it"
+        if script
+        else "the 100-10 script would train it (no script or number for 100-5)"
+    )
+    if memory and voc:
+        size, note = 50, "  # MEMORY_SIZE=50 for STAR-M (the scripts' line 11)"
+    elif memory:
+        size, note = 300, "  # no official ADE20K STAR-M size: DKD-M's 300 (DKD README.md:79)"
+    else:
+        size, note = 0, "  # MEMORY_SIZE=0"
+    return STAR_TEMPLATE.format(
+        title=title,
+        family="Pascal VOC" if voc else "ADE20K",
+        setting=setting,
+        mode_title=f" {mode}" if voc else "",
+        source=source,
+        commit=STAR_COMMIT,
+        name=f"voc-{setting}-{mode}-{title.lower()}" if voc else f"ade-{setting}-{title.lower()}",
+        dataset=dataset,
+        mode=mode,
+        labels="plop" if voc else "ssul",
+        labels_note="            # future classes are background at test (config_voc.json:57)"
+        if voc
+        else "            # future classes ignored at test (config_ade.json:57), class 0 counted",
+        memory=size,
+        memory_note=note,
+        pw=4 if voc else 30,
+        epochs=60 if voc else 100,
+        batch=24,
+        batch_note="BS=24 on one GPU (scripts line 4)"
+        if voc
+        else "BS=12 per GPU x 2 (scripts line 4)",
+        lr=0.001 if voc else 0.0025,
+        lr_inc=0.0001 if voc else 0.00025,
+        schedule=""
+        if voc
+        else "  lr_warmup: 0.2          # WarmupPolyLR, warmup_iters 0.2 (config_ade.json:81-84)\n",
+    )
+
+
 def main() -> None:
     jobs = [
         ("voc", s, mode, m)
@@ -840,7 +931,7 @@ def main() -> None:
 
 
 def _official_successors() -> dict[Path, str]:
-    """Configs from the official scripts of EWF, NeST, UCD, REMINDER, RCIL, SSUL and DKD."""
+    """Configs from the official scripts of EWF, NeST, UCD, REMINDER, RCIL, SSUL, DKD, STAR."""
     files: dict[Path, str] = {}
     for setting in EWF_VOC:
         for method in ("mib", "plop"):
@@ -870,6 +961,10 @@ def _official_successors() -> dict[Path, str]:
         title = "dkd-m" if memory else "dkd"
         stem = f"{setting}-{mode}-{title}" if dataset == "voc" else f"{setting}-{title}"
         files[OUT / dataset / f"{stem}.yaml"] = _dkd(dataset, setting, mode, memory)
+    for (dataset, setting, mode), memory in itertools.product(STAR_SETTINGS, (False, True)):
+        title = "star-m" if memory else "star"
+        stem = f"{setting}-{mode}-{title}" if dataset == "voc" else f"{setting}-{title}"
+        files[OUT / dataset / f"{stem}.yaml"] = _star(dataset, setting, mode, memory)
     return files
 
 

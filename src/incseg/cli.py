@@ -117,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
         "--methods",
         required=True,
         help="comma-separated method names, add-ons with +, e.g. ft,lwf,ilt,mib,mib+ucd,rcil "
-        "(rcil gets model.architecture: rcil)",
+        "(rcil, ssul, dkd, star get their model.architecture); NAME-m is a method with its "
+        "exemplar memory (ssul-m, dkd-m: 100 images, star-m: 50)",
     )
     cmp.add_argument("--joint", action="store_true", help="also train Joint (the offline setting)")
     cmp.add_argument(

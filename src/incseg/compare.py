@@ -29,11 +29,32 @@ log = logging.getLogger(__name__)
 JOINT = "joint"
 
 
+MEMORY_SUFFIX = "-m"  # ssul-m: the method with its exemplar memory (Method.memory_variant)
+
+
+def memory_variant(name: str) -> tuple[str, int] | None:
+    """``"ssul-m"`` -> ``("ssul", 100)``: the method and the memory size of its -M variant
+    (``Method.memory_variant``, the official VOC size); None for any other name."""
+    if not name.endswith(MEMORY_SUFFIX):
+        return None
+    base = name[: -len(MEMORY_SUFFIX)]
+    try:
+        size = getattr(method_class(base), "memory_variant", 0)
+    except ConfigError:
+        return None
+    return (base, size) if size else None
+
+
 def method_config(base: Config, name: str, overrides: Sequence[str] = ()) -> Config:
     """``base`` with method ``name``; the base's method hyperparameters carry over only to the
     same method (they are not valid for others), and a method that trains its own architecture
-    (RCIL) gets it. ``overrides`` are ``KEY=VALUE`` assignments
+    (RCIL) gets it. ``NAME-m`` is method NAME with its exemplar memory (:func:`memory_variant`).
+    ``overrides`` are ``KEY=VALUE`` assignments
     inside this method's section (``weight=50``), validated like ``--set method.KEY=VALUE``."""
+    variant = memory_variant(name)
+    if variant is not None:
+        name, size = variant
+        overrides = [f"memory_size={size}", *overrides]
     try:
         check_method_name(name)
     except ConfigError as err:
@@ -272,21 +293,21 @@ def run_comparison(
     for label, config in jobs:
         run = RunDir(out / label)
         steps = 1 if label == JOINT else last + 1
-        shared = (
-            share_first_step
-            and label != JOINT
-            and method_class(config.method.name).plain_first_step
-        )
+        # Equal keys train the same step 0: plain-first-step methods, and a method with and
+        # without its memory (shared_steps_key).
+        shared = share_first_step and label != JOINT
         key = shared_steps_key(config, 0) if shared else None
         if run.is_finished(steps):
             log.info(f"[compare] {label}: finished run found in {run.path}, not re-run")
         else:
             source = first_steps.get(key)
+            plain = method_class(config.method.name).plain_first_step
+            why = "plain cross-entropy" if plain else "the same step 0; the memory starts at step 1"
             log.info(f"[compare] {label}: running into {run.path}")
             try:
                 if source is not None and steps > 1 and not run.step_file(0).exists():
                     log.info(
-                        f"[compare] {label}: step 0 is the one of {source.name} (plain cross-entropy), not retrained"
+                        f"[compare] {label}: step 0 is the one of {source.name} ({why}), not retrained"
                     )
                     adopt_steps(run.path, config, source, 0, dist)
                 run_one(config, run.path)

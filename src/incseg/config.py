@@ -272,7 +272,15 @@ class Config:
                 f"protocol.last_step: step {proto.last_step} is out of range for setting "
                 f"{setting.name!r}; valid steps are 0..{setting.num_steps - 1}"
             )
-        needs = getattr(method_class(self.method.name), "architecture", None)
+        cls = method_class(self.method.name)
+        if "mode" in {f.name for f in dataclasses.fields(cls)}:  # set by config_from_dict
+            given = self.method.params.get("mode", proto.mode)
+            if given != proto.mode:
+                raise ConfigError(
+                    f"method.mode: {self.method.name!r} follows protocol.mode ({proto.mode!r}), "
+                    f"got {given!r}; leave method.mode out or set it to {proto.mode!r}"
+                )
+        needs = getattr(cls, "architecture", None)
         if needs is not None and self.model.architecture != needs:
             raise ConfigError(
                 f"model.architecture: method {self.method.name!r} trains the {needs!r} "
@@ -438,6 +446,8 @@ def config_from_dict(raw: dict[str, Any], *, trusted: Collection[str] | None = N
         params[addon] = _with_defaults(
             addon_class(addon), method_raw.pop(addon, None), f"method.{addon}"
         )
+    if "mode" in {f.name for f in dataclasses.fields(cls)} and "mode" not in method_raw:
+        method_raw["mode"] = config.protocol.mode  # a method that follows the mode (STAR)
     params = {**_with_defaults(cls, method_raw, "method"), **params}
     return dataclasses.replace(config, method=MethodConfig(name=name, params=params))
 

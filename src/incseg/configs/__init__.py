@@ -96,4 +96,17 @@ PUBLISHED: dict[str, tuple[float, str]] = {
     "ade/100-50-dkd-m": (35.58, "DKD README, with background"),
     "ade/100-10-dkd": (34.53, "DKD README, with background"),
     "ade/100-10-dkd-m": (34.83, "DKD README, with background"),
+    # STAR README.md:116-136 (mIoU over every class with background, the final step).
+    "voc/15-5-overlap-star": (74.86, "STAR README, with background"),
+    "voc/15-5-overlap-star-m": (75.8, "STAR README, with background"),
+    "voc/15-1-overlap-star": (72.9, "STAR README, with background"),
+    "voc/15-1-overlap-star-m": (74.03, "STAR README, with background"),
+    "voc/10-1-overlap-star": (64.86, "STAR README, with background"),
+    "voc/10-1-overlap-star-m": (66.6, "STAR README, with background"),
+    "voc/15-5-disjoint-star": (73.48, "STAR README, with background"),
+    "voc/15-5-disjoint-star-m": (73.79, "STAR README, with background"),
+    "voc/15-1-disjoint-star": (70.77, "STAR README, with background"),
+    "voc/15-1-disjoint-star-m": (71.18, "STAR README, with background"),
+    "ade/100-50-star": (36.39, "STAR README, with background"),
+    "ade/100-10-star": (34.91, "STAR README, with background"),
 }

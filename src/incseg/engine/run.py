@@ -182,7 +182,7 @@ class Run:
         memory = self.step_memory(info)
         extras = Extras(
             self.method.unknown_from,
-            tuple(e.index for e in memory),
+            tuple(sorted(e.index for e in memory)),  # by image id, as both codes list them
             self.method.memory_lut(info) if memory else None,
             self.method.memory_mixing,
         )

@@ -35,6 +35,7 @@ METHOD_PATHS: dict[str, str] = {
     "rcil": "incseg.methods.rcil:RCIL",
     "reminder": "incseg.methods.reminder:REMINDER",
     "ssul": "incseg.methods.ssul:SSUL",
+    "star": "incseg.methods.star:STAR",
 }
 METHOD_NAMES = tuple(sorted(METHOD_PATHS))
 # Add-ons apply on top of any method (``method.name: mib+ewf``); they act at steps > 0 only.

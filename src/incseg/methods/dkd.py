@@ -80,6 +80,8 @@ class DKD(Method):
 
     architecture: ClassVar[str] = "dkd"
     needs_old_model: ClassVar[bool] = True
+    # The -M variant's memory on VOC (``incseg compare --methods NAME-m``).
+    memory_variant: ClassVar[int] = 100
     features: ClassVar[tuple[str, ...]] = ("logits_pos", "logits_neg")
 
     memory_size: int = ranged(0, MEMORY_SIZE)

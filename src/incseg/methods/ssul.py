@@ -125,6 +125,8 @@ class SSUL(Method):
 
     architecture: ClassVar[str] = "ssul"
     needs_old_model: ClassVar[bool] = True
+    # The -M variant's memory on VOC (``incseg compare --methods NAME-m``).
+    memory_variant: ClassVar[int] = 100
     memory_mixing: ClassVar[str] = "half_batch"
 
     memory_size: int = ranged(0, MEMORY_SIZE)

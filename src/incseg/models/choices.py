@@ -45,6 +45,7 @@ FEATURE_NAMES = (
 # deeplabv3: DeepLabV3 as MiB builds it; rcil: RCIL's two parallel branches for every 3x3 conv +
 # norm of the backbone's blocks and the ASPP convs (models/rcil.py), for method rcil; ssul / dkd:
 # torchvision's DeepLabV3 head with SSUL's unknown + background + per-step heads, or DKD's
-# auxiliary classifier, all sigmoid (models/heads.py), for methods ssul / dkd.
-Architecture = Literal["deeplabv3", "rcil", "ssul", "dkd"]
+# auxiliary classifier, all sigmoid (models/heads.py), for methods ssul / dkd; star: dkd's without
+# the auxiliary classifier (no background channel), for method star.
+Architecture = Literal["deeplabv3", "rcil", "ssul", "dkd", "star"]
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)

@@ -1,4 +1,4 @@
-"""The classifier layouts of the sigmoid family (SSUL, DKD): torchvision's DeepLabV3 head instead
+"""The classifier layouts of the sigmoid family (SSUL, DKD, STAR): torchvision's DeepLabV3 head instead
 of MiB's, one classifier per step, one sigmoid per channel (docs/methods.md, ``ssul``, ``dkd``).
 
 Both official codes build the head from torchvision's ASPP (a 1x1 and three atrous 3x3
@@ -23,6 +23,8 @@ background):
   (DKD ``model.py:41, 67-75``); the head ends with one more 3x3 conv-BN-ReLU (``aspp.py:122-126``).
   Prediction: the argmax of the class sigmoids, background where none exceeds 0.5
   (``trainer_voc.py:231-237``).
+- ``star`` (:class:`ObjectSegmenter`): DKD's without the auxiliary classifier, ``[class 1, ...]``,
+  ``C_t - 1`` channels (jinpeng0528/STAR ``models/model.py:41``); prediction as DKD's.
 """
 
 from __future__ import annotations
@@ -100,16 +102,19 @@ class SSULFirstHeads(nn.Module):
 
 class AuxiliaryFirst(nn.Module):
     """DKD's step-0 classifiers: the auxiliary 1x1 conv on detached features (channel 0) and the
-    step's object classes (``classes - 1``). ``out_channels`` = ``classes``."""
+    step's object classes (``classes - 1``); without ``auxiliary`` (STAR) the object classes
+    only. ``out_channels`` = ``classes`` (the background's place counted either way)."""
 
-    def __init__(self, channels: int, classes: int) -> None:
+    def __init__(self, channels: int, classes: int, auxiliary: bool = True) -> None:
         super().__init__()
-        self.auxiliary = nn.Conv2d(channels, 1, 1)
+        self.auxiliary = nn.Conv2d(channels, 1, 1) if auxiliary else None
         self.objects = nn.Conv2d(channels, classes - 1, 1)
         kaiming_init(self)
         self.out_channels = classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.auxiliary is None:
+            return self.objects(x)
         # The auxiliary classifier's gradient stops at its input (DKD model.py:71).
         return torch.cat([self.auxiliary(x.detach()), self.objects(x)], dim=1)
 
@@ -166,10 +171,11 @@ class AuxiliarySegmenter(_SigmoidSegmenter):
     parts of the weights, without bias (:func:`decomposed_logits`)."""
 
     last_conv: ClassVar[bool] = True
+    auxiliary: ClassVar[bool] = True
 
     def make_classifier(self, num_channels: int) -> nn.Module:
         if len(self.classifiers) == 0:
-            return AuxiliaryFirst(self.head_channels, num_channels)
+            return AuxiliaryFirst(self.head_channels, num_channels, self.auxiliary)
         conv = nn.Conv2d(self.head_channels, num_channels, 1)
         kaiming_init(conv)
         return conv
@@ -198,6 +204,21 @@ class AuxiliarySegmenter(_SigmoidSegmenter):
         return torch.cat([torch.full_like(prob[:, :1], 0.5), prob[:, 1:]], dim=1)
 
 
+class ObjectSegmenter(AuxiliarySegmenter):
+    """STAR's layout (jinpeng0528/STAR ``models/model.py:41``): DKD's without the auxiliary
+    classifier, so no channel for the background at all: logits ``(B, C_t - 1, H, W)``, channel
+    ``k - 1`` for the step's channel ``k``. Prediction as DKD's (``trainer_voc.py:182-186``)."""
+
+    auxiliary: ClassVar[bool] = False
+
+    @staticmethod
+    def scores(logits: torch.Tensor) -> torch.Tensor:
+        """``(B, C_t - 1, H, W)`` logits -> ``(B, C_t, H, W)``: 0.5 for the background, then the
+        class sigmoids (the background wins unless a class sigmoid exceeds 0.5)."""
+        prob = torch.sigmoid(logits.float())
+        return torch.cat([torch.full_like(prob[:, :1], 0.5), prob], dim=1)
+
+
 def decomposed_logits(
     features: torch.Tensor, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,4 +237,4 @@ def decomposed_logits(
     return pos, neg
 
 
-LAYOUTS = {"ssul": UnknownSegmenter, "dkd": AuxiliarySegmenter}
+LAYOUTS = {"ssul": UnknownSegmenter, "dkd": AuxiliarySegmenter, "star": ObjectSegmenter}

@@ -66,7 +66,10 @@ def select_balanced(
             official draws, in that order, from ``np.random``).
 
     Returns:
-        The chosen exemplars, in the order taken, each with ``chosen_for`` set.
+        The chosen exemplars, each with ``chosen_for`` set, grouped by that class (ascending) and
+        in the order taken within a class: the order the official codes save, and so the order
+        in which they are the next step's first candidates (SSUL ``memory.py:129-133``, DKD
+        ``memory.py:164-169``).
 
     Raises:
         DataError: fewer than ``size`` candidates hold an old class. The official loop never
@@ -92,7 +95,7 @@ def select_balanced(
                 f"exemplar memory: only {len(chosen)} of the candidate images hold an old class, "
                 f"fewer than the memory size {size} (method.memory_size); lower it"
             )
-    return chosen
+    return sorted(chosen, key=lambda e: e.chosen_for)  # stable: the order taken within a class
 
 
 def memory_summary(exemplars: list[Exemplar], names: dict[int, str]) -> str:
