@@ -243,3 +243,16 @@ def test_a_memory_variant_is_its_method_with_the_official_memory_and_shares_step
     assert shared_steps_key(plain, 0) == shared_steps_key(with_memory, 0)
     assert shared_steps_key(plain, 1) != shared_steps_key(with_memory, 1)
     assert method_config(base, "dkd-m", ["memory_size=7"]).method.params["memory_size"] == 7
+
+
+def test_a_method_set_of_another_section_changes_that_methods_run_only():
+    from incseg.compare import method_config
+    from incseg.config import load_config
+    from incseg.errors import ConfigError
+
+    base = load_config("demo")
+    dkd = method_config(base, "dkd-m", ["train.lr_incremental=0.001", "pos_weight=3"])
+    assert (dkd.train.lr_incremental, dkd.method.params["pos_weight"]) == (0.001, 3)
+    assert method_config(base, "mib").train.lr_incremental == base.train.lr_incremental
+    with pytest.raises(ConfigError, match="train.lr_incremental"):
+        method_config(base, "dkd", ["train.lr_incremental=-1"])

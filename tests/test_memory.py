@@ -124,3 +124,18 @@ def test_memory_keys_reach_the_memory_images():
     both = WithMemory(Items("train", 3), Items("memory", 2))
     assert len(both) == 5
     assert both[(1, 7)] == ("train", (1, 7)) and both[(4, 9)] == ("memory", (1, 9))
+
+
+@pytest.mark.parametrize("name", ["ssul", "dkd", "star"])
+def test_each_method_runs_without_a_memory(name, tiny_config_path, tmp_path):
+    import json
+
+    from helpers.method_runs import run_method
+
+    labels = "ssul" if name == "ssul" else "plop"
+    out = tmp_path / "run"
+    sets = (f"method.name={name}", f"model.architecture={name}", f"protocol.labels={labels}")
+    run_method(tiny_config_path, out, *sets)
+    steps = json.loads((out / "metrics.json").read_text())["steps"]
+    assert len(steps) == 2 and all("memory" not in s for s in steps)
+    assert not list(out.glob("memory_step_*.json"))

@@ -308,3 +308,23 @@ def test_a_star_m_run_stores_statistics_for_every_class(star_run):
 def test_an_interrupted_star_m_step_resumes_to_the_same_numbers(star_run, tmp_path):
     out, args = star_run
     check_exact_resume(out, args, tmp_path, kill_at="iteration:2:1:1")
+
+
+def test_a_later_step_trains_the_new_classifier_at_100x_with_frozen_norms():
+    model = star_model((16, 1))
+    star, info = STAR(), step_info(get_setting("voc", "15-1"), 1)
+    star.begin_step(info, model)
+    model.train()
+    kinds = (torch.nn.BatchNorm2d, torch.nn.Dropout)
+    assert not any(m.training for m in model.modules() if isinstance(m, kinds))
+    groups = star.param_groups(model, info)
+    assert [g.get("lr_scale", 1) for g in groups] == [1, 10, 10, 100]
+    assert all("weight_decay" not in g for g in groups)  # the run's weight decay everywhere
+    assert groups[3]["params"] == list(model.classifiers[1].parameters())
+    norms = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+        for p in m.parameters()
+    }
+    assert not norms & {id(p) for g in groups for p in g["params"]}

@@ -136,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="METHOD.KEY=VALUE",
-        help="override one method's hyperparameter, e.g. --method-set ewc.weight=50 (repeatable)",
+        help="override one method's hyperparameter, e.g. --method-set ewc.weight=50, or a key of "
+        "its run only, e.g. --method-set dkd.train.lr=0.005 (repeatable)",
     )
     imp = sub.add_parser(
         "import-checkpoint",
@@ -595,6 +596,16 @@ def _describe(name: str, cls: type, key: str, *, engine: bool) -> str:
         needs = getattr(cls, "architecture", None)
         if needs is not None:
             lines.append(f"  model: needs model.architecture: {needs}")
+        variant = getattr(cls, "memory_variant", 0)
+        if variant:
+            mixing = {"concat": "join the step's images", "half_batch": "fill half of every batch"}
+            lines.append(
+                f"  memory: method.memory_size images (0: none; {variant} in the official VOC "
+                f"-M variant, `incseg compare --methods {name}-m`) "
+                f"{mixing.get(cls.memory_mixing, cls.memory_mixing)}"
+            )
+        if cls.unknown_from is not None:
+            lines.append("  data: the unknown class from data.saliency (method.unknown)")
     lines += ["", f"  hyperparameters ({key}: type = default):"]
     fields = [f for f in dataclasses.fields(cls) if f.init]
     for f in fields:

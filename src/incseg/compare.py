@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 JOINT = "joint"
 
 
+RUN_SECTIONS = ("data", "protocol", "model", "train")  # --method-set NAME.train.lr=...
 MEMORY_SUFFIX = "-m"  # ssul-m: the method with its exemplar memory (Method.memory_variant)
 
 
@@ -50,7 +51,8 @@ def method_config(base: Config, name: str, overrides: Sequence[str] = ()) -> Con
     same method (they are not valid for others), and a method that trains its own architecture
     (RCIL) gets it. ``NAME-m`` is method NAME with its exemplar memory (:func:`memory_variant`).
     ``overrides`` are ``KEY=VALUE`` assignments
-    inside this method's section (``weight=50``), validated like ``--set method.KEY=VALUE``."""
+    inside this method's section (``weight=50``), validated like ``--set method.KEY=VALUE``, or
+    of another section for this method's run only (``train.lr=0.005``), like ``--set``."""
     variant = memory_variant(name)
     if variant is not None:
         name, size = variant
@@ -64,8 +66,9 @@ def method_config(base: Config, name: str, overrides: Sequence[str] = ()) -> Con
     needs = getattr(method_class(name), "architecture", None)
     if needs is not None:  # RCIL trains its own model: the other methods keep the base's
         raw["model"]["architecture"] = needs
-    for assignment in overrides:
-        apply_override(raw["method"], assignment)
+    for assignment in overrides:  # a section's key (train.lr=...) is this method's run's
+        section = assignment.partition("=")[0].split(".")[0].strip()
+        apply_override(raw if section in RUN_SECTIONS else raw["method"], assignment)
     try:
         return config_from_dict(raw)
     except ConfigError as err:

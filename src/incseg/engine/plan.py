@@ -106,6 +106,16 @@ def format_plan(config: Config, plans: list[StepPlan], method: Method) -> str:
         f"image passes: {student:,} student forward+backward, {old:,} old-model forward, "
         f"{evaluated:,} evaluation forward (validation during training not counted)"
     )
+    size = method.memory_size
+    if size:
+        if method.memory_mixing == "concat":
+            how = f"joining each step's training images (about {size // c.train.batch_size} more iterations per epoch)"
+        else:
+            how = "filling half of every batch (no more iterations)"
+        lines.append(
+            f"memory: {size} images from step 1 on, {how}; chosen at each step's start from one pass "
+            "over the previous step's training images (not counted above)"
+        )
     failing = [p.step for p in plans if p.problem is not None]
     lines.append(
         f"checks: {'every step can train' if not failing else f'steps {failing} cannot train'}"

@@ -85,10 +85,16 @@ def check_method_name(name: str) -> None:
     if not isinstance(name, str) or not (
         name in METHOD_PATHS or ":" in name or name in plugin_paths()
     ):
+        hint = ""
+        if isinstance(name, str) and name.endswith("-m") and name[:-2] in METHOD_PATHS:
+            hint = (
+                f"; the -M variant is {name[:-2]!r} with method.memory_size (e.g. 100), or "
+                f"`incseg compare --methods {name}`"
+            )
         raise ConfigError(
             f"method.name: unknown value {name!r}; valid choices: "
             f"{[*METHOD_NAMES, *sorted(plugin_paths())]}, or the module:Class path of a Method "
-            "subclass (e.g. my_methods:ConfidentPseudo)"
+            f"subclass (e.g. my_methods:ConfidentPseudo){hint}"
         )
 
 

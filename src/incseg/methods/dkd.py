@@ -66,6 +66,40 @@ def new_class_targets(labels: torch.Tensor, first: int, count: int) -> torch.Ten
     return (labels.long().unsqueeze(1) == channels).float()
 
 
+def trained_parameters(module: nn.Module, step: int) -> list[nn.Parameter]:
+    """``module``'s parameters an SGD group of step ``step`` holds: all at step 0; at steps > 0
+    all but the batch norms' affine ones, which ``freeze_all_bn`` leaves out of the optimizer
+    (DKD ``model.py:177-181, 191-195``; STAR ``model.py:155, 169``)."""
+    if step == 0:
+        return list(module.parameters())
+    norms = {
+        id(p) for m in module.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()
+    }
+    return [p for p in module.parameters() if id(p) not in norms]
+
+
+def step_groups(
+    model: nn.Module, step: int, scale: float, new_scale: float, old_decay: float | None
+) -> list[dict]:
+    """The SGD groups of DKD and STAR: backbone x1, head and classifiers x ``scale``; at steps >
+    0 the new classifier x ``new_scale`` and the other groups with weight decay ``old_decay``
+    (None: the run's). DKD ``train_voc.py:127-143``, STAR ``train_voc.py:123-142``."""
+    if step == 0:
+        return [
+            {"params": trained_parameters(model.backbone, 0)},
+            {"params": trained_parameters(model.head, 0), "lr_scale": scale},
+            {"params": trained_parameters(model.classifiers, 0), "lr_scale": scale},
+        ]
+    decay = {} if old_decay is None else {"weight_decay": old_decay}
+    old = nn.ModuleList(model.classifiers[:-1])
+    return [
+        {"params": trained_parameters(model.backbone, step), **decay},
+        {"params": trained_parameters(model.head, step), "lr_scale": scale, **decay},
+        {"params": trained_parameters(old, step), "lr_scale": scale, **decay},
+        {"params": trained_parameters(model.classifiers[-1], step), "lr_scale": new_scale},
+    ]
+
+
 @dataclass
 class DKD(Method):
     """DKD / DKD-M (module docstring).
@@ -108,31 +142,8 @@ class DKD(Method):
         model.frozen_norm = model.frozen_dropout = info.step > 0
 
     def param_groups(self, model: nn.Module, info: StepInfo) -> list[dict]:
-        def trained(module: nn.Module) -> list[nn.Parameter]:
-            if info.step == 0:
-                return list(module.parameters())
-            norms = {
-                id(p)
-                for m in module.modules()
-                if isinstance(m, nn.BatchNorm2d)
-                for p in m.parameters()
-            }
-            return [p for p in module.parameters() if id(p) not in norms]
-
-        scale = self.classifier_lr_scale
-        if info.step == 0:
-            return [
-                {"params": trained(model.backbone)},
-                {"params": trained(model.head), "lr_scale": scale},
-                {"params": trained(model.classifiers), "lr_scale": scale},
-            ]
-        old = nn.ModuleList(model.classifiers[:-1])
-        return [
-            {"params": trained(model.backbone), "weight_decay": 0.0},
-            {"params": trained(model.head), "lr_scale": scale, "weight_decay": 0.0},
-            {"params": trained(old), "lr_scale": scale, "weight_decay": 0.0},
-            {"params": trained(model.classifiers[-1]), "lr_scale": scale},
-        ]
+        scale = self.classifier_lr_scale  # weight decay only on the new classifier at steps > 0
+        return step_groups(model, info.step, scale, scale, old_decay=0.0)
 
     def losses(
         self,

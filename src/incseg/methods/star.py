@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from incseg.methods.base import Method, StepData
-from incseg.methods.dkd import POS_WEIGHT, class_bce, new_class_targets
+from incseg.methods.dkd import POS_WEIGHT, class_bce, new_class_targets, step_groups
 from incseg.methods.processes import world
 from incseg.methods.ssul import MEMORY_SIZE
 from incseg.protocol.steps import StepInfo
@@ -187,30 +187,9 @@ class STAR(Method):
         self._generator.manual_seed(torch.initial_seed() * 7919 + world()[0])
 
     def param_groups(self, model: nn.Module, info: StepInfo) -> list[dict]:
-        def trained(module: nn.Module) -> list[nn.Parameter]:
-            if info.step == 0:
-                return list(module.parameters())
-            norms = {
-                id(p)
-                for m in module.modules()
-                if isinstance(m, nn.BatchNorm2d)
-                for p in m.parameters()
-            }
-            return [p for p in module.parameters() if id(p) not in norms]
-
-        scale = self.classifier_lr_scale
-        if info.step == 0:
-            return [
-                {"params": trained(model.backbone)},
-                {"params": trained(model.head), "lr_scale": scale},
-                {"params": trained(model.classifiers), "lr_scale": scale},
-            ]
-        return [
-            {"params": trained(model.backbone)},
-            {"params": trained(model.head), "lr_scale": scale},
-            {"params": trained(nn.ModuleList(model.classifiers[:-1])), "lr_scale": scale},
-            {"params": trained(model.classifiers[-1]), "lr_scale": self.new_classifier_lr_scale},
-        ]
+        return step_groups(
+            model, info.step, self.classifier_lr_scale, self.new_classifier_lr_scale, None
+        )
 
     # -- the pass before training (steps > 0) ---------------------------------------------
     def scan(
