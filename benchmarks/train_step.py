@@ -72,6 +72,19 @@ def _model(device, channels_last, rcil=False, architecture="deeplabv3"):
     return info, model.to(device, memory_format=fmt), old.to(device, memory_format=fmt)
 
 
+def _calibrate_norms(net, images):
+    """Random weights with batch norms frozen at their initial statistics overflow through 101
+    layers; give every norm the statistics of one batch (cumulative average), as training would."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    net.train()
+    with torch.no_grad():
+        net(images)
+    net.eval()
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -109,6 +122,8 @@ def run(
         if variant in ("mib+ucd", "reminder", "rcil", *SIGMOID):
             method = MethodConfig(name=variant).build()
         if variant in SIGMOID:  # frozen parts and LR groups of the step
+            for net in (model, old):  # frozen norms need statistics: one batch's, as if trained
+                _calibrate_norms(net, images)
             method.init_new_classifier(model, info)
             method.begin_step(info, model)
             groups = method.param_groups(model, info)
@@ -191,12 +206,23 @@ def run(
             confusion_matrix(pred, targets, info.num_channels)
     else:
         raise SystemExit(f"unknown variant {variant!r}")
+    reset = lambda: None
+    if variant in SIGMOID:
+        # Random weights behind frozen norms overflow after one update (the gradient through 101
+        # eval-mode norms is not re-centred); each timed iteration starts from the same weights.
+        snapshot = copy.deepcopy(model.state_dict())
+
+        def reset():
+            model.load_state_dict(snapshot)
+            optimizer.state.clear()
+
     step()  # warm-up
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(iters):
+        reset()  # outside the timed part
         start = time.perf_counter()
         step()
         _sync(device)

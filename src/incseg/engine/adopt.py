@@ -17,7 +17,7 @@ from incseg.methods import method_class
 def shared_steps_key(config: Config, step: int) -> str:
     """Runs with equal keys train the very same steps ``0..step``: their configs agree on everything
     but the run name and ``protocol.last_step``; for step 0 also the incremental-step keys and the
-    exemplar memory's size, and the method too when both methods train step 0 with plain
+    exemplar memory's keys (``memory_*``), and the method too when both methods train step 0 with plain
     cross-entropy and no state (``Method.plain_first_step``)."""
     d = config.to_dict()
     d.pop("name")
@@ -25,7 +25,8 @@ def shared_steps_key(config: Config, step: int) -> str:
     if step == 0:
         d["train"].pop("epochs_incremental")
         d["train"].pop("lr_incremental")
-        d["method"].pop("memory_size", None)  # the exemplar memory starts at step 1
+        for key in [k for k in d["method"] if k.startswith("memory_")]:
+            d["method"].pop(key)  # the exemplar memory starts at step 1
         if method_class(config.method.name).plain_first_step:
             d["method"] = "plain first step"
     return json.dumps(d, sort_keys=True)
