@@ -36,6 +36,7 @@ from incseg.engine.rundir import TENSORBOARD_DIR, RunDir
 from incseg.engine.runtime import Runtime
 from incseg.engine.tensorboard import Scalars, check_tensorboard, open_scalars
 from incseg.engine.train import Optimisation, Step, StepData, scan_old_model, train_one_epoch
+from incseg.errors import DataError
 from incseg.methods.base import Method
 from incseg.metrics import GROUPING, StepReport, iou_per_class
 from incseg.protocol import Setting, StepInfo, get_setting, step_info
@@ -120,6 +121,14 @@ class Run:
         if resume:
             run.restore_finished()
         check_plan(plan_steps(config, data, first=len(run.reports)))  # every step can train
+        size = method.memory_size
+        if size and config.num_steps > 1:  # the first memory chooses among step 0's images
+            first = len(data.train_indices(step_info(run.setting, 0)))
+            if size > first:
+                raise DataError(
+                    f"method.memory_size {size}: more than the {first} training images of step 0, "
+                    "among which step 1 chooses its memory; lower it"
+                )
         if method.unknown_from == "saliency":  # a missing map stops the run now, not steps later
             for index in run.remaining_steps():
                 data.train.check_saliency(data.train_indices(step_info(run.setting, index)))
