@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers.method_runs import check_exact_resume, run_method
+from helpers.step_data import FakeData
 
 from incseg.config import config_from_dict
 from incseg.engine.checkpoint import load_checkpoint
@@ -125,34 +125,6 @@ def test_unbiased_cross_entropy_all_pixels():
         unbiased_cross_entropy_all_pixels(logits, targets, 3),
         unbiased_cross_entropy(logits, targets, 3) * 15 / 18,
     )
-
-
-class FakeData:
-    """The engine's StepData over a fixed list of batches (one process, CPU)."""
-
-    def __init__(self, batches, lr=0.01):
-        self._batches = batches
-        self.device = torch.device("cpu")
-        self.batches_per_epoch = len(batches)
-        self.sgd_settings = {
-            "lr": lr,
-            "momentum": 0.9,
-            "nesterov": True,
-            "weight_decay": 1e-4,
-            "lr_power": 0.9,
-        }
-
-    def batches(self, epoch):
-        return iter(self._batches)
-
-    def autocast(self):
-        return nullcontext()
-
-    def sum_over_processes(self, tensor):
-        return tensor
-
-    def mean_over_processes(self, tensor):
-        return tensor
 
 
 def _step_batches(info, num=2, seed=1):

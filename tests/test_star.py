@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers.method_runs import check_exact_resume, run_method
+from helpers.step_data import FakeData
 
 from incseg.engine.checkpoint import load_checkpoint
 from incseg.methods.star import (
@@ -114,26 +114,6 @@ def star_model(channels=(16, 1)):
     return build_segmenter("tiny", channels, head_channels=6, architecture="star")
 
 
-class Batches:
-    """A StepData of fixed batches (no processes, no mixed precision)."""
-
-    def __init__(self, batches, per_epoch=3):
-        self._batches, self.batches_per_epoch = batches, per_epoch
-        self.device, self.epochs = torch.device("cpu"), 1
-
-    def batches(self, epoch):
-        return iter(self._batches)
-
-    def autocast(self):
-        return nullcontext()
-
-    def sum_over_processes(self, tensor):
-        return tensor
-
-    def mean_over_processes(self, tensor):
-        return tensor
-
-
 def test_the_schedule_by_hand():
     info = step_info(get_setting("voc", "15-1"), 1)  # classes 1..15 old, 16 new
     for mode, per_iteration, extra, numbers in (
@@ -146,7 +126,7 @@ def test_the_schedule_by_hand():
         labelled = torch.zeros(17, dtype=torch.float64)
         labelled[16] = 7
         star.end_scan({"predicted": predicted, "labelled": labelled}, info)
-        star.prepare_step(Batches([]), info, None, None)
+        star.prepare_step(FakeData([], batches_per_epoch=3), info, None, None)
         assert star.schedule["per_iteration"].tolist() == per_iteration
         assert star.schedule["extra_bg_ratio"] == pytest.approx(extra)
         assert star.schedule["numbers"].tolist() == pytest.approx(numbers)
@@ -272,7 +252,7 @@ def test_stored_statistics_match_the_official_passes(variant):
     }
     star.schedule = {"numbers": torch.arange(21, dtype=torch.float64)}
     with torch.no_grad():
-        star.after_training(Batches(batches), info, model)
+        star.after_training(FakeData(batches), info, model)
         ref = official_statistics(model, batches, 15, 5, old if variant == "official" else None)
     torch.testing.assert_close(star.stats["prototypes"][15:], ref[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(star.stats["prototypes"][:15], old)
