@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.method_runs import check_exact_resume, run_method
+from helpers.method_runs import check_exact_resume, run_method, step_training_images
 
 from incseg.methods.dkd import DKD, class_bce, new_class_targets
 from incseg.models import build_segmenter
@@ -165,8 +165,8 @@ def test_a_dkd_m_run_logs_every_term_and_its_memory(dkd_run):
     for step in (1, 2):
         memory = json.loads((out / f"memory_step_{step}.json").read_text())["images"]
         assert len(memory) == 6 and steps[step]["memory"]["images"] == 6
-        # Memory images join the training images (concatenated).
-        assert steps[step]["num_train_images"] > 0
+        # Memory images join the training images and are not counted among them.
+        assert steps[step]["num_train_images"] == step_training_images(out, step)
 
 
 def test_an_interrupted_dkd_m_step_resumes_to_the_same_numbers(dkd_run, tmp_path):

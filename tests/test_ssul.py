@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.method_runs import check_exact_resume, run_method
+from helpers.method_runs import check_exact_resume, run_method, step_training_images
 
 from incseg.cli import main
 from incseg.data import ShapesSource, StepDataset
@@ -217,6 +217,8 @@ def test_an_ssul_m_run_keeps_and_reports_its_memory(ssul_run):
         assert all(e["chosen_for"] in e["classes"] and e["step"] < step for e in memory)
         assert all(1 <= e["chosen_for"] <= 15 + step - 1 for e in memory)
         assert steps[step]["memory"]["summary"].startswith("6 images: ")
+        # The step's own images, the memory's (half of every batch) not counted among them.
+        assert steps[step]["num_train_images"] == step_training_images(out, step)
     losses = [e["bce"] for s in steps for e in s["losses"]]
     assert all(math.isfinite(v) and v > 0 for v in losses)
 

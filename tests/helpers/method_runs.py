@@ -40,3 +40,16 @@ def check_exact_resume(
     assert [(s["per_class"], s["losses"]) for s in numbers[0]] == [
         (s["per_class"], s["losses"]) for s in numbers[1]
     ]
+
+
+def step_training_images(out: Path, step: int) -> int:
+    """How many training images (memory excluded) step ``step`` of the run in ``out`` selects."""
+    import yaml
+
+    from incseg.config import config_from_dict
+    from incseg.engine.loaders import Sources
+    from incseg.protocol import get_setting, step_info
+
+    config = config_from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+    info = step_info(get_setting(config.family, config.protocol.setting), step)
+    return len(Sources.load(config).train_indices(info))

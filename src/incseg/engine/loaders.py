@@ -222,8 +222,9 @@ class Sources:
         return self._loaders[key]
 
     def train_indices(self, info: StepInfo) -> np.ndarray:
-        """The training images of step ``info`` (positions in :attr:`train`)."""
-        return train_indices(self.config, self.train, self.train_presence, info)
+        """The training images of step ``info`` (positions in :attr:`train`), as its loader
+        without extras (the plan's, cached) selected them: selected once, noted once."""
+        return self.train_loader(info).dataset.indices
 
     def test_loader(self, info: StepInfo, split: str = "test") -> DataLoader:
         key = (split, info.step)

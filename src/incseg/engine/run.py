@@ -322,9 +322,7 @@ class Run:
         test = self.data.test_loader(info)
         matrix = evaluate(step.model, test, info.num_channels, self.rt)
         report = StepReport.from_confusion(matrix, info)
-        num_train = len(step.loader.dataset) - (
-            len(step.memory) if self.method.memory_mixing == "concat" else 0
-        )
+        num_train = len(step.loader.dataset) - len(step.memory)  # either mixing holds them once
         entry = {
             **report.to_dict(),
             "num_train_images": num_train,

@@ -80,7 +80,8 @@ def bce_all_channels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     ``C`` channels, BCE summed over channels, mean over the pixels that are not 255.
 
     Computed as ``sum_c softplus(z_c) - z_label`` per pixel (the one-hot BCE's sum, without the
-    ``(B, C, H, W)`` target). No valid pixel: 0 (the official mean over none is NaN).
+    ``(B, C, H, W)`` target). No valid pixel: 0 (the official mean over none is NaN); the
+    sum over valid pixels divided by their count (at least 1) needs no read-back to the host.
 
     Args:
         logits: ``(B, C, H, W)``.
@@ -89,10 +90,8 @@ def bce_all_channels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     valid = labels != IGNORE_INDEX
     z = logits.float()
     picked = z.gather(1, labels.masked_fill(~valid, 0).unsqueeze(1)).squeeze(1)
-    per_pixel = F.softplus(z).sum(1) - picked
-    if not bool(valid.any()):
-        return per_pixel.sum() * 0.0
-    return per_pixel[valid].mean()
+    per_pixel = (F.softplus(z).sum(1) - picked) * valid
+    return per_pixel.sum() / valid.sum().clamp(min=1)
 
 
 def transfer_unknown(model: nn.Module) -> None:

@@ -89,23 +89,23 @@ def replayed_features(
 ) -> torch.Tensor:
     """The replayed features of one iteration (T:406-420): ``(N, D)`` rows, ``counts[c]`` of old
     class ``c``: ``(p_c + noise_c * e1) * (norms[0, c] + norms[1, c] * e2)`` with ``e1``, ``e2``
-    standard normal per element, drawn from ``generator`` (on the CPU).
+    standard normal per element, drawn from ``generator``.
 
     Args:
         prototypes: ``(K, D)``; norms: ``(2, K)`` mean and std; noise: ``(K, D)``;
-        counts: ``(K,)`` int.
+        counts: ``(K,)`` int; all on the CPU, where the generator draws (the caller moves the
+        result to the device once).
     """
     rows = []
     for c, n in enumerate(counts.tolist()):
-        base = prototypes[c].cpu().expand(n, -1)
         # Drawn channel-major, as randn_like of the official (1, D, n, 1) tensor.
-        e1 = torch.randn((base.shape[1], n), generator=generator).t()
-        e2 = torch.randn((base.shape[1], n), generator=generator).t()
-        jittered = base + e1 * noise[c].cpu()
-        rows.append(jittered * (e2 * norms[1, c].cpu() + norms[0, c].cpu()))
+        e1 = torch.randn((prototypes.shape[1], n), generator=generator).t()
+        e2 = torch.randn((prototypes.shape[1], n), generator=generator).t()
+        jittered = prototypes[c] + e1 * noise[c]
+        rows.append(jittered * (e2 * norms[1, c] + norms[0, c]))
     if not rows:
         return prototypes.new_zeros(0, prototypes.shape[1])
-    return torch.cat(rows).to(prototypes.device)
+    return torch.cat(rows)
 
 
 def ocfm_loss(
@@ -117,11 +117,9 @@ def ocfm_loss(
     mask = F.interpolate(
         region.unsqueeze(1).float(), features.shape[-2:], mode="bilinear", align_corners=False
     )
-    total = mask.sum()
     diff = (features.float() - old_features.float()).pow(2) * mask
-    if float(total) == 0.0:
-        return diff.sum() * 0.0
-    return diff.sum() / (total * features.shape[1])
+    # Where m is 0 everywhere the sum is 0 too: the clamp gives 0 without a read-back.
+    return diff.sum() / (mask.sum().clamp(min=1e-12) * features.shape[1])
 
 
 def sad_loss(
@@ -262,13 +260,13 @@ class STAR(Method):
         cells = head.shape[0] * head.shape[-2] * head.shape[-1]
         old_pred = old_prediction(old_output.logits)
         stats = self.stats
-        fake = replayed_features(
-            stats["prototypes"].to(head.device),
-            stats["norms"].to(head.device),
-            stats["noise"].to(head.device),
+        fake = replayed_features(  # the stored statistics live on the CPU (after_training)
+            stats["prototypes"],
+            stats["norms"],
+            stats["noise"],
             self.schedule["per_iteration"],
             self._generator,
-        ).to(head.dtype)
+        ).to(head.device, head.dtype)
         w_fake = fake.shape[0] / cells
         region = grid_sample_labels((old_pred == 0) & (targets == 0), head.shape[-2:])
         background = head.permute(0, 2, 3, 1)[region]  # (M, D)
