@@ -140,3 +140,57 @@ def test_gradients_equal_the_hand_derived_formulas():
             )
             expected[0, :, i, j] = pix - soft[0] * in_b * pix / (pix * in_b).sum() - old_part
     torch.testing.assert_close(grad, expected / (num_old * 4))
+
+
+def _three_pixels(channels: int, last: int) -> torch.Tensor:
+    """(1, channels, 1, 3) float64 logits, every channel -1e4 (probability exactly 0) except:
+    pixel 0: channels 0, 1 and ``last`` at 0; pixel 1: channel 0 and ``last`` at ln 2, channel
+    1 at 0; pixel 2 (void in the tests): all 0."""
+    logits = torch.full((1, channels, 1, 3), -1e4, dtype=torch.float64)
+    logits[0, [0, 1, last], 0, 0] = 0.0
+    logits[0, [0, last], 0, 1] = math.log(2)
+    logits[0, 1, 0, 1] = 0.0
+    logits[0, :, 0, 2] = 0.0
+    return logits
+
+
+@pytest.mark.parametrize("reduction", ["valid", "all"])
+def test_mib_ce_reduction_counts_void_pixels_only_under_all(reduction):
+    """MiB's ``ce_reduction``, by hand, on one void pixel out of three (VOC 19-1).
+
+    Step 0 (20 channels, plain CE): pixel 0, target 2, p = 1/3 -> ln 3; pixel 1, target 0,
+    p = 2 / (2 + 1 + 2) -> ln 2.5. Step 1 (21 channels, old = 0..19, new = 20, unbiased CE):
+    pixel 0, target 20, p = 1/3 -> ln 3; pixel 1, target 0, p(bg) = (2 + 1) / 5 (channels
+    0..19 absorbed) -> ln(5/3). Mean over the 2 valid pixels, or over all 3 (UCD,
+    ygjwd12345/UCD ``train.py:30, 38, 112, 116``)."""
+    from incseg.methods.mib import MiB
+    from incseg.models.segmenter import SegmenterOutput
+    from incseg.protocol import get_setting, step_info
+
+    setting = get_setting("voc", "19-1")
+    method = MiB(ce_reduction=reduction, unkd=False)
+    pixels = 2 if reduction == "valid" else 3
+    targets = torch.tensor([[[2, 0, 255]]])
+    info = step_info(setting, 0)
+    terms = method.losses(SegmenterOutput(_three_pixels(20, 2), {}), None, targets, info)
+    assert set(terms) == {"ce"}
+    assert terms["ce"].item() == pytest.approx(math.log(7.5) / pixels, abs=1e-12)
+    targets = torch.tensor([[[20, 0, 255]]])
+    info = step_info(setting, 1)
+    terms = method.losses(SegmenterOutput(_three_pixels(21, 20), {}), None, targets, info)
+    assert set(terms) == {"unce"}
+    assert terms["unce"].item() == pytest.approx(math.log(5) / pixels, abs=1e-12)
+    # 0.805 (valid) against 0.536 (all): the two differ as soon as a pixel is void
+    assert math.log(5) / 2 == pytest.approx(0.804719, abs=1e-6)
+    assert math.log(5) / 3 == pytest.approx(0.536479, abs=1e-6)
+
+
+def test_mib_ce_reduction_is_a_checked_choice():
+    from incseg.config import config_from_dict
+    from incseg.errors import ConfigError
+
+    config = config_from_dict({"method": {"name": "mib", "ce_reduction": "all"}})
+    assert config.method.build().ce_reduction == "all"
+    assert config_from_dict({"method": {"name": "mib"}}).method.build().ce_reduction == "valid"
+    with pytest.raises(ConfigError, match="ce_reduction"):
+        config_from_dict({"method": {"name": "mib", "ce_reduction": "mean"}})

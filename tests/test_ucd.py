@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 from helpers.method_runs import check_exact_resume, run_method
 
-from incseg.config import config_from_dict
+from incseg.config import builtin_configs, config_from_dict, load_config
+from incseg.engine.adopt import shared_steps_key
 from incseg.methods.ucd import contrastive_pairs, labels_at, pixel_contrastive_loss
 from incseg.models.segmenter import SegmenterOutput
 from incseg.protocol import get_setting, step_info
+from incseg.protocol.labels import make_lut
 
 
 def test_labels_at_truncates_and_drops_void():
@@ -25,6 +27,81 @@ def test_labels_at_truncates_and_drops_void():
     assert labels.tolist() == [[[7, 0]]]
     mixed = labels_at(torch.tensor([[[15, 255]]]), (1, 1), last=20)  # 135 -> out of range
     assert mixed.tolist() == [[[0]]]
+
+
+def official_labels_at(targets, size):
+    """``utils.py:264, 267-268`` literally: bilinear resize, cast to int8, negatives and values
+    above 20 to 0."""
+    label_n = F.interpolate(targets.float().unsqueeze(1), size=size, mode="bilinear")
+    label_n = label_n.to(torch.int8)
+    label_n[label_n < 0] = 0
+    label_n[label_n > 20] = 0
+    return label_n[:, 0].long()
+
+
+def test_labels_at_on_void_kept_255_matches_the_official_int8_cast():
+    # 21 -> 10 columns: output column 4 samples source x = 2.1 * 4.5 - 0.5 = 8.95, i.e.
+    # 0.05 * column 8 + 0.95 * column 9. Void (255) at column 8 beside background: 12.75 -> 12,
+    # a class id made from void, kept by the official code (int8 12 is in 0..20).
+    row = torch.zeros(1, 1, 21, dtype=torch.long)
+    row[0, 0, 8] = 255
+    assert labels_at(row, (1, 10), last=20).tolist() == [[[0, 0, 0, 0, 12, 0, 0, 0, 0, 0]]]
+    assert official_labels_at(row, (1, 10)).tolist() == [[[0, 0, 0, 0, 12, 0, 0, 0, 0, 0]]]
+    # Under MiB's training labels void is 0 beforehand: the same column gives 0.
+    assert labels_at(torch.zeros_like(row), (1, 10), last=20).tolist() == [[[0] * 10]]
+    # Random maps of classes 0..20 and void, at sizes that mix them with many weights.
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 21, (3, 37, 29), generator=gen)
+    targets[torch.rand(targets.shape, generator=gen) < 0.3] = 255
+    for size in [(5, 4), (9, 7), (12, 10)]:
+        ours = labels_at(targets, size, last=20)
+        assert torch.equal(ours, official_labels_at(targets, size))
+        assert bool((ours == 0).any()) and bool((ours > 0).any())
+
+
+def official_ucd_target(value, labels, labels_old):
+    """``dataset/voc.py:152-155, 182-207`` (``masking=True``, ``data_masking="current"``): the
+    value the official code gives a dataset label ``value``; ``run.py:93-111`` passes the step's
+    classes and the earlier ones for training and validation, every seen class and no old one at
+    test."""
+    order = [0, *labels_old, *labels]
+    inverted_order = {label: order.index(label) for label in order}
+    inverted_order[255] = 255
+    tmp_labels = [0, *labels, 255]
+    return inverted_order[value] if value in tmp_labels else 0
+
+
+@pytest.mark.parametrize("step", [0, 1, 3])
+def test_plop_convention_is_ucds_label_masking(step):
+    info = step_info(get_setting("voc", "15-1"), step)
+    new, old = list(info.new_classes), list(info.old_classes)
+    args = {"train": (new, old), "val": (new, old), "test": (old + new, [])}
+    for split, (labels, labels_old) in args.items():
+        lut = make_lut(info, split, "plop")
+        expected = [official_ucd_target(v, labels, labels_old) for v in range(256)]
+        assert lut.tolist() == expected, split
+        assert lut[255] == 255 and (step == 0 or lut[old[0]] == (old[0] if split == "test" else 0))
+
+
+def test_the_ucd_configs_follow_their_sources_conventions():
+    names = builtin_configs(with_folders=True)
+    official = [n for n in names if n.startswith("voc/") and n.endswith("-mib+ucd")]
+    csseg = [n for n in names if n.startswith("seed/mib+ucd_")]
+    assert len(official) == 6 and len(csseg) == 6
+    assert not [n for n in names if n.startswith("ade/") and "ucd" in n]
+    for name, reduction in [*((n, "all") for n in official), *((n, "valid") for n in csseg)]:
+        config = load_config(name)
+        assert config.protocol.labels == "plop", name
+        assert config.method.params["ce_reduction"] == reduction, name
+        assert config.method.build().method.ce_reduction == reduction, name
+    # Step 0 averages void pixels as ce_reduction says: UCD's and a MiB run that averages over
+    # valid pixels do not share a trained step 0; MiB with the same reduction does.
+    ucd = load_config(official[0])
+    mib = load_config(official[0], ["method.name=mib", "method.ce_reduction=valid"])
+    assert shared_steps_key(ucd, 0) != shared_steps_key(mib, 0)
+    same = load_config(official[0], ["method.name=mib"])  # keeps the file's MiB keys
+    assert same.method.params["ce_reduction"] == "all"
+    assert shared_steps_key(ucd, 0) == shared_steps_key(same, 0)
 
 
 def test_loss_by_hand():
@@ -142,8 +219,17 @@ def test_terms_add_to_mibs_with_the_unrelabelled_targets():
 
 @pytest.fixture(scope="module")
 def ucd_run(tiny_config_path, tmp_path_factory):
+    """mib+ucd with the official UCD conventions (the voc/*-mib+ucd configs')."""
     out = tmp_path_factory.mktemp("ucd") / "run"
-    return out, run_method(tiny_config_path, out, "method.name=mib+ucd")
+    sets = ("method.name=mib+ucd", "protocol.labels=plop", "method.ce_reduction=all")
+    return out, run_method(tiny_config_path, out, *sets)
+
+
+def test_a_run_saves_the_official_conventions(ucd_run):
+    out, _ = ucd_run
+    saved = load_config(out / "config.yaml", saved=True)
+    assert saved.protocol.labels == "plop"
+    assert saved.method.build().method.ce_reduction == "all"
 
 
 def test_a_run_logs_the_contrastive_term(ucd_run):

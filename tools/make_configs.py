@@ -3,7 +3,7 @@
     python tools/make_configs.py
 
 - ``voc/`` and ``ade/``: the MiB paper's rows. Each file lists only what differs from the
-  defaults (which are already the paper's training setting, SPEC section 7): dataset and root,
+  defaults (the paper's training setting, docs/protocol.md "Training"): dataset and root,
   test crop 512, In-Place ABN's ImageNet weights, setting, mode, method (MiB's KD weight 100 for
   VOC 15-1 and 10-1; 60 epochs on ADE20K). ADE20K rows train on MiB's shipped partition, its
   disjoint mode (split_source: official); 100-5, which MiB does not ship, uses the overlap rule.
@@ -376,6 +376,7 @@ RCIL_METHOD = """\
 UCD_METHOD = """\
   name: mib+ucd
   kd_weight: 10           # distillation scale_factor 10, alpha 1 (configs/ucd/base_cfg.py:33)
+  ce_reduction: valid     # CE and MiB's unbiased CE with reduction 'mean', ignore_index 255: mean over non-void pixels (configs/ucd/base_cfg.py:27-32; modules/models/losses/celoss.py:32-34, 58)
   ucd:
     weight: 0.01          # contrastive scale_factor 0.01, temperature 0.07 by default (configs/ucd/base_cfg.py:34; runners/ucd.py:91)
 """
@@ -431,8 +432,10 @@ UCD_TEMPLATE = """\
 # MiB + UCD (Yang et al., TPAMI 2022) on Pascal VOC {setting} {mode}, the recipe of the official README
 # (github.com/ygjwd12345/UCD at cc73546, README.md:50-53; the repository ships no script): lr 0.01 at
 # step 0 and 0.001 after, global batch 24, 30 epochs; --method UCD sets MiB's terms, loss_kd 10
-# (argparser.py:35-39); the contrastive term's weight 1/100 is fixed (train.py:116). Data code and
-# splits are MiB's (the repository is a fork of fcdl94/MiB). Written by tools/make_configs.py.
+# (argparser.py:35-39); the contrastive term's weight 1/100 is fixed (train.py:116). The shipped
+# splits are MiB's (data/voc/*/train-*.npy are fcdl94/MiB's files), but labels are masked and the
+# cross-entropy averaged as in PLOP's code, not MiB's (docs/methods.md, ucd). Written by
+# tools/make_configs.py.
 name: voc-{setting}-{mode}-mib-ucd
 data:
   dataset: voc
@@ -441,11 +444,13 @@ data:
 protocol:
   setting: {setting}
   mode: {mode}
+  labels: plop            # void stays 255 and classes outside the step are 0 in training and validation labels, unseen classes 0 at test (dataset/voc.py:131, 182-207: data_masking "current"; run.py:93-111)
 model:
   pretrained: iabn        # In-Place ABN's ImageNet ResNet-101, as MiB
 method:
   name: mib+ucd
   kd_weight: 10           # --method UCD: loss_kd 10 (argparser.py:35-39)
+  ce_reduction: all       # per-pixel CE (reduction 'none') averaged over all pixels, void counting 0, at every step (train.py:30, 37-40, 112, 116)
   ucd:
     weight: 0.01          # /100 (train.py:116)
     temperature: 0.07     # --temperature default (argparser.py:138-139)

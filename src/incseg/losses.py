@@ -69,10 +69,11 @@ def unbiased_cross_entropy_all_pixels(
 ) -> torch.Tensor:
     """MiB's unbiased cross-entropy with ``reduction="none"`` then ``.mean()`` over *all* pixels
     (void pixels count as 0), as the codes built on PLOP's average it (NeST's pre-tuning,
-    ECCV24_NeST ``train.py:300-304, 349-350``; RCIL, zhangchbin/RCIL ``train.py:170-173, 470-471``).
+    ECCV24_NeST ``train.py:300-304, 349-350``; RCIL, zhangchbin/RCIL ``train.py:170-173, 470-471``;
+    UCD, ygjwd12345/UCD ``train.py:30, 38, 116``, MiB's ``ce_reduction: all``).
     It differs from :func:`unbiased_cross_entropy` as soon as a target is 255. Shapes as there;
     ``num_old`` >= 1."""
-    logits = logits.float()
+    logits = _upcast(logits)
     denom = torch.logsumexp(logits, dim=1)
     log_bg = torch.logsumexp(logits[:, :num_old], dim=1) - denom
     targets = targets.long()

@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 import torch
 from torch import nn
 
-from incseg.losses import cross_entropy, unbiased_cross_entropy, unbiased_knowledge_distillation
+from incseg.losses import (
+    cross_entropy,
+    pixel_mean_cross_entropy,
+    unbiased_cross_entropy,
+    unbiased_cross_entropy_all_pixels,
+    unbiased_knowledge_distillation,
+)
 from incseg.methods.base import Method
 from incseg.protocol.steps import StepInfo
 from incseg.ranges import ALPHA, LOSS_WEIGHT, ranged
@@ -18,6 +24,8 @@ if TYPE_CHECKING:  # annotations only: the model modules import torchvision
     from incseg.models.segmenter import SegmenterOutput
 
 Init = Literal["balanced", "random"]  # new classifiers: MiB's init, or left random
+# the pixels the cross-entropy averages over: those not labelled 255, or all of them
+CeReduction = Literal["valid", "all"]
 
 
 def balanced_init(model: nn.Module) -> None:
@@ -46,6 +54,14 @@ class MiB(Method):
         unce: use the unbiased cross-entropy (False: plain CE, for ablations).
         unkd: add the unbiased distillation term.
         init: ``"balanced"`` (the paper) or ``"random"`` initialisation of new classifiers.
+        ce_reduction: the pixels the (unbiased) cross-entropy is averaged over, at every step:
+            ``"valid"`` (default): those not labelled 255. fcdl94/MiB takes ``.mean()`` of the
+            per-pixel loss over all pixels (``train.py:27-35, 103-107``), but its training labels
+            hold no 255 (void is background, ``dataset/voc.py:142-148``), so the two agree;
+            cssegmentation averages over non-void pixels (``reduction='mean'``,
+            ``csseg/modules/models/losses/celoss.py:32-34, 58``). ``"all"``: all ``B*H*W``
+            pixels, void ones counting 0, as ygjwd12345/UCD, whose training labels keep 255
+            (``train.py:30, 37-40, 112, 116``; ``dataset/voc.py:182-207``).
     """
 
     needs_old_model: ClassVar[bool] = True
@@ -56,6 +72,7 @@ class MiB(Method):
     unce: bool = True
     unkd: bool = True
     init: Init = "balanced"
+    ce_reduction: CeReduction = "valid"
 
     def init_new_classifier(self, model: nn.Module, info: StepInfo) -> None:
         if self.init == "balanced" and info.step > 0:
@@ -68,15 +85,21 @@ class MiB(Method):
         targets: torch.Tensor,
         info: StepInfo,
     ) -> dict[str, torch.Tensor]:
-        if info.step == 0:
-            return {"ce": cross_entropy(output.logits, targets)}
-        terms = {}
-        if self.unce:
-            terms["unce"] = unbiased_cross_entropy(output.logits, targets, info.num_old_channels)
+        num_old = info.num_old_channels
+        if info.step == 0 or not self.unce:
+            terms = {"ce": self._cross_entropy(output.logits, targets)}
+        elif self.ce_reduction == "all":
+            terms = {"unce": unbiased_cross_entropy_all_pixels(output.logits, targets, num_old)}
         else:
-            terms["ce"] = cross_entropy(output.logits, targets)
-        if self.unkd and self.kd_weight > 0:
+            terms = {"unce": unbiased_cross_entropy(output.logits, targets, num_old)}
+        if info.step > 0 and self.unkd and self.kd_weight > 0:
             assert old_output is not None, "MiB needs the old model's outputs at steps > 0"
             kd = unbiased_knowledge_distillation(output.logits, old_output.logits, self.alpha)
             terms["unkd"] = self.kd_weight * kd
         return terms
+
+    def _cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Plain cross-entropy (step 0, or ``unce: false``), averaged as ``ce_reduction`` says."""
+        if self.ce_reduction == "all":
+            return pixel_mean_cross_entropy(logits, targets)
+        return cross_entropy(logits, targets)

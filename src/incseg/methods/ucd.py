@@ -7,9 +7,15 @@ is the loss, ``train.py:113-116`` adds it with weight 1/100 at steps > 0).
 At a step t > 0, on each batch, with ``f`` the student's and ``g`` the old model's head features
 (the ASPP output, ``(B, D, h, w)``) and ``z`` the old model's logits at that resolution:
 
-1. Labels at feature resolution: the step's labels resized *bilinearly* (``align_corners=False``),
-   truncated to integers; values outside ``[0, last class]`` (void 255, mixtures with it) become 0
-   (``utils.py:264-268``, where the last class is VOC's 20; incseg uses the setting's last channel).
+1. Labels at feature resolution: the step's training labels (channel indices; under UCD's own
+   convention void stays 255, see below) resized *bilinearly* (``align_corners=False``),
+   truncated to integers; values outside ``[0, last class]`` become 0 (``utils.py:264-268``,
+   where the last class is VOC's 20; incseg uses the setting's last channel). The official code
+   truncates by a cast to int8 (``:264``): a resized value in 21..255 wraps to a negative number
+   or saturates at 127, and either is set to 0 by ``:267-268``, so truncation and the range test
+   give the same labels. Hence a void pixel (255) becomes 0 and takes the old model's label in
+   step 2, like background; a mixture of void and a class becomes 0 unless it truncates into
+   ``[0, last]`` (5% of 255 beside background: 12.75 -> class 12, as in the official code).
 2. Mixed labels: where the label is 0, the old model's argmax of ``z`` (``:352-357``). Anchors are
    the student's L2-normalised features at pixels with a mixed label > 0; the contrast set is the
    anchors (detached) followed by the old model's normalised features at pixels whose label came
@@ -22,6 +28,14 @@ At a step t > 0, on each batch, with ``f`` the student's and ``g`` the old model
    ``P_i`` (same label, the pixel itself excluded; ``|P_i|`` unweighted); mean over anchors with
    a positive. The official shift on one side only is kept: it changes the value.
 
+Training labels and cross-entropy: the official data code masks as PLOP's does
+(``dataset/voc.py:182-207``, ``data_masking="current"``): void stays 255 and every class outside
+the step is 0 in training and validation labels, and at test unseen classes are 0; the
+cross-entropy is taken per pixel and averaged over *all* pixels, void ones counting 0
+(``train.py:30, 37-40, 112, 116``). incseg's ``voc/*-mib+ucd`` configs therefore set
+``protocol.labels: plop`` and MiB's ``ce_reduction: all``; cssegmentation's UCD (the
+``seed/mib+ucd_*`` configs) uses the same labels but averages over non-void pixels.
+
 The official ``train.py`` cannot run as committed (``:115`` unpacks three values from
 ``pre_contractive_pixel``, which returns five with its ``version = 'v2'``); incseg follows the
 five-value path the loss code defines. Not reproduced: the official model freezes the step-0
@@ -31,7 +45,9 @@ describe; a batch without any ground-truth pixel at feature resolution (official
 several processes the pairs are those of the global batch (the official code pairs each GPU's
 pixels only), so any number of processes trains as one process with the global batch.
 cssegmentation's UCD (``csseg/modules/runners/ucd.py:152-160``) builds its new-class masks from
-zeros, so the weight-1 override of step 3 never applies; see docs/methods.md, ``ucd``.
+zeros, so the weight-1 override of step 3 never applies, and keeps resized labels up to the
+number of seen channels rather than 20 (``:67, 129``); incseg follows the official code for both
+(docs/methods.md, ``ucd``).
 """
 
 from __future__ import annotations
@@ -52,8 +68,11 @@ if TYPE_CHECKING:
 
 
 def labels_at(targets: torch.Tensor, size: tuple[int, int], last: int) -> torch.Tensor:
-    """``(B, H, W)`` channel indices -> ``(B, h, w)`` long: bilinear resize, truncation, values
-    outside ``[0, last]`` set to 0 (``utils.py:264-268``)."""
+    """``(B, H, W)`` channel indices (255 = void) -> ``(B, h, w)`` long: bilinear resize
+    (``align_corners=False``), truncation, values outside ``[0, last]`` set to 0
+    (``utils.py:264-268``; equal to the official int8 cast for values in 0..255, module
+    docstring, step 1): void becomes 0, a small share of void beside a class can give a class
+    id in ``[0, last]``."""
     resized = F.interpolate(targets[:, None].float(), size, mode="bilinear", align_corners=False)
     labels = resized[:, 0].trunc().long()
     return torch.where((labels >= 0) & (labels <= last), labels, torch.zeros_like(labels))
