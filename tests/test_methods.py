@@ -153,6 +153,7 @@ def test_every_add_on_hook_is_implemented_by_an_add_on():
 
     hooks = {n for n, v in vars(AddOn).items() if callable(v) and not n.startswith("_")}
     assert hooks == {
+        "replaces_classifier_init",
         "init_new_classifier",
         "begin_step",
         "prepare_step",

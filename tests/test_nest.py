@@ -76,6 +76,9 @@ def test_transformed_weights_by_hand():
     torch.testing.assert_close(transformed_weights(b, a, w), torch.tensor([[1.75, -0.5]]))
 
 
+ONE_STEP_INFO = step_info(get_setting("voc", "15-5"), 1)  # 16 old channels, N = 5 new
+
+
 def _model(info, seed=0):
     torch.manual_seed(seed)
     model = build_segmenter("tiny", info.channels_per_step[:1], head_channels=4)
@@ -140,16 +143,26 @@ def _step_batches(info, num=2, seed=1):
     return batches
 
 
-def _pretune(method, info, batches, lr=0.01):
-    model = _model(info)
+def _old_of(model, info=ONE_STEP_INFO):
+    """The frozen previous-step model of ``model`` (its weights, without the new classifier)."""
     old = _model(info).eval()
     old.load_state_dict(model.state_dict())
     old.classifiers = old.classifiers[:-1]
+    return old
+
+
+def _pretune_with(method, info, data):
+    model = _model(info)
+    old = _old_of(model, info)
     method.init_new_classifier(model, info)
     method.begin_step(info, model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    method.prepare_step(FakeData(batches, lr), info, model, old)
+    method.prepare_step(data, info, model, old)
     return model, before
+
+
+def _pretune(method, info, batches, lr=0.01):
+    return _pretune_with(method, info, FakeData(batches, lr))
 
 
 def test_prepare_step_writes_only_the_classifiers_and_skips_mibs_init():
@@ -243,3 +256,111 @@ def test_a_run_pretunes_the_new_classifier(nest_run):
 def test_an_interrupted_nest_step_resumes_to_the_same_numbers(nest_run, tmp_path):
     out, args = nest_run
     check_exact_resume(out, args, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["mib+nest", "plop+nest"])
+def test_epochs_zero_leaves_the_base_methods_balanced_init(name):
+    info = ONE_STEP_INFO
+    method = config_from_dict({"method": {"name": name, "nest": {"epochs": 0}}}).method.build()
+    assert not method.addons[0].replaces_classifier_init(info)
+    model = _model(info)
+    w_bg = model.classifiers[0].weight[0, :, 0, 0].detach().clone()
+    b_bg = float(model.classifiers[0].bias[0].detach())
+    method.init_new_classifier(model, info)
+    if name == "mib+nest":  # the rest of the step's preparation leaves it as it is
+        method.begin_step(info, model)
+        method.prepare_step(FakeData(_step_batches(info)), info, model, _old_of(model))
+    # MiB's init (segmentation_module.py init_new_classifier): weights = w_bg, biases and the
+    # background bias = b_bg - log(N + 1), N = 5.
+    new = model.classifiers[1]
+    assert torch.equal(new.weight[:, :, 0, 0].detach(), w_bg.expand(5, -1))
+    expected = torch.full((5,), b_bg - math.log(6))
+    torch.testing.assert_close(new.bias.detach(), expected)
+    torch.testing.assert_close(model.classifiers[0].bias[0].detach(), expected[0])
+
+
+def test_epochs_above_zero_replaces_the_base_init_at_steps_after_the_first():
+    info = ONE_STEP_INFO
+    method = config_from_dict(
+        {"method": {"name": "mib+nest", "nest": {"epochs": 1}}}
+    ).method.build()
+    nest = method.addons[0]
+    assert nest.replaces_classifier_init(info)
+    assert not nest.replaces_classifier_init(step_info(get_setting("voc", "15-5"), 0))
+    model = _model(info)
+    b_bg = model.classifiers[0].bias.detach().clone()
+    new_before = model.classifiers[1].weight.detach().clone()
+    method.init_new_classifier(model, info)  # MiB's init skipped: nothing moves
+    assert torch.equal(model.classifiers[0].bias.detach(), b_bg)
+    assert torch.equal(model.classifiers[1].weight.detach(), new_before)
+    method.prepare_step(FakeData(_step_batches(info)), info, model, _old_of(model))
+    assert not torch.equal(model.classifiers[1].weight.detach(), new_before)  # NeST's init
+    assert torch.equal(model.classifiers[0].bias.detach(), b_bg)  # the bias is not shifted
+
+
+class _AmpData(FakeData):
+    """The fake step data under ``amp`` (None, float16 or bfloat16) on the CPU; keeps what every
+    ``mean_over_processes`` call sees (the pre-tuning's gradients, before the scaler unscales)."""
+
+    def __init__(self, batches, amp, lr=0.01):
+        super().__init__(batches, lr)
+        self.amp, self.seen = amp, []
+
+    def autocast(self):
+        if self.amp is None:
+            return super().autocast()
+        return torch.autocast("cpu", dtype=self.amp)
+
+    def mean_over_processes(self, tensor):
+        self.seen.append(tensor.detach().clone())
+        return tensor
+
+
+def _first_gradients(amp, batches):
+    """The transformation's gradients of the pre-tuning's first iteration as the loop hands them
+    to the all-reduce, and the installed new classifier."""
+    info = ONE_STEP_INFO
+    data = _AmpData(batches, amp)
+    torch.manual_seed(5)
+    model, _ = _pretune_with(NeST(epochs=1), info, data)
+    return data.seen[:5], model.classifiers[1].weight.detach()
+
+
+def _reference_gradients(batches):
+    """The unscaled float32 gradients of the first iteration, restated: the same start, one
+    forward of the transformed classifier on the first batch, MiB's all-pixel unbiased CE."""
+    info = ONE_STEP_INFO
+    torch.manual_seed(5)
+    model = _model(info)
+    old = _old_of(model)
+    transform = NeST(epochs=1)._start(FakeData(batches), info, model, old)
+    model.requires_grad_(False)
+    model.train()
+    images, targets = batches[0]
+    small = transform.logits(model.head(model.backbone(images)), model)
+    logits = F.interpolate(small, images.shape[-2:], mode="bilinear", align_corners=False)
+    loss = unbiased_cross_entropy_all_pixels(logits, targets, info.num_old_channels)
+    return torch.autograd.grad(loss, list(transform.parameters()))
+
+
+def _relative_error(got, want):
+    num = sum(float((g - w).norm() ** 2) for g, w in zip(got, want, strict=True))
+    den = sum(float(w.norm() ** 2) for w in want)
+    return math.sqrt(num / den)
+
+
+def test_fp16_pretuning_scales_the_loss_and_bf16_and_fp32_do_not():
+    batches = _step_batches(ONE_STEP_INFO, num=2)
+    reference = _reference_gradients(batches)
+    seen, installed = {}, {}
+    for name, amp in (("off", None), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        seen[name], installed[name] = _first_gradients(amp, batches)
+    # float32: the gradients are the loss's own, as before (no scaler).
+    assert _relative_error(seen["off"], reference) < 1e-5
+    # fp16: GradScaler's initial scale 2^16 (apex's dynamic scaler starts there too) multiplies
+    # every gradient the loop reduces; the update uses them unscaled, so the installed
+    # classifier is float32's up to fp16 rounding.
+    assert _relative_error(seen["fp16"], [g * 2.0**16 for g in reference]) < 1e-2
+    torch.testing.assert_close(installed["fp16"], installed["off"], rtol=1e-2, atol=1e-3)
+    # bf16: no scaler (bf16 has float32's range), the gradients are the unscaled ones.
+    assert _relative_error(seen["bf16"], reference) < 5e-2

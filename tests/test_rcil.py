@@ -5,8 +5,10 @@ resume."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -20,7 +22,13 @@ from incseg.engine.checkpoint import load_checkpoint
 from incseg.engine.model_io import build_model
 from incseg.errors import ConfigError
 from incseg.methods.rcil import pcd_channel, pcd_spatial
-from incseg.models.rcil import ParallelConvBN, fold, parallel_layers
+from incseg.models.rcil import (
+    ParallelConvBN,
+    draw_drop_path,
+    first_branch_weight,
+    fold,
+    parallel_layers,
+)
 from incseg.protocol import get_setting, step_info
 
 TINY = {"backbone": "tiny", "norm": "iabn", "head_channels": 8, "architecture": "rcil"}
@@ -118,6 +126,62 @@ def test_drop_path_frequencies():
     out = layer(x)[0, :, 0, 0]  # branch 1 alone: +1, branch 2 alone: -1, average: 0
     shares = [float((out > 0.5).float().mean()), float((out < -0.5).float().mean())]
     assert shares == pytest.approx([0.33, 0.33], abs=0.01)
+
+
+def official_aspp_mix(out, out_new):
+    """zhangchbin/RCIL modules/deeplab.py:70-84 restated (training): ONE draw over the four
+    branches' concatenated maps, then the weights of each branch and the activation."""
+    r = torch.rand(1, out.shape[1], 1, 1, dtype=torch.float32)
+    weight_out_branch = torch.zeros_like(r)
+    weight_out_new_branch = torch.zeros_like(r)
+    weight_out_branch[r < 0.33] = 2.0
+    weight_out_new_branch[r < 0.33] = 0.0
+    weight_out_branch[(r < 0.66) * (r >= 0.33)] = 0.0
+    weight_out_new_branch[(r < 0.66) * (r >= 0.33)] = 2.0
+    weight_out_branch[r >= 0.66] = 1.0
+    weight_out_new_branch[r >= 0.66] = 1.0
+    out = out * weight_out_branch * 0.5 + out_new * weight_out_new_branch * 0.5
+    return F.leaky_relu(out, 0.01), weight_out_branch
+
+
+class _RandSpy:
+    """Records the size of every ``torch.rand`` call and passes it on."""
+
+    def __init__(self):
+        self.sizes, self._rand = [], torch.rand
+
+    def __call__(self, *size, **kwargs):
+        self.sizes.append(tuple(size))
+        return self._rand(*size, **kwargs)
+
+
+def test_the_head_draws_its_drop_path_once_as_the_official_does():
+    model = _model().train()
+    head, width = model.head, model.head.branches[0].conv1.out_channels
+    x = torch.randn(2, head.branches[0].conv1.in_channels, 6, 6)
+    twin = copy.deepcopy(head)  # the same weights and norm state for the restatement
+    spy = _RandSpy()
+    with mock.patch("torch.rand", spy):
+        torch.manual_seed(3)
+        got = head(x)
+    assert spy.sizes == [(1, 4 * width, 1, 1)]  # one draw of the concatenated size
+    torch.manual_seed(3)
+    out = torch.cat([b.norm1(b.conv1(x)) for b in twin.branches], dim=1)
+    out_new = torch.cat([b.norm2(b.conv2(x)) for b in twin.branches], dim=1)
+    mixed, weight_out_branch = official_aspp_mix(out, out_new)
+    expected = twin.out_norm(twin.reduce(mixed) + twin.pool(x))
+    torch.testing.assert_close(got, expected)
+    # The mask itself: the split draw's first-branch weights are the official ones.
+    torch.manual_seed(3)
+    draw = draw_drop_path(4 * width)
+    assert torch.equal(first_branch_weight(draw), weight_out_branch)
+    assert {0.0, 1.0, 2.0} == set(weight_out_branch.flatten().tolist())
+    # In the whole model the head draws last, after one draw per backbone layer.
+    spy = _RandSpy()
+    with mock.patch("torch.rand", spy):
+        model(torch.randn(2, 3, 32, 32))
+    backbone = [(1, p.conv1.out_channels, 1, 1) for p in parallel_layers(model.backbone)]
+    assert spy.sizes == [*backbone, (1, 4 * width, 1, 1)]
 
 
 def official_spatial(la, lb, index_new_class, nb_current_classes, nb_new_classes, voc=True):

@@ -237,7 +237,8 @@ class AddOn:
     a method that such techniques need; the engine calls them through :class:`WithAddOns`:
 
     - :meth:`init_new_classifier`: right after the classifier grew, *before* the method's own,
-      which is skipped when an add-on ``replaces_classifier_init`` (NeST);
+      which is skipped for a step where an add-on's :meth:`replaces_classifier_init` says so
+      (NeST when it pre-tunes);
     - :meth:`begin_step`, :meth:`prepare_step` and :meth:`end_step`: after the method's own;
     - :meth:`losses`: its terms are added to the method's (UCD), with the batch's labels as the
       loader gave them (before the method's ``relabel``).
@@ -245,9 +246,13 @@ class AddOn:
     ``needs_old_model`` and ``features`` add to the method's capabilities.
     """
 
-    replaces_classifier_init: ClassVar[bool] = False
     needs_old_model: ClassVar[bool] = False
     features: ClassVar[tuple[str, ...]] = ()
+
+    def replaces_classifier_init(self, info: StepInfo) -> bool:
+        """Whether this add-on initialises step ``info``'s new classifier itself, so that the
+        method's ``init_new_classifier`` does not run for that step (default: False)."""
+        return False
 
     def init_new_classifier(self, model: nn.Module, info: StepInfo) -> None:
         """Called once right after the step's classifier was added (steps > 0)."""
@@ -297,7 +302,7 @@ class WithAddOns(Method):
     def init_new_classifier(self, model: nn.Module, info: StepInfo) -> None:
         for addon in self.addons:
             addon.init_new_classifier(model, info)
-        if not any(addon.replaces_classifier_init for addon in self.addons):
+        if not any(addon.replaces_classifier_init(info) for addon in self.addons):
             self.method.init_new_classifier(model, info)
 
     def begin_step(self, info: StepInfo, model: nn.Module) -> None:

@@ -25,21 +25,29 @@ classifiers*:
    ``train.py:300-304, 349-350``). SGD with Nesterov momentum 0.9, the step's weight decay and LR
    x ``lr_scale`` (``run.py:339-384``), poly schedule over the pre-tuning's iterations, stepped
    *before* each update (``train.py:361-364``), so update k uses ``(1 - (k + 1) / T)^power``.
+   Under ``train.amp: fp16`` the loss goes through a dynamic loss scaler of the pre-tuning's own,
+   as the official's ``amp.scale_loss`` (``train.py:357-359``; :func:`pretuning_scaler`).
 4. Initialisation (``segmentation_module.py:523-555``): the new classifier gets ``w_n`` and the
    bias scaled by ``||old biases|| / ||new bias||``; the background row becomes ``s * (v * W_0)``
    rescaled to the norm of the old one; finally the new weights are scaled by the ratio of the
    mean row norm of the old classifiers to that of the new (``align_weight``, ``:409-432``). The
    background bias is unchanged.
 
-Then the method trains the step as usual.
+Then the method trains the step as usual. ``epochs: 0`` is NeST off: nothing above happens and the
+base method's own init runs (MiB's background-balanced init for ``mib+nest`` and ``plop+nest``),
+as an official run without ``--warm_up`` (``run.py:471-476``); the official code with
+``--warm_up --warm_epochs 0`` would still install the un-tuned transformation (``run.py:568-591``).
 
 Quirks kept: the initial new bias is the *random* initial bias of a fresh background classifier
 (``segmentation_module.py:395`` reads ``cls[0].bias[0]`` before the previous step's weights are
 loaded): one draw of ``U(-1/sqrt(D), 1/sqrt(D))`` repeated (``bias_init: random``; ``background``
 starts from the trained background bias instead). Not reproduced: a new class without any
 pixel in the step's (cropped) training images makes the official ``S`` a 0/0 NaN; incseg keeps the
-transformation's Kaiming initialisation for that class (``:391-394``) and logs it. See
-docs/methods.md, ``nest``.
+transformation's Kaiming initialisation for that class (``:391-394``) and logs it. The official
+pre-tuning and the step's training share apex's one loss scaler (``amp.initialize`` with both
+optimisers, ``run.py:431-433``), so the training starts from the scale and the count of clean
+iterations the pre-tuning left; incseg's pre-tuning scaler is its own and the step's starts
+afresh (2^16, count 0), so its first doubling may come later. See docs/methods.md, ``nest``.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +121,20 @@ def transformed_weights(
 def mean_row_norm(weights: torch.Tensor) -> torch.Tensor:
     """Mean L2 norm of the rows of ``(K, D)`` weights (``segmentation_module.py:417-432``)."""
     return weights.norm(dim=1).mean()
+
+
+def pretuning_scaler(data: StepData) -> torch.amp.GradScaler:
+    """The pre-tuning's own dynamic loss scaler, enabled when the run's mixed precision
+    (``data.autocast()``) is fp16, as the official pre-tuning scales its loss through apex
+    (``train.py:357-359``, ``amp.scale_loss``; O1 in every script, its dynamic scaler: 2^16 at the
+    start, halved and the update skipped on an overflow, doubled after 2000 clean iterations,
+    which are ``GradScaler``'s defaults). bf16 and float32: disabled (a no-op)."""
+    device = data.device.type
+    with data.autocast():
+        fp16 = torch.is_autocast_enabled(device) and (
+            torch.get_autocast_dtype(device) == torch.float16
+        )
+    return torch.amp.GradScaler(device, enabled=fp16)
 
 
 def _weights(conv: nn.Conv2d) -> torch.Tensor:
@@ -191,7 +213,9 @@ class NeST(AddOn):
     """New classifier pre-tuning before each step > 0 (module docstring).
 
     Attributes:
-        epochs: pre-tuning epochs (``--warm_epochs``: 5 in the VOC scripts, 15 on ADE20K).
+        epochs: pre-tuning epochs (``--warm_epochs``: 5 in the VOC scripts, 15 on ADE20K); 0
+            turns NeST off, the base method's own classifier init then runs
+            (:meth:`replaces_classifier_init`).
         lr_scale: the pre-tuning LR is the step's LR times this (``--warm_lr_scale``: 1 on VOC,
             500 on ADE20K).
         size: side of the square grid the similarity is computed on (128, ``train.py:236-252``).
@@ -200,8 +224,6 @@ class NeST(AddOn):
         freeze_old_classifiers: the old classifiers get no gradient while the step trains
             (``--fix_pre_cls``, set by the PLOP+NeST VOC scripts; ``train.py:422-430``).
     """
-
-    replaces_classifier_init: ClassVar[bool] = True
 
     epochs: int = ranged(5, Range(0, 1000, "pre-tuning epochs (5 on VOC, 15 on ADE20K); 0 = off"))
     lr_scale: float = ranged(
@@ -212,6 +234,13 @@ class NeST(AddOn):
     )
     bias_init: BiasInit = "random"
     freeze_old_classifiers: bool = False
+
+    def replaces_classifier_init(self, info: StepInfo) -> bool:
+        """The pre-tuning initialises the new classifier (the base method's init is skipped)
+        only at steps > 0 with ``epochs > 0``; ``epochs: 0`` (off) leaves the base method's own
+        init (MiB's background-balanced one for ``mib+nest`` and ``plop+nest``), as an official
+        run without ``--warm_up`` (``run.py:471-476``)."""
+        return info.step > 0 and self.epochs > 0
 
     def begin_step(self, info: StepInfo, model: nn.Module) -> None:
         if self.freeze_old_classifiers:
@@ -293,6 +322,7 @@ class NeST(AddOn):
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda it: max(0.0, 1.0 - (it + 1) / max(total, 1)) ** power
         )
+        scaler = pretuning_scaler(data)
         trainable = [p.requires_grad for p in model.parameters()]
         model.requires_grad_(False)
         model.train()
@@ -306,11 +336,12 @@ class NeST(AddOn):
                         small.float(), images.shape[-2:], mode="bilinear", align_corners=False
                     )
                     loss = unbiased_cross_entropy_all_pixels(logits, targets, info.num_old_channels)
-                    loss.backward()
-                    for p in transform.parameters():
+                    scaler.scale(loss).backward()
+                    for p in transform.parameters():  # scaled, as apex's DDP reduces them
                         if p.grad is not None:
                             data.mean_over_processes(p.grad)
-                    optimizer.step()
+                    scaler.step(optimizer)  # unscales; skips the update on inf/NaN gradients
+                    scaler.update()
                     schedule.step()
         finally:
             for p, flag in zip(model.parameters(), trainable, strict=True):

@@ -8,8 +8,11 @@ convs (``modules/deeplab.py:24-38``) becomes a :class:`ParallelConvBN`: two conv
 whose outputs are combined *before* the activation:
 
 - training: per channel, drawn for every forward from the CPU generator (``residual.py:143-155``,
-  ``deeplab.py:72-82``): with probability 0.33 the first branch only, 0.33 the second only, else
-  their average (each as ``0.5 * (w1 y1 + w2 y2)`` with ``(w1, w2)`` in ``(2, 0), (0, 2), (1, 1)``);
+  ``deeplab.py:70-82``): with probability 0.33 the first branch only, 0.33 the second only, else
+  their average (each as ``0.5 * (w1 y1 + w2 y2)`` with ``(w1, w2)`` in ``(2, 0), (0, 2), (1, 1)``).
+  Each backbone block draws for its own channels; the ASPP draws *once* for its four branches'
+  concatenated channels (``deeplab.py:70``, ``(1, 4 * 256, 1, 1)``) after the backbone's draws, and
+  :class:`RCILASPP` splits that draw among them;
 - evaluation: the average, computed here as *one* conv with both branches' norms folded into it,
   so the evaluated model costs what the plain model costs;
 - :meth:`ParallelConvBN.merge` (``run.py:25-112``, at the start of each step > 0): both branches,
@@ -36,10 +39,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from incseg.models.deeplab import ASPP
 from incseg.models.norm import activation
 
 # Drop-path thresholds of the official code (residual.py:148-153, deeplab.py:74-80).
 ONLY_FIRST, ONLY_SECOND = 0.33, 0.66
+
+
+def draw_drop_path(channels: int) -> torch.Tensor:
+    """One drop-path draw: ``(1, channels, 1, 1)`` float32 uniforms in [0, 1) from the CPU
+    generator, as ``torch.rand(1, C, 1, 1, dtype=torch.float32)`` (``residual.py:143``,
+    ``deeplab.py:70``)."""
+    return torch.rand(1, channels, 1, 1, dtype=torch.float32)
+
+
+def first_branch_weight(draw: torch.Tensor) -> torch.Tensor:
+    """``w1`` of a draw (same shape): 2 (first branch only) below 0.33, 0 (second only) below
+    0.66, else 1 (the average); the second branch's weight is ``2 - w1`` (``residual.py:146-153``,
+    ``deeplab.py:73-80``)."""
+    return torch.where(draw < ONLY_FIRST, 2.0, torch.where(draw < ONLY_SECOND, 0.0, 1.0))
 
 
 def fold(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +111,9 @@ class ParallelConvBN(nn.Module):
             self._cache_key = key
         return self._cache
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, draw: torch.Tensor | None = None) -> torch.Tensor:
+        """``draw``: the ``(1, O, 1, 1)`` drop-path draw of this forward in training (None: draw
+        it here, as a backbone block does); unused in evaluation."""
         if not self.training and self.fold_in_eval:
             weight, bias = self._folded_cached() if not torch.is_grad_enabled() else self.folded()
             return self._conv(self.conv1, x, weight.to(x.dtype), bias.to(x.dtype))
@@ -108,9 +128,9 @@ class ParallelConvBN(nn.Module):
         else:
             first = self.norm1(first)
         second = self.norm2(self.conv2(x))
-        # One draw per channel from the CPU generator, as the official code (residual.py:143).
-        r = torch.rand(1, first.shape[1], 1, 1).to(first.device)
-        w1 = torch.where(r < ONLY_FIRST, 2.0, torch.where(r < ONLY_SECOND, 0.0, 1.0))
+        if draw is None:
+            draw = draw_drop_path(first.shape[1])
+        w1 = first_branch_weight(draw).to(first.device)
         return first * (w1 * 0.5).to(first.dtype) + second * ((2.0 - w1) * 0.5).to(first.dtype)
 
     @torch.no_grad()
@@ -136,6 +156,24 @@ class ParallelConvBN(nn.Module):
         self.norm1.requires_grad_(False)
 
 
+class RCILASPP(ASPP):
+    """MiB's ASPP (:class:`~incseg.models.deeplab.ASPP`, same modules and state-dict keys) whose
+    four branches are :class:`ParallelConvBN` sharing one drop-path draw per training forward:
+    ``(1, 4 * hidden, 1, 1)`` drawn at once and split in branch order, as the official head's
+    ``r`` over its concatenated branch maps (``deeplab.py:64-82``; the convs and norms before it
+    draw nothing, so drawing before them keeps its place in the stream)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        draws: list[torch.Tensor | None] = [None] * len(self.branches)
+        if self.training:
+            widths = [branch.conv1.out_channels for branch in self.branches]
+            draws = list(draw_drop_path(sum(widths)).split(widths, dim=1))
+        maps = [branch(x, draw) for branch, draw in zip(self.branches, draws, strict=True)]
+        # The rest as ASPP.forward: norm + act, reduction, the pooled branch added, norm + act.
+        main = self.reduce(self.branch_norm(torch.cat(maps, dim=1)))
+        return self.out_norm(main + self.pool(x))
+
+
 def parallel_layers(model: nn.Module) -> list[ParallelConvBN]:
     return [m for m in model.modules() if isinstance(m, ParallelConvBN)]
 
@@ -156,6 +194,9 @@ def _tiny_to_rcil(backbone: nn.Module) -> None:
 
 
 def _head_to_rcil(head: nn.Module, norm: str) -> None:
+    if type(head) is not ASPP:
+        raise TypeError(f"RCIL's head is made from MiB's ASPP, not {type(head).__name__}")
+    head.__class__ = RCILASPP  # same modules; only the forward changes (one drop-path draw)
     width = head.branches[0].out_channels
     branches = []
     for conv in head.branches:

@@ -1,5 +1,6 @@
-"""The exemplar memory of the -M variants (SSUL-M, DKD-M): which earlier training images a step
-keeps, by the class-balanced rule the official codes share (docs/methods.md, "Exemplar memory").
+"""The exemplar memory of the -M variants (SSUL-M, DKD-M, STAR-M): which earlier training images
+a step keeps, by the class-balanced rule the official codes share (docs/methods.md, "Exemplar
+memory").
 
 At step ``t >= 1`` the candidates are the previous memory's images and every training image of
 step ``t - 1``, each with the classes it holds (:class:`Exemplar`); the selection
@@ -8,6 +9,33 @@ each class in that order takes the first remaining candidate that holds it, unti
 are taken (clovaai/SSUL ``utils/memory.py:103-124``; cvlab-yonsei/DKD ``utils/memory.py:127-147``
 is the same loop). ``size`` is the memory's total, not a per-class count. Nothing here reads
 images: the engine computes each candidate's classes (:mod:`incseg.engine.memory`).
+
+How each official code gathers the candidates (the previous memory's saved candidates first, then
+step ``t - 1``'s training images in the order its loader yields them):
+
+- SSUL (clovaai/SSUL at e08ee9c): in dataset order, each image resized and centre-cropped: a
+  loader with ``shuffle=False`` (``utils/memory.py:38-42``) over the step's training set with
+  ``ExtResize`` + ``ExtCenterCrop`` (``:23-29``); the previous memory from ``:48-52``.
+- DKD (cvlab-yonsei/DKD at fb4693f): in a *shuffled* order, each image randomly cropped:
+  ``train_voc.py:78`` (``train_ade.py:78``) passes ``get_old_train_loader()``, a ``DataLoader``
+  given no sampler, hence ``shuffle=True`` (``data_loader/data_loaders.py:94-96``, ``:212-214``),
+  over ``prev_train_set`` built with the *training* arguments (``:52-58``, ``:168-174``), so its
+  ``transform_tr``: ``RandomResizedCrop(crop_size, (0.5, 2.0))`` and a horizontal flip
+  (``data_loader/dataset.py:140-152``; the crop, ``custom_transforms.py:527-591``, is a random
+  region of the image, falling back to the centre after ten failed tries, resized to
+  ``crop_size`` squared); the previous memory from ``utils/memory.py:81-88``, the images at
+  ``:94-116``.
+- STAR (jinpeng0528/STAR at 9e31f36): DKD's code, same files and lines (``train_voc.py:78``,
+  ``data_loaders.py:94-96``, ``dataset.py:140-152``, ``utils/memory.py:94-116``).
+
+The order alone changes no distribution: the selection shuffles the whole candidate list first
+(SSUL ``memory.py:104-105``, DKD and STAR ``memory.py:128-129``), so any starting order gives a
+uniform permutation; it changes which images a given seed picks. The crop does change it: which
+classes a DKD or STAR candidate holds is read from one random crop (and, from step 2 on, the old
+model's pseudo-labels on that crop), where SSUL, and incseg for every method, read them from the
+centre crop. incseg's DKD-M and STAR-M therefore pick from a different distribution than the
+official ones (a class near an image's border can be in one crop and not in the other); SSUL-M's
+is the official one.
 """
 
 from __future__ import annotations
@@ -58,12 +86,14 @@ def select_balanced(
     """Class-balanced selection of ``size`` candidates (module docstring).
 
     Args:
-        candidates: in the official order (the previous memory first, then step ``t - 1``'s
-            images in dataset order).
+        candidates: the previous memory first, then step ``t - 1``'s images in dataset order:
+            SSUL's order; DKD and STAR take the step's images in a shuffled order (module
+            docstring), which the first shuffle here makes irrelevant to the distribution.
         classes: the old object classes (dataset ids, background excluded), ascending.
         size: images to take in total.
         rng: drawn from twice: one shuffle of the candidates, then one of the class order (the
-            official draws, in that order, from ``np.random``).
+            official codes draw the same two shuffles, in that order, from ``np.random``: SSUL
+            ``memory.py:104-108``, DKD and STAR ``memory.py:128-132``).
 
     Returns:
         The chosen exemplars, each with ``chosen_for`` set, grouped by that class (ascending) and
