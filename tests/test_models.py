@@ -1,13 +1,18 @@
 """Model shapes, the growing classifier, norms and the ASPP pooling branch."""
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+import incseg.models
 from incseg.errors import ConfigError
 from incseg.models import build_segmenter
 from incseg.models.deeplab import ASPP
-from incseg.models.segmenter import FEATURE_NAMES
+from incseg.models.heads import LAYOUTS, UnknownSegmenter
+from incseg.models.segmenter import FEATURE_NAMES, IncrementalSegmenter
 
 
 @pytest.mark.parametrize("output_stride", [8, 16])
@@ -91,3 +96,35 @@ def test_unknown_backbone_and_tiny_pretrained():
         build_segmenter("vgg16", (21,))
     with pytest.raises(ConfigError, match="pretrained"):
         build_segmenter("tiny", (21,), pretrained="imagenet")
+
+
+def _models_imports() -> dict[str, set[str]]:
+    """For every module of ``incseg.models``, the modules of the package it imports anywhere in its
+    source (top level, under ``TYPE_CHECKING`` or inside a function)."""
+    folder = Path(incseg.models.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        graph[path.stem] = {n.rsplit(".", 1)[-1] for n in names if n.startswith("incseg.models.")}
+    return graph
+
+
+def test_no_two_models_modules_import_each_other():
+    graph = _models_imports()
+    assert "segmenter" in graph["heads"]  # the layouts subclass the plain segmenter ...
+    mutual = sorted((a, b) for a in graph for b in graph[a] if a < b and a in graph.get(b, ()))
+    assert mutual == []  # ... and nothing in segmenter.py points back
+
+
+@pytest.mark.parametrize("architecture", ["deeplabv3", "rcil", "ssul", "dkd", "star"])
+def test_build_segmenter_picks_the_layout(architecture):
+    model = build_segmenter("tiny", (16,), head_channels=8, architecture=architecture)
+    assert type(model) is LAYOUTS.get(architecture, IncrementalSegmenter)
+    assert isinstance(model, IncrementalSegmenter)
+    if architecture == "ssul":
+        assert isinstance(model, UnknownSegmenter)

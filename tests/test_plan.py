@@ -3,7 +3,10 @@ and ``incseg run --dry-run`` prints the plan of every shipped config without wri
 
 from __future__ import annotations
 
+import re
+
 import pytest
+import torch
 from conftest import ADE_ROOT, VOC_ROOT
 
 from incseg.cli import main
@@ -82,8 +85,12 @@ def test_dry_run_of_every_shipped_config(name, tmp_path, capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert f"Plan of {load_config(name).name}:" in out, err
     assert "Traceback" not in err
-    # On the small fixtures most incremental steps select too few images: then the plan names them.
-    assert code == 0 or ("cannot train" in out and "step(s) cannot train" in err)
+    # On the small fixtures most incremental steps select too few images, and the VOC fixture has
+    # no saliency maps: then the plan's checks line says why, and the error is the run's.
+    checks = next(line for line in out.splitlines() if line.startswith("checks: "))
+    if code != 0:
+        assert "cannot train" in checks or "the run stops before training" in checks
+        assert err.startswith("error: "), err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -95,3 +102,66 @@ def test_dry_run_counts_the_old_model_of_a_method_with_add_ons(capsys):
         for text in capsys.readouterr().out.split("Plan of ")[1:]
     )
     assert with_addon == plain and " 0 old-model" not in plain
+
+
+def _refusals(args: list[str], out: str, capsys) -> tuple[str, str, str]:
+    """What ``incseg run ARGS --dry-run`` prints (the plan, the error) and the error of the run
+    of the same command line, both of which must exit 2 without a traceback."""
+    assert main(["run", *args, "--dry-run", "--no-progress"]) == 2
+    plan, dry_err = capsys.readouterr()
+    assert main(["run", *args, "--no-progress", "--out", out]) == 2
+    run_err = capsys.readouterr().err
+    assert "Traceback" not in dry_err + run_err
+    return plan, dry_err[dry_err.index("error: ") :], run_err[run_err.index("error: ") :]
+
+
+def test_dry_run_refuses_a_memory_larger_than_step_0(tiny_config_path, tmp_path, capsys):
+    sets = ["method.name=dkd", "model.architecture=dkd", "method.memory_size=500"]
+    args = [str(tiny_config_path), *(a for s in sets for a in ("--set", s))]
+    plan, dry, run = _refusals(args, str(tmp_path / "run"), capsys)
+    assert dry == run
+    first = int(plan.splitlines()[2].split()[1])  # step 0's training images in the table
+    assert f"method.memory_size 500: more than the {first} training images of step 0" in run
+    assert f"checks: the run stops before training: {run.removeprefix('error: ')}" in plan
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_refuses_cuda_without_a_cuda_device(
+    tiny_config_path, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = [str(tiny_config_path), "--set", "train.device=cuda"]
+    plan, dry, run = _refusals(args, str(tmp_path / "run"), capsys)
+    assert dry == run and "train.device: cuda, but PyTorch finds no CUDA device" in run
+    assert plan == ""  # refused before any data is read, as the run refuses it
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("saliency", [None, "empty"])
+def test_dry_run_refuses_missing_saliency_maps(voc_config_path, saliency, tmp_path, capsys):
+    sets = ["method.name=ssul", "model.architecture=ssul"]
+    if saliency is not None:
+        (tmp_path / saliency).mkdir()
+        sets.append(f"data.saliency={tmp_path / saliency}")
+    args = [str(voc_config_path), *(a for s in sets for a in ("--set", s))]
+    plan, dry, run = _refusals(args, str(tmp_path / "run"), capsys)
+    assert dry == run
+    assert ("is not set" if saliency is None else "saliency map(s) missing") in run
+    assert "checks: the run stops before training: " in plan
+    assert "every step can train" not in plan
+
+
+def test_dry_run_counts_the_training_images_the_refusal_names(tmp_path, capsys):
+    args = ["voc/15-1-overlap-star-m", "--set", f"data.root={VOC_ROOT}"]
+    plan, dry, run = _refusals(args, str(tmp_path / "run"), capsys)
+    assert dry == run
+    rows = {
+        int(line.split()[0]): line.split()
+        for line in plan.splitlines()[2:]
+        if line[:4].strip().isdigit()
+    }
+    named = re.findall(r"step (\d+): (\d+) training image\(s\)", run)
+    assert named  # the fixture's steps 1-3 hold one training image each
+    for step, count in named:
+        assert rows[int(step)][1] == count, (step, plan)
+    assert "checks: steps [1, 2, 3, 4] cannot train" in plan

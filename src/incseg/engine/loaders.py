@@ -88,6 +88,42 @@ def train_indices(
     return indices
 
 
+class TooFewImages(DataError):
+    """A step's training images cannot make its batches; ``num_images``: how many were selected,
+    the number the message gives (the plan, :mod:`incseg.engine.plan`, shows the same)."""
+
+    def __init__(self, message: str, num_images: int) -> None:
+        super().__init__(message)
+        self.num_images = num_images
+
+
+def check_batches(config: Config, info: StepInfo, num_images: int, dist: DistInfo) -> None:
+    """Stop when step ``info``'s ``num_images`` training images cannot give every process a share
+    of each batch, or give batch norm fewer than two values per channel.
+
+    Raises:
+        TooFewImages: the message names the step, the images and the batch.
+    """
+    if num_images < dist.world_size:
+        raise TooFewImages(
+            f"step {info.step} has {num_images} training images, fewer than the "
+            f"{dist.world_size} processes",
+            num_images,
+        )
+    # Batch norm in training needs two or more values per channel, and the ASPP pooling branch
+    # has one per image: over the global batch with synchronised BN, else per process.
+    cfg = config.train
+    batch = min(cfg.batch_size, num_images)
+    shared = dist.world_size > 1 and cfg.sync_bn
+    if batch < 2 or (not shared and batch // dist.world_size < 2):
+        raise TooFewImages(
+            f"step {info.step}: {num_images} training image(s) and train.batch_size {cfg.batch_size} give "
+            f"batches of {batch // (1 if shared else dist.world_size)} image(s) per process; batch norm "
+            "needs 2 or more (use more images or a larger batch)",
+            num_images,
+        )
+
+
 def build_train_loader(
     config: Config,
     source: Source,
@@ -97,7 +133,7 @@ def build_train_loader(
     extras: Extras = NO_EXTRAS,
 ) -> DataLoader:
     """Shuffled training loader of a step (images from :func:`train_indices`, with the method's
-    :class:`Extras`).
+    :class:`Extras`), once :func:`check_batches` passes.
 
     Batches come from an :class:`EpochBatchSampler`: the order and each image's augmentation
     seed depend only on ``train.seed``, the step and the epoch (call ``set_epoch``), and under
@@ -105,21 +141,7 @@ def build_train_loader(
     """
     data, cfg, proto = config.data, config.train, config.protocol
     indices = _selected(train_indices(config, source, presence, info), "training", config, info)
-    if len(indices) < dist.world_size:
-        raise DataError(
-            f"step {info.step} has {len(indices)} training images, fewer than the "
-            f"{dist.world_size} processes"
-        )
-    # Batch norm in training needs two or more values per channel, and the ASPP pooling branch
-    # has one per image: over the global batch with synchronised BN, else per process.
-    batch = min(cfg.batch_size, len(indices))
-    shared = dist.world_size > 1 and cfg.sync_bn
-    if batch < 2 or (not shared and batch // dist.world_size < 2):
-        raise DataError(
-            f"step {info.step}: {len(indices)} training image(s) and train.batch_size {cfg.batch_size} give "
-            f"batches of {batch // (1 if shared else dist.world_size)} image(s) per process; batch norm "
-            "needs 2 or more (use more images or a larger batch)"
-        )
+    check_batches(config, info, len(indices), dist)
     lut = make_lut(info, "train", proto.labels)
     transform = train_transform(data.crop_size, (data.scale_min, data.scale_max))
     memory = np.asarray(extras.memory, dtype=np.int64)

@@ -10,7 +10,7 @@ _WHERE = {
     "build_backbone": "backbones",
     "IncrementalSegmenter": "segmenter",
     "SegmenterOutput": "segmenter",
-    "build_segmenter": "segmenter",
+    "build_segmenter": "build",
 }
 __all__ = [
     "BACKBONES",

@@ -1,4 +1,5 @@
-"""Backbone + ASPP head + one 1x1 classifier per step (the MiB model, docs/protocol.md "Model")."""
+"""Backbone + ASPP head + one 1x1 classifier per step (the MiB model, docs/protocol.md "Model").
+Built from names by :func:`incseg.models.build.build_segmenter`."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from incseg.models.backbones import build_backbone
 from incseg.models.choices import FEATURE_NAMES
-from incseg.models.deeplab import ASPP, ASPP_RATES
+from incseg.models.deeplab import ASPP
 
 STAGES = FEATURE_NAMES[:8]  # before the activation, then activated
 
@@ -103,24 +103,3 @@ class IncrementalSegmenter(nn.Module):
                 f"unknown feature names {sorted(unknown)}; valid: {list(FEATURE_NAMES)}"
             )
         return SegmenterOutput(logits, {name: maps[name] for name in features})
-
-
-def build_segmenter(
-    backbone: str,
-    channels_per_step: tuple[int, ...],
-    *,
-    output_stride: int = 16,
-    norm: str = "bn",
-    head_channels: int = 256,
-    pretrained: str = "none",
-    architecture: str = "deeplabv3",
-) -> IncrementalSegmenter:
-    """Build the segmenter of a step from names (see :data:`incseg.models.BACKBONES`). The
-    ``ssul`` and ``dkd`` architectures are the sigmoid layouts of :mod:`incseg.models.heads`;
-    RCIL's is made from the plain one by :func:`incseg.models.rcil.to_rcil` once the pretrained
-    weights are in."""
-    from incseg.models.heads import LAYOUTS
-
-    net = build_backbone(backbone, output_stride, norm, pretrained)
-    kind = LAYOUTS.get(architecture, IncrementalSegmenter)
-    return kind(net, head_channels, channels_per_step, ASPP_RATES[output_stride], norm)
