@@ -139,3 +139,30 @@ def test_each_method_runs_without_a_memory(name, tiny_config_path, tmp_path):
     steps = json.loads((out / "metrics.json").read_text())["steps"]
     assert len(steps) == 2 and all("memory" not in s for s in steps)
     assert not list(out.glob("memory_step_*.json"))
+
+
+def test_an_image_in_the_memory_and_in_the_previous_step_is_two_candidates():
+    """Overlap: image 5 is a step-0 exemplar and one of step 1's images, so step 2 may keep it
+    twice (once per step), as the official loops may; a third copy or a stranger is refused."""
+    from types import SimpleNamespace
+
+    from incseg.engine.memory import StepMemory
+    from incseg.protocol import get_setting, step_info
+
+    info = step_info(get_setting("voc", "15-1"), 2)
+    source = SimpleNamespace(names=[f"img{i}" for i in range(10)])
+    previous = [Exemplar(5, "img5", 0, (3,), 3), Exemplar(2, "img2", 0, (4,), 4)]
+    memory = StepMemory(None, source, None, info, previous, np.array([5, 7]), 3)
+
+    def raw(*entries):
+        images = [Exemplar(i, f"img{i}", s, (c,), c).to_dict() for i, s, c in entries]
+        return {"step": 2, "images": images}
+
+    kept = memory.check(raw((5, 0, 3), (5, 1, 16), (2, 0, 4)))
+    assert [(e.index, e.step) for e in kept] == [(5, 0), (5, 1), (2, 0)]
+    with pytest.raises(ValueError, match="image 5 of step 1 is listed twice"):
+        memory.check(raw((5, 0, 3), (5, 1, 16), (5, 1, 16)))
+    with pytest.raises(ValueError, match=r"entry 2 \(index 7, 'img7'\) is not a candidate"):
+        memory.check(raw((5, 0, 3), (5, 1, 16), (7, 0, 4)))
+    with pytest.raises(ValueError, match=r"entry 1: classes \[17\] / 17 are not old ones"):
+        memory.check(raw((5, 0, 3), (7, 1, 17), (2, 0, 4)))

@@ -15,3 +15,8 @@ class DataError(IncsegError):
 
 class CheckpointError(IncsegError):
     """A checkpoint cannot be used (missing, not a checkpoint, or for another run)."""
+
+
+class DiskFullError(IncsegError):
+    """A file could not be written for want of space or a file-size limit; the command that
+    was writing says how to continue once space is freed."""

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from incseg.config import Config, config_diff, config_from_dict
+from incseg.engine.checkpoint import load_checkpoint
 from incseg.engine.distributed import SINGLE, DistInfo, barrier
 from incseg.engine.rundir import RunDir
 from incseg.errors import CheckpointError, ConfigError, IncsegError
@@ -28,7 +29,8 @@ def shared_steps_key(config: Config, step: int) -> str:
         for key in [k for k in d["method"] if k.startswith("memory_")]:
             d["method"].pop(key)  # the exemplar memory starts at step 1
         if method_class(config.method.name).plain_first_step:
-            d["method"] = "plain first step"
+            # MiB's ce_reduction changes how the step-0 cross-entropy averages void pixels
+            d["method"] = ("plain first step", d["method"].get("ce_reduction", "valid"))
     return json.dumps(d, sort_keys=True)
 
 
@@ -50,17 +52,26 @@ def adopt_steps(
     if started:
         return
     source = RunDir(source_dir)
-    saved = source.saved_config()
+    trusted = (config.method.name,)
+    saved = source.saved_config(trusted)
     if saved is None:
         raise IncsegError(
             f"--start-from {source.path}: no config.yaml there; is it a run directory?"
         )
-    if shared_steps_key(config_from_dict(saved), step) != shared_steps_key(config, step):
+    try:
+        key = shared_steps_key(config_from_dict(saved, trusted=trusted), step)
+    except ConfigError as err:
+        raise IncsegError(f"--start-from {source.path}/config.yaml: {err}") from None
+    if key != shared_steps_key(config, step):
         raise IncsegError(
             f"--start-from {source.path}: its steps 0..{step} were trained with another config "
             "(only the name, last_step and, for step 0, the incremental keys or a plain-first-step "
             "method may differ)"
         )
+    for index in range(step + 1):  # a foreign checkpoint is refused before anything is copied
+        path = source.step_file(index)
+        if path.is_file():
+            check_belongs(path, load_checkpoint(path), config, index)
     if dist.is_main:
         run.adopt_steps(source, step, note=str(source.path))
     barrier(dist)

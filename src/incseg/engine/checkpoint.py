@@ -21,7 +21,7 @@ import torch
 
 from incseg import __version__
 from incseg.engine.faults import fault_point
-from incseg.errors import CheckpointError, IncsegError
+from incseg.errors import CheckpointError, DiskFullError, IncsegError
 from incseg.torchfile import load_torch_file
 
 FORMAT = "incseg-checkpoint"
@@ -60,10 +60,9 @@ def atomic_write(path: Path, write: Any) -> None:
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if _disk_full(err):
-            raise IncsegError(
+            raise DiskFullError(
                 f"cannot write {path}: the disk is full or a file-size limit was reached in "
-                f"{path.parent}; the previous {path.name}, if any, is kept (free space and resume "
-                "with --resume)"
+                f"{path.parent}; the previous {path.name}, if any, is kept"
             ) from None
         if isinstance(err, OSError):
             raise IncsegError(f"cannot write {path}: {err.strerror or err}") from None

@@ -1,5 +1,5 @@
-"""A step's exemplar memory (:mod:`incseg.protocol.memory`): each candidate's classes, the
-selection, and the file that keeps it in the run directory (``memory_step_K.json``; the step
+"""A step's exemplar memory (:mod:`incseg.protocol.memory`): its candidates and their classes,
+the selection, and the file that keeps it in the run directory (``memory_step_K.json``; the step
 checkpoint holds a copy for the next step and for runs started from it).
 
 The candidates' classes come from one pass over step ``t - 1``'s training images, resized and
@@ -7,14 +7,23 @@ centre-cropped to ``data.crop_size`` (SSUL ``utils/memory.py:23-42``), with the 
 ``t - 1`` (old classes are background there); from step 2 on, the method may fill that background
 with the old model's confident predictions (:meth:`~incseg.methods.base.Method.
 memory_pseudo_labels`; SSUL ``memory.py:62-78``, DKD ``memory.py:95-105``).
+
+A memory file is read back, on every rank and on resume, only after it passed two checks: its
+digest (``sha256`` of its entries, written with it) and every entry against the step's candidates
+(:meth:`StepMemory.check`). A file edited by hand, cut short or copied from another run is named
+and refused, never used: a bad memory would otherwise reach ``step_K.pt`` and every later step.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,86 +35,171 @@ from incseg.data import Source, StepDataset
 from incseg.data.transforms import test_transform
 from incseg.engine.checkpoint import atomic_write
 from incseg.engine.runtime import Runtime
+from incseg.errors import DataError
 from incseg.protocol import StepInfo, get_setting, make_lut, step_info
 from incseg.protocol.memory import Exemplar, select_balanced
 
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
-def candidate_classes(
-    config: Config,
-    source: Source,
-    indices: np.ndarray,
-    info: StepInfo,
-    rt: Runtime,
-    pseudo: Callable | None = None,
-    model: nn.Module | None = None,
-) -> list[tuple[int, ...]]:
-    """The dataset classes (background and void excluded) of each image ``indices`` of step
-    ``info`` as the memory selection sees them (module docstring); with ``model`` the labels are
-    first passed through ``pseudo(model_output, labels, info)``."""
-    lut = make_lut(info, "train", config.protocol.labels)
-    dataset = StepDataset(source, indices, lut, test_transform(config.data.crop_size))
-    loader = DataLoader(
-        dataset, batch_size=config.train.eval_batch_size, num_workers=config.data.num_workers
-    )
-    order = torch.tensor(info.order)
-    found = []
-    for images, labels in loader:
-        labels = labels.to(rt.device).long()
-        if model is not None:
-            images = images.to(rt.device, memory_format=rt.memory_format)
-            with rt.autocast():
-                labels = pseudo(model(images), labels, info)
-        for label in labels:
-            values = label.unique().cpu()
-            values = values[(values > 0) & (values < len(order))]
-            found.append(tuple(order[values].tolist()))
-    return found
+class _Malformed(ValueError):
+    """What is wrong with a memory file's content (:meth:`StepMemory.check`)."""
 
 
-def select_memory(
-    config: Config,
-    source: Source,
-    previous: list[Exemplar],
-    indices: np.ndarray,
-    info: StepInfo,
-    size: int,
-    rt: Runtime,
-    pseudo: Callable | None = None,
-    old_model: nn.Module | None = None,
-) -> list[Exemplar]:
-    """The memory of step ``info.step`` (>= 1): ``previous`` (step ``t - 1``'s memory) and step
-    ``t - 1``'s training images ``indices`` as candidates, ``size`` taken. The draws come from
-    a generator seeded by ``train.seed`` and the step, so the same run chooses the same images."""
-    prev = step_info(get_setting(config.family, config.protocol.setting), info.step - 1)
-    use_model = prev.step > 0 and pseudo is not None
-    start = time.perf_counter()
-    classes = candidate_classes(
-        config, source, indices, prev, rt, pseudo, old_model if use_model else None
-    )
-    candidates = [*previous] + [
-        Exemplar(int(i), source.names[int(i)], prev.step, c)
-        for i, c in zip(indices, classes, strict=True)
-    ]
-    rng = np.random.default_rng([config.train.seed, info.step, 0x3E3])
-    old = [c for c in info.old_classes if c != 0]
-    chosen = select_balanced(candidates, sorted(old), size, rng)
-    log.info(
-        f"step {info.step}: memory of {len(chosen)} images chosen from {len(candidates)} "
-        f"candidates in {time.perf_counter() - start:.1f} s"
-    )
-    return chosen
+_FIELDS = {"index": int, "name": str, "step": int, "classes": list, "chosen_for": int}
 
 
-def write_memory(path, step: int, exemplars: list[Exemplar]) -> None:
-    """``memory_step_K.json``: the step, then one entry per image (id, source index, the step it
-    came from, its classes, the class it was chosen for)."""
-    text = json.dumps({"step": step, "images": [e.to_dict() for e in exemplars]}, indent=1)
-    atomic_write(path, lambda f: f.write(text.encode()))
+@dataclass(frozen=True)
+class StepMemory:
+    """The exemplar memory of step ``info.step`` (>= 1) of a run.
+
+    Attributes:
+        config: the run's config (``train.seed``, ``data.crop_size``, the label convention).
+        source: the training source the indices point into.
+        rt: device and autocast of the pass over the candidates.
+        info: the step the memory is for.
+        previous: step ``t - 1``'s memory (empty at step 1).
+        indices: step ``t - 1``'s training images, the other candidates.
+        size: images to keep (``method.memory_size``).
+    """
+
+    config: Config
+    source: Source
+    rt: Runtime
+    info: StepInfo
+    previous: list[Exemplar]
+    indices: np.ndarray
+    size: int
+
+    @property
+    def previous_step(self) -> StepInfo:
+        return step_info(
+            get_setting(self.config.family, self.config.protocol.setting), self.info.step - 1
+        )
+
+    @torch.no_grad()
+    def candidate_classes(
+        self, pseudo: Callable | None = None, model: nn.Module | None = None
+    ) -> list[tuple[int, ...]]:
+        """The dataset classes (background and void excluded) of each of :attr:`indices` as the
+        selection sees them (module docstring); with ``model`` the labels are first passed through
+        ``pseudo(model_output, labels, info)``."""
+        prev, data = self.previous_step, self.config.data
+        lut = make_lut(prev, "train", self.config.protocol.labels)
+        dataset = StepDataset(self.source, self.indices, lut, test_transform(data.crop_size))
+        loader = DataLoader(
+            dataset, batch_size=self.config.train.eval_batch_size, num_workers=data.num_workers
+        )
+        order, found = torch.tensor(prev.order), []
+        for images, labels in loader:
+            labels = labels.to(self.rt.device).long()
+            if model is not None:
+                images = images.to(self.rt.device, memory_format=self.rt.memory_format)
+                with self.rt.autocast():
+                    labels = pseudo(model(images), labels, prev)
+            for label in labels:
+                values = label.unique().cpu()
+                values = values[(values > 0) & (values < len(order))]
+                found.append(tuple(order[values].tolist()))
+        return found
+
+    def choose(self, pseudo: Callable | None, old_model: nn.Module | None) -> list[Exemplar]:
+        """The memory: :attr:`previous` and :attr:`indices` as candidates, :attr:`size` taken, the
+        old model's pseudo-labels used from step 2 on. The draws come from a generator seeded by
+        ``train.seed`` and the step, so the same run chooses the same images."""
+        prev = self.previous_step
+        start = time.perf_counter()
+        use_model = prev.step > 0 and pseudo is not None
+        classes = self.candidate_classes(pseudo, old_model if use_model else None)
+        candidates = [*self.previous] + [
+            Exemplar(int(i), self.source.names[int(i)], prev.step, c)
+            for i, c in zip(self.indices, classes, strict=True)
+        ]
+        rng = np.random.default_rng([self.config.train.seed, self.info.step, 0x3E3])
+        chosen = select_balanced(candidates, self.old_classes(), self.size, rng)
+        log.info(
+            f"step {self.info.step}: memory of {len(chosen)} images chosen from {len(candidates)} "
+            f"candidates in {time.perf_counter() - start:.1f} s"
+        )
+        return chosen
+
+    def old_classes(self) -> list[int]:
+        return sorted(c for c in self.info.old_classes if c != 0)
+
+    def write(self, path: Path, exemplars: list[Exemplar]) -> None:
+        """``memory_step_K.json``: the step, one entry per image (id, source index, the step it
+        came from, its classes, the class it was chosen for) and the entries' digest."""
+        images = [e.to_dict() for e in exemplars]
+        raw = {"step": self.info.step, "images": images, "sha256": _digest(images)}
+        atomic_write(path, lambda f: f.write(json.dumps(raw, indent=1).encode()))
+
+    def read(self, path: Path) -> list[Exemplar]:
+        """The memory kept in ``path``, checked (:meth:`check`).
+
+        Raises:
+            DataError: naming the file and what is wrong with it; moving it away makes a resumed
+                run choose the memory again.
+        """
+        try:
+            raw = json.loads(path.read_bytes().decode("utf-8"))
+            exemplars = self.check(raw)
+        except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError too
+            raise DataError(
+                f"{path}: not the exemplar memory of step {self.info.step} of this run ({err}); "
+                f"move it away and resume to choose the memory again"
+            ) from None
+        return exemplars
+
+    def check(self, raw: object) -> list[Exemplar]:
+        """The exemplars of a memory file's content, each checked against the candidates: its
+        image one of them (same index, same name, from the same step), none twice, :attr:`size`
+        in all, its classes old ones, the class it was chosen for among them.
+
+        Raises:
+            ValueError: what is wrong, for :meth:`read`'s message.
+        """
+        if not isinstance(raw, dict) or not isinstance(raw.get("images"), list):
+            raise _Malformed('expected {"step": K, "images": [...]}')
+        if raw.get("step") != self.info.step:
+            raise _Malformed(f"it is the memory of step {raw.get('step')!r}")
+        images = raw["images"]
+        if "sha256" in raw and raw["sha256"] != _digest(images):  # files of incseg <= 0.1 have none
+            raise _Malformed("its entries were changed after incseg wrote them (digest mismatch)")
+        exemplars = [_exemplar(entry, n) for n, entry in enumerate(images)]
+        # A multiset: in overlap mode an image of the previous memory can be one of step t - 1's
+        # images too, and then it is two candidates (one per step) that may both be chosen.
+        left = Counter((e.index, e.name, e.step) for e in self.previous)
+        prev = self.info.step - 1
+        left.update((int(i), self.source.names[int(i)], prev) for i in self.indices)
+        old = set(self.old_classes())
+        for n, e in enumerate(exemplars):
+            key = (e.index, e.name, e.step)
+            if key not in left:
+                raise _Malformed(f"entry {n} (index {e.index}, {e.name!r}) is not a candidate")
+            if left[key] == 0:
+                raise _Malformed(f"entry {n}: image {e.index} of step {e.step} is listed twice")
+            if not set(e.classes) <= old or e.chosen_for not in e.classes:
+                raise _Malformed(
+                    f"entry {n}: classes {list(e.classes)} / {e.chosen_for} are not old ones"
+                )
+            left[key] -= 1
+        if len(exemplars) != self.size:
+            raise _Malformed(f"{len(exemplars)} images where method.memory_size is {self.size}")
+        return exemplars
 
 
-def read_memory(path) -> list[Exemplar]:
-    raw = json.loads(path.read_text())
-    return [Exemplar.from_dict(entry) for entry in raw["images"]]
+def _digest(images: list) -> str:
+    return hashlib.sha256(json.dumps(images, sort_keys=True).encode()).hexdigest()
+
+
+def _exemplar(entry: object, n: int) -> Exemplar:
+    """An entry of a memory file, its fields of the right types (no ``"3"`` or ``3.5`` index)."""
+    if not isinstance(entry, dict) or set(entry) != set(_FIELDS):
+        raise _Malformed(f"entry {n}: expected the keys {sorted(_FIELDS)}")
+    for key, kind in _FIELDS.items():
+        value = entry[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise _Malformed(f"entry {n}: {key} {value!r} is not a {kind.__name__}")
+    if not all(isinstance(c, int) and not isinstance(c, bool) for c in entry["classes"]):
+        raise _Malformed(f"entry {n}: classes {entry['classes']!r} are not integers")
+    return Exemplar.from_dict(entry)

@@ -29,14 +29,13 @@ from incseg.engine.adopt import check_belongs
 from incseg.engine.distributed import SINGLE, DistInfo, barrier
 from incseg.engine.evaluate import evaluate
 from incseg.engine.loaders import Extras, Sources, step_seed
-from incseg.engine.memory import read_memory, select_memory, write_memory
+from incseg.engine.memory import StepMemory
 from incseg.engine.model_io import build_model, fetch_backbone_weights, frozen_copy, restore_step
-from incseg.engine.plan import check_plan, plan_steps
+from incseg.engine.plan import check_can_train, plan_steps
 from incseg.engine.rundir import TENSORBOARD_DIR, RunDir
 from incseg.engine.runtime import Runtime
 from incseg.engine.tensorboard import Scalars, check_tensorboard, open_scalars
 from incseg.engine.train import Optimisation, Step, StepData, scan_old_model, train_one_epoch
-from incseg.errors import DataError
 from incseg.methods.base import Method
 from incseg.metrics import GROUPING, StepReport, iou_per_class
 from incseg.protocol import Setting, StepInfo, get_setting, step_info
@@ -120,18 +119,8 @@ class Run:
         run = cls(config, RunDir(run_dir), method, rt, data, resume)
         if resume:
             run.restore_finished()
-        check_plan(plan_steps(config, data, first=len(run.reports)))  # every step can train
-        size = method.memory_size
-        if size and config.num_steps > 1:  # the first memory chooses among step 0's images
-            first = len(data.train_indices(step_info(run.setting, 0)))
-            if size > first:
-                raise DataError(
-                    f"method.memory_size {size}: more than the {first} training images of step 0, "
-                    "among which step 1 chooses its memory; lower it"
-                )
-        if method.unknown_from == "saliency":  # a missing map stops the run now, not steps later
-            for index in run.remaining_steps():
-                data.train.check_saliency(data.train_indices(step_info(run.setting, index)))
+        # the checks `incseg run --dry-run` makes too: every step can train, memory, saliency
+        check_can_train(config, data, method, plan_steps(config, data, first=len(run.reports)))
         if run.model is None:  # built now: missing or foreign weights surface before any write
             torch.manual_seed(step_seed(config.train.seed, 0))
             run.model = build_model(config, step_info(run.setting, 0))
@@ -146,9 +135,10 @@ class Run:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        failed = kind is not None and not self.resume and self.rt.dist.is_main
+        if failed and self.files.undo_start():  # a failed start leaves nothing behind
+            self.scalars.discard()
         self.scalars.close()
-        if kind is not None and not self.resume and self.rt.dist.is_main:
-            self.files.undo_start()  # a failed start leaves nothing that blocks the same --out
 
     def remaining_steps(self) -> range:
         return range(len(self.reports), self.config.num_steps)
@@ -216,26 +206,19 @@ class Run:
     def step_memory(self, info: StepInfo) -> list[Exemplar]:
         """The exemplar memory of a step > 0 of a method with one: chosen once (rank 0, from the
         previous memory and the previous step's images, :mod:`incseg.engine.memory`) and kept in
-        the run directory, where a resumed step finds it again."""
+        the run directory, where a resumed step finds it again; every rank reads it back checked."""
         size = self.method.memory_size
         if info.step == 0 or size == 0:
             return []
+        previous = self.data.train_indices(step_info(self.setting, info.step - 1))
+        memory = StepMemory(
+            self.config, self.data.train, self.rt, info, self.memory, previous, size
+        )
         path = self.files.memory_file(info.step)
         if self.rt.dist.is_main and not (self.resume and path.is_file()):
-            chosen = select_memory(
-                self.config,
-                self.data.train,
-                self.memory,
-                self.data.train_indices(step_info(self.setting, info.step - 1)),
-                info,
-                size,
-                self.rt,
-                self.method.memory_pseudo_labels,
-                self.old_model,
-            )
-            write_memory(path, info.step, chosen)
+            memory.write(path, memory.choose(self.method.memory_pseudo_labels, self.old_model))
         barrier(self.rt.dist)
-        return read_memory(path)
+        return memory.read(path)
 
     def restore_interrupted(self, step: Step) -> None:
         """After :meth:`start`, restore an interrupted step's weights (in place: the method's
@@ -364,13 +347,14 @@ class Run:
         return report
 
     def summarise(self) -> None:
-        """Log the summary over steps and write ``summary.md`` (rank 0); no rank returns before
-        rank 0's files exist (``incseg compare`` reads them next)."""
+        """Log the summary over steps and write ``metrics.json`` and ``summary.md`` (rank 0); no
+        rank returns before rank 0's files exist (``incseg compare`` reads them next)."""
         log.info(format_summary(self.reports))
         c = self.config
         heading = (
             f"{c.name}: {c.method.name} on {c.data.dataset} {self.setting.name} ({c.protocol.mode})"
         )
-        if self.rt.dist.is_main:
+        if self.rt.dist.is_main:  # metrics again: a resume with no step left rebuilt them
+            self.files.write_metrics(self.metrics)
             self.files.write_summary(summary_markdown(self.reports, heading, c.to_yaml()))
         barrier(self.rt.dist)

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from incseg.config import Config, config_diff, config_from_dict
+from incseg.config import Config, config_diff, config_from_dict, parse_yaml
 from incseg.engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from incseg.engine.faults import fault_point
 from incseg.errors import CheckpointError, ConfigError, IncsegError
@@ -81,36 +81,58 @@ class RunDir:
         ]
 
     def read_metrics(self) -> dict[str, Any] | None:
+        """``metrics.json`` when it is UTF-8 JSON of the shape incseg writes (an object whose
+        ``steps`` is a list of objects); None when it is missing or anything else, so that a
+        file edited or cut short never counts a step as finished."""
         try:
-            metrics = json.loads((self.path / METRICS_FILE).read_text())
-        except (OSError, ValueError):
+            metrics = json.loads((self.path / METRICS_FILE).read_bytes().decode("utf-8"))
+        except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError too
             return None
-        return metrics if isinstance(metrics, dict) else None
+        if not isinstance(metrics, dict):
+            return None
+        steps = metrics.get("steps", [])
+        if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+            return None
+        return metrics
 
     def is_finished(self, num_steps: int) -> bool:
         """True when the directory holds a completed run of ``num_steps`` steps."""
         metrics = self.read_metrics() or {}
         return (self.path / SUMMARY_FILE).is_file() and len(metrics.get("steps", [])) == num_steps
 
-    def saved_config(self) -> dict[str, Any] | None:
-        """The saved config with today's defaults filled in (None without a config file)."""
+    def saved_config(self, trusted: tuple[str, ...] = ()) -> dict[str, Any] | None:
+        """The saved config with today's defaults filled in (None without a config file).
+
+        A run directory is data, not code, whoever made it: a ``module:Class`` method named in
+        its ``config.yaml`` is imported only when it is among ``trusted`` (the paths the user
+        named on this command line); otherwise the config is returned as saved, unresolved, so
+        that a comparison with the user's config shows the method as a difference.
+
+        Raises:
+            ConfigError: the file cannot be read, is not UTF-8 text, or is not YAML.
+        """
         path = self.path / CONFIG_FILE
         if not path.is_file():
             return None
         try:
-            saved = yaml.safe_load(path.read_text())
+            saved = parse_yaml(path.read_bytes().decode("utf-8"))  # no duplicate keys, aliases
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"{path}: not a UTF-8 text file (byte {err.start} is 0x{err.object[err.start]:02x}); "
+                "a run directory's config.yaml is the YAML text incseg wrote"
+            ) from None
         except (OSError, yaml.YAMLError) as err:
             raise ConfigError(f"{path}: cannot read the saved config ({err})") from None
         saved = saved if isinstance(saved, dict) else {}
         try:  # keys added to incseg since the run was made take their defaults
-            return config_from_dict(saved).to_dict()
+            return config_from_dict(saved, trusted=trusted).to_dict()
         except ConfigError:
             return saved  # compared raw: the differences will show what no longer validates
 
     def check_config(self, config: Config, action: str) -> None:
         """Refuse to ``action`` (resume, reuse...) a run whose saved config differs from
         ``config``; the error lists the differing keys. A directory without one passes."""
-        saved = self.saved_config()
+        saved = self.saved_config(trusted=(config.method.name,))
         diffs = config_diff(saved, config.to_dict()) if saved is not None else []
         if diffs:
             raise ConfigError(
@@ -151,8 +173,8 @@ class RunDir:
         if not path.exists():
             return []
         metrics = self.read_metrics()
-        if metrics is not None and isinstance(metrics.get("steps"), list):
-            return metrics["steps"]
+        if metrics is not None:
+            return metrics.get("steps", [])
         aside = path.with_name(f"{METRICS_FILE}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
         with contextlib.suppress(FileNotFoundError):
             path.rename(aside)
@@ -267,18 +289,14 @@ class RunDir:
         text = config.to_yaml().encode()
         atomic_write(self.path / CONFIG_FILE, lambda f: f.write(text))
 
-    def undo_start(self) -> None:
-        """After a run failed before it saved anything (no checkpoint, no metrics): remove what
-        :meth:`start` wrote (``config.yaml``, an empty ``tensorboard/``), so that the same
-        directory can be used again without ``--overwrite``."""
+    def undo_start(self) -> bool:
+        """After a run failed before it saved anything (no checkpoint, no metrics): remove the
+        ``config.yaml`` :meth:`start` wrote, so that the same directory can be used again without
+        ``--overwrite``. Returns whether it did (the caller then discards its scalars)."""
         if self.step_files() or any((self.path / n).exists() for n in (METRICS_FILE, LAST_FILE)):
-            return
+            return False
         (self.path / CONFIG_FILE).unlink(missing_ok=True)
-        tensorboard = self.path / TENSORBOARD_DIR
-        if tensorboard.is_dir() and not any(
-            p.is_file() and p.stat().st_size > 0 for p in tensorboard.rglob("*")
-        ):
-            shutil.rmtree(tensorboard)
+        return True
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         """``metrics.json``, written atomically (a reader never sees half a file)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from incseg.errors import ConfigError, IncsegError
@@ -20,9 +21,12 @@ class Scalars:
 
     def __init__(self, log_dir: Path | None) -> None:
         self._writer = None
+        self._log_dir = log_dir
+        self._before: set[Path] | None = None  # the log folder's paths before this writer
         if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
+            self._before = set(log_dir.rglob("*")) if log_dir.is_dir() else None
             self._writer = SummaryWriter(str(log_dir))
 
     @property
@@ -37,6 +41,19 @@ class Scalars:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+    def discard(self) -> None:
+        """Close and remove what this writer wrote (its event files, and the log folder if it
+        made it): the scalars of a run that failed before it saved anything."""
+        self.close()
+        if self._writer is None or not self._log_dir.is_dir():
+            return
+        if self._before is None:
+            shutil.rmtree(self._log_dir, ignore_errors=True)
+            return
+        for path in sorted(self._log_dir.rglob("*"), reverse=True):  # files before their folders
+            if path not in self._before:
+                path.rmdir() if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def tensorboard_available() -> bool:
