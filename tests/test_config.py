@@ -50,6 +50,7 @@ def test_overrides_are_typed_and_round_trip(tmp_path):
         "unce": True,
         "unkd": False,
         "init": "balanced",
+        "ce_reduction": "valid",
     }
     again = config_from_dict(config.to_dict())
     assert again == config
@@ -696,3 +697,130 @@ def test_a_method_that_follows_the_mode_gets_it_or_refuses_another():
     assert load_config("voc/15-1-disjoint-star").method.params["mode"] == "disjoint"
     with pytest.raises(ConfigError, match="method.mode: 'star' follows protocol.mode"):
         load_config("voc/15-1-disjoint-star", ["method.mode=overlap"])
+
+
+# -- YAML that PyYAML's safe loader reads without a word (duplicate keys, aliases) ------------
+
+
+def _yaml_file(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    path = _yaml_file(tmp_path, "train: {lr: 0.5}\nmodel: {backbone: tiny}\ntrain: {epochs: 2}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (
+        f"{path}: key 'train' is given twice (lines 1 and 3); YAML would keep only the last and "
+        "silently drop the first: give it once"
+    )
+    nested = _yaml_file(
+        tmp_path, "model:\n  backbone: tiny\nmethod:\n  ewf: {}\n  name: mib\n  name: ft\n"
+    )
+    with pytest.raises(ConfigError, match=r"key 'method.name' is given twice \(lines 5 and 6\)"):
+        load_config(nested)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["method={name: mib, name: ft}"])
+    assert "key 'method.name' is given twice (line 1, columns 2 and 13)" in str(err.value)
+    listed = _yaml_file(tmp_path, "model: {backbone: tiny}\nx: [{a: 1, a: 2}]\n")
+    with pytest.raises(ConfigError, match=r"key 'x\[0\].a' is given twice"):
+        load_config(listed)
+
+
+def test_yaml_aliases_are_refused_before_anything_expands(tmp_path):
+    rows = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i, name in enumerate("bcdefghi"):
+        prev = "abcdefghi"[i]
+        rows.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    path = _yaml_file(tmp_path, "\n".join([*rows, "train: {lr: *i}"]) + "\n")  # 9^9 strings
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(
+        f"{path}: alias *a at line 2, column 8: incseg reads no YAML anchors / aliases in a config"
+    )
+    with pytest.raises(ConfigError, match=r"--set 'train.lr=\*x': alias \*x at line 1"):
+        load_config(None, ["train.lr=*x"])
+    deep = _yaml_file(tmp_path, "train: " + "[" * 500 + "]" * 500 + "\n")
+    with pytest.raises(ConfigError, match="nested more than 64 levels deep at line 1"):
+        load_config(deep)
+
+
+def test_what_incseg_writes_reads_back_and_anchors_alone_still_read(tmp_path):
+    from incseg.config import RefusedYAML, parse_yaml
+
+    for name in ("demo", "voc/15-1-overlap-ssul", "voc/15-5-overlap-mib+ucd"):
+        config = load_config(name)
+        assert config_from_dict(parse_yaml(config.to_yaml())) == config
+    assert parse_yaml("a: &x 1\nb: 2\n") == {"a": 1, "b": 2}  # an anchor no alias uses
+    assert parse_yaml("<<: {a: 1}\na: 2\n") == {"a": 2}  # an explicit key over a merged one
+    with pytest.raises(RefusedYAML, match="key 'a' is given twice"):
+        parse_yaml("a: 1\nb: {}\na: 1\n")
+
+
+def test_a_saved_config_with_a_key_twice_is_refused(tmp_path):
+    from incseg.engine.rundir import RunDir
+
+    (tmp_path / "config.yaml").write_text("name: r\ntrain: {lr: 0.5}\ntrain: {epochs: 2}\n")
+    with pytest.raises(ConfigError, match=r"cannot read the saved config \(key 'train' is given"):
+        RunDir(tmp_path).saved_config()
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("train:\n", "train: null"),
+        ("train: {}\n", "train: {}"),
+        ("train: {}\nmethod:\nmodel: {}\n", "train: {}, method: null, model: {}"),
+    ],
+)
+def test_a_config_of_empty_sections_is_refused_like_an_empty_file(tmp_path, text, shown):
+    path = _yaml_file(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(
+        f"{path}: lists no key (only empty sections: {shown}); a config names at least what it "
+        "changes from the defaults"
+    )
+
+
+def test_a_name_with_a_key_or_a_non_section_is_not_an_empty_config(tmp_path):
+    assert load_config(_yaml_file(tmp_path, "model: {backbone: tiny}\ntrain:\n")).train.lr == 0.01
+    with pytest.raises(ConfigError, match="name: a value is required"):
+        load_config(_yaml_file(tmp_path, "name:\ntrain:\n"))
+
+
+def test_an_add_on_named_twice_is_refused():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["method.name=mib+ewf+nest+ewf"])
+    assert str(err.value) == (
+        "method.name: 'mib+ewf+nest+ewf' names the add-on(s) ['ewf'] more than once; each "
+        "add-on applies once: name it once (mib+ewf+nest) (from --set)"
+    )
+    with pytest.raises(ConfigError, match=r"names the add-on\(s\) \['ewf'\] more than once"):
+        config_from_dict({"method": {"name": "plop+ewf+ewf"}})
+
+
+VOC = ["data.dataset=voc", "data.root=data/voc", "model.backbone=tiny"]
+
+
+def test_saliency_maps_for_a_method_that_reads_none_are_refused():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*VOC, "data.saliency=data/voc/saliency_map"])
+    assert str(err.value) == (
+        "data.saliency: method 'mib' has no unknown class and reads no saliency map, so the "
+        "folder would be ignored; the methods that read it: ['ssul'] (method.unknown: saliency); "
+        "remove data.saliency or set it to null (from --set)"
+    )
+    with pytest.raises(
+        ConfigError, match="method 'ssul' takes its unknown class from 'background'"
+    ):
+        load_config("voc/15-1-overlap-ssul", ["method.unknown=background"])
+    with pytest.raises(ConfigError, match="data.saliency: method 'mib\\+ewf' has no unknown class"):
+        load_config("voc/15-1-overlap-ssul", ["method.name=mib+ewf"])
+    assert load_config("voc/15-1-overlap-ssul", ["method.name=mib", "data.saliency=null"])
+    ssul = load_config("voc/15-1-overlap-ssul")
+    assert ssul.data.saliency == "data/voc/saliency_map"
+    # a checkpoint's config is rebuilt with method ft and its data section (model_io.restore_step)
+    assert config_from_dict({**ssul.to_dict(), "method": {"name": "ft"}}).data.saliency

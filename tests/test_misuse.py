@@ -361,3 +361,30 @@ def test_start_from_the_out_directory_itself_is_refused(
     assert main([*args, *FAST]) == 2  # --overwrite would first remove the steps it is to start from
     assert "is the --out directory itself" in capsys.readouterr().err
     assert sorted(p.name for p in run.glob("step_*.pt")) == ["step_0.pt", "step_1.pt"]
+
+
+def test_a_run_directory_config_with_a_section_twice_is_refused(reference, tmp_path, capsys):
+    run = _copy_without_step_1(reference, tmp_path)
+    text = (run / "config.yaml").read_text() + "train:\n  lr: 0.5\n"  # a hand-edit, appended
+    (run / "config.yaml").write_text(text)
+    assert main(["run", "--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml: key 'train' is given twice (lines " in err and "Traceback" not in err
+    assert (run / "config.yaml").read_text() == text and not (run / "step_1.pt").exists()
+
+
+def test_import_checkpoint_never_replaces_a_dangling_link(tmp_path, capsys):
+    link = tmp_path / "imported.pt"
+    link.symlink_to(tmp_path / "elsewhere" / "model.pt")
+    source = tmp_path / "mib.pth"
+    source.write_bytes(b"not read: --out is checked first")
+    args = ["import-checkpoint", str(source), "demo", "--step", "0", "--out", str(link)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: --out {link}: exists as a symbolic link to "
+        f"'{tmp_path / 'elsewhere' / 'model.pt'}', which is missing; import-checkpoint never "
+        "replaces a path: choose another file\n"
+    )
+    assert link.is_symlink() and os.readlink(link) == str(tmp_path / "elsewhere" / "model.pt")
+    assert not (tmp_path / "elsewhere").exists()

@@ -200,6 +200,78 @@ def test_missing_saliency_maps_stop_before_training(voc_config_path, tmp_path, c
     assert not (tmp_path / "r" / "step_0.pt").exists()
 
 
+GREY = np.array([[0, 10, 200], [255, 1, 0]], dtype=np.uint8)
+
+
+def official_saliency(path):
+    """The official reading, literally: ``Image.open`` with no conversion (clovaai/SSUL
+    datasets/voc.py:123), then ``np.array(sal, dtype=self.target_type)`` with target_type uint8
+    (utils/ext_transforms.py:288, 303)."""
+    from PIL import Image
+
+    return np.array(Image.open(path), dtype="uint8")
+
+
+def _saliency_png(tmp_path, mode):
+    """A 2 x 3 map of ``GREY`` saved as a PNG of ``mode``; a palette map holds indices 0..5 whose
+    colours are anything but the indices, so reading colours and reading indices differ."""
+    from PIL import Image
+
+    path = tmp_path / f"{mode}.png"
+    if mode == "P":
+        img = Image.fromarray(np.arange(6, dtype=np.uint8).reshape(2, 3), "P")
+        img.putpalette([0, 0, 0, 255, 255, 255, 9, 9, 9, 0, 0, 0, 100, 0, 0, 3, 3, 3])
+    else:
+        img = Image.fromarray(GREY, "L").convert(mode)
+    img.save(path)
+    assert Image.open(path).mode == mode
+    return path
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "1"])
+def test_a_one_channel_saliency_map_reads_as_the_official_code_reads_it(tmp_path, mode):
+    from incseg.data.files import read_saliency
+
+    path = _saliency_png(tmp_path, mode)
+    got = read_saliency(path)
+    assert got.dtype == np.uint8 and np.array_equal(got, official_saliency(path))
+    expected = {"L": GREY, "P": np.arange(6).reshape(2, 3), "1": (GREY >= 128).astype(np.uint8)}
+    assert np.array_equal(got, expected[mode])  # P: palette indices, not grey values of colours
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA"])
+def test_a_saliency_map_with_several_channels_is_refused(tmp_path, mode):
+    from incseg.data.files import read_saliency
+    from incseg.errors import DataError
+
+    path = _saliency_png(tmp_path, mode)
+    assert official_saliency(path).shape == (2, 3, len(mode))  # voc.py:140 cannot use it
+    with pytest.raises(DataError) as err:
+        read_saliency(path)
+    assert str(err.value).startswith(
+        f"{path}: saliency map has {len(mode)} channels (mode {mode}); SSUL reads a map "
+        "unconverted and needs one channel"
+    )
+
+
+def test_a_16_bit_saliency_map_reads_in_range_and_is_refused_past_255(tmp_path):
+    from PIL import Image
+
+    from incseg.data.files import read_saliency
+    from incseg.errors import DataError
+
+    Image.fromarray(GREY.astype(np.uint16)).save(tmp_path / "ok.png")
+    assert np.array_equal(
+        read_saliency(tmp_path / "ok.png"), official_saliency(tmp_path / "ok.png")
+    )
+    Image.fromarray(np.array([[0, 256]], dtype=np.uint16)).save(tmp_path / "wide.png")
+    assert official_saliency(tmp_path / "wide.png").tolist() == [[0, 0]]  # wrapped round
+    with pytest.raises(
+        DataError, match=r"wide.png: saliency map \(mode I;16\) holds values 0..256"
+    ):
+        read_saliency(tmp_path / "wide.png")
+
+
 @pytest.fixture(scope="module")
 def ssul_run(tiny_config_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("ssul") / "run"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from incseg import __version__, log
 from incseg.config import RANGES, builtin_configs, load_config
-from incseg.errors import IncsegError
+from incseg.errors import DiskFullError, IncsegError
 from incseg.ranges import check_range
 
 logger = logging.getLogger("incseg.cli")
@@ -47,7 +47,13 @@ def _config_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
         default=None,
         help=f"YAML config file or built-in name {builtin_configs()} (default: demo)",
     )
-    parser.add_argument("--out", type=Path, default=None, help=out_help)
+    parser.add_argument("--out", type=_folder, default=None, help=out_help)
+
+
+def _folder(text: str) -> Path | str:
+    """``--out``: a path; an empty one is kept as ``""`` for the command to refuse by name
+    (``Path("")`` is the current folder)."""
+    return Path(text) if text.strip() else ""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +63,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"incseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     overrides, progress = _shared_options()
+    _add_run(sub, overrides, progress)
+    _add_compare(sub, overrides, progress)
+    _add_import_checkpoint(sub, overrides)
+    _add_configs(sub)
+    _add_methods(sub)
+    _add_data(sub, progress)
+    _add_eval(sub, progress)
+    _add_predict(sub)
+    return parser
+
+
+def _add_run(
+    sub: argparse._SubParsersAction,
+    overrides: argparse.ArgumentParser,
+    progress: argparse.ArgumentParser,
+) -> None:
+    """``incseg run``: every step of a setting (or its plan, ``--dry-run``)."""
     run = sub.add_parser(
         "run",
         parents=[overrides, progress],
@@ -105,6 +128,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="K",
         help="last step taken from --start-from (0)",
     )
+
+
+def _add_compare(
+    sub: argparse._SubParsersAction,
+    overrides: argparse.ArgumentParser,
+    progress: argparse.ArgumentParser,
+) -> None:
+    """``incseg compare``: several methods on one setting."""
     cmp = sub.add_parser(
         "compare",
         parents=[overrides, progress],
@@ -137,8 +168,15 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="METHOD.KEY=VALUE",
         help="override one method's hyperparameter, e.g. --method-set ewc.weight=50, or a key of "
-        "its run only, e.g. --method-set dkd.train.lr=0.005 (repeatable)",
+        "its run only, e.g. --method-set dkd.train.lr=0.005 (repeatable); keys every row shares "
+        "(protocol.*, data.*, model.* but model.architecture, train.seed) are refused: use --set",
     )
+
+
+def _add_import_checkpoint(
+    sub: argparse._SubParsersAction, overrides: argparse.ArgumentParser
+) -> None:
+    """``incseg import-checkpoint``: another codebase's step checkpoint."""
     imp = sub.add_parser(
         "import-checkpoint",
         parents=[overrides],
@@ -159,6 +197,10 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument(
         "--out", type=Path, required=True, help="incseg checkpoint to write (not overwritten)"
     )
+
+
+def _add_configs(sub: argparse._SubParsersAction) -> None:
+    """``incseg configs``: the built-in configs."""
     sub.add_parser(
         "configs",
         help="list the built-in configs (demo, the MiB paper's rows, the seed table's rows)",
@@ -166,6 +208,10 @@ def _parser() -> argparse.ArgumentParser:
         "or seed/mib_r101iabnd16_aspp_512x512_vocaug15-5_disjoint. Seed configs show the seed "
         "table's mIoU (every class with background: compare with miou_with_bg).",
     )
+
+
+def _add_methods(sub: argparse._SubParsersAction) -> None:
+    """``incseg methods [NAME]``: the methods, or one's hyperparameters."""
     met = sub.add_parser(
         "methods",
         help="list the methods, or show one method's hyperparameters",
@@ -174,6 +220,10 @@ def _parser() -> argparse.ArgumentParser:
         "with type, default and valid range. NAME may be a module:Class path (docs/methods.md).",
     )
     met.add_argument("name", nargs="?", default=None, help="a method name or module:Class path")
+
+
+def _add_data(sub: argparse._SubParsersAction, progress: argparse.ArgumentParser) -> None:
+    """``incseg data prepare|check``: a VOC / ADE20K dataset."""
     data = sub.add_parser(
         "data",
         help="prepare or check a VOC / ADE20K dataset",
@@ -195,6 +245,10 @@ def _parser() -> argparse.ArgumentParser:
         )
         act.add_argument("family", choices=("voc", "ade"), help="dataset")
         act.add_argument("--root", type=Path, required=True, help="dataset folder")
+
+
+def _add_eval(sub: argparse._SubParsersAction, progress: argparse.ArgumentParser) -> None:
+    """``incseg eval``: a saved step re-evaluated."""
     ev = sub.add_parser(
         "eval",
         parents=[progress],
@@ -210,6 +264,10 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="evaluate full images (batch 1), not the config's test crop",
     )
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    """``incseg predict``: masks and overlays of a saved step."""
     pr = sub.add_parser(
         "predict",
         help="segment images with a saved step",
@@ -221,7 +279,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("images", type=Path, nargs="+", help="image files")
     pr.add_argument("--out", type=Path, required=True, help="output folder")
-    return parser
 
 
 def _resume_arguments(args: argparse.Namespace) -> None:
@@ -238,13 +295,32 @@ def _resume_arguments(args: argparse.Namespace) -> None:
                     f"--resume {args.out}: no config.yaml there; is it a run directory?"
                 )
             args.config = str(args.out / "config.yaml")
+            args.saved_config = True
     if args.resume and args.overwrite:
         raise IncsegError("--resume and --overwrite contradict each other; pass one")
 
 
+def _start_arguments(args: argparse.Namespace) -> None:
+    """``--start-step`` only with ``--start-from``, and a step that exists."""
+    if args.start_step < 0:
+        raise IncsegError(f"--start-step: a step is 0 or more, got {args.start_step}")
+    if args.start_step and args.start_from is None:
+        raise IncsegError(
+            f"--start-step {args.start_step} names the last step taken from --start-from RUN_DIR, "
+            "which is missing; give both, or neither"
+        )
+
+
 def _run(args: argparse.Namespace) -> int:
     _resume_arguments(args)
-    config = load_config(args.config, args.overrides)
+    _start_arguments(args)
+    saved = getattr(args, "saved_config", False)
+    config = load_config(args.config, args.overrides, saved=saved)
+    if args.start_step >= config.num_steps:
+        raise IncsegError(
+            f"--start-step {args.start_step}: {config.protocol.setting} has steps "
+            f"0..{config.num_steps - 1}"
+        )
     if args.dry_run:
         return _dry_run(args, config)
     if args.resume and args.out is None:
@@ -293,11 +369,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def _dry_run(args: argparse.Namespace, config) -> int:
     from incseg.engine.plan import PlanError, dry_run
+    from incseg.engine.runtime import resolve_device
 
     if args.resume or args.start_from is not None:
         raise IncsegError(
             "--dry-run plans a whole run from its config; it takes no --resume or --start-from"
         )
+    resolve_device(config.train.device)  # the run refuses a missing device first (`_join`)
     try:
         print(dry_run(config, progress=not args.no_progress))
     except PlanError as err:
@@ -361,26 +439,28 @@ def _compare(args: argparse.Namespace) -> int:
     if args.joint_epochs is not None:
         check_range(args.joint_epochs, RANGES["train.epochs"], "--joint-epochs")
     out = args.out or Path("runs") / f"compare-{base.name}"
-    from incseg.compare import parse_method_sets, run_comparison
+    if out.exists() and not out.is_dir():
+        raise IncsegError(f"--out {out}: exists and is not a directory")
+    from incseg.compare import ComparisonOptions, parse_method_sets, run_comparison
     from incseg.engine.run import run_protocol
+    from incseg.engine.rundir import RunDir
 
-    method_sets = parse_method_sets(args.method_sets, methods)
+    options = ComparisonOptions(
+        methods=tuple(methods),
+        joint=args.joint,
+        joint_epochs=args.joint_epochs,
+        method_sets=parse_method_sets(args.method_sets, methods),
+        share_first_step=not args.retrain_first_step,
+    )
     dist = _join(base)
 
     def run(config, run_dir):
         run_protocol(config, run_dir, dist=dist, progress=not args.no_progress, resume=True)
 
-    rows = run_comparison(
-        base,
-        methods,
-        out,
-        joint=args.joint,
-        joint_epochs=args.joint_epochs,
-        run=run,
-        dist=dist,
-        method_sets=method_sets,
-        share_first_step=not args.retrain_first_step,
-    )
+    def lock(path):  # --out and each method's run directory, as `incseg run` locks its own
+        return _locked(RunDir(path), dist)
+
+    rows = run_comparison(base, options, out, run=run, dist=dist, lock=lock)
     logger.info(f"Comparison written to {out}/comparison.md, .csv and .png")
     failed = [r["method"] for r in rows if r.get("failed")]
     if failed:
@@ -473,8 +553,16 @@ def _import_checkpoint(args: argparse.Namespace) -> int:
     from incseg.models.imports import checkpoint_step, convert_checkpoint, load_foreign_checkpoint
     from incseg.protocol import get_setting, step_info
 
-    if args.out.exists():
-        raise IncsegError(f"--out {args.out}: exists; choose another file")
+    def refuse_existing_out() -> None:  # a link, even to nothing, is the user's: never replaced
+        if args.out.is_symlink() and not args.out.exists():
+            raise IncsegError(
+                f"--out {args.out}: exists as a symbolic link to {str(args.out.readlink())!r}, "
+                "which is missing; import-checkpoint never replaces a path: choose another file"
+            )
+        if args.out.exists():
+            raise IncsegError(f"--out {args.out}: exists; choose another file")
+
+    refuse_existing_out()
     config = load_config(args.config, args.overrides)
     setting = get_setting(config.family, config.protocol.setting)
     if not 0 <= args.step < setting.num_steps:
@@ -488,6 +576,7 @@ def _import_checkpoint(args: argparse.Namespace) -> int:
     info = step_info(setting, args.step)
     model = build_model(config, info, pretrained=False)
     model.load_state_dict(convert_checkpoint(data, model, layout=args.layout), strict=False)
+    refuse_existing_out()  # again: made while the checkpoint was converted
     save_checkpoint(
         args.out,
         {
@@ -654,14 +743,38 @@ def _how_to_continue(args: argparse.Namespace) -> str:
     return ""
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """An empty ``--out`` or ``--resume`` would mean the current folder, and a path the file
+    system cannot hold (a name over 255 bytes) fails at its first use: both refused by name."""
+    for option in ("out", "resume", "start_from"):
+        value = getattr(args, option, None)
+        flag = "--" + option.replace("_", "-")
+        if value == "":
+            raise IncsegError(
+                f"{flag}: an empty path; name the run directory (leave --out out to write "
+                "runs/NAME-TIME)"
+            )
+        if isinstance(value, (str, Path)):
+            try:
+                Path(value).exists()
+            except OSError as err:
+                shown = str(value) if len(str(value)) <= 80 else f"{str(value)[:77]}..."
+                raise IncsegError(
+                    f"{flag} {shown}: {err.strerror or err} (a file or folder name holds at most "
+                    "255 bytes)"
+                ) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 2 user error)."""
     args = _parser().parse_args(argv)
     log.configure()
     try:
+        _check_paths(args)
         return COMMANDS[args.command](args)
     except IncsegError as err:
-        print(f"error: {err}", file=sys.stderr)
+        then = f" (free space{_how_to_continue(args)})" if isinstance(err, DiskFullError) else ""
+        print(f"error: {err}{then}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted{_how_to_continue(args)}", file=sys.stderr)

@@ -27,7 +27,14 @@ from typing import Any, Literal
 import yaml
 
 from incseg.errors import ConfigError
-from incseg.methods import ADDON_PATHS, addon_class, check_method_name, method_class, split_name
+from incseg.methods import (
+    ADDON_PATHS,
+    METHOD_NAMES,
+    addon_class,
+    check_method_name,
+    method_class,
+    split_name,
+)
 from incseg.models.choices import Architecture, Backbone, Norm, OutputStride, Pretrained
 from incseg.protocol.choices import Convention, Mode, SplitSource, TestSelection
 from incseg.protocol.official import uses_official
@@ -315,7 +322,7 @@ class Config:
         return out
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.dump(self.to_dict(), Dumper=_PlainDumper, sort_keys=False)
 
 
 # Every numeric key of the config and its valid values, gathered from the fields (docs/guards.md).
@@ -416,6 +423,18 @@ def _with_defaults(cls: type, data: Any, prefix: str) -> dict[str, Any]:
     return {**defaults, **checked_fields(cls, data, prefix)}
 
 
+def _check_addons_once(name: str) -> None:
+    """Refuse a name that repeats an add-on (``mib+ewf+ewf`` would wrap the method twice)."""
+    base, addons = split_name(name)
+    twice = sorted({a for a in addons if addons.count(a) > 1})
+    if twice:
+        once = "+".join([base, *dict.fromkeys(addons)])
+        raise ConfigError(
+            f"method.name: {name!r} names the add-on(s) {twice} more than once; each add-on "
+            f"applies once: name it once ({once})"
+        )
+
+
 def config_from_dict(raw: dict[str, Any], *, trusted: Collection[str] | None = None) -> Config:
     """Build and validate a :class:`Config` from nested plain data (as read from YAML).
 
@@ -432,10 +451,12 @@ def config_from_dict(raw: dict[str, Any], *, trusted: Collection[str] | None = N
     method_raw = dict(method_raw)
     name = method_raw.pop("name", MethodConfig.name)
     check_method_name(name)
+    _check_addons_once(name)
     if trusted is not None and ":" in str(name) and name not in trusted:
         raise ConfigError(
-            f"method.name: {name!r} is a module:Class path named inside a checkpoint, and incseg does "
-            "not import code named in a checkpoint"
+            f"method.name: {name!r} is a module:Class path named inside a checkpoint or a run "
+            "directory, and incseg does not import code named in files it reads; if you trust it, "
+            f"name it yourself: --set method.name={name}"
         )
     config = build_dataclass(Config, raw, "")
     # The method's class (and torch) is imported only once the rest of the config is valid;
@@ -450,6 +471,39 @@ def config_from_dict(raw: dict[str, Any], *, trusted: Collection[str] | None = N
         method_raw["mode"] = config.protocol.mode  # a method that follows the mode (STAR)
     params = {**_with_defaults(cls, method_raw, "method"), **params}
     return dataclasses.replace(config, method=MethodConfig(name=name, params=params))
+
+
+def saliency_readers() -> list[str]:
+    """The built-in methods that, with their default hyperparameters, read ``data.saliency``
+    (take their unknown class from saliency maps: ``unknown_from == "saliency"``)."""
+    return [n for n in METHOD_NAMES if method_class(n)().unknown_from == "saliency"]
+
+
+def check_saliency_is_read(config: Config) -> None:
+    """Refuse ``data.saliency`` for a method that reads no saliency map, where the folder would
+    be ignored without a word. Only a method whose ``unknown_from`` is ``"saliency"`` reads
+    it (engine/run.py checks the maps, data/datasets.py reads them): SSUL, after the official
+    clovaai/SSUL datasets/voc.py:122-123 (train images) and 140 (``sal_map > 0``).
+
+    Not part of :func:`config_from_dict`: a checkpoint's config is rebuilt with method ``ft``
+    in place of its own (engine/model_io.py ``restore_step``), keeping its data section.
+    """
+    if not config.data.saliency:
+        return
+    method = config.method.build()
+    if method.unknown_from == "saliency":
+        return
+    name = config.method.name
+    what = (
+        f"takes its unknown class from {method.unknown_from!r} with these hyperparameters"
+        if method.unknown_from
+        else "has no unknown class"
+    )
+    raise ConfigError(
+        f"data.saliency: method {name!r} {what} and reads no saliency map, so the folder would "
+        f"be ignored; the methods that read it: {saliency_readers()} (method.unknown: saliency); "
+        "remove data.saliency or set it to null"
+    )
 
 
 def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -471,7 +525,9 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     if not sep or not key.strip():
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.lr=0.01")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = parse_yaml(text, prefix=key.strip()) if text.strip() else None
+    except RefusedYAML as err:
+        raise ConfigError(f"--set {assignment!r}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {assignment!r}: cannot parse value: {err}") from None
     node = raw
@@ -503,12 +559,139 @@ def builtin_config_path(name: str) -> Path:
     return Path(str(resources.files("incseg.configs").joinpath(f"{name}.yaml")))
 
 
+class RefusedYAML(yaml.YAMLError):
+    """Well-formed YAML that incseg does not read as a config: a key given twice in one mapping,
+    an alias (``*name``), or nesting too deep to build. The message names the key or alias and
+    its line(s)."""
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+# A config nests four levels deep (method.ewf.KEY); far past that is a malformed or hostile file.
+MAX_YAML_DEPTH = 64
+
+
+def _lines(first: yaml.Mark, second: yaml.Mark) -> str:
+    """``lines 2 and 5``, or ``line 1, columns 2 and 14`` when both are on one line."""
+    if first.line == second.line:
+        return f"line {first.line + 1}, columns {first.column + 1} and {second.column + 1}"
+    return f"lines {first.line + 1} and {second.line + 1}"
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses what the safe loader lets through unseen.
+
+    Duplicate keys: PyYAML fills a dict key by key (yaml/pyyaml lib/yaml/constructor.py:138-144,
+    ``mapping[key] = value``), so a second ``train:`` section silently replaces the first. They
+    are found on the composed node tree, before anything is built.
+
+    Aliases: the composer returns the anchored node itself for ``*name`` (lib/yaml/composer.py:
+    63-70), so a few nested anchors ("billion laughs") make a value that expands to more than
+    memory holds as soon as anything walks or prints it. A config has no use for them; the
+    first alias is refused where the parser meets it, before the value exists.
+    """
+
+    key_prefix = ""  # dotted key the document sits under (a --set value), for the messages
+    depth = 0  # nodes being composed, one inside the other
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise RefusedYAML(
+                f"alias *{event.anchor} at line {event.start_mark.line + 1}, column "
+                f"{event.start_mark.column + 1}: incseg reads no YAML anchors / aliases in a "
+                "config (nested ones expand past any memory); write the value out"
+            )
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise RefusedYAML(
+                    f"nested more than {MAX_YAML_DEPTH} levels deep at line {mark.line + 1}; a "
+                    "config nests at most a few levels (method.ewf.KEY)"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            _check_unique_keys(node, self.key_prefix)
+        return node
+
+
+def _check_unique_keys(root: yaml.Node, prefix: str) -> None:
+    """Raise :class:`RefusedYAML` at the first mapping of the tree under ``root`` that gives a
+    key twice (scalar keys, compared by their resolved tag and text; ``<<`` merge keys aside)."""
+    todo = [(root, prefix)]
+    while todo:
+        node, path = todo.pop()
+        if isinstance(node, yaml.SequenceNode):
+            todo += [(child, f"{path}[{i}]") for i, child in enumerate(node.value)]
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        seen: dict[tuple[str, str], yaml.Node] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                todo.append((value_node, path))
+                continue
+            key = f"{path}.{key_node.value}" if path else key_node.value
+            first = seen.setdefault((key_node.tag, key_node.value), key_node)
+            if first is not key_node:
+                raise RefusedYAML(
+                    f"key {key!r} is given twice ({_lines(first.start_mark, key_node.start_mark)}); "
+                    "YAML would keep only the last and silently drop the first: give it once"
+                )
+            todo.append((value_node, key))
+
+
+def parse_yaml(text: str, prefix: str = "") -> Any:
+    """The data of YAML ``text`` as the safe loader builds it, refusing duplicate keys, aliases
+    and deep nesting (:class:`_ConfigLoader`). ``prefix``: the dotted key ``text`` is the value
+    of (a ``--set`` value), used in messages.
+
+    Raises:
+        yaml.YAMLError: invalid YAML; :class:`RefusedYAML` (a subclass) for what is refused.
+    """
+    loader = _ConfigLoader(text)
+    loader.key_prefix = prefix
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Safe dumper that writes every value out: what incseg writes, :func:`parse_yaml` reads."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+SECTIONS = ("data", "protocol", "model", "method", "train")
+
+
+def _check_lists_a_key(path: Path, raw: Any) -> None:
+    """Refuse a file that changes nothing: empty, or only sections that are null or ``{}``
+    (``train:`` alone)."""
+    defaults = (
+        "a config names at least what it changes from the defaults, which are the paper's full "
+        "run (ResNet-101, 30 epochs, crop 512; see incseg configs)"
+    )
+    if raw is None or raw == {}:
+        raise ConfigError(f"{path}: lists no key; {defaults}")
+    if isinstance(raw, dict) and all(k in SECTIONS and raw[k] in (None, {}) for k in raw):
+        empty = ", ".join(f"{k}: {'{}' if raw[k] == {} else 'null'}" for k in raw)
+        raise ConfigError(f"{path}: lists no key (only empty sections: {empty}); {defaults}")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a config file; a name from :func:`builtin_configs` selects a shipped config.
 
     Raises:
-        ConfigError: a missing file, one that is not UTF-8 text or not valid YAML, or one that
-            lists no key (an empty config would silently be the paper's full ResNet-101 run).
+        ConfigError: a missing file, one that is not UTF-8 text or not valid YAML, one that
+            :func:`parse_yaml` refuses (a key given twice, an alias), or one that lists no key
+            (an empty config would silently be the paper's full ResNet-101 run).
     """
     path = Path(path)
     # A folder named like a built-in config (e.g. the run directory `demo`) does not hide it.
@@ -521,7 +704,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         )
     try:
         text = path.read_text(encoding="utf-8")
-        raw = yaml.safe_load(text)
+        raw = parse_yaml(text)
     except UnicodeDecodeError as err:
         raise ConfigError(
             f"{path}: not a UTF-8 text file (byte {err.start} is {err.object[err.start]:#04x}); a "
@@ -529,16 +712,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         ) from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
+    except RefusedYAML as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
-    if raw is None or raw == {}:
-        raise ConfigError(
-            f"{path}: lists no key; a config names at least what it changes from the defaults, which "
-            "are the paper's full run (ResNet-101, 30 epochs, crop 512; see incseg configs)"
-        )
+    _check_lists_a_key(path, raw)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {raw!r}")
     return raw
@@ -558,8 +739,14 @@ def _drop_sections_of_removed_addons(method: dict, file_method: dict, given: set
             method.pop(key)
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+def load_config(
+    path: str | Path | None, overrides: Sequence[str] = (), *, saved: bool = False
+) -> Config:
     """Load a YAML config (``None``: the demo config), apply ``--set`` overrides, validate.
+
+    ``saved``: the file is a run directory's ``config.yaml``, data that someone else may have
+    made: a ``module:Class`` method it names is imported only when ``--set method.name=`` names
+    it too (:func:`config_from_dict`'s ``trusted``).
 
     ``--set method.name=OTHER`` starts the other method from its own defaults: the file's
     hyperparameters of its own method are dropped (those also given with ``--set`` stay). Adding
@@ -589,8 +776,16 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
                 f"{file_method.get('name', MethodConfig.name)!r} and were dropped"
             )
     where = f"{path}: " if path is not None else ""
+    named = [
+        a.partition("=")[2].strip()
+        for a in overrides
+        if a.partition("=")[0].strip() == "method.name"
+    ]
     try:
-        return config_from_dict(raw)
+        config = config_from_dict(raw, trusted=named if saved else None)
+        if not saved:  # a run made before the check was added still resumes
+            check_saliency_is_read(config)
+        return config
     except ConfigError as err:
         key = str(err).partition(":")[0]
         if any(g == key or g.startswith(f"{key}.") for g in given):

@@ -59,16 +59,45 @@ SALIENCY_SOURCE = (
 
 
 def read_saliency(path: Path) -> np.ndarray:
-    """``(H, W)`` uint8 saliency map of a PNG (grey values; only ``> 0`` matters to SSUL)."""
+    """``(H, W)`` uint8 saliency map of a PNG, read as SSUL's code reads it (only ``> 0``
+    matters to SSUL).
+
+    The official code opens the map with no conversion (clovaai/SSUL datasets/voc.py:123,
+    ``Image.open(self.sal_maps[index])``) and makes it an array with
+    ``np.array(sal, dtype='uint8')`` (utils/ext_transforms.py:303): a grey (``L``) map gives its
+    grey values, a palette (``P``) map its palette indices (not the colours), a bilevel (``1``)
+    map 0 / 1. A map with several channels (``RGB``, ``RGBA``, ``LA``, ``PA``) gives an
+    ``(H, W, C)`` array there, which its ``(target == 1) & (sal_map > 0)`` (datasets/voc.py:140)
+    cannot combine with the ``(H, W)`` label: it is refused, not converted. A single channel of
+    more than 8 bits (``I;16``, ``I``) is read the same way when its values fit in 0..255 and
+    refused otherwise (the official cast to uint8 would wrap them round: 256 becomes 0).
+
+    Raises:
+        DataError: a missing or undecodable file, several channels, or values past 255.
+    """
     try:
         with Image.open(path) as img:
-            return np.array(img if img.mode in ("L", "P") else img.convert("L"), dtype=np.uint8)
+            mode, channels = img.mode, len(img.getbands())
+            wide = np.array(img) if channels == 1 else None
     except FileNotFoundError:
         raise DataError(
             f"saliency map {path} is missing; the maps come from {SALIENCY_SOURCE}"
         ) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: cannot decode saliency map ({err})") from None
+    if wide is None:
+        raise DataError(
+            f"{path}: saliency map has {channels} channels (mode {mode}); SSUL reads a map "
+            "unconverted and needs one channel (clovaai/SSUL datasets/voc.py:123, 140): save it "
+            "as a grey (L) or palette (P) PNG, e.g. Image.open(p).convert('L').save(p)"
+        )
+    if wide.size and (wide.min() < 0 or wide.max() > 255):
+        raise DataError(
+            f"{path}: saliency map (mode {mode}) holds values {wide.min()}..{wide.max()}; SSUL "
+            "casts a map to uint8 (clovaai/SSUL utils/ext_transforms.py:303), which wraps values "
+            "past 255 round: save it as an 8-bit grey (L) PNG of 0..255"
+        )
+    return wide.astype(np.uint8)
 
 
 def read_image(path: Path) -> torch.Tensor:
