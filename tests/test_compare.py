@@ -1,7 +1,13 @@
 """``incseg compare``: every method on one setting, table files, finished methods not re-run."""
 
+import contextlib
 import csv
+import fcntl
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -59,7 +65,7 @@ def test_comparison_row_splits_joint_by_class_name():
 
 
 def test_failed_method_is_recorded_and_the_others_still_run(tiny_config_path, tmp_path):
-    from incseg.compare import run_comparison
+    from incseg.compare import ComparisonOptions, run_comparison
     from incseg.config import load_config
     from incseg.engine.run import run_protocol
     from incseg.engine.train import NonFiniteLossError
@@ -74,15 +80,8 @@ def test_failed_method_is_recorded_and_the_others_still_run(tiny_config_path, tm
         run_protocol(config, run_dir, progress=False)
 
     out = tmp_path / "cmp"
-    rows = run_comparison(
-        base,
-        ["ewc", "ft"],
-        out,
-        joint=False,
-        joint_epochs=None,
-        run=run,
-        method_sets={"ewc": ["weight=5"]},
-    )
+    options = ComparisonOptions(("ewc", "ft"), method_sets={"ewc": ["weight=5"]})
+    rows = run_comparison(base, options, out, run=run)
     assert ran == ["ewc", "ft"]
     assert (
         rows[0]["failed"].startswith("non-finite loss at step 1") and rows[1].get("failed") is None
@@ -256,3 +255,142 @@ def test_a_method_set_of_another_section_changes_that_methods_run_only():
     assert method_config(base, "mib").train.lr_incremental == base.train.lr_incremental
     with pytest.raises(ConfigError, match="train.lr_incremental"):
         method_config(base, "dkd", ["train.lr_incremental=-1"])
+
+
+HOLD_LOCK = (
+    "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+    "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'4242'); print('held', flush=True); time.sleep(60)"
+)
+
+
+@contextlib.contextmanager
+def _held_by_another_process(directory):
+    """``directory``'s run-directory lock, held by another process (pid written: 4242)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(directory / ".incseg.lock")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _locked_now(directory) -> bool:
+    """Whether a process holds ``directory``'s lock (this one included: flock is per open file)."""
+    fd = os.open(directory / ".incseg.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def test_a_second_compare_into_the_same_out_is_refused_at_once(tiny_config_path, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", str(tiny_config_path), "--methods", "ft,mib", "--out", str(out)]
+    with _held_by_another_process(out):
+        assert main([*args, "--joint", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert f"run directory {out}: another incseg process (pid 4242) is writing it; wait" in err
+    assert [p.name for p in out.iterdir()] == [".incseg.lock"]  # nothing read as finished, made
+
+
+def test_compare_holds_its_out_and_each_methods_directory_while_it_runs(tiny_config_path, tmp_path):
+    from incseg.compare import ComparisonOptions, run_comparison
+    from incseg.config import load_config
+
+    out, seen = tmp_path / "cmp", []
+
+    def run(config, run_dir):  # trains nothing: the row fails for want of metrics
+        seen.append((_locked_now(out), _locked_now(run_dir)))
+
+    base = load_config(tiny_config_path, ["protocol.setting=19-1"])
+    rows = run_comparison(base, ComparisonOptions(("ft", "ewc")), out, run=run)
+    assert seen == [(True, True), (True, True)]
+    assert rows[0]["failed"] == (
+        f"{out / 'ft' / 'metrics.json'}: the run ended without the per-class IoU of its 2 step(s)"
+    )
+    assert not _locked_now(out) and not (out / "ft").exists()  # released; nothing left behind
+
+
+def test_a_method_whose_directory_another_process_writes_is_recorded_failed(
+    tiny_config_path, tmp_path, capsys
+):
+    out = tmp_path / "cmp"
+    args = ["compare", str(tiny_config_path), "--methods", "ft", "--out", str(out), "--no-progress"]
+    with _held_by_another_process(out / "ft"):
+        assert main([*args, "--set", "protocol.setting=19-1"]) == 1
+    assert "error: 1 method(s) failed: ft (see comparison.md)" in capsys.readouterr().err
+    text = (out / "comparison.md").read_text()
+    assert f"- ft: run directory {out / 'ft'}: another incseg process (pid 4242) is writing" in text
+    assert [p.name for p in (out / "ft").iterdir()] == [".incseg.lock"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["caf\xe9".encode("latin-1"), b'{"steps": 5}', b'{"steps": [1, 2]}'],
+    ids=["not UTF-8", "steps a number", "steps not objects"],
+)
+def test_an_unreadable_metrics_file_of_a_finished_method_is_rebuilt_from_its_checkpoints(
+    tiny_config_path, tmp_path, capsys, content
+):
+    out = tmp_path / "cmp"
+    args = ["compare", str(tiny_config_path), "--methods", "ft", "--out", str(out), "--no-progress"]
+    args += ["--set", "protocol.setting=19-1", "--set", "train.tensorboard=off"]
+    assert main(args) == 0
+    table, step_1 = (out / "comparison.csv").read_text(), (out / "ft" / "step_1.pt").stat()
+    (out / "ft" / "metrics.json").write_bytes(content)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "ft: running into" in capsys.readouterr().out  # not taken as finished
+    assert (out / "comparison.csv").read_text() == table
+    assert (out / "ft" / "step_1.pt").stat().st_mtime_ns == step_1.st_mtime_ns  # not retrained
+    kept = list((out / "ft").glob("metrics.json.unreadable-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == content  # kept aside, not lost
+
+
+def test_a_methods_config_file_that_is_not_utf8_is_named(tiny_config_path, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    (out / "ft").mkdir(parents=True)
+    (out / "ft" / "config.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    args = ["compare", str(tiny_config_path), "--methods", "ewc,ft", "--out", str(out)]
+    assert main([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out / 'ft' / 'config.yaml'}: not a UTF-8 text file")
+    assert "Traceback" not in err and "\n" not in err.rstrip("\n")
+    assert sorted(p.name for p in out.rglob("*")) == [
+        ".incseg.lock",
+        "config.yaml",
+        "ft",
+    ]  # none ran
+
+
+def test_a_method_set_may_not_change_what_every_row_shares():
+    from incseg.compare import parse_method_sets
+    from incseg.errors import ConfigError
+
+    refused = {
+        "mib.protocol.setting=10-1": "protocol.setting is the same for every row (the table's "
+        "columns: the setting's classes and steps, and its test images); use --set "
+        "protocol.setting=10-1 for every row instead",
+        "mib.data.num_train=10": "data.num_train is the same for every row (the images",
+        "mib.model.backbone=resnet50": "model.backbone is the same for every row (the network",
+        "mib.train.seed=3": "train.seed is the same for every row (the seed, so that rows",
+        "mib.train={lr: 0.1}": "train replaces the whole section, train.seed included",
+        "mib.name=ewc": "name would run another method in the row of mib; list that method in",
+    }
+    for text, expected in refused.items():
+        with pytest.raises(ConfigError, match=re.escape(f"--method-set {text!r}: {expected}")):
+            parse_method_sets([text], ["mib"])
+    sets = ["mib.train.lr=0.1", "mib.model.architecture=rcil", "mib.kd_weight=5"]
+    assert parse_method_sets(sets, ["mib"]) == {
+        "mib": ["train.lr=0.1", "model.architecture=rcil", "kd_weight=5"]
+    }
