@@ -142,6 +142,20 @@ def _broken_voc(tmp: Path) -> Path:
     return root
 
 
+def _yaml_bomb(tmp: Path) -> Path:
+    """A "billion laughs" file: nine levels of nine aliases each, 9^9 strings once expanded."""
+    rows = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        rows.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    return _write(tmp / "bomb.yaml", "\n".join([*rows, "train: {lr: *i}"]) + "\n")
+
+
+def _dangling_link(tmp: Path) -> Path:
+    """A symbolic link to a file that does not exist (yet)."""
+    (tmp / "i.pt").symlink_to(tmp / "later.pt")
+    return tmp / "i.pt"
+
+
 # (what, argv factory given a temporary folder, expected text in the error)
 CASES = [
     (
@@ -596,7 +610,137 @@ CASES = [
         ],
         "is a file, expected a folder",
     ),
+    (
+        "--start-step below 0",
+        lambda t: ["run", "--start-step", "-1", "--out", str(t / "o")],
+        "--start-step: a step is 0 or more, got -1",
+    ),
+    (
+        "--start-step without --start-from",
+        lambda t: ["run", *TINY, "--start-step", "1", "--out", str(t / "o")],
+        "--start-step 1 names the last step taken from --start-from RUN_DIR, which is missing",
+    ),
+    (
+        "an empty --out",
+        lambda t: ["run", *TINY, "--out", ""],
+        "--out: an empty path; name the run directory",
+    ),
+    (
+        "an --out name longer than the file system allows",
+        lambda t: ["run", *TINY, "--out", str(t / ("x" * 300))],
+        "File name too long (a file or folder name holds at most 255 bytes)",
+    ),
+    # -- YAML the safe loader reads without a word, configs that change nothing (docs/guards.md) --
+    (
+        "a YAML config with a section given twice",
+        lambda t: [
+            "run",
+            str(
+                _write(
+                    t / "c.yaml", "train: {lr: 0.5}\nmodel: {backbone: tiny}\ntrain: {epochs: 2}\n"
+                )
+            ),
+            "--out",
+            str(t / "o"),
+        ],
+        "c.yaml: key 'train' is given twice (lines 1 and 3); YAML would keep only the last",
+    ),
+    (
+        "a --set value with a key given twice",
+        lambda t: ["run", "--set", "method={name: mib, name: ft}", "--out", str(t / "o")],
+        "--set 'method={name: mib, name: ft}': key 'method.name' is given twice (line 1, columns 2 and 13)",
+    ),
+    (
+        "a YAML alias bomb (billion laughs)",
+        lambda t: ["run", str(_yaml_bomb(t)), "--out", str(t / "o")],
+        "bomb.yaml: alias *a at line 2, column 8: incseg reads no YAML anchors / aliases in a config",
+    ),
+    (
+        "a YAML config nested hundreds of levels deep",
+        lambda t: [
+            "run",
+            str(_write(t / "c.yaml", "train: " + "[" * 500 + "]" * 500)),
+            "--out",
+            str(t / "o"),
+        ],
+        "c.yaml: nested more than 64 levels deep at line 1",
+    ),
+    (
+        "a config whose only section is null",
+        lambda t: ["run", str(_write(t / "c.yaml", "train:\n")), "--out", str(t / "o")],
+        "c.yaml: lists no key (only empty sections: train: null); a config names at least what it changes",
+    ),
+    (
+        "a config whose sections are all empty",
+        lambda t: [
+            "run",
+            str(_write(t / "c.yaml", "train: {}\nmodel: {}\n")),
+            "--out",
+            str(t / "o"),
+        ],
+        "c.yaml: lists no key (only empty sections: train: {}, model: {})",
+    ),
+    (
+        "an add-on named twice",
+        lambda t: ["run", "--set", "method.name=mib+ewf+ewf", "--out", str(t / "o")],
+        "method.name: 'mib+ewf+ewf' names the add-on(s) ['ewf'] more than once; each add-on applies once: name it once (mib+ewf)",
+    ),
+    (
+        "saliency maps for a method that reads none",
+        lambda t: [
+            "run",
+            "--set",
+            "data.dataset=voc",
+            "--set",
+            f"data.root={t}",
+            "--set",
+            f"data.saliency={t}",
+            "--out",
+            str(t / "o"),
+        ],
+        "data.saliency: method 'mib' has no unknown class and reads no saliency map, so the folder would be ignored; the methods that read it: ['ssul']",
+    ),
+    (
+        "import-checkpoint --out a dangling symbolic link",
+        lambda t: [
+            "import-checkpoint",
+            str(_random_bytes(t)),
+            "demo",
+            "--step",
+            "0",
+            "--out",
+            str(_dangling_link(t)),
+        ],
+        "i.pt: exists as a symbolic link to",
+    ),
+    (
+        "compare --method-set of a key every row shares (the setting)",
+        lambda t: [
+            "compare",
+            "--methods",
+            "mib,ft",
+            "--method-set",
+            "mib.protocol.setting=10-1",
+            "--out",
+            str(t / "c"),
+        ],
+        "protocol.setting is the same for every row (the table's columns: the setting's classes",
+    ),
+    (
+        "compare into an --out another incseg process is writing",
+        lambda t: [
+            "compare",
+            *TINY,
+            "--methods",
+            "ft",
+            "--out",
+            str(_locked_dir(t)),
+            "--no-progress",
+        ],
+        "is writing it; wait for it to finish, or choose another --out",
+    ),
 ]
+
 if not torch.cuda.is_available():
     CASES.append(
         (
