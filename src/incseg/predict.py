@@ -218,7 +218,7 @@ def predict_images(checkpoint: dict, images: Sequence[Path], out: Path) -> list[
     for path, image, (mask_path, overlay_path) in zip(images, decoded, plans, strict=True):
         x = normalise(image).unsqueeze(0).to(rt.device, memory_format=rt.memory_format)
         with rt.autocast():
-            channels = predict_channels(model.scores(model(x).logits))[0].cpu()
+            channels = predict_channels(model.prediction_scores(model(x)))[0].cpu()
         mask = to_class[channels].numpy()
         png = Image.fromarray(mask, mode="P")
         png.putpalette(palette.flatten().tolist())

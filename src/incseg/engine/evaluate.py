@@ -39,7 +39,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, rt: Runtime) -> torch.T
         images = images.to(rt.device, non_blocking=True, memory_format=rt.memory_format)
         targets = targets.to(rt.device, non_blocking=True)
         with rt.autocast():
-            scores = model.scores(model(images).logits)
+            scores = model.prediction_scores(model(images))
         matrix += confusion_matrix(predict_channels(scores), targets, num_classes)
     return all_reduce_sum(matrix, rt.dist)
 

@@ -27,11 +27,12 @@ class StepPlan:
     epochs: int
     batches_per_epoch: int
     images_per_epoch: int
+    iterations: int = 0
     problem: str | None = None
 
     @property
-    def iterations(self) -> int:
-        return self.epochs * self.batches_per_epoch
+    def images_per_iteration(self) -> int:
+        return self.images_per_epoch // max(self.batches_per_epoch, 1)
 
 
 def plan_steps(config: Config, data: Sources, first: int = 0) -> list[StepPlan]:
@@ -57,7 +58,8 @@ def _plan_step(config: Config, data: Sources, info: StepInfo) -> StepPlan:
         return StepPlan(info.step, names, num_train, num_test, epochs, 0, 0, problem=str(err))
     num_train, batches = len(loader.dataset), len(loader)
     per_epoch = batches * min(config.train.batch_size, num_train)
-    return StepPlan(info.step, names, num_train, num_test, epochs, batches, per_epoch)
+    epochs, iterations = config.train.schedule_at(info.step, batches)
+    return StepPlan(info.step, names, num_train, num_test, epochs, batches, per_epoch, iterations)
 
 
 def check_plan(plans: list[StepPlan]) -> None:
@@ -142,9 +144,9 @@ def image_passes(plans: list[StepPlan], method: Method) -> tuple[int, int, int]:
     for p in plans:
         if p.problem is not None:
             continue
-        student += p.epochs * p.images_per_epoch
+        student += p.iterations * p.images_per_iteration
         if p.step > 0:
-            old += p.epochs * p.images_per_epoch if method.needs_old_model else 0
+            old += p.iterations * p.images_per_iteration if method.needs_old_model else 0
             old += p.images_per_epoch if method.scans_old_model else 0
             extra_student, extra_old = method.prepare_passes()
             student += extra_student * p.images_per_epoch

@@ -193,11 +193,12 @@ class Run:
             self.method.init_new_classifier(model, info)
         model = self.rt.place(model)
         self.method.begin_step(info, model)
-        epochs = self.config.train.epochs_at(index)
+        epochs, iterations = self.config.train.schedule_at(index, len(loader))
         groups = self.method.param_groups(model, info)
-        iterations = epochs * len(loader)
         opt = Optimisation.for_step(model, self.config.train, index, iterations, self.rt, groups)
-        step = Step(info, loader, model, self.old_model, opt, epochs, memory=memory)
+        step = Step(
+            info, loader, model, self.old_model, opt, epochs, memory=memory, iterations=iterations
+        )
         if self.resume:
             self.restore_interrupted(step)
         step.net = self.rt.wrap(model)

@@ -54,11 +54,13 @@ def poly_lr_lambda(total_iters: int, power: float, warmup: float = 0.0, floor: f
 
 @dataclass
 class Optimisation:
-    """SGD (Nesterov momentum), the per-iteration poly LR and the fp16 loss scaler of one step."""
+    """SGD (Nesterov momentum) or AdamW, the per-iteration poly LR, the fp16 loss scaler and the
+    gradient clipping (``clip_grad_norm``, None: off) of one step."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    clip_grad_norm: float | None = None
 
     @classmethod
     def for_step(
@@ -80,13 +82,16 @@ class Optimisation:
             group = dict(group)
             group["lr"] = lr * group.pop("lr_scale", 1.0)
             options.append(group)
-        optimizer = torch.optim.SGD(
-            options,
-            lr=lr,
-            momentum=train.momentum,
-            nesterov=train.nesterov and train.momentum > 0,
-            weight_decay=train.weight_decay,
-        )
+        if train.optimizer == "adamw":  # a group's own weight_decay (0 for norms) wins
+            optimizer = torch.optim.AdamW(options, lr=lr, weight_decay=train.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(
+                options,
+                lr=lr,
+                momentum=train.momentum,
+                nesterov=train.nesterov and train.momentum > 0,
+                weight_decay=train.weight_decay,
+            )
         schedules = [
             poly_lr_lambda(
                 iterations,
@@ -98,7 +103,8 @@ class Optimisation:
         ]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
         fp16 = rt.amp_dtype == torch.float16
-        return cls(optimizer, scheduler, torch.amp.GradScaler(rt.device.type, enabled=fp16))
+        scaler = torch.amp.GradScaler(rt.device.type, enabled=fp16)
+        return cls(optimizer, scheduler, scaler, train.clip_grad_norm)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -132,6 +138,8 @@ class Step:
         history: the epoch means of the loss terms so far (restored on resume).
         memory: the step's exemplar memory (:class:`incseg.protocol.memory.Exemplar`), empty
             without one.
+        iterations: iterations the step trains in all (None: ``epochs`` full passes); the last
+            epoch stops when they are done.
     """
 
     info: StepInfo
@@ -143,6 +151,15 @@ class Step:
     net: nn.Module | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     memory: list[Any] = field(default_factory=list)
+    iterations: int | None = None
+
+    def batches_in(self, epoch: int) -> int:
+        """Batches epoch ``epoch`` (0-based) trains: all of the loader's, but fewer in the last
+        epoch of a step counted in iterations."""
+        full = len(self.loader)
+        if self.iterations is None:
+            return full
+        return max(0, min(full, self.iterations - epoch * full))
 
 
 @dataclass
@@ -214,19 +231,22 @@ def train_one_epoch(
     step.model.train()
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=rt.device))
     desc = f"step {step.info.step} epoch {epoch + 1}"
-    bar = tqdm(step.loader, desc=desc, leave=False, disable=not rt.progress)
+    count = step.batches_in(epoch)
+    bar = tqdm(step.loader, desc=desc, leave=False, disable=not rt.progress, total=count)
     for it, (images, targets) in enumerate(bar):
         loss, terms = train_batch(step, method, rt, images, targets)
         fault_point(f"iteration:{step.info.step}:{epoch}:{it + 1}")
         for name, value in terms.items():
             sums[name] += value.detach().float()
-        if (it + 1) % log_interval == 0 or it + 1 == len(step.loader):
+        if (it + 1) % log_interval == 0 or it + 1 == count:
             _check_and_log(loss, terms, step, (epoch, it, len(step.loader)), bar, scalars)
+        if it + 1 == count:  # the step's last iteration (iterations counted): the rest unused
+            break
     # Epoch means over all ranks' batches (one reduction per epoch), as one process would log.
     names = sorted(sums)
     if not names:
         return {}
-    num_batches = max(len(step.loader), 1)
+    num_batches = max(count, 1)
     means = all_reduce_mean(torch.stack([sums[n] for n in names]) / num_batches, rt.dist)
     return {name: float(mean) for name, mean in zip(names, means, strict=True)}
 
@@ -258,9 +278,12 @@ def train_batch(
     # free the full-resolution logits as soon as it has used them.
     del output, old_output
     opt.scaler.scale(loss).backward()
+    if method.needs_gradients or opt.clip_grad_norm is not None:
+        opt.scaler.unscale_(opt.optimizer)  # importance estimates and clipping: true gradients
     if method.needs_gradients:
-        opt.scaler.unscale_(opt.optimizer)  # importance estimates need the true gradients
         method.after_backward(step.model)
+    if opt.clip_grad_norm is not None:  # all parameters' gradients as one vector (Mask2Former's)
+        torch.nn.utils.clip_grad_norm_(step.model.parameters(), opt.clip_grad_norm)
     opt.scaler.step(opt.optimizer)
     opt.scaler.update()
     opt.scheduler.step()

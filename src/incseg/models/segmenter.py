@@ -82,6 +82,11 @@ class IncrementalSegmenter(nn.Module):
         here (softmax layouts); sigmoid layouts override it (:mod:`incseg.models.heads`)."""
         return logits
 
+    def prediction_scores(self, output: SegmenterOutput) -> torch.Tensor:
+        """The scores of a forward pass's output that evaluation and prediction take the argmax
+        of: :meth:`scores` of its logits (the query-based model reads more of its output)."""
+        return self.scores(output.logits)
+
     def forward(self, images: torch.Tensor, features: Collection[str] = ()) -> SegmenterOutput:
         """``(B, 3, H, W)`` normalised images -> logits ``(B, C_t, H, W)`` (channel order = steps)
         and the intermediate maps named in ``features`` (:data:`FEATURE_NAMES`). Without names the
