@@ -11,6 +11,7 @@ from pathlib import Path
 from benchmarks.common import machine
 from benchmarks.data_path import BENCHMARKS as DATA_BENCHMARKS
 from benchmarks.memory import bench_memory
+from benchmarks.query_step import bench_query_step
 from benchmarks.train_step import bench_prediction, bench_train_step
 
 BENCHMARKS = {
@@ -18,6 +19,7 @@ BENCHMARKS = {
     "prediction": bench_prediction,
     "train_step": bench_train_step,
     "memory": bench_memory,
+    "query_step": bench_query_step,
 }
 
 

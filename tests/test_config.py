@@ -146,6 +146,7 @@ def test_every_builtin_config_loads_and_paper_configs_hold_the_paper_setting():
                 "-dkd-m",
                 "-star",
                 "-star-m",
+                "-comformer",
             )
         )
     ]
@@ -824,3 +825,21 @@ def test_saliency_maps_for_a_method_that_reads_none_are_refused():
     assert ssul.data.saliency == "data/voc/saliency_map"
     # a checkpoint's config is rebuilt with method ft and its data section (model_io.restore_step)
     assert config_from_dict({**ssul.to_dict(), "method": {"name": "ft"}}).data.saliency
+
+
+@pytest.mark.parametrize(
+    ("setting", "iterations", "kd"),
+    [("100-50", 20000, 0.5), ("100-10", 4000, 10.0), ("100-5", 2000, 10.0), ("50-50", 20000, 10.0)],
+)
+def test_comformer_configs_resolve_to_the_official_scripts(setting, iterations, kd):
+    """fcdl94/CoMFormer scripts/ade.sh:15-17, ade10.sh:16-23, ade5.sh:18-25 on the R-101 base
+    config (160k iterations at 1e-4, then 5e-5; AdamW 0.05; clipping 0.01; batch 16; AMP)."""
+    config = load_config(f"ade/{setting}-comformer", [])
+    train, m2f = config.train, config.model.mask2former
+    assert (train.iterations, train.iterations_incremental) == (160000, iterations)
+    assert (train.lr, train.lr_incremental, train.batch_size) == (1e-4, 5e-5, 16)
+    assert (train.optimizer, train.weight_decay, train.clip_grad_norm) == ("adamw", 0.05, 0.01)
+    assert train.amp == "fp16" and config.method.params["kd_weight"] == kd
+    assert (m2f.mask_activation, m2f.background, m2f.inference) == ("softmax", False, "comformer")
+    assert (m2f.num_queries, m2f.dec_layers, m2f.enc_layers) == (100, 9, 6)
+    assert config.model.backbone == "resnet101" and config.protocol.labels == "plop"

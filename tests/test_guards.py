@@ -681,6 +681,21 @@ CASES = [
         "c.yaml: lists no key (only empty sections: train: {}, model: {})",
     ),
     (
+        "a DeepLab method on the query-based model",
+        lambda t: ["run", "--set", "model.architecture=mask2former", "--out", str(t / "o")],
+        "model.architecture: mask2former is query-based (class scores per query and masks, no per-pixel logits), and method 'mib' trains per-pixel logits; the methods that train it: ['comformer', 'comformer_ft', 'm2f_ft']",
+    ),
+    (
+        "a query-based method on DeepLab",
+        lambda t: ["run", "demo", "--set", "method.name=comformer", "--out", str(t / "o")],
+        "model.architecture: method 'comformer' trains the 'mask2former' architecture; set model.architecture: mask2former",
+    ),
+    (
+        "an add-on on a query-based method",
+        lambda t: ["run", "demo-m2f", "--set", "method.name=m2f_ft+ucd", "--out", str(t / "o")],
+        "method.name: 'm2f_ft+ucd': the add-ons ['ewf', 'nest', 'ucd'] work on DeepLab's per-pixel classifiers, not on the query-based model; name the method alone (m2f_ft)",
+    ),
+    (
         "an add-on named twice",
         lambda t: ["run", "--set", "method.name=mib+ewf+ewf", "--out", str(t / "o")],
         "method.name: 'mib+ewf+ewf' names the add-on(s) ['ewf'] more than once; each add-on applies once: name it once (mib+ewf)",

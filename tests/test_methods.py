@@ -94,7 +94,7 @@ HOOK_USERS = {
         "+ewf",
         "+nest",
     },
-    "param_groups": {"ssul", "dkd", "star"},
+    "param_groups": {"ssul", "dkd", "star", "comformer", "comformer_ft", "m2f_ft"},
     "memory_lut": {"ssul"},
     "memory_pseudo_labels": {"ssul", "dkd", "star"},
     "scan": {"plop", "reminder", "star"},
@@ -102,6 +102,9 @@ HOOK_USERS = {
     "relabel": {"plop", "reminder", "ssul"},
     "losses": {
         "ft",
+        "m2f_ft",
+        "comformer_ft",
+        "comformer",
         "lwf",
         "lwf_mc",
         "ilt",

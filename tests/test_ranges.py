@@ -43,17 +43,15 @@ def _numeric(annotation) -> bool:
     return any(o in (int, float) for o in options)
 
 
-def config_numeric_keys() -> list[str]:
+def config_numeric_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every numeric key of the config, nested sections (``model.mask2former``) included."""
     keys = []
-    for section in dataclasses.fields(Config):
-        cls = typing.get_type_hints(Config)[section.name]
-        if dataclasses.is_dataclass(cls):
-            hints = typing.get_type_hints(cls)
-            keys += [
-                f"{section.name}.{f.name}"
-                for f in dataclasses.fields(cls)
-                if _numeric(hints[f.name])
-            ]
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += config_numeric_keys(hints[f.name], f"{prefix}{f.name}.")
+        elif prefix and _numeric(hints[f.name]):
+            keys.append(f"{prefix}{f.name}")
     return keys
 
 
@@ -158,6 +156,7 @@ ACCEPTED_RUNS = {  # the in-range values the walk meets, grouped into real runs
         "train.seed=0",
         "train.val_interval=0",
         "train.checkpoint_every=0",
+        "model.mask2former.enc_layers=0",
     ],
     "mib": ["method.kd_weight=0"],
     "lwf": ["method.kd_weight=0"],
@@ -201,14 +200,60 @@ ACCEPTED_RUNS = {  # the in-range values the walk meets, grouped into real runs
         "method.classifier_lr_scale=0",
         "method.new_classifier_lr_scale=0",
     ],
+    "m2f_ft": [
+        "method.class_weight=0",
+        "method.mask_weight=0",
+        "method.dice_weight=0",
+        "method.no_object_weight=0",
+        "method.importance_ratio=0",
+        "method.backbone_lr=0",
+    ],
+    "comformer_ft": [
+        "method.class_weight=0",
+        "method.mask_weight=0",
+        "method.dice_weight=0",
+        "method.no_object_weight=0",
+        "method.importance_ratio=0",
+        "method.backbone_lr=0",
+        "method.focal_alpha=0",
+        "method.focal_gamma=0",
+    ],
+    "comformer": [
+        "method.class_weight=0",
+        "method.mask_weight=0",
+        "method.dice_weight=0",
+        "method.no_object_weight=0",
+        "method.importance_ratio=0",
+        "method.backbone_lr=0",
+        "method.focal_alpha=0",
+        "method.focal_gamma=0",
+        "method.kd_weight=0",
+        "method.kd_alpha=0",
+        "method.kd_reweight_gamma=0",
+        "method.pseudo_threshold=0",
+    ],
     "mib+nest": ["method.nest.epochs=0"],
     "mib+ucd": ["method.ucd.weight=0"],
 }
 
 
-# What a method needs besides its name (RCIL, SSUL and DKD train their own architectures).
+# What a method needs besides its name (RCIL, SSUL, DKD and STAR train their own architectures,
+# the query-based methods Mask2Former).
 METHOD_SETS = {
     name: ["--set", f"model.architecture={name}"] for name in ("rcil", "ssul", "dkd", "star")
+} | {
+    name: [
+        "--set",
+        "model.architecture=mask2former",
+        "--set",
+        (
+            "model.mask2former={num_queries: 4, hidden_dim: 16, nheads: 2, dec_layers: 1, "
+            "dim_feedforward: 16, conv_dim: 32, mask_dim: 16, enc_layers: 1, enc_dim_feedforward: 16}"
+        ),
+        "--set",
+        "method.num_points=16",
+    ]
+    for name in ("comformer", "comformer_ft", "m2f_ft")
 }
 
 

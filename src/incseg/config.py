@@ -30,6 +30,7 @@ from incseg.errors import ConfigError
 from incseg.methods import (
     ADDON_PATHS,
     METHOD_NAMES,
+    QUERY_METHOD_NAMES,
     addon_class,
     check_method_name,
     method_class,
@@ -49,6 +50,7 @@ MAX_SHAPES_BYTES = 8 * 2**30
 SHAPES_ONLY = ("image_size", "num_train", "num_test", "seed")  # data keys of the shapes dataset
 
 _EPOCHS = Range(1, 10_000, "epochs per step; every step trains at least one")
+_ITERATIONS = Range(1, 100_000_000, "training iterations of a step; null: count epochs")
 _LR = Range(0, 10, "SGD learning rate (0.01 / 0.001 in the paper)", low_open=True)
 _SIZE = Range(
     16,
@@ -126,6 +128,51 @@ class ProtocolConfig:
 
 
 @dataclass(frozen=True)
+class Mask2FormerConfig:
+    """The sizes of ``model.architecture: mask2former`` (docs/methods.md "Mask2Former"); the
+    defaults are the official ADE20K semantic configs' (facebookresearch/Mask2Former
+    ``configs/ade20k/semantic-segmentation/Base-ADE20K-SemanticSegmentation.yaml`` and
+    ``maskformer2_R50_bs16_160k.yaml``). Read only by that architecture."""
+
+    num_queries: int = ranged(100, Range(1, 1000, "object queries (100 in the paper)"))
+    hidden_dim: int = ranged(
+        256, Range(8, 4096, "transformer decoder width (256); a multiple of nheads")
+    )
+    nheads: int = ranged(8, Range(1, 64, "attention heads of encoder and decoder (8)"))
+    dec_layers: int = ranged(9, Range(1, 100, "masked-attention decoder layers (9)"))
+    dim_feedforward: int = ranged(2048, Range(1, 65536, "decoder FFN width (2048)"))
+    conv_dim: int = ranged(
+        256, Range(32, 4096, "pixel decoder width (256); a multiple of 32 (GroupNorm(32))")
+    )
+    mask_dim: int = ranged(256, Range(1, 4096, "mask feature channels (256)"))
+    enc_layers: int = ranged(6, Range(0, 100, "deformable encoder layers (6)"))
+    enc_dim_feedforward: int = ranged(1024, Range(1, 65536, "encoder FFN width (1024)"))
+    # how the decoder's attention masks read the predicted masks: sigmoid < 0.5 (Mask2Former)
+    # or a softmax over queries < 0.5 (CoMFormer's softmask)
+    mask_activation: Literal["sigmoid", "softmax"] = "sigmoid"
+    # whether channel 0 (background) is a class of the head; false: object classes only (ADE20K's
+    # 0 is void, for which Mask2Former and CoMFormer train no class) and a pixel no query claims
+    # is predicted 0
+    background: bool = True
+    # semantic: Mask2Former's (sum over queries of class probability x mask probability);
+    # comformer: CoMFormer's (each pixel to the query of highest score x mask probability, kept
+    # where that mask is >= 0.5, otherwise 0), fcdl94/CoMFormer maskformer_model.py:340-375
+    inference: Literal["semantic", "comformer"] = "semantic"
+
+    def __post_init__(self) -> None:
+        if self.hidden_dim % self.nheads or self.conv_dim % self.nheads:
+            raise ConfigError(
+                f"model.mask2former.nheads: {self.nheads} must divide hidden_dim "
+                f"({self.hidden_dim}) and conv_dim ({self.conv_dim})"
+            )
+        if self.conv_dim % 32:
+            raise ConfigError(
+                f"model.mask2former.conv_dim: {self.conv_dim} is not a multiple of 32 "
+                "(the pixel decoder's GroupNorm has 32 groups)"
+            )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """DeepLabV3 (docs/protocol.md, "Model and training")."""
 
@@ -139,6 +186,7 @@ class ModelConfig:
     backbone_weights: str | None = None
     # deeplabv3 | rcil: RCIL's parallel branches (models/rcil.py), which method rcil needs
     architecture: Architecture = "deeplabv3"
+    mask2former: Mask2FormerConfig = field(default_factory=Mask2FormerConfig)
 
     def __post_init__(self) -> None:
         if self.backbone_weights and (self.pretrained == "imagenet" or self.backbone == "tiny"):
@@ -181,6 +229,11 @@ class TrainConfig:
 
     epochs: int = ranged(30, _EPOCHS)
     epochs_incremental: int | None = ranged(None, _EPOCHS)
+    # a step's length in iterations instead (the query-based recipes count iterations: 160k for
+    # Mask2Former's ADE20K base step); when set, epochs are ignored: the step runs over as many
+    # epochs of its loader as the iterations need, the last one cut short. null: epochs
+    iterations: int | None = ranged(None, _ITERATIONS)
+    iterations_incremental: int | None = ranged(None, _ITERATIONS)
     lr: float = ranged(0.01, _LR)
     lr_incremental: float = ranged(0.001, _LR)
     batch_size: int = ranged(
@@ -193,6 +246,15 @@ class TrainConfig:
         ),
     )
     eval_batch_size: int = ranged(8, Range(1, 4096, "images per evaluation batch"))
+    # sgd: SGD with (Nesterov) momentum, the DeepLab methods'; adamw: torch.optim.AdamW with its
+    # default betas and eps, the Mask2Former recipe's (facebookresearch/Mask2Former train_net.py
+    # build_optimizer, SOLVER.OPTIMIZER ADAMW); momentum and nesterov apply to sgd only
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    # the norm of all gradients together is clipped to this before each optimizer step (the
+    # "full_model" clipping of Mask2Former's train_net.py, CLIP_VALUE 0.01); null = no clipping
+    clip_grad_norm: float | None = ranged(
+        None, Range(0, 1e6, "max L2 norm of all gradients together; null = off", low_open=True)
+    )
     momentum: float = ranged(
         0.9,
         Range(
@@ -236,7 +298,7 @@ class TrainConfig:
     tensorboard: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
-        if self.nesterov and self.momentum == 0:
+        if self.nesterov and self.momentum == 0 and self.optimizer == "sgd":
             raise ConfigError(
                 "train.momentum: Nesterov momentum (train.nesterov: true) needs momentum > 0; "
                 "set train.nesterov: false for plain SGD"
@@ -246,6 +308,18 @@ class TrainConfig:
         if step == 0 or self.epochs_incremental is None:
             return self.epochs
         return self.epochs_incremental
+
+    def schedule_at(self, step: int, batches_per_epoch: int) -> tuple[int, int]:
+        """``(epochs, iterations)`` of step ``step`` with ``batches_per_epoch`` batches: the
+        step's epochs of full passes or, with iterations set (``iterations_incremental`` for
+        steps > 0, None there: ``iterations``), the epochs those iterations need."""
+        iterations = self.iterations
+        if step > 0 and self.iterations_incremental is not None:
+            iterations = self.iterations_incremental
+        if iterations is None:
+            epochs = self.epochs_at(step)
+            return epochs, epochs * batches_per_epoch
+        return -(-iterations // max(batches_per_epoch, 1)), iterations
 
     def lr_at(self, step: int) -> float:
         return self.lr if step == 0 else self.lr_incremental
@@ -328,7 +402,12 @@ class Config:
 # Every numeric key of the config and its valid values, gathered from the fields (docs/guards.md).
 RANGES: dict[str, Range] = {
     f"{section}.{key}": valid
-    for section, cls in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig))
+    for section, cls in (
+        ("data", DataConfig),
+        ("model", ModelConfig),
+        ("model.mask2former", Mask2FormerConfig),
+        ("train", TrainConfig),
+    )
     for key, valid in ranges_of(cls).items()
 }
 # Numeric keys checked otherwise: against the setting's steps, or against a list of choices.
@@ -470,7 +549,29 @@ def config_from_dict(raw: dict[str, Any], *, trusted: Collection[str] | None = N
     if "mode" in {f.name for f in dataclasses.fields(cls)} and "mode" not in method_raw:
         method_raw["mode"] = config.protocol.mode  # a method that follows the mode (STAR)
     params = {**_with_defaults(cls, method_raw, "method"), **params}
-    return dataclasses.replace(config, method=MethodConfig(name=name, params=params))
+    config = dataclasses.replace(config, method=MethodConfig(name=name, params=params))
+    check_query_model(config)
+    return config
+
+
+def check_query_model(config: Config) -> None:
+    """The query-based model (``model.architecture: mask2former``) with the methods made for it
+    only, and none of the add-ons, which work on DeepLab's per-pixel classifiers. Checked once the
+    method is known (:func:`config_from_dict`), after its hyperparameters."""
+    needs = getattr(method_class(config.method.name), "architecture", None)
+    base, addons = split_name(config.method.name)
+    if needs == "mask2former" and addons:
+        raise ConfigError(
+            f"method.name: {config.method.name!r}: the add-ons {sorted(ADDON_PATHS)} work on "
+            f"DeepLab's per-pixel classifiers, not on the query-based model; name the method "
+            f"alone ({base})"
+        )
+    if needs is None and config.model.architecture == "mask2former":
+        raise ConfigError(
+            "model.architecture: mask2former is query-based (class scores per query and masks, "
+            f"no per-pixel logits), and method {config.method.name!r} trains per-pixel logits; "
+            f"the methods that train it: {list(QUERY_METHOD_NAMES)}"
+        )
 
 
 def saliency_readers() -> list[str]:

@@ -109,4 +109,11 @@ PUBLISHED: dict[str, tuple[float, str]] = {
     "voc/15-1-disjoint-star-m": (71.18, "STAR README, with background"),
     "ade/100-50-star": (36.39, "STAR README, with background"),
     "ade/100-10-star": (34.91, "STAR README, with background"),
+    # CoMFormer: its README has no numbers; the paper's old-class mIoU (classes 1-100, 1-50 for
+    # 50-50) after the last step, as the benchmark listing of wizwand.com gives it (the page of
+    # arXiv 2211.13999). Old classes only: its "all" is not listed there.
+    "ade/100-50-comformer": (44.7, "CoMFormer paper, old classes 1-100"),
+    "ade/100-10-comformer": (40.6, "CoMFormer paper, old classes 1-100"),
+    "ade/100-5-comformer": (39.5, "CoMFormer paper, old classes 1-100"),
+    "ade/50-50-comformer": (49.2, "CoMFormer paper, old classes 1-50"),
 }

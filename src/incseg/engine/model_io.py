@@ -5,6 +5,7 @@ training is the :class:`~incseg.engine.runtime.Runtime`'s."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from torch import nn
 
@@ -38,6 +39,7 @@ def build_model(config: Config, info: StepInfo, *, pretrained: bool = True) -> I
         head_channels=m.head_channels,
         pretrained=m.pretrained if pretrained else "none",
         architecture=m.architecture,
+        query_sizes=dataclasses.asdict(m.mask2former),
     )
     if pretrained and (m.backbone_weights or m.pretrained == "iabn"):
         load_iabn_imagenet(model, m.backbone_weights or str(ensure_iabn_weights()))
@@ -52,14 +54,17 @@ def restore_step(checkpoint: dict) -> tuple[Config, StepInfo, IncrementalSegment
     its step) or an imported one.
 
     The model does not depend on the method, so the checkpoint's ``method`` section is not read:
-    the returned config names fine-tuning in its place. A method named inside a checkpoint (a
-    ``module:Class`` path could run any module's code) is therefore never imported.
+    the returned config names fine-tuning in its place (``m2f_ft`` for the query-based model). A
+    method named inside a checkpoint (a ``module:Class`` path could run any module's code) is
+    therefore never imported.
     """
     raw = checkpoint["config"]
     if not isinstance(raw, dict):
         raise CheckpointError(f"checkpoint config is not a mapping: {raw!r}")
+    model = raw.get("model")
+    query = isinstance(model, dict) and model.get("architecture") == "mask2former"
     try:
-        config = config_from_dict({**raw, "method": {"name": "ft"}})
+        config = config_from_dict({**raw, "method": {"name": "m2f_ft" if query else "ft"}})
     except ConfigError as err:
         raise CheckpointError(f"checkpoint config does not load: {err}") from None
     setting = get_setting(config.family, config.protocol.setting)

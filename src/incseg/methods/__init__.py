@@ -25,6 +25,9 @@ METHOD_PATHS: dict[str, str] = {
     "dkd": "incseg.methods.dkd:DKD",
     "ft": "incseg.methods.ft:FineTuning",
     "lwf": "incseg.methods.lwf:LwF",
+    "m2f_ft": "incseg.methods.query:QueryFineTuning",
+    "comformer": "incseg.methods.comformer:CoMFormer",
+    "comformer_ft": "incseg.methods.comformer:CoMFormerFT",
     "lwf_mc": "incseg.methods.lwf:LwFMC",
     "ilt": "incseg.methods.lwf:ILT",
     "ewc": "incseg.methods.regularizers:EWC",
@@ -38,6 +41,8 @@ METHOD_PATHS: dict[str, str] = {
     "star": "incseg.methods.star:STAR",
 }
 METHOD_NAMES = tuple(sorted(METHOD_PATHS))
+# The built-in methods of the query-based model (model.architecture: mask2former).
+QUERY_METHOD_NAMES = ("comformer", "comformer_ft", "m2f_ft")
 # Add-ons apply on top of any method (``method.name: mib+ewf``); they act at steps > 0 only.
 ADDON_PATHS: dict[str, str] = {
     "ewf": "incseg.methods.ewf:EWF",

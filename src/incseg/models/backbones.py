@@ -90,7 +90,7 @@ class ResNetBackbone(nn.Module):
         builder = getattr(torchvision.models, f"resnet{depth}")
         net = builder(weights=None, replace_stride_with_dilation=dilate)
         if weights is not None:
-            net.load_state_dict(_download_weights(f"ResNet{depth}_Weights.{weights}"))
+            net.load_state_dict(download_weights(f"ResNet{depth}_Weights.{weights}"))
         for layer in (net.layer3, net.layer4):
             dilation = layer[-1].conv2.dilation
             layer[0].conv2.dilation = layer[0].conv2.padding = dilation
@@ -153,7 +153,7 @@ def _replace_relu(module: nn.Module, norm: str) -> None:
             _replace_relu(child, norm)
 
 
-def _download_weights(name: str) -> dict[str, torch.Tensor]:
+def download_weights(name: str) -> dict[str, torch.Tensor]:
     """Fetch torchvision weights ``name`` (e.g. ``ResNet101_Weights.IMAGENET1K_V1``).
 
     Raises:

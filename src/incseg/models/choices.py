@@ -46,6 +46,7 @@ FEATURE_NAMES = (
 # norm of the backbone's blocks and the ASPP convs (models/rcil.py), for method rcil; ssul / dkd:
 # torchvision's DeepLabV3 head with SSUL's unknown + background + per-step heads, or DKD's
 # auxiliary classifier, all sigmoid (models/heads.py), for methods ssul / dkd; star: dkd's without
-# the auxiliary classifier (no background channel), for method star.
-Architecture = Literal["deeplabv3", "rcil", "ssul", "dkd", "star"]
+# the auxiliary classifier (no background channel), for method star; mask2former: the
+# query-based model (models/mask2former), for the query-based methods (comformer, m2f-ft).
+Architecture = Literal["deeplabv3", "rcil", "ssul", "dkd", "star", "mask2former"]
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)

@@ -1,0 +1,190 @@
+"""Mask2Former as an incremental segmenter (``model.architecture: mask2former``): backbone,
+deformable pixel decoder, masked-attention transformer decoder, and a class head that grows by one
+linear layer per step (docs/methods.md "Mask2Former").
+
+The class head: Mask2Former's ``class_embed`` is one ``Linear(hidden, K + 1)``, the last output
+the no-object class (facebookresearch/Mask2Former ``mask2former_transformer_decoder.py:308-309``).
+Here it is one ``Linear(hidden, C_s)`` per step ``s`` (channel ``k`` for the step's class
+``order[k]``, step 0's channel 0 the background, as every incseg model) and one
+``Linear(hidden, 1)`` for no-object, concatenated in that order: the same function, and each row
+initialised as PyTorch initialises a ``Linear`` of that input width, so a model of one step is
+distributed as the official head.
+
+With ``background: false`` (ADE20K's 0 is void: Mask2Former and CoMFormer train no class for
+it) step 0's layer has no row for channel 0: class index ``k`` of the logits is channel ``k + 1``
+(:attr:`QueryOutput.first_channel`), and a pixel that no query claims is predicted 0.
+
+The engine sees the segmenter interface of :class:`incseg.models.segmenter.IncrementalSegmenter`:
+``classifiers``, ``channels_per_step``, ``add_classifier``, ``forward`` and
+``prediction_scores`` (the semantic inference, ``maskformer_model.py:366-370``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from incseg.comformer_losses import comformer_inference
+from incseg.models.mask2former.decoder import MultiScaleMaskedTransformerDecoder
+from incseg.models.mask2former.pixel_decoder import MSDeformAttnPixelDecoder
+from incseg.query_losses import semantic_inference
+
+
+@dataclass
+class QueryOutput:
+    """What the query-based model returns for ``(B, 3, H, W)`` images.
+
+    Attributes:
+        pred_logits: ``(B, Q, C_t + 1)`` class logits per query, the last no-object.
+        pred_masks: ``(B, Q, H/4, W/4)`` mask logits per query.
+        aux_outputs: the same pair for each earlier prediction of the decoder (deep
+            supervision), as ``{"pred_logits", "pred_masks"}`` dicts.
+        size: ``(H, W)`` of the input, what predictions are upsampled to.
+        first_channel: the channel of class index 0 of the logits: 0, or 1 when the head has no
+            background class.
+        queries: the decoder's query states per prediction ``(B, Q, hidden)``, only when asked
+            for (feature name ``queries``); empty otherwise.
+    """
+
+    pred_logits: torch.Tensor
+    pred_masks: torch.Tensor
+    aux_outputs: list[dict[str, torch.Tensor]]
+    size: tuple[int, int]
+    first_channel: int = 0
+    queries: list[torch.Tensor] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The official output dict (``pred_logits``, ``pred_masks``, ``aux_outputs``)."""
+        return {
+            "pred_logits": self.pred_logits,
+            "pred_masks": self.pred_masks,
+            "aux_outputs": self.aux_outputs,
+        }
+
+
+class IncrementalClassHead(nn.Module):
+    """``(B, Q, hidden) -> (B, Q, C_t + 1)``: each step's linear classes, then no-object."""
+
+    def __init__(self, hidden_dim: int) -> None:
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.classifiers = nn.ModuleList()
+        self.no_object = nn.Linear(hidden_dim, 1)
+
+    def forward(self, queries: torch.Tensor) -> torch.Tensor:
+        return torch.cat([c(queries) for c in self.classifiers] + [self.no_object(queries)], -1)
+
+
+class QuerySegmenter(nn.Module):
+    """Mask2Former with a class head that grows per step.
+
+    Args:
+        backbone: returns a dict of feature maps and has ``output_shape()`` (name -> (channels,
+            stride)): :mod:`incseg.models.mask2former.backbone`.
+        channels_per_step: classes of steps 0..t (step 0's include the background).
+        sizes: :class:`incseg.config.Mask2FormerConfig`'s fields.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, channels_per_step: tuple[int, ...], sizes: Mapping[str, Any]
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pixel_decoder = MSDeformAttnPixelDecoder(
+            backbone.output_shape(),
+            conv_dim=sizes["conv_dim"],
+            mask_dim=sizes["mask_dim"],
+            encoder_layers=sizes["enc_layers"],
+            heads=sizes["nheads"],
+            dim_feedforward=sizes["enc_dim_feedforward"],
+        )
+        self.predictor = MultiScaleMaskedTransformerDecoder(
+            in_channels=sizes["conv_dim"],
+            num_classes=1,  # replaced by the growing head below
+            hidden_dim=sizes["hidden_dim"],
+            num_queries=sizes["num_queries"],
+            nheads=sizes["nheads"],
+            dim_feedforward=sizes["dim_feedforward"],
+            dec_layers=sizes["dec_layers"],
+            mask_dim=sizes["mask_dim"],
+            mask_activation=sizes["mask_activation"],
+        )
+        self.predictor.class_embed = IncrementalClassHead(sizes["hidden_dim"])
+        self.background = sizes.get("background", True)
+        self.inference = sizes.get("inference", "semantic")
+        for num in channels_per_step:
+            self.add_classifier(num)
+
+    @property
+    def classifiers(self) -> nn.ModuleList:
+        return self.predictor.class_embed.classifiers
+
+    @property
+    def first_channel(self) -> int:
+        return 0 if self.background else 1
+
+    @property
+    def channels_per_step(self) -> tuple[int, ...]:
+        """Channels of steps 0..t as every incseg model counts them (step 0's with the
+        background, whether or not the head has a row for it)."""
+        sizes = [c.out_features for c in self.classifiers]
+        if sizes:
+            sizes[0] += self.first_channel
+        return tuple(sizes)
+
+    @property
+    def num_channels(self) -> int:
+        return sum(self.channels_per_step)
+
+    def add_classifier(self, num_channels: int) -> nn.Module:
+        """Append the next step's ``Linear(hidden, num_channels)`` on the model's device (step 0's
+        without the background row when the head has none)."""
+        head = self.predictor.class_embed
+        if not self.classifiers:
+            num_channels -= self.first_channel
+        ref = head.no_object.weight
+        layer = nn.Linear(head.hidden_dim, num_channels).to(device=ref.device, dtype=ref.dtype)
+        self.classifiers.append(layer)
+        return layer
+
+    def forward(self, images: torch.Tensor, features: Collection[str] = ()) -> QueryOutput:
+        """``(B, 3, H, W)`` normalised images -> :class:`QueryOutput`. The only feature name is
+        ``queries`` (the decoder's query states per prediction)."""
+        unknown = set(features) - {"queries"}
+        if unknown:
+            raise ValueError(f"unknown feature names {sorted(unknown)}; valid: ['queries']")
+        maps = self.backbone(images)
+        mask_features, _, multi_scale = self.pixel_decoder.forward_features(maps)
+        out = self.predictor(multi_scale, mask_features, return_queries="queries" in features)
+        return QueryOutput(
+            out["pred_logits"],
+            out["pred_masks"],
+            out["aux_outputs"],
+            tuple(images.shape[-2:]),
+            self.first_channel,
+            out.get("queries", []),
+        )
+
+    def prediction_scores(self, output: QueryOutput) -> torch.Tensor:
+        """``(B, C_t, H, W)`` scores at input size whose argmax is the prediction: the masks
+        upsampled bilinearly to the input (``maskformer_model.py:214-219``), then Mask2Former's
+        :func:`~incseg.query_losses.semantic_inference` (without a background class, channel 0
+        scores 0 and so is predicted only where every class scores 0) or, with ``inference:
+        comformer``, the one-hot of CoMFormer's
+        :func:`~incseg.comformer_losses.comformer_inference` (a pixel no query paints: 0)."""
+        masks = F.interpolate(
+            output.pred_masks.float(), size=output.size, mode="bilinear", align_corners=False
+        )
+        logits = output.pred_logits.float()
+        num = logits.shape[-1] - 1 + output.first_channel
+        if self.inference == "comformer":
+            labels = comformer_inference(logits, masks) - 1 + output.first_channel
+            labels = labels.clamp(min=0)  # with a background class, an unpainted pixel is 0 too
+            return F.one_hot(labels, num).permute(0, 3, 1, 2).float()
+        scores = semantic_inference(logits, masks)
+        return F.pad(scores, (0, 0, 0, 0, output.first_channel, 0))
