@@ -53,10 +53,18 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from incseg.query_losses import masks_from_labels, point_sample
-
-Targets = list[dict[str, torch.Tensor]]
-Indices = list[tuple[torch.Tensor, torch.Tensor]]
+from incseg.query_losses import (
+    Indices,
+    Targets,
+    aux_count,
+    expand_weights,
+    masks_from_labels,
+    matched_queries,
+    matched_target_masks,
+    one_process,
+    point_sample,
+    weighted_sum,
+)
 
 # The hard-coded mask-probability threshold of pseudo-labelling and inference
 # (maskformer.py:131-132, maskformer_model.py:83).
@@ -160,31 +168,6 @@ def softmax_matcher(
     return indices
 
 
-def _src_idx(indices: Indices) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image, query) of every matched pair, images in order (criterion.py:212-216)."""
-    batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-    return batch, torch.cat([src for src, _ in indices])
-
-
-def _matched_target_masks(targets: Targets, indices: Indices, like: torch.Tensor) -> torch.Tensor:
-    """Matched target masks ``(N, H_max, W_max)``, zero-padded bottom/right, dtype of ``like``.
-
-    The official pads every mask into one tensor of the first image's mask dtype
-    (utils/misc.py:48-70), casts, then indexes (set_criterion.py:213-217); padding only the
-    matched masks gives the same values.
-    """
-    height = max(t["masks"].shape[-2] for t in targets)
-    width = max(t["masks"].shape[-1] for t in targets)
-    dtype = targets[0]["masks"].dtype
-    selected = []
-    for t, (_, j) in zip(targets, indices):
-        masks = t["masks"][j]
-        padded = torch.zeros((masks.shape[0], height, width), dtype=dtype, device=masks.device)
-        padded[:, : masks.shape[-2], : masks.shape[-1]].copy_(masks)
-        selected.append(padded)
-    return torch.cat(selected).to(like)
-
-
 def _softmax_point_coords(
     probs: torch.Tensor,
     num_points: int,
@@ -251,10 +234,10 @@ def softmax_mask_losses(
     Returns:
         ``{"loss_mask", "loss_dice"}``, 0-dim tensors.
     """
-    src = _src_idx(indices)
+    src = matched_queries(indices)
     probs = pred_masks.softmax(dim=1)[src][:, None]
     log_probs = torch.log_softmax(pred_masks, dim=1)[src][:, None]
-    target_masks = _matched_target_masks(targets, indices, probs)[:, None]
+    target_masks = matched_target_masks(targets, indices, probs)[:, None]
     # Points are chosen from the predictions but carry no gradient, as official.
     with torch.no_grad():
         coords = _softmax_point_coords(
@@ -344,11 +327,6 @@ class CoMFormerWeights:
     deep_supervision: bool = True
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    """One process: the official's ``all_reduce`` then ``/ world_size`` with world size 1."""
-    return x
-
-
 def _focal_labels(
     pred_logits: torch.Tensor, targets: Targets, indices: Indices, weights: CoMFormerWeights
 ) -> torch.Tensor:
@@ -356,7 +334,7 @@ def _focal_labels(
     logits = pred_logits.float()
     num_classes = logits.shape[-1] - 1
     classes = torch.full(logits.shape[:2], num_classes, dtype=torch.int64, device=logits.device)
-    classes[_src_idx(indices)] = torch.cat(
+    classes[matched_queries(indices)] = torch.cat(
         [t["labels"][j] for t, (_, j) in zip(targets, indices)]
     ).to(classes)
     return focal_ce(logits.transpose(1, 2), classes, weights.focal_alpha, weights.focal_gamma)
@@ -369,7 +347,7 @@ def comformer_criterion(
     old_logits: torch.Tensor | None,
     weights: CoMFormerWeights = CoMFormerWeights(),
     generator: torch.Generator | None = None,
-    mean_over_processes: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    mean_over_processes: Callable[[torch.Tensor], torch.Tensor] = one_process,
 ) -> dict[str, torch.Tensor]:
     """CoMFormer's unweighted losses (``SoftmaxKDSetCriterion.forward``, set_criterion.py:156-197).
 
@@ -445,11 +423,7 @@ def loss_weight_dict(weights: CoMFormerWeights, dec_layers: int) -> dict[str, fl
         "loss_dice": weights.dice_weight,
         "loss_kd": weights.kd_weight,
     }
-    result = dict(base)
-    if weights.deep_supervision:
-        for i in range(dec_layers - 1):
-            result.update({key + f"_{i}": value for key, value in base.items()})
-    return result
+    return expand_weights(base, dec_layers, weights.deep_supervision)
 
 
 def weighted_total(losses: dict[str, torch.Tensor], weights: CoMFormerWeights) -> torch.Tensor:
@@ -458,9 +432,7 @@ def weighted_total(losses: dict[str, torch.Tensor], weights: CoMFormerWeights) -
     Keys without a weight are dropped, as official; the trainer sums the values in order.
     ``DEC_LAYERS`` is taken as 1 + the number of aux sets in ``losses``.
     """
-    num_aux = sum(1 for key in losses if key.startswith("loss_ce_"))
-    weight_dict = loss_weight_dict(weights, num_aux + 1)
-    return sum(value * weight_dict[key] for key, value in losses.items() if key in weight_dict)
+    return weighted_sum(losses, loss_weight_dict(weights, aux_count(losses) + 1))
 
 
 def targets_from_label_map(label: torch.Tensor, ignore: int = 255) -> dict[str, torch.Tensor]:

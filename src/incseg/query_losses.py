@@ -253,7 +253,7 @@ class CriterionWeights:
         )
 
 
-def _src_idx(indices: Indices) -> tuple[torch.Tensor, torch.Tensor]:
+def matched_queries(indices: Indices) -> tuple[torch.Tensor, torch.Tensor]:
     """(image, query) of every matched pair, images in order (criterion.py:192-196)."""
     batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
     return batch, torch.cat([src for src, _ in indices])
@@ -266,13 +266,13 @@ def _loss_labels(
     logits = pred_logits.float()
     matched = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
     classes = torch.full(logits.shape[:2], num_classes, dtype=torch.int64, device=logits.device)
-    classes[_src_idx(indices)] = matched
+    classes[matched_queries(indices)] = matched
     empty_weight = torch.ones(num_classes + 1, device=logits.device)
     empty_weight[-1] = eos
     return F.cross_entropy(logits.transpose(1, 2), classes, empty_weight)
 
 
-def _matched_target_masks(targets: Targets, indices: Indices, like: torch.Tensor) -> torch.Tensor:
+def matched_target_masks(targets: Targets, indices: Indices, like: torch.Tensor) -> torch.Tensor:
     """Matched target masks ``(N, H_max, W_max)``, zero-padded bottom/right, dtype of ``like``.
 
     Official pads all masks into one batch tensor of the first mask's dtype
@@ -300,8 +300,8 @@ def _loss_masks(
     generator: torch.Generator | None,
 ) -> dict[str, torch.Tensor]:
     """Point-sampled BCE and dice of matched masks (criterion.py:140-190)."""
-    src = pred_masks[_src_idx(indices)][:, None]
-    tgt = _matched_target_masks(targets, indices, src)[:, None]
+    src = pred_masks[matched_queries(indices)][:, None]
+    tgt = matched_target_masks(targets, indices, src)[:, None]
     # Points are chosen from the predictions but carry no gradient, as official.
     with torch.no_grad():
         coords = uncertain_point_coords(
@@ -319,7 +319,7 @@ def _loss_masks(
     }
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
+def one_process(x: torch.Tensor) -> torch.Tensor:
     """One process: the official's ``all_reduce`` then ``/ world_size`` with world size 1."""
     return x
 
@@ -332,7 +332,7 @@ def set_criterion(
     num_masks: float | None = None,
     generator: torch.Generator | None = None,
     matcher: Callable[..., Indices] = hungarian_match,
-    mean_over_processes: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    mean_over_processes: Callable[[torch.Tensor], torch.Tensor] = one_process,
 ) -> dict[str, torch.Tensor]:
     """Mask2Former's unweighted set losses (criterion.py:212-247, ``SetCriterion.forward``).
 
@@ -384,6 +384,30 @@ def set_criterion(
     return losses
 
 
+def expand_weights(
+    base: dict[str, float], dec_layers: int, deep_supervision: bool = True
+) -> dict[str, float]:
+    """An official ``weight_dict``: ``base`` for the final prediction and, with deep
+    supervision, the same weights under the keys ``_0 .. _{dec_layers - 2}`` of the earlier
+    predictions (maskformer_model.py:118-125)."""
+    result = dict(base)
+    if deep_supervision:
+        for i in range(dec_layers - 1):
+            result.update({key + f"_{i}": value for key, value in base.items()})
+    return result
+
+
+def weighted_sum(losses: dict[str, torch.Tensor], weight_dict: dict[str, float]) -> torch.Tensor:
+    """Each loss times its ``weight_dict`` entry, keys without one dropped, summed in order
+    (maskformer_model.py:209-217 and detectron2's trainer)."""
+    return sum(value * weight_dict[key] for key, value in losses.items() if key in weight_dict)
+
+
+def aux_count(losses: dict[str, torch.Tensor]) -> int:
+    """The earlier predictions a criterion's losses hold (``loss_ce_0``, ``loss_ce_1``, ...)."""
+    return sum(1 for key in losses if key.startswith("loss_ce_"))
+
+
 def loss_weight_dict(weights: CriterionWeights, dec_layers: int) -> dict[str, float]:
     """The official ``weight_dict`` (maskformer_model.py:118-125).
 
@@ -395,11 +419,7 @@ def loss_weight_dict(weights: CriterionWeights, dec_layers: int) -> dict[str, fl
         "loss_mask": weights.mask_weight,
         "loss_dice": weights.dice_weight,
     }
-    result = dict(base)
-    if weights.deep_supervision:
-        for i in range(dec_layers - 1):
-            result.update({key + f"_{i}": value for key, value in base.items()})
-    return result
+    return expand_weights(base, dec_layers, weights.deep_supervision)
 
 
 def weighted_total(losses: dict[str, torch.Tensor], weights: CriterionWeights) -> torch.Tensor:
@@ -410,9 +430,7 @@ def weighted_total(losses: dict[str, torch.Tensor], weights: CriterionWeights) -
     dict's values in order. ``DEC_LAYERS`` is taken as 1 + the number of aux sets in
     ``losses``, as in the official decoder (mask2former_transformer_decoder.py:451-461).
     """
-    num_aux = sum(1 for key in losses if key.startswith("loss_ce_"))
-    weight_dict = loss_weight_dict(weights, num_aux + 1)
-    return sum(value * weight_dict[key] for key, value in losses.items() if key in weight_dict)
+    return weighted_sum(losses, loss_weight_dict(weights, aux_count(losses) + 1))
 
 
 def masks_from_labels(label: torch.Tensor, ignore: int = 255) -> dict[str, torch.Tensor]:
