@@ -374,7 +374,7 @@ CASES = [
             "--out",
             str(t / "i.pt"),
         ],
-        "noise.pt: is not a PyTorch file (corrupt bytes or another format); expected a step checkpoint of MiB, PLOP or cssegmentation",
+        "noise.pt: is not a PyTorch file (corrupt bytes or another format); expected a step checkpoint of MiB, PLOP or cssegmentation, or a detectron2 model_final.pth",
     ),
     (
         "backbone weights that are a truncated file",

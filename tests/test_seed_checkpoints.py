@@ -578,7 +578,7 @@ def test_numpy_scores_load_and_other_objects_do_not(tmp_path):
     torch.save({"segmentor": {}, "best_score": Fraction(1, 3)}, tmp_path / "other.pth")
     message = (
         r"other.pth: holds Python objects that a safe \(weights-only\) load refuses.*"
-        "expected a step checkpoint of MiB, PLOP or cssegmentation"
+        "expected a step checkpoint of MiB, PLOP or cssegmentation, or a detectron2 model_final.pth"
     )
     with pytest.raises(CheckpointError, match=message):
         load_foreign_checkpoint(tmp_path / "other.pth")

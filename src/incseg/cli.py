@@ -180,15 +180,21 @@ def _add_import_checkpoint(
     imp = sub.add_parser(
         "import-checkpoint",
         parents=[overrides],
-        help="convert a MiB, PLOP or cssegmentation step checkpoint into an incseg checkpoint",
-        description="Convert a step checkpoint of the official MiB code, PLOP or cssegmentation "
-        "into an incseg step checkpoint for the given config and step, so that `incseg eval` can "
-        "evaluate it. Every key is accounted for (docs/reproduction.md).",
+        help="convert a MiB, PLOP, cssegmentation or detectron2 (Mask2Former) step checkpoint "
+        "into an incseg checkpoint",
+        description="Convert a step checkpoint of the official MiB code, PLOP, cssegmentation "
+        "or a detectron2-based query model (Mask2Former, CoMFormer, BalConpas) into an incseg step "
+        "checkpoint for the given config and step, so that `incseg eval` can evaluate it. Every "
+        "key is accounted for (docs/reproduction.md).",
     )
-    imp.add_argument("source", type=Path, help="the other codebase's step checkpoint (.pth)")
+    imp.add_argument(
+        "source",
+        type=Path,
+        help="the other codebase's step checkpoint (.pth, or a detectron2 .pkl of numpy arrays)",
+    )
     imp.add_argument(
         "--layout",
-        choices=("auto", "mib", "cssegmentation", "plop"),
+        choices=("auto", "mib", "cssegmentation", "plop", "detectron2"),
         default="auto",
         help="whose checkpoint it is (default: told from its keys; docs/reproduction.md)",
     )

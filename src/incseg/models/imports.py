@@ -1,4 +1,5 @@
-"""Step checkpoints of other codebases -> incseg state dicts: MiB, PLOP and cssegmentation.
+"""Step checkpoints of other codebases -> incseg state dicts: MiB, PLOP, cssegmentation and
+detectron2's (Mask2Former, CoMFormer, ECLIPSE, BalConpas: :mod:`incseg.models.m2f_imports`).
 
 One entry point, :func:`convert_checkpoint`, takes what ``torch.load`` returned for a foreign step
 checkpoint and the incseg model of the same step, tells the layout apart (:func:`detect_layout`)
@@ -98,10 +99,12 @@ import torch
 from torch import nn
 
 from incseg.errors import CheckpointError, ConfigError
+from incseg.models.m2f_imports import convert_detectron2, is_detectron2, load_detectron2_pickle
 from incseg.models.official import IABN_EPS, official_name
 from incseg.torchfile import load_torch_file
 
-LAYOUTS = ("mib", "cssegmentation", "plop")
+LAYOUTS = ("mib", "cssegmentation", "plop")  # DeepLab step checkpoints
+QUERY_LAYOUTS = ("detectron2",)  # Mask2Former and the query-based methods (m2f_imports.py)
 
 # incseg key -> cssegmentation key (without ``module.``); see the module docstring for sources.
 _CSSEG_RULES = [  # (incseg pattern, cssegmentation template)
@@ -125,7 +128,9 @@ _WRAPPERS = {"segmentor": "cssegmentation", "model_state": "mib"}
 _EXPECTED = (
     "a cssegmentation checkpoint (a dict with 'segmentor', runners/base.py:250-254), a MiB or "
     "PLOP checkpoint (a dict with 'model_state', run.py save_ckpt), or a bare state dict with "
-    "body./head./cls. (MiB, PLOP) or encoder./decoder./convs_cls. (cssegmentation) keys"
+    "body./head./cls. (MiB, PLOP) or encoder./decoder./convs_cls. (cssegmentation) keys, or a "
+    "detectron2 checkpoint (Mask2Former and the query-based methods: sem_seg_head. keys, bare "
+    "or under 'model')"
 )
 
 
@@ -291,7 +296,8 @@ def _describe(data: Any) -> str:
 
 
 def detect_layout(data: Any) -> str:
-    """``"mib"``, ``"cssegmentation"`` or ``"plop"`` for what ``torch.load`` returned.
+    """``"mib"``, ``"cssegmentation"``, ``"plop"`` or ``"detectron2"`` for what ``torch.load``
+    returned (``detectron2``: ``sem_seg_head.`` keys, :func:`~incseg.models.m2f_imports.is_detectron2`).
 
     A dict with ``segmentor`` is cssegmentation's; one with ``model_state`` is MiB's or PLOP's
     (identical layouts, module docstring): ``"plop"`` only where PLOP-only parameters show
@@ -300,6 +306,8 @@ def detect_layout(data: Any) -> str:
     Raises:
         CheckpointError: none of these; the message lists what was expected and what was found.
     """
+    if is_detectron2(data):
+        return "detectron2"
     if isinstance(data, Mapping):
         for wrapper, layout in _WRAPPERS.items():
             if wrapper in data:
@@ -361,21 +369,27 @@ def convert_checkpoint(
 
     Args:
         data: what ``torch.load`` returned: a MiB/PLOP checkpoint (``model_state``), a
-            cssegmentation one (``segmentor``), or a bare state dict of either.
-        model: the incseg model of the checkpoint's step (ResNet, ``norm: iabn``).
-        layout: ``"auto"`` (:func:`detect_layout`), ``"mib"``, ``"cssegmentation"`` or ``"plop"``.
+            cssegmentation one (``segmentor``), a bare state dict of either, or a detectron2
+            checkpoint (``model``, or what :func:`load_foreign_checkpoint` read from a ``.pkl``).
+        model: the incseg model of the checkpoint's step (ResNet, ``norm: iabn``; for
+            ``detectron2`` the query model, ``model.architecture: mask2former``).
+        layout: ``"auto"`` (:func:`detect_layout`), ``"mib"``, ``"cssegmentation"``, ``"plop"``
+            or ``"detectron2"``.
 
     Raises:
         ConfigError: an unknown ``layout``.
         CheckpointError: a layout that cannot be detected, a model that cannot compute the
             foreign function, or keys and shapes that do not match (messages name them).
     """
-    if layout != "auto" and layout not in LAYOUTS:
+    if layout != "auto" and layout not in LAYOUTS + QUERY_LAYOUTS:
         raise ConfigError(
-            f"unknown checkpoint layout {layout!r}; expected auto or one of {list(LAYOUTS)}"
+            f"unknown checkpoint layout {layout!r}; expected auto or one of {list(LAYOUTS)} "
+            f"(DeepLab) or {list(QUERY_LAYOUTS)} (Mask2Former)"
         )
     if layout == "auto":
         layout = detect_layout(data)
+    if layout == "detectron2":
+        return convert_detectron2(data, model)
     state = _state_of(data, layout)
     _check_model(model)
     return _CONVERTERS[layout](state, model)
@@ -404,7 +418,7 @@ def _numpy_scalar_globals() -> list[Any]:
 
 
 def load_foreign_checkpoint(path: str | Path) -> Any:
-    """A MiB, PLOP or cssegmentation checkpoint file, loaded safely (``weights_only``) with numpy
+    """A MiB, PLOP, cssegmentation or detectron2 checkpoint file, loaded safely (``weights_only``) with numpy
     scalars allowed besides tensors and plain data.
 
     Their ``best_score`` is a numpy float once the runner has evaluated: cssegmentation's
@@ -414,9 +428,15 @@ def load_foreign_checkpoint(path: str | Path) -> Any:
     PLOP ``run.py:450-455``, ``metrics/stream_metrics.py:94``). A plain weights-only load refuses
     them.
 
+    A ``.pkl`` is detectron2's pickle of numpy arrays, read by
+    :func:`~incseg.models.m2f_imports.load_detectron2_pickle` (numpy arrays only, as detectron2
+    tells the two formats apart by the suffix).
+
     Raises:
         CheckpointError: a missing file or one that cannot be loaded safely (the message says why).
     """
-    what = "a step checkpoint of MiB, PLOP or cssegmentation"
+    if Path(path).suffix == ".pkl":
+        return load_detectron2_pickle(path)
+    what = "a step checkpoint of MiB, PLOP or cssegmentation, or a detectron2 model_final.pth"
     with torch.serialization.safe_globals(_numpy_scalar_globals()):
         return load_torch_file(path, what)
