@@ -267,3 +267,18 @@ def test_a_tiny_comformer_run_reports_every_step_and_resumes_exactly(comformer_r
     steps = json.loads((out / "metrics.json").read_text())["steps"]
     assert len(steps) == 2 and "kd" in steps[1]["losses"][0] and "kd" not in steps[0]["losses"][0]
     check_exact_resume(out, args, tmp_path)
+
+
+def test_comformer_and_its_ft_share_step_0_but_not_later_steps(tmp_path):
+    from incseg.engine.adopt import shared_steps_key
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {architecture: mask2former}\nmethod: {name: comformer}\n")
+    comformer = load_config(path, ["method.kd_weight=0.5", "method.pseudo=false"])
+    ft = load_config(path, ["method.name=comformer_ft"])
+    assert shared_steps_key(comformer, 0) == shared_steps_key(ft, 0)
+    assert shared_steps_key(comformer, 1) != shared_steps_key(ft, 1)
+    other = load_config(path, ["method.name=comformer_ft", "method.focal_gamma=2"])
+    assert shared_steps_key(other, 0) != shared_steps_key(ft, 0)  # another step-0 criterion
+    m2f = load_config(path, ["method.name=m2f_ft"])
+    assert shared_steps_key(m2f, 0) != shared_steps_key(ft, 0)

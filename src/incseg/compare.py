@@ -311,8 +311,9 @@ class ComparisonOptions:
         joint: a last row for Joint, the ``offline`` setting (``--joint``).
         joint_epochs: Joint's epochs (default: step 0's ``train.epochs``).
         method_sets: per-method ``KEY=VALUE`` overrides, from :func:`parse_method_sets`.
-        share_first_step: methods whose step 0 is plain cross-entropy (FT, LwF, ILT, MiB; see
-            ``Method.plain_first_step``) and whose configs differ only in the method train step 0
+        share_first_step: methods that train the same step 0 (plain cross-entropy: FT, LwF, ILT,
+            MiB; CoMFormer and its FT; ``Method.first_step_key``) and whose configs differ only
+            in the method train step 0
             once: later ones start from the first one's finished step 0 (copied unchanged).
             False: ``--retrain-first-step``.
     """
@@ -428,8 +429,10 @@ class _Members:
         log.info(f"[compare] {label}: running into {member.path}")
         source = self.first_steps.get(key)
         if source is not None and steps > 1 and not member.step_file(0).exists():
-            plain = method_class(config.method.name).plain_first_step
-            why = "plain cross-entropy" if plain else "the same step 0; the memory starts at step 1"
+            cls = method_class(config.method.name)
+            why = "plain cross-entropy" if cls.plain_first_step else "the same step 0"
+            if config.method.params.get("memory_size"):
+                why += "; the memory starts at step 1"
             log.info(
                 f"[compare] {label}: step 0 is the one of {source.name} ({why}), not retrained"
             )

@@ -18,8 +18,8 @@ from incseg.methods import method_class
 def shared_steps_key(config: Config, step: int) -> str:
     """Runs with equal keys train the very same steps ``0..step``: their configs agree on everything
     but the run name and ``protocol.last_step``; for step 0 also the incremental-step keys and the
-    exemplar memory's keys (``memory_*``), and the method too when both methods train step 0 with plain
-    cross-entropy and no state (``Method.plain_first_step``)."""
+    exemplar memory's keys (``memory_*``), and the method too when both methods train the same
+    step 0 (equal ``Method.first_step_key``: plain cross-entropy, or CoMFormer's criterion)."""
     d = config.to_dict()
     d.pop("name")
     d["protocol"].pop("last_step")
@@ -28,9 +28,9 @@ def shared_steps_key(config: Config, step: int) -> str:
         d["train"].pop("lr_incremental")
         for key in [k for k in d["method"] if k.startswith("memory_")]:
             d["method"].pop(key)  # the exemplar memory starts at step 1
-        if method_class(config.method.name).plain_first_step:
-            # MiB's ce_reduction changes how the step-0 cross-entropy averages void pixels
-            d["method"] = ("plain first step", d["method"].get("ce_reduction", "valid"))
+        key = method_class(config.method.name).first_step_key(d["method"])
+        if key is not None:  # the methods that train the same step 0 (Method.first_step_key)
+            d["method"] = key
     return json.dumps(d, sort_keys=True)
 
 

@@ -116,6 +116,17 @@ class Method:
     # "saliency" (the salient ones, data.saliency), "background" (all), None (none).
     unknown_from: ClassVar[str | None] = None
 
+    @classmethod
+    def first_step_key(cls, params: dict[str, Any]) -> object | None:
+        """What step 0 depends on of the method (``params``: its hyperparameters as the config
+        holds them), for methods that train the very same step 0: runs whose configs differ
+        only in the method and whose keys are equal share step 0 (``incseg compare`` trains it
+        once; ``--start-from`` accepts it). None: the method's step 0 is its own. A
+        ``plain_first_step`` method's key is plain cross-entropy with MiB's ``ce_reduction``."""
+        if cls.plain_first_step:
+            return ("plain first step", params.get("ce_reduction", "valid"))
+        return None
+
     def memory_lut(self, info: StepInfo) -> torch.Tensor | None:
         """The ``(256,)`` uint8 label lookup table of the step's memory images (dataset ids ->
         training labels); None (default): the step's training labels."""

@@ -23,8 +23,9 @@ code could not run as committed and what incseg follows instead.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,13 @@ class CoMFormerFT(QueryMethod):
 
     focal_alpha: float = ranged(5.0, Range(0, 1000, "factor of the focal class loss"))
     focal_gamma: float = ranged(1.0, Range(0, 100, "exponent of the focal class loss"))
+
+    @classmethod
+    def first_step_key(cls, params: dict[str, Any]) -> object | None:
+        """CoMFormer and its FT train the same step 0 (no old model there): the criterion's
+        hyperparameters, the distillation's and pseudo-labels' left out."""
+        step_0 = {f.name for f in dataclasses.fields(CoMFormerFT)}
+        return ("comformer first step", {k: v for k, v in params.items() if k in step_0})
 
     def comformer_weights(self, kd_weight: float = 0.0, **kd: float | None) -> CoMFormerWeights:
         return CoMFormerWeights(
