@@ -51,11 +51,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 
 from incseg.query_losses import (
     Indices,
     Targets,
+    assign,
     aux_count,
     expand_weights,
     masks_from_labels,
@@ -158,14 +158,12 @@ def softmax_matcher(
         ``B`` pairs ``(query_idx, target_idx)`` of int64 CPU tensors of length
         ``min(Q, n_i)``, ``query_idx`` increasing.
     """
-    indices = []
-    for b in range(pred_logits.shape[0]):
-        cost = _softmax_match_cost(pred_logits[b], pred_masks[b], targets[b], num_points, generator)
-        rows, cols = linear_sum_assignment(cost.numpy())
-        indices.append(
-            (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
+    return [
+        assign(
+            _softmax_match_cost(pred_logits[b], pred_masks[b], targets[b], num_points, generator)
         )
-    return indices
+        for b in range(pred_logits.shape[0])
+    ]
 
 
 def _softmax_point_coords(

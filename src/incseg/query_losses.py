@@ -220,14 +220,18 @@ def hungarian_match(
         ``B`` pairs ``(query_idx, target_idx)`` of int64 CPU tensors of length
         ``min(Q, n_i)``, ``query_idx`` increasing.
     """
-    indices = []
-    for b in range(pred_logits.shape[0]):
-        cost = _match_cost(pred_logits[b], pred_masks[b], targets[b], weights, generator)
-        rows, cols = linear_sum_assignment(cost.numpy())
-        indices.append(
-            (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
-        )
-    return indices
+    return [
+        assign(_match_cost(pred_logits[b], pred_masks[b], targets[b], weights, generator))
+        for b in range(pred_logits.shape[0])
+    ]
+
+
+def assign(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The minimal-cost one-to-one assignment of a ``(Q, n)`` CPU cost matrix
+    (``scipy.optimize.linear_sum_assignment``, as both official matchers): int64 query and
+    target indices, ``min(Q, n)`` of each, queries increasing."""
+    rows, cols = linear_sum_assignment(cost.numpy())
+    return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
 
 
 @dataclass(frozen=True)
