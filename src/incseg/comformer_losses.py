@@ -63,6 +63,7 @@ from incseg.query_losses import (
     matched_target_masks,
     one_process,
     point_sample,
+    uncertain_point_coords,
     weighted_sum,
 )
 
@@ -166,40 +167,11 @@ def softmax_matcher(
     ]
 
 
-def _softmax_point_coords(
-    probs: torch.Tensor,
-    num_points: int,
-    oversample_ratio: float,
-    importance_sample_ratio: float,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """PointRend importance sampling with CoMFormer's uncertainty ``-|2p - 1|``.
-
-    detectron2 ``get_uncertain_point_coords_with_randomness`` with the lambda of
-    set_criterion.py:229. The uncertainty is taken on the *sampled* probability. Sampling
-    ``2p - 1`` instead would differ near the border, where ``grid_sample`` pads with zeros, so
-    ``query_losses.uncertain_point_coords`` is not reused. ``probs`` ``(N, 1, H, W)``;
-    returns ``(N, num_points, 2)`` in ``[0, 1]``.
-    """
-    if oversample_ratio < 1:
-        raise ValueError(f"oversample_ratio must be >= 1, got {oversample_ratio}")
-    if not 0 <= importance_sample_ratio <= 1:
-        raise ValueError(
-            f"importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}"
-        )
-    num_masks, device = probs.shape[0], probs.device
-    num_sampled = int(num_points * oversample_ratio)
-    candidates = torch.rand(num_masks, num_sampled, 2, device=device, generator=generator)
-    sampled = point_sample(probs, candidates, align_corners=False)
-    uncertainty = -((2 * sampled - 1).abs())
-    num_uncertain = int(importance_sample_ratio * num_points)
-    top = torch.topk(uncertainty[:, 0, :], k=num_uncertain, dim=1)[1]
-    coords = torch.gather(candidates, 1, top.unsqueeze(-1).expand(-1, -1, 2))
-    num_random = num_points - num_uncertain
-    if num_random > 0:
-        extra = torch.rand(num_masks, num_random, 2, device=device, generator=generator)
-        coords = torch.cat([coords, extra], dim=1)
-    return coords
+def _softmax_uncertainty(sampled: torch.Tensor) -> torch.Tensor:
+    """CoMFormer's uncertainty of sampled mask probabilities, ``-|2p - 1|``
+    (set_criterion.py:229): taken on the *sampled* probability; sampling ``2p - 1`` would differ
+    near the border, where ``grid_sample`` pads with zeros."""
+    return -((2 * sampled - 1).abs())
 
 
 def softmax_mask_losses(
@@ -238,8 +210,13 @@ def softmax_mask_losses(
     target_masks = matched_target_masks(targets, indices, probs)[:, None]
     # Points are chosen from the predictions but carry no gradient, as official.
     with torch.no_grad():
-        coords = _softmax_point_coords(
-            probs, num_points, oversample_ratio, importance_sample_ratio, generator
+        coords = uncertain_point_coords(
+            probs,
+            num_points,
+            oversample_ratio,
+            importance_sample_ratio,
+            generator,
+            _softmax_uncertainty,
         )
         labels = point_sample(target_masks, coords, align_corners=False).squeeze(1)
     point_probs = point_sample(probs, coords, align_corners=False).squeeze(1)

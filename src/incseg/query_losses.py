@@ -65,8 +65,10 @@ def uncertain_point_coords(
     oversample_ratio: float,
     importance_sample_ratio: float,
     generator: torch.Generator | None = None,
+    uncertainty: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """PointRend's importance sampling with Mask2Former's uncertainty ``-|logit|``.
+    """PointRend's importance sampling with Mask2Former's uncertainty ``-|logit|`` (or
+    ``uncertainty`` of the sampled values: CoMFormer's ``-|2p - 1|`` of probabilities).
 
     detectron2 point_features.py:63-116 (``get_uncertain_point_coords_with_randomness``) with
     the uncertainty of Mask2Former criterion.py:73-87 (``calculate_uncertainty``). Draws
@@ -81,6 +83,7 @@ def uncertain_point_coords(
         oversample_ratio: >= 1.
         importance_sample_ratio: in ``[0, 1]``.
         generator: optional generator on ``coarse_logits.device``.
+        uncertainty: of the sampled values, higher = more uncertain (None: ``-|x|``).
 
     Returns:
         ``(N, P, 2)`` coordinates in ``[0, 1]``, default float dtype.
@@ -94,11 +97,12 @@ def uncertain_point_coords(
     num_masks, device = coarse_logits.shape[0], coarse_logits.device
     num_sampled = int(num_points * oversample_ratio)
     candidates = torch.rand(num_masks, num_sampled, 2, device=device, generator=generator)
-    # Uncertainty is taken on the interpolated logits, not interpolated from per-pixel values.
-    uncertainty = -(point_sample(coarse_logits, candidates, align_corners=False).abs())
+    # Uncertainty is taken on the interpolated values, not interpolated from per-pixel values.
+    sampled = point_sample(coarse_logits, candidates, align_corners=False)
+    scores = -sampled.abs() if uncertainty is None else uncertainty(sampled)
     num_uncertain = int(importance_sample_ratio * num_points)
     num_random = num_points - num_uncertain
-    top = torch.topk(uncertainty[:, 0, :], k=num_uncertain, dim=1)[1]
+    top = torch.topk(scores[:, 0, :], k=num_uncertain, dim=1)[1]
     coords = torch.gather(candidates, 1, top.unsqueeze(-1).expand(-1, -1, 2))
     if num_random > 0:
         extra = torch.rand(num_masks, num_random, 2, device=device, generator=generator)
