@@ -16,9 +16,11 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from incseg.models.mask2former import (
+    DecoderSizes,
     MSDeformAttn,
     MSDeformAttnPixelDecoder,
     MultiScaleMaskedTransformerDecoder,
+    PixelDecoderSizes,
     PositionEmbeddingSine,
     ResNetFeatures,
     TinyFeatures,
@@ -613,7 +615,7 @@ def tiny_decoder_inputs(batch=2, channels=32):
 
 def make_pixel_decoders(seed=0):
     torch.manual_seed(seed)
-    ours = MSDeformAttnPixelDecoder(TINY_SHAPE, **PIXEL_KW)
+    ours = MSDeformAttnPixelDecoder(TINY_SHAPE, PixelDecoderSizes(**PIXEL_KW))
     torch.manual_seed(seed)
     ref = RefPixelDecoder(
         TINY_SHAPE, transformer_dropout=0.0, transformer_nheads=4, transformer_dim_feedforward=64,
@@ -623,11 +625,16 @@ def make_pixel_decoders(seed=0):
     return ours, ref
 
 
+def make_decoder(in_channels, num_classes, **sizes):
+    """Our decoder from the official constructor's keyword arguments."""
+    return MultiScaleMaskedTransformerDecoder(in_channels, num_classes, DecoderSizes(**sizes))
+
+
 def make_decoders(seed=0, **overrides):
     kw = dict(in_channels=32, pre_norm=False, enforce_input_project=False, **DECODER_KW)
     kw.update(overrides)
     torch.manual_seed(seed)
-    ours = MultiScaleMaskedTransformerDecoder(**kw)
+    ours = make_decoder(**kw)
     torch.manual_seed(seed)
     ref = RefDecoder(**kw)
     return ours, ref
@@ -820,7 +827,9 @@ def test_pixel_decoder_init_outputs_and_gradients_match_official():
 
 
 def test_pixel_decoder_state_dict_keys_are_official():
-    pixel = MSDeformAttnPixelDecoder(TINY_SHAPE, **{**PIXEL_KW, "encoder_layers": 1})
+    pixel = MSDeformAttnPixelDecoder(
+        TINY_SHAPE, PixelDecoderSizes(**{**PIXEL_KW, "encoder_layers": 1})
+    )
     attn = "transformer.encoder.layers.0.self_attn."
     layer = "transformer.encoder.layers.0."
     expected = [
@@ -850,7 +859,7 @@ def test_pixel_decoder_state_dict_keys_are_official():
         3,
         3,
     )
-    bare = MSDeformAttnPixelDecoder(TINY_SHAPE, **PIXEL_KW, norm="")
+    bare = MSDeformAttnPixelDecoder(TINY_SHAPE, PixelDecoderSizes(**PIXEL_KW, norm=""))
     assert (
         "adapter_1.bias" in bare.state_dict() and "adapter_1.norm.weight" not in bare.state_dict()
     )
@@ -858,7 +867,7 @@ def test_pixel_decoder_state_dict_keys_are_official():
 
 def test_pixel_decoder_options_autocast_and_errors():
     small = MSDeformAttnPixelDecoder(
-        TINY_SHAPE, **{**PIXEL_KW, "conv_dim": 16, "heads": 2}, gn_groups=4
+        TINY_SHAPE, PixelDecoderSizes(**{**PIXEL_KW, "conv_dim": 16, "heads": 2}, gn_groups=4)
     )
     feats = tiny_features(batch=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -868,11 +877,13 @@ def test_pixel_decoder_options_autocast_and_errors():
     )
     assert small.input_proj[0][1].num_groups == 4
     with pytest.raises(ValueError, match="gn_groups"):
-        MSDeformAttnPixelDecoder(TINY_SHAPE, conv_dim=16)
+        MSDeformAttnPixelDecoder(TINY_SHAPE, PixelDecoderSizes(conv_dim=16))
     with pytest.raises(ValueError, match="norm"):
-        MSDeformAttnPixelDecoder(TINY_SHAPE, **PIXEL_KW, norm="BN")
+        MSDeformAttnPixelDecoder(TINY_SHAPE, PixelDecoderSizes(**PIXEL_KW, norm="BN"))
     with pytest.raises(ValueError, match="res6"):
-        MSDeformAttnPixelDecoder(TINY_SHAPE, **PIXEL_KW, transformer_in_features=("res5", "res6"))
+        MSDeformAttnPixelDecoder(
+            TINY_SHAPE, PixelDecoderSizes(**PIXEL_KW, transformer_in_features=("res5", "res6"))
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -910,9 +921,7 @@ def test_decoder_shapes():
 
 
 def test_decoder_state_dict_keys_are_official():
-    decoder = MultiScaleMaskedTransformerDecoder(
-        24, **{**DECODER_KW, "dec_layers": 1}, enforce_input_project=True
-    )
+    decoder = make_decoder(24, **{**DECODER_KW, "dec_layers": 1}, enforce_input_project=True)
     sa, ca, ffn = (
         "transformer_self_attention_layers.0.",
         "transformer_cross_attention_layers.0.",
@@ -936,14 +945,14 @@ def test_decoder_state_dict_keys_are_official():
     ]  # fmt: skip
     assert list(decoder.state_dict()) == expected
     assert decoder.state_dict()["class_embed.weight"].shape == (6, 32)
-    identity = MultiScaleMaskedTransformerDecoder(32, **DECODER_KW)
+    identity = make_decoder(32, **DECODER_KW)
     assert not any(k.startswith("input_proj") for k in identity.state_dict())
 
 
 def test_decoder_loads_pre_version_2_static_query():
-    source = MultiScaleMaskedTransformerDecoder(32, **DECODER_KW)
+    source = make_decoder(32, **DECODER_KW)
     parent = nn.Module()
-    parent.predictor = MultiScaleMaskedTransformerDecoder(32, **DECODER_KW)
+    parent.predictor = make_decoder(32, **DECODER_KW)
     old = {
         f"predictor.{k.replace('query_feat', 'static_query')}": v
         for k, v in source.state_dict().items()
@@ -965,7 +974,7 @@ def test_attention_mask_matches_official_and_comformer():
     with pytest.raises(ValueError, match="mask activation"):
         attention_mask_from_masks(pred_masks, (4, 6), 3, "tanh")
     with pytest.raises(ValueError, match="mask_activation"):
-        MultiScaleMaskedTransformerDecoder(32, **DECODER_KW, mask_activation="tanh")
+        make_decoder(32, **DECODER_KW, mask_activation="tanh")
 
 
 def test_attention_mask_all_true_row_becomes_all_false():
@@ -1104,8 +1113,8 @@ def test_resnet_features_are_torchvision_resnet():
 
 def _tiny_network():
     backbone = TinyFeatures()
-    pixel = MSDeformAttnPixelDecoder(backbone.output_shape(), **PIXEL_KW)
-    decoder = MultiScaleMaskedTransformerDecoder(32, **DECODER_KW)
+    pixel = MSDeformAttnPixelDecoder(backbone.output_shape(), PixelDecoderSizes(**PIXEL_KW))
+    decoder = make_decoder(32, **DECODER_KW)
     return nn.ModuleList([backbone, pixel, decoder])
 
 

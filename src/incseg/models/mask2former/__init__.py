@@ -8,6 +8,7 @@ from incseg.models.mask2former.backbone import ResNetFeatures, TinyFeatures
 from incseg.models.mask2former.decoder import (
     MLP,
     CrossAttentionLayer,
+    DecoderSizes,
     FFNLayer,
     MultiScaleMaskedTransformerDecoder,
     SelfAttentionLayer,
@@ -18,17 +19,20 @@ from incseg.models.mask2former.deform_attn import MSDeformAttn, ms_deform_attn
 from incseg.models.mask2former.pixel_decoder import (
     MSDeformAttnPixelDecoder,
     MSDeformAttnTransformerEncoderOnly,
+    PixelDecoderSizes,
 )
 from incseg.models.mask2former.position import PositionEmbeddingSine
 
 __all__ = [
     "MLP",
     "CrossAttentionLayer",
+    "DecoderSizes",
     "FFNLayer",
     "MSDeformAttn",
     "MSDeformAttnPixelDecoder",
     "MSDeformAttnTransformerEncoderOnly",
     "MultiScaleMaskedTransformerDecoder",
+    "PixelDecoderSizes",
     "PositionEmbeddingSine",
     "ResNetFeatures",
     "SelfAttentionLayer",

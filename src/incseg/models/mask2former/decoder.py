@@ -14,6 +14,7 @@ Additions for incremental learning, all off by default: a replaceable ``class_em
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -214,6 +215,39 @@ def allow_empty_rows(attn_mask: Tensor) -> Tensor:
     return attn_mask & ~attn_mask.all(-1, keepdim=True)
 
 
+@dataclass(frozen=True)
+class DecoderSizes:
+    """The sizes and options of :class:`MultiScaleMaskedTransformerDecoder`.
+
+    Defaults are the ADE20K semantic-segmentation R50 config
+    (``configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml:26-35``); the official
+    decoder reads its keys in ``from_config`` (m2f_decoder.py:337-359).
+    """
+
+    hidden_dim: int = 256
+    """Width of the queries and of every layer (MODEL.MASK_FORMER.HIDDEN_DIM)."""
+    num_queries: int = 100
+    """Number of base learnable queries (MODEL.MASK_FORMER.NUM_OBJECT_QUERIES)."""
+    nheads: int = 8
+    """Heads of every self- and cross-attention (MODEL.MASK_FORMER.NHEADS)."""
+    dim_feedforward: int = 2048
+    """Hidden width of every FFN (MODEL.MASK_FORMER.DIM_FEEDFORWARD)."""
+    dec_layers: int = 9
+    """Number of layers built: MODEL.MASK_FORMER.DEC_LAYERS minus one (m2f_decoder.py:355;
+    ADE20K R50 uses DEC_LAYERS 10, so 9 here)."""
+    pre_norm: bool = False
+    """Pre-norm layers instead of post-norm (MODEL.MASK_FORMER.PRE_NORM)."""
+    mask_dim: int = 256
+    """Channels of the pixel decoder's ``mask_features``, the output of ``mask_embed``
+    (MODEL.SEM_SEG_HEAD.MASK_DIM)."""
+    enforce_input_project: bool = False
+    """Project the inputs with a 1x1 conv even when ``in_channels == hidden_dim``
+    (MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ)."""
+    mask_activation: str = "sigmoid"
+    """How the predicted masks become the attention mask: ``"sigmoid"`` (official, no config key)
+    or ``"softmax"`` over the queries (CoMFormer), see :func:`attention_mask_from_masks`."""
+
+
 class MultiScaleMaskedTransformerDecoder(nn.Module):
     """Mask2Former's transformer decoder: masked cross-attention over 3 pixel-decoder scales.
 
@@ -224,7 +258,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     before the first layer and after every layer, so there are ``dec_layers + 1`` predictions;
     the last is the output and the others are ``aux_outputs``.
 
-    Defaults are the ADE20K semantic-segmentation R50 config
+    Built as ``MultiScaleMaskedTransformerDecoder(in_channels, num_classes, sizes)``: the
+    channels of the input maps, the classes (the default ``class_embed`` predicts
+    ``num_classes + 1``) and a :class:`DecoderSizes`, whose defaults are the ADE20K
+    semantic-segmentation R50 config
     (``configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml:26-35``).
 
     Hooks for incremental learning (all default off; off, they cost nothing):
@@ -241,7 +278,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
       checked, to keep the forward free of device synchronisation.
     * ``forward(..., return_queries=True)``: adds ``"queries"``, the normalised decoder outputs
       (B, Q, hidden_dim), one per prediction, in the order of the predictions (aux first).
-    * ``mask_activation``: how the predicted masks become the attention mask: ``"sigmoid"``
+    * ``sizes.mask_activation``: how the predicted masks become the attention mask: ``"sigmoid"``
       (official) or ``"softmax"`` over the queries (CoMFormer), see
       :func:`attention_mask_from_masks`.
 
@@ -251,62 +288,63 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     _version = 2
 
     def __init__(
-        self,
-        in_channels: int,
-        num_classes: int,
-        hidden_dim: int = 256,
-        num_queries: int = 100,
-        nheads: int = 8,
-        dim_feedforward: int = 2048,
-        dec_layers: int = 9,
-        pre_norm: bool = False,
-        mask_dim: int = 256,
-        enforce_input_project: bool = False,
-        mask_activation: str = "sigmoid",
+        self, in_channels: int, num_classes: int, sizes: DecoderSizes = DecoderSizes()
     ) -> None:
         super().__init__()
-        if mask_activation not in MASK_ACTIVATIONS:
+        if sizes.mask_activation not in MASK_ACTIVATIONS:
             raise ValueError(
-                f"unknown mask_activation {mask_activation!r}; expected one of {MASK_ACTIVATIONS}"
+                f"unknown mask_activation {sizes.mask_activation!r}; "
+                f"expected one of {MASK_ACTIVATIONS}"
             )
+        hidden_dim = sizes.hidden_dim
         self.mask_classification = True
-        self.mask_activation = mask_activation
+        self.mask_activation = sizes.mask_activation
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
-        self.num_heads = nheads
-        self.num_layers = dec_layers
+        self.num_heads = sizes.nheads
+        self.num_layers = sizes.dec_layers
+        self._build_layers(sizes)
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.num_queries = sizes.num_queries
+        self.query_feat = nn.Embedding(sizes.num_queries, hidden_dim)
+        self.query_embed = nn.Embedding(sizes.num_queries, hidden_dim)
+        self.num_feature_levels = 3
+        self.level_embed = nn.Embedding(self.num_feature_levels, hidden_dim)
+        self._build_input_proj(in_channels, hidden_dim, sizes.enforce_input_project)
+        self.class_embed: nn.Module = nn.Linear(hidden_dim, num_classes + 1)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, sizes.mask_dim, 3)
+        # Registered last and empty: the official parameters and their draws come first.
+        self.extra_query_feat = nn.ModuleList()
+        self.extra_query_embed = nn.ModuleList()
+
+    def _build_layers(self, sizes: DecoderSizes) -> None:
+        """The ``dec_layers`` self-attention, cross-attention and FFN layers."""
         self.transformer_self_attention_layers = nn.ModuleList()
         self.transformer_cross_attention_layers = nn.ModuleList()
         self.transformer_ffn_layers = nn.ModuleList()
+        d_model, nheads, pre_norm = sizes.hidden_dim, sizes.nheads, sizes.pre_norm
         # Built interleaved, layer by layer, as the official loop (m2f_decoder.py:284-310), so
         # that a seed draws the same weights.
-        for _ in range(dec_layers):
+        for _ in range(sizes.dec_layers):
             self.transformer_self_attention_layers.append(
-                SelfAttentionLayer(hidden_dim, nheads, dropout=0.0, normalize_before=pre_norm)
+                SelfAttentionLayer(d_model, nheads, dropout=0.0, normalize_before=pre_norm)
             )
             self.transformer_cross_attention_layers.append(
-                CrossAttentionLayer(hidden_dim, nheads, dropout=0.0, normalize_before=pre_norm)
+                CrossAttentionLayer(d_model, nheads, dropout=0.0, normalize_before=pre_norm)
             )
             self.transformer_ffn_layers.append(
-                FFNLayer(hidden_dim, dim_feedforward, dropout=0.0, normalize_before=pre_norm)
+                FFNLayer(d_model, sizes.dim_feedforward, dropout=0.0, normalize_before=pre_norm)
             )
-        self.decoder_norm = nn.LayerNorm(hidden_dim)
-        self.num_queries = num_queries
-        self.query_feat = nn.Embedding(num_queries, hidden_dim)
-        self.query_embed = nn.Embedding(num_queries, hidden_dim)
-        self.num_feature_levels = 3
-        self.level_embed = nn.Embedding(self.num_feature_levels, hidden_dim)
+
+    def _build_input_proj(self, in_channels: int, hidden_dim: int, enforce: bool) -> None:
+        """Per level a 1x1 conv to ``hidden_dim`` (c2_xavier_fill), or an empty ``Sequential``
+        when the channels already match and no projection is enforced."""
         self.input_proj = nn.ModuleList()
         for _ in range(self.num_feature_levels):
-            if in_channels != hidden_dim or enforce_input_project:
+            if in_channels != hidden_dim or enforce:
                 self.input_proj.append(nn.Conv2d(in_channels, hidden_dim, kernel_size=1))
                 c2_xavier_fill(self.input_proj[-1])
             else:
                 self.input_proj.append(nn.Sequential())
-        self.class_embed: nn.Module = nn.Linear(hidden_dim, num_classes + 1)
-        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
-        # Registered last and empty: the official parameters and their draws come first.
-        self.extra_query_feat = nn.ModuleList()
-        self.extra_query_embed = nn.ModuleList()
 
     @property
     def total_queries(self) -> int:

@@ -7,8 +7,8 @@ dict (``sem_seg_head.pixel_decoder.*`` of a checkpoint, prefix removed) loads un
 
 Deviations, none of which changes a value: the encoder builds no padding mask and no valid
 ratios (the official ones are all False and all 1, msdeformattn.py:62 and :84, since the
-official forward never passes a mask); GroupNorm's group count is an argument (``gn_groups``,
-official 32) so that tiny test models can use few channels.
+official forward never passes a mask); GroupNorm's group count is a size
+(``PixelDecoderSizes.gn_groups``, official 32) so that tiny test models can use few channels.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -207,24 +208,63 @@ class ConvNormAct(nn.Conv2d):
         return x
 
 
+@dataclass(frozen=True)
+class PixelDecoderSizes:
+    """The sizes and options of :class:`MSDeformAttnPixelDecoder`.
+
+    Defaults follow ``configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml:9-17``;
+    the official decoder reads its keys in ``from_config`` (msdeformattn.py:295-312).
+    """
+
+    conv_dim: int = 256
+    """Channels of every intermediate map (MODEL.SEM_SEG_HEAD.CONVS_DIM, 256 in ADE20K)."""
+    mask_dim: int = 256
+    """Channels of ``mask_features`` (MODEL.SEM_SEG_HEAD.MASK_DIM, 256)."""
+    transformer_in_features: tuple[str, ...] = ("res3", "res4", "res5")
+    """The features fed to the deformable encoder
+    (MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES, res3-res5)."""
+    encoder_layers: int = 6
+    """Depth of the deformable encoder (MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS, 6)."""
+    heads: int = 8
+    """Attention heads of the encoder (MODEL.MASK_FORMER.NHEADS, 8)."""
+    dim_feedforward: int = 1024
+    """FFN width of the encoder: 1024 whatever the config says (msdeformattn.py:306 ignores
+    MODEL.MASK_FORMER.DIM_FEEDFORWARD)."""
+    dropout: float = 0.0
+    """Dropout of the encoder (MODEL.MASK_FORMER.DROPOUT, 0.0 in ADE20K)."""
+    common_stride: int = 4
+    """Stride of ``mask_features`` (MODEL.SEM_SEG_HEAD.COMMON_STRIDE); FPN levels are added from
+    the finest encoder level down to it (1 level, res2, for strides 8 -> 4)."""
+    norm: str = "GN"
+    """Norm of the FPN convs (MODEL.SEM_SEG_HEAD.NORM): ``"GN"`` (official ADE20K) or ``""``
+    (no norm, conv bias)."""
+    gn_groups: int = 32
+    """Groups of every GroupNorm; officially 32, hard-coded (no config key; a deviation only if
+    changed), so ``conv_dim`` must be a multiple of it."""
+
+
+def _check_sizes(input_shape: Mapping[str, tuple[int, int]], sizes: PixelDecoderSizes) -> None:
+    """Reject the sizes :class:`MSDeformAttnPixelDecoder` cannot build from ``input_shape``."""
+    if sizes.norm not in ("GN", ""):
+        raise ValueError(f"MSDeformAttnPixelDecoder: norm must be 'GN' or '', got {sizes.norm!r}")
+    if sizes.conv_dim % sizes.gn_groups != 0:
+        raise ValueError(
+            f"conv_dim {sizes.conv_dim} is not a multiple of gn_groups {sizes.gn_groups}"
+        )
+    missing = [f for f in sizes.transformer_in_features if f not in input_shape]
+    if missing:
+        raise ValueError(f"transformer_in_features {missing} are not in input_shape")
+
+
 class MSDeformAttnPixelDecoder(nn.Module):
     """Deformable-attention encoder on the coarse levels + FPN on the fine ones (msdeformattn.py:164-358).
 
     Args:
         input_shape: backbone feature name -> (channels, stride), e.g. ``res2``..``res5`` of
             :meth:`ResNetFeatures.output_shape`.
-        conv_dim: channels of every intermediate map (CONVS_DIM, 256 in the ADE20K config).
-        mask_dim: channels of ``mask_features`` (MASK_DIM, 256).
-        transformer_in_features: the features fed to the deformable encoder (res3-res5).
-        encoder_layers, heads, dim_feedforward, dropout: the encoder's depth, heads, FFN width
-            (1024 whatever the config says, msdeformattn.py:306) and dropout (0.0 in ADE20K).
-        common_stride: stride of ``mask_features``; FPN levels are added from the finest
-            encoder level down to it (1 level, res2, for strides 8 -> 4).
-        norm: ``"GN"`` (official ADE20K) or ``""`` (no norm, conv bias) for the FPN convs.
-        gn_groups: groups of every GroupNorm; officially 32 (a deviation only if changed), so
-            ``conv_dim`` must be a multiple of it.
+        sizes: a :class:`PixelDecoderSizes`; its defaults follow
+            ``configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml:9-17``.
 
-    Defaults follow ``configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml:9-17``.
     Submodules: ``input_proj.<l>`` (Conv 1x1 + GroupNorm, coarse to fine), ``transformer``,
     ``pe_layer``, ``mask_features`` (Conv 1x1), ``adapter_<i>``/``layer_<i>`` (FPN lateral 1x1
     and output 3x3 convs with ``norm``; i = 1 for the finest feature).
@@ -233,25 +273,36 @@ class MSDeformAttnPixelDecoder(nn.Module):
     def __init__(
         self,
         input_shape: Mapping[str, tuple[int, int]],
-        conv_dim: int = 256,
-        mask_dim: int = 256,
-        transformer_in_features: Sequence[str] = ("res3", "res4", "res5"),
-        encoder_layers: int = 6,
-        heads: int = 8,
-        dim_feedforward: int = 1024,
-        dropout: float = 0.0,
-        common_stride: int = 4,
-        norm: str = "GN",
-        gn_groups: int = 32,
+        sizes: PixelDecoderSizes = PixelDecoderSizes(),
     ) -> None:
         super().__init__()
-        if norm not in ("GN", ""):
-            raise ValueError(f"MSDeformAttnPixelDecoder: norm must be 'GN' or '', got {norm!r}")
-        if conv_dim % gn_groups != 0:
-            raise ValueError(f"conv_dim {conv_dim} is not a multiple of gn_groups {gn_groups}")
-        missing = [f for f in transformer_in_features if f not in input_shape]
-        if missing:
-            raise ValueError(f"transformer_in_features {missing} are not in input_shape")
+        _check_sizes(input_shape, sizes)
+        conv_dim = sizes.conv_dim
+        self._record_features(input_shape, sizes.transformer_in_features)
+        self._build_input_proj(input_shape, conv_dim, sizes.gn_groups)
+        self.transformer = MSDeformAttnTransformerEncoderOnly(
+            d_model=conv_dim,
+            dropout=sizes.dropout,
+            nhead=sizes.heads,
+            dim_feedforward=sizes.dim_feedforward,
+            num_encoder_layers=sizes.encoder_layers,
+            num_feature_levels=self.transformer_num_feature_levels,
+        )
+        self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
+        self.mask_dim = sizes.mask_dim
+        self.mask_features = nn.Conv2d(conv_dim, sizes.mask_dim, kernel_size=1, stride=1, padding=0)
+        c2_xavier_fill(self.mask_features)
+        self.maskformer_num_feature_levels = 3  # the transformer decoder always reads 3 scales
+        self.common_stride = sizes.common_stride
+        self.num_fpn_levels = int(
+            math.log2(min(self.transformer_feature_strides)) - math.log2(sizes.common_stride)
+        )
+        self._build_fpn(conv_dim, sizes.norm, sizes.gn_groups)
+
+    def _record_features(
+        self, input_shape: Mapping[str, tuple[int, int]], transformer_in_features: Sequence[str]
+    ) -> None:
+        """The backbone features and those of the encoder, fine to coarse, with their strides."""
         ordered = sorted(input_shape.items(), key=lambda item: item[1][1])
         self.in_features = [name for name, _ in ordered]  # fine to coarse
         self.feature_strides = [stride for _, (_, stride) in ordered]
@@ -260,34 +311,22 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.transformer_in_features = [name for name, _ in in_transformer]
         self.transformer_feature_strides = [stride for _, (_, stride) in in_transformer]
         self.transformer_num_feature_levels = len(in_transformer)
-        # Coarse to fine, the order the encoder sees the levels (msdeformattn.py:212-230).
+
+    def _build_input_proj(
+        self, input_shape: Mapping[str, tuple[int, int]], conv_dim: int, gn_groups: int
+    ) -> None:
+        """``input_proj.<l>``: Conv 1x1 + GroupNorm per encoder level, coarse to fine, the order
+        the encoder sees the levels (msdeformattn.py:212-230)."""
         self.input_proj = nn.ModuleList(
             nn.Sequential(
-                nn.Conv2d(channels, conv_dim, kernel_size=1), nn.GroupNorm(gn_groups, conv_dim)
+                nn.Conv2d(input_shape[name][0], conv_dim, kernel_size=1),
+                nn.GroupNorm(gn_groups, conv_dim),
             )
-            for _, (channels, _) in reversed(in_transformer)
+            for name in reversed(self.transformer_in_features)
         )
         for proj in self.input_proj:
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.constant_(proj[0].bias, 0)
-        self.transformer = MSDeformAttnTransformerEncoderOnly(
-            d_model=conv_dim,
-            dropout=dropout,
-            nhead=heads,
-            dim_feedforward=dim_feedforward,
-            num_encoder_layers=encoder_layers,
-            num_feature_levels=self.transformer_num_feature_levels,
-        )
-        self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
-        self.mask_dim = mask_dim
-        self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=1, stride=1, padding=0)
-        c2_xavier_fill(self.mask_features)
-        self.maskformer_num_feature_levels = 3  # the transformer decoder always reads 3 scales
-        self.common_stride = common_stride
-        self.num_fpn_levels = int(
-            math.log2(min(self.transformer_feature_strides)) - math.log2(common_stride)
-        )
-        self._build_fpn(conv_dim, norm, gn_groups)
 
     def _build_fpn(self, conv_dim: int, norm: str, gn_groups: int) -> None:
         """``adapter_<i>``/``layer_<i>`` for the features finer than the encoder's (msdeformattn.py:261-292)."""

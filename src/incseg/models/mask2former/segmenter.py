@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from incseg.comformer_losses import comformer_inference
-from incseg.models.mask2former.decoder import MultiScaleMaskedTransformerDecoder
-from incseg.models.mask2former.pixel_decoder import MSDeformAttnPixelDecoder
+from incseg.models.mask2former.decoder import DecoderSizes, MultiScaleMaskedTransformerDecoder
+from incseg.models.mask2former.pixel_decoder import MSDeformAttnPixelDecoder, PixelDecoderSizes
 from incseg.query_losses import semantic_inference
 
 
@@ -97,22 +97,26 @@ class QuerySegmenter(nn.Module):
         self.backbone = backbone
         self.pixel_decoder = MSDeformAttnPixelDecoder(
             backbone.output_shape(),
-            conv_dim=sizes["conv_dim"],
-            mask_dim=sizes["mask_dim"],
-            encoder_layers=sizes["enc_layers"],
-            heads=sizes["nheads"],
-            dim_feedforward=sizes["enc_dim_feedforward"],
+            PixelDecoderSizes(
+                conv_dim=sizes["conv_dim"],
+                mask_dim=sizes["mask_dim"],
+                encoder_layers=sizes["enc_layers"],
+                heads=sizes["nheads"],
+                dim_feedforward=sizes["enc_dim_feedforward"],
+            ),
         )
         self.predictor = MultiScaleMaskedTransformerDecoder(
             in_channels=sizes["conv_dim"],
             num_classes=1,  # replaced by the growing head below
-            hidden_dim=sizes["hidden_dim"],
-            num_queries=sizes["num_queries"],
-            nheads=sizes["nheads"],
-            dim_feedforward=sizes["dim_feedforward"],
-            dec_layers=sizes["dec_layers"],
-            mask_dim=sizes["mask_dim"],
-            mask_activation=sizes["mask_activation"],
+            sizes=DecoderSizes(
+                hidden_dim=sizes["hidden_dim"],
+                num_queries=sizes["num_queries"],
+                nheads=sizes["nheads"],
+                dim_feedforward=sizes["dim_feedforward"],
+                dec_layers=sizes["dec_layers"],
+                mask_dim=sizes["mask_dim"],
+                mask_activation=sizes["mask_activation"],
+            ),
         )
         self.predictor.class_embed = IncrementalClassHead(sizes["hidden_dim"])
         self.background = sizes.get("background", True)
