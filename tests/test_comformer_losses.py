@@ -5,9 +5,10 @@ fcdl94/CoMFormer 640496b (``mask2former/modeling/matcher.py``, ``mask_losses.py`
 ``criterion.py``, ``mask2former/maskformer_model.py``, ``mask2former/utils/misc.py``,
 ``continual/method_wrapper/{loss,set_criterion,maskformer}.py``) and detectron2's PointRend
 ``point_features.py``, on one process, drawing from the global generator as they do. Only the
-branches CoMFormer's configuration takes are restated (SOFTMASK, FOCAL, UKD, KD_REW, no UCE, no
-mask KD, KD_DEEP False). The TorchScript wrappers are left out: scripting does not change the
-arithmetic. Nothing here imports pieces of the module under test.
+branches CoMFormer's and MiB's configurations take are restated (SOFTMASK, FOCAL, UKD with or
+without KD_REW, UCE with FOCAL, no mask KD, KD_DEEP False). The TorchScript wrappers are left
+out: scripting does not change the arithmetic. Nothing here imports pieces of the module under
+test.
 """
 
 import math
@@ -61,6 +62,34 @@ def ref_focal_loss(  # continual/method_wrapper/loss.py:5-13
     elif reduction == "wmean":
         f_loss = f_loss.sum() / ((1 - pt) ** gamma).sum()
     return f_loss
+
+
+def ref_focal_uce_loss(  # continual/method_wrapper/loss.py:16-24
+    inputs, targets, old_cl, alpha=10, gamma=2, reduction="mean"
+):
+    ce_loss = ref_unbiased_cross_entropy_loss(inputs, targets, reduction="none", old_cl=old_cl)
+    pt = torch.exp(-ce_loss)
+    f_loss = alpha * (1 - pt) ** gamma * ce_loss
+    if reduction == "mean":
+        f_loss = f_loss.mean()
+    elif reduction == "wmean":
+        f_loss = f_loss.sum() / ((1 - pt) ** gamma).sum()
+    return f_loss
+
+
+def ref_unbiased_cross_entropy_loss(  # continual/method_wrapper/loss.py:27-37
+    inputs, targets, old_cl, weights=None, reduction="mean"
+):
+    outputs = torch.zeros_like(inputs)  # B, C (1+V+N), H, W
+    den = torch.logsumexp(inputs, dim=1)  # B, H, W       den of softmax
+
+    to_sum = torch.cat((inputs[:, -1:], inputs[:, 0:old_cl]), dim=1)
+    outputs[:, -1] = torch.logsumexp(to_sum, dim=1) - den  # B, K       p(O)
+    outputs[:, :-1] = inputs[:, :-1] - den.unsqueeze(dim=1)  # B, N, K    p(N_i)
+
+    loss = F.nll_loss(outputs, targets, weight=weights, reduction=reduction)
+
+    return loss
 
 
 def ref_unbiased_knowledge_distillation_loss(  # continual/method_wrapper/loss.py:90-106
@@ -151,8 +180,13 @@ class RefSoftmaxKDSetCriterion:  # set_criterion.py:14-269 + criterion.py:212-22
         kd_reweight=True,
         focal_alpha=5.0,
         focal_gamma=1.0,
+        old_classes=0,
+        uce=False,
     ):
         self.num_classes = num_classes
+        self.focal = True  # SOFTMASK True FOCAL True (README.md:26-27)
+        self.old_classes = old_classes
+        self.uce = uce and old_classes != 0
         self.matcher = matcher
         self.losses = ["labels", "masks"]
         self.num_points = num_points
@@ -183,13 +217,22 @@ class RefSoftmaxKDSetCriterion:  # set_criterion.py:14-269 + criterion.py:212-22
         )
         target_classes_o = torch.cat([t["labels"][J] for t, (_, J) in zip(targets, indices)])
         target_classes[idx] = target_classes_o
-        # the ``elif self.focal`` branch (no UCE)
-        loss_ce = ref_focal_loss(
-            src_logits.transpose(1, 2),
-            target_classes,
-            gamma=self.focal_gamma,
-            alpha=self.focal_alpha,
-        )
+        if self.uce and self.focal:
+            loss_ce = ref_focal_uce_loss(
+                src_logits.transpose(1, 2),
+                target_classes,
+                old_cl=self.old_classes,
+                gamma=self.focal_gamma,
+                alpha=self.focal_alpha,
+            )
+        # (the ``elif self.uce`` branch needs FOCAL False: not restated)
+        elif self.focal:
+            loss_ce = ref_focal_loss(
+                src_logits.transpose(1, 2),
+                target_classes,
+                gamma=self.focal_gamma,
+                alpha=self.focal_alpha,
+            )
         losses = {"loss_ce": loss_ce}
         if outputs_old is not None:
             tar_logits = outputs_old["pred_logits"].float()
@@ -421,9 +464,13 @@ def close(actual, expected, atol=1e-6):
     torch.testing.assert_close(actual, expected, rtol=0, atol=atol)
 
 
-def run_both(outputs, targets, old_logits, weights, seed, use_generator):
-    """Official and incseg losses and weighted-total gradients from one seed."""
+def run_both(outputs, targets, old_logits, weights, seed, use_generator, num_old=None):
+    """Official and incseg losses and weighted-total gradients from one seed.
+
+    ``num_old`` defaults to the old logits' class count (0 without them)."""
     num_classes = outputs["pred_logits"].shape[-1] - 1
+    if num_old is None:
+        num_old = 0 if old_logits is None else old_logits.shape[-1] - 1
     ref_out, our_out = clone_outputs(outputs), clone_outputs(outputs)
     criterion = RefSoftmaxKDSetCriterion(
         num_classes,
@@ -434,6 +481,10 @@ def run_both(outputs, targets, old_logits, weights, seed, use_generator):
         deep_sup=weights.deep_supervision,
         kd_reweight=weights.kd_reweight_gamma is not None,
         alpha=weights.kd_alpha,
+        focal_alpha=weights.focal_alpha,
+        focal_gamma=weights.focal_gamma,
+        old_classes=num_old,
+        uce=weights.uce,
     )
     torch.manual_seed(seed)
     outputs_old = None if old_logits is None else {"pred_logits": old_logits}
@@ -441,7 +492,6 @@ def run_both(outputs, targets, old_logits, weights, seed, use_generator):
     ref_next = torch.rand(3)  # where the official leaves the global generator
     generator = torch.Generator().manual_seed(seed) if use_generator else None
     torch.manual_seed(seed)
-    num_old = 0 if old_logits is None else old_logits.shape[-1] - 1
     losses = cl.comformer_criterion(
         our_out, targets, num_old, old_logits, weights, generator=generator
     )
@@ -482,6 +532,30 @@ def test_focal_ce_matches_official(alpha, gamma):
     ref.backward()
     ours.backward()
     close(ours_in.grad, logits.grad.transpose(1, 2).reshape(-1, 6))
+
+
+@pytest.mark.parametrize("num_old", [0, 1, 3, 5])
+@pytest.mark.parametrize("alpha, gamma", [(5.0, 1.0), (10.0, 2.0)])
+def test_unbiased_focal_ce_matches_official(num_old, alpha, gamma):
+    gen = torch.Generator().manual_seed(14)
+    logits = (2 * torch.randn(3, 6, 7, generator=gen)).requires_grad_(True)  # (B, K + 1, Q)
+    targets = torch.randint(0, 6, (3, 7), generator=gen)
+    targets[:, :3] = 5  # no-object
+    targets[0, 3] = 0  # an old class (when num_old > 0)
+    ref = ref_focal_uce_loss(logits, targets, num_old, alpha=alpha, gamma=gamma)
+    ours_in = logits.detach().clone().requires_grad_(True)
+    ours = cl.unbiased_focal_ce(ours_in, targets, num_old, alpha=alpha, gamma=gamma)
+    close(ours, ref)
+    ref.backward()
+    ours.backward()
+    close(ours_in.grad, logits.grad)
+    # The (N, K + 1) layout gives the same number.
+    flat = cl.unbiased_focal_ce(
+        logits.detach().transpose(1, 2).reshape(-1, 6), targets.reshape(-1), num_old, alpha, gamma
+    )
+    close(flat, ref.detach())
+    if num_old == 0:  # nothing merged: the plain focal CE
+        close(ours.detach(), cl.focal_ce(logits.detach(), targets, alpha, gamma))
 
 
 @pytest.mark.parametrize("reweight, temperature", [(True, 1.0), (False, 1.0), (True, 2.0)])
@@ -572,6 +646,64 @@ def test_criterion_matches_official_without_deep_supervision_or_reweighting():
     assert list(losses) == ["loss_ce", "loss_kd", "loss_mask", "loss_dice"]
 
 
+def mib_weights(**kw):
+    """MiB on Mask2Former (README.md:32-33): KD_WEIGHT 200, UKD True, UCE True, KD_REW off."""
+    return cl.CoMFormerWeights(uce=True, kd_reweight_gamma=None, kd_weight=200.0, **kw)
+
+
+@pytest.mark.parametrize("use_generator", [False, True])
+def test_criterion_mib_matches_official(use_generator):
+    gen = torch.Generator().manual_seed(15)
+    outputs = random_outputs(gen, 2, 7, 8, (10, 10), 2)
+    targets = random_targets(gen, [3, 5], 8, (10, 10))
+    old = 2 * torch.randn(2, 7, 6, generator=gen)  # Ko = 5 of K = 8
+    weights = mib_weights(num_points=400)
+    losses = run_both(outputs, targets, old, weights, seed=5, use_generator=use_generator)
+    expected = ["loss_ce", "loss_kd", "loss_mask", "loss_dice"]
+    expected += [f"{k}_{i}" for i in range(2) for k in ("loss_ce", "loss_mask", "loss_dice")]
+    assert list(losses) == expected
+    # UCE changes the class loss of every output, aux included, and nothing else.
+    torch.manual_seed(5)
+    plain = cl.comformer_criterion(
+        clone_outputs(outputs), targets, 5, old, cl.CoMFormerWeights(num_points=400, kd_weight=200)
+    )
+    for key in expected:
+        if key.startswith("loss_ce"):
+            assert (losses[key] - plain[key]).abs() > 1e-3, key
+        elif key != "loss_kd":  # plain reweights the KD
+            close(losses[key], plain[key])
+
+
+def test_criterion_mib_matches_official_at_ade_defaults():
+    gen = torch.Generator().manual_seed(16)
+    outputs = random_outputs(gen, 2, 6, 10, (16, 16), 1)
+    targets = random_targets(gen, [4, 2], 10, (16, 16))
+    old = 2 * torch.randn(2, 6, 8, generator=gen)
+    run_both(outputs, targets, old, mib_weights(), seed=0, use_generator=False)
+
+
+def test_criterion_uce_without_old_logits_or_old_classes():
+    gen = torch.Generator().manual_seed(17)
+    outputs = random_outputs(gen, 2, 5, 6, (8, 8), 1)
+    targets = random_targets(gen, [2, 3], 6, (8, 8))
+    weights = mib_weights(num_points=200)
+    # UCE needs only the old class count, not the old model's logits.
+    with_uce = run_both(outputs, targets, None, weights, seed=2, use_generator=True, num_old=3)
+    assert list(with_uce) == ["loss_ce", "loss_mask", "loss_dice"] + [
+        "loss_ce_0",
+        "loss_mask_0",
+        "loss_dice_0",
+    ]
+    # No old classes: the official turns UCE off (set_criterion.py:31); the focal CE.
+    first = run_both(outputs, targets, None, weights, seed=2, use_generator=True, num_old=0)
+    torch.manual_seed(2)
+    plain = cl.comformer_criterion(
+        clone_outputs(outputs), targets, 0, None, cl.CoMFormerWeights(num_points=200)
+    )
+    for key in plain:
+        assert torch.equal(first[key], plain[key]), key
+
+
 def test_criterion_with_no_targets_matches_official():
     gen = torch.Generator().manual_seed(9)
     outputs = random_outputs(gen, 2, 4, 5, (8, 8), 1)
@@ -654,6 +786,30 @@ def test_focal_by_hand():
     targets = torch.tensor([0, 255])  # the ignored one adds 0 but counts in the mean
     expected = 5 * 0.75 * math.log(4.0) / 2
     close(cl.focal_ce(logits, targets), torch.tensor(expected))
+
+
+def test_unbiased_focal_ce_by_hand_one_old_class():
+    # Classes 0 (old), 1 (new), no-object 2; softmax (1, 2, 3) / 6 for every query.
+    logits = torch.log(torch.tensor([[1.0, 2.0, 3.0]] * 3))
+    targets = torch.tensor([2, 0, 1])  # no-object, old, new
+    p = [3 / 6 + 1 / 6, 1 / 6, 2 / 6]  # p_bg = p(no-object) + p(old)
+    expected = sum(5 * (1 - q) * -math.log(q) for q in p) / 3
+    close(cl.unbiased_focal_ce(logits, targets, 1), torch.tensor(expected))
+    # Plain focal: p(no-object) alone, 1/2.
+    p[0] = 3 / 6
+    close(
+        cl.focal_ce(logits, targets), torch.tensor(sum(5 * (1 - q) * -math.log(q) for q in p) / 3)
+    )
+    # alpha 1, gamma 0: the unbiased CE itself, -log(2/3) for the no-object query.
+    only_bg = cl.unbiased_focal_ce(logits[:1], targets[:1], 1, alpha=1.0, gamma=0.0)
+    close(only_bg, torch.tensor(math.log(1.5)))
+
+
+def test_unbiased_focal_ce_rejects_bad_old_class_count():
+    logits, targets = torch.zeros(2, 3), torch.tensor([0, 2])
+    for bad in (-1, 3):
+        with pytest.raises(ValueError, match="num_old_classes"):
+            cl.unbiased_focal_ce(logits, targets, bad)
 
 
 def test_unbiased_kd_zero_when_new_equals_old():

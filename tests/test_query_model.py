@@ -282,3 +282,37 @@ def test_comformer_and_its_ft_share_step_0_but_not_later_steps(tmp_path):
     assert shared_steps_key(other, 0) != shared_steps_key(ft, 0)  # another step-0 criterion
     m2f = load_config(path, ["method.name=m2f_ft"])
     assert shared_steps_key(m2f, 0) != shared_steps_key(ft, 0)
+
+
+def test_mib_on_mask2former_is_the_unbiased_criterion_of_comformers_code():
+    from incseg.comformer_losses import (
+        CoMFormerWeights,
+        comformer_criterion,
+        targets_from_label_map,
+        weighted_total,
+    )
+    from incseg.methods.comformer import MaskMiB
+    from incseg.models.mask2former.segmenter import QueryOutput
+    from incseg.protocol import get_setting, step_info
+
+    info = step_info(get_setting("voc", "15-5"), 1)
+    net = model((16, 5), background=False, mask_activation="softmax")
+    # two classes an image: four of the six queries target no-object, where UCE differs
+    images, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64)) * 8
+    old = QueryOutput(torch.randn(2, 6, 16), torch.randn(2, 6, 16, 16), [], (64, 64), 1)
+    method = MaskMiB(num_points=64)
+    torch.manual_seed(5)
+    terms = method.losses(net(images), old, labels, info)
+    assert set(terms) == {"ce", "mask", "dice", "kd"}
+    weights = CoMFormerWeights(kd_weight=200.0, kd_reweight_gamma=None, uce=True, num_points=64)
+    targets = [targets_from_label_map(label) for label in labels]
+    torch.manual_seed(5)
+    raw = comformer_criterion(net(images).as_dict(), targets, 15, old.pred_logits, weights)
+    assert torch.allclose(sum(terms.values()), weighted_total(raw, weights), rtol=1e-5)
+    # the same draws without the unbiased class loss: only the class term differs
+    torch.manual_seed(5)
+    plain = comformer_criterion(
+        net(images).as_dict(), targets, 15, old.pred_logits, CoMFormerWeights(num_points=64)
+    )
+    assert not torch.allclose(raw["loss_ce"], plain["loss_ce"])
+    assert torch.equal(raw["loss_dice"], plain["loss_dice"])

@@ -218,6 +218,18 @@ ACCEPTED_RUNS = {  # the in-range values the walk meets, grouped into real runs
         "method.focal_alpha=0",
         "method.focal_gamma=0",
     ],
+    "m2f_mib": [
+        "method.class_weight=0",
+        "method.mask_weight=0",
+        "method.dice_weight=0",
+        "method.no_object_weight=0",
+        "method.importance_ratio=0",
+        "method.backbone_lr=0",
+        "method.focal_alpha=0",
+        "method.focal_gamma=0",
+        "method.kd_weight=0",
+        "method.kd_alpha=0",
+    ],
     "comformer": [
         "method.class_weight=0",
         "method.mask_weight=0",
@@ -253,7 +265,7 @@ METHOD_SETS = {
         "--set",
         "method.num_points=16",
     ]
-    for name in ("comformer", "comformer_ft", "m2f_ft")
+    for name in ("comformer", "comformer_ft", "m2f_ft", "m2f_mib")
 }
 
 

@@ -13,7 +13,8 @@ Reference: fcdl94/CoMFormer at 640496b (file:line below are at that commit):
   dice), ``:153-161`` (softmax mask CE, positive term only);
 * ``continual/method_wrapper/set_criterion.py:45-88`` (``loss_labels``), ``:156-197``
   (``forward``), ``:200-269`` (``SoftmaxKDSetCriterion.loss_masks``);
-* ``continual/method_wrapper/loss.py:5-13`` (focal), ``:90-106`` (UKD);
+* ``continual/method_wrapper/loss.py:5-13`` (focal), ``:16-37`` (unbiased focal CE, MiB's
+  UCE), ``:90-106`` (UKD);
 * ``continual/method_wrapper/maskformer.py:36-37, 64-73`` (loss weights), ``:98-146``
   (``make_pseudolabels2``), ``:160-167`` (label shift);
 * ``mask2former/maskformer_model.py:83`` (mask threshold 0.5), ``:332-376``
@@ -29,6 +30,12 @@ on the final decoder layer only), ``PSEUDO True`` with ``PSEUDO_THRESHOLD 0``
 (continual/config.py:20-36); ``OBJECT_MASK_THRESHOLD 0`` and ``OVERLAP_THRESHOLD 0``; loss
 weights, points and ratios of configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml
 :21-38. With focal on, the no-object weight (0.1) is not applied anywhere.
+
+MiB on the same model (README.md:32-33, on top of the mask-based ``SOFTMASK True FOCAL True``
+of README.md:26-27): ``KD_WEIGHT 200 UKD True UCE True``, with ``KD_REW False`` and
+``PSEUDO False`` (their defaults, continual/config.py:27, 32). Here that is
+``CoMFormerWeights(uce=True, kd_reweight_gamma=None, kd_weight=200.0)`` and no
+:func:`pseudo_labels`; the class loss becomes :func:`unbiased_focal_ce`.
 
 Conventions: ``pred_logits`` ``(B, Q, K + 1)`` float, classes ``0 .. K - 1`` with the old
 classes first (``0 .. Ko - 1``), then the new ones, and no-object last (index ``K``);
@@ -91,6 +98,53 @@ def focal_ce(
         0-dim tensor. ``p_t = exp(-CE)`` keeps its gradient, as official.
     """
     ce = F.cross_entropy(logits, targets, reduction="none", ignore_index=ignore_index)
+    pt = torch.exp(-ce)
+    return (alpha * (1 - pt) ** gamma * ce).mean()
+
+
+def unbiased_focal_ce(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    num_old_classes: int,
+    alpha: float = 5.0,
+    gamma: float = 1.0,
+) -> torch.Tensor:
+    """MiB's unbiased CE on the query classes inside the focal loss (loss.py:16-37, 'mean').
+
+    The official ``focal_uce_loss`` (loss.py:16-24), which ``loss_labels`` calls when both
+    ``UCE`` and ``FOCAL`` are on (set_criterion.py:60-62), is ``focal_loss`` with its CE
+    replaced by ``unbiased_cross_entropy_loss`` (loss.py:27-37, ``weights=None``)::
+
+        den          = logsumexp(logits over all K + 1 classes)
+        log p(c)     = logits[c] - den                                for c < K
+        log p_bg     = logsumexp(logits[K], logits[0 .. Ko - 1]) - den
+        CE           = -log p(target), with log p_bg at target K (no-object)
+        loss         = mean(alpha * (1 - exp(-CE)) ** gamma * CE)
+
+    So a query whose target is no-object is right when it predicts no-object *or* an old
+    class, whose objects the new step's labels leave unlabelled; an old-class or new-class
+    target keeps its ordinary log-probability. With ``num_old_classes`` 0 this is
+    :func:`focal_ce` (the official then does not take this path, set_criterion.py:31).
+
+    Args:
+        logits: ``(N, K + 1)`` float; or ``(B, K + 1, Q)`` as the official passes it. Classes
+            ``0 .. Ko - 1`` the old ones, no-object last.
+        targets: ``(N,)`` (or ``(B, Q)``) int64 in ``[0, K]``. No ignore index: the official's
+            ``F.nll_loss`` keeps its default (-100), and the criterion makes none.
+        num_old_classes: ``Ko`` in ``[0, K]`` (the official's ``old_cl``).
+        alpha, gamma: CoMFormer's config uses 5 and 1 (mask2former/config.py:38-39).
+
+    Returns:
+        0-dim tensor. ``p_t = exp(-CE)`` keeps its gradient, as official.
+    """
+    num_classes = logits.shape[1] - 1
+    if not 0 <= num_old_classes <= num_classes:
+        raise ValueError(f"num_old_classes {num_old_classes} is not in [0, {num_classes}]")
+    den = torch.logsumexp(logits, dim=1)
+    merged = torch.cat((logits[:, -1:], logits[:, :num_old_classes]), dim=1)
+    log_p_bg = torch.logsumexp(merged, dim=1) - den
+    log_probs = torch.cat((logits[:, :-1] - den.unsqueeze(1), log_p_bg.unsqueeze(1)), dim=1)
+    ce = F.nll_loss(log_probs, targets, reduction="none")
     pt = torch.exp(-ce)
     return (alpha * (1 - pt) ** gamma * ce).mean()
 
@@ -286,6 +340,10 @@ class CoMFormerWeights:
     ``kd_weight`` (``CONT.DIST.KD_WEIGHT``) is 10 as README.md:30 and scripts/ade10.sh:18,
     ade5.sh:20 (100-10, 100-5); scripts/ade.sh:17 uses 0.5 for 100-50. Points and ratios from
     the yaml:36-38; ``deep_supervision`` adds the aux-layer losses (yaml:21).
+
+    ``uce`` (``CONT.DIST.UCE``, MiB: README.md:32-33) makes the class loss of every prediction,
+    final and aux, :func:`unbiased_focal_ce` over the ``num_old_classes`` given to
+    :func:`comformer_criterion`; with 0 old classes it changes nothing (set_criterion.py:31).
     """
 
     class_weight: float = 2.0
@@ -300,18 +358,33 @@ class CoMFormerWeights:
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
     deep_supervision: bool = True
+    uce: bool = False
 
 
 def _focal_labels(
-    pred_logits: torch.Tensor, targets: Targets, indices: Indices, weights: CoMFormerWeights
+    pred_logits: torch.Tensor,
+    targets: Targets,
+    indices: Indices,
+    weights: CoMFormerWeights,
+    num_old_classes: int,
 ) -> torch.Tensor:
-    """Focal CE; unmatched queries target no-object ``K`` (set_criterion.py:50-68)."""
+    """Focal CE, or with ``uce`` and old classes the unbiased focal CE; unmatched queries
+    target no-object ``K`` (set_criterion.py:50-68)."""
     logits = pred_logits.float()
     num_classes = logits.shape[-1] - 1
     classes = torch.full(logits.shape[:2], num_classes, dtype=torch.int64, device=logits.device)
     classes[matched_queries(indices)] = torch.cat(
         [t["labels"][j] for t, (_, j) in zip(targets, indices)]
     ).to(classes)
+    # ``self.uce = uce and old_classes != 0`` (set_criterion.py:31), then :60-62 or :66-68.
+    if weights.uce and num_old_classes != 0:
+        return unbiased_focal_ce(
+            logits.transpose(1, 2),
+            classes,
+            num_old_classes,
+            weights.focal_alpha,
+            weights.focal_gamma,
+        )
     return focal_ce(logits.transpose(1, 2), classes, weights.focal_alpha, weights.focal_gamma)
 
 
@@ -329,15 +402,24 @@ def comformer_criterion(
     For the final output, then each ``aux_outputs[i]`` in order (with ``deep_supervision``):
     softmax matching (its own), focal CE of all queries (matched: their target's class, others:
     no-object ``K``; no no-object weight), softmax mask CE and dice. ``loss_kd`` (UKD) only on
-    the final output and only if ``old_logits`` is given (``KD_DEEP False``). Random points are
-    drawn in the official order: matcher, then mask losses, output by output.
+    the final output and only if ``old_logits`` is given (``KD_DEEP False``). With
+    ``weights.uce`` and ``num_old_classes > 0`` the class loss of every output, aux included, is
+    :func:`unbiased_focal_ce` (MiB; ``loss_labels`` runs for each output, set_criterion.py:
+    181-195, whatever ``KD_DEEP``); it does not need ``old_logits``. Random points are drawn in
+    the official order: matcher, then mask losses, output by output.
 
     Args:
         outputs: ``{"pred_logits": (B, Q, K + 1), "pred_masks": (B, Q, H, W),
             "aux_outputs": optional list of dicts with the same two keys}``.
         targets: ``B`` dicts ``labels`` ``(n_i,)`` int64 in ``[0, K)`` (pseudo-labels
             included), ``masks`` ``(n_i, H_i, W_i)``.
-        num_old_classes: ``Ko``; checked against ``old_logits`` (``(B, Q, Ko + 1)``).
+        num_old_classes: ``Ko``; checked against ``old_logits`` (``(B, Q, Ko + 1)``), and
+            the classes merged with no-object by ``uce``. 0 at the first step, where ``uce``
+            then changes nothing. The official has ``old_classes = -1`` there
+            (continual/method_wrapper/base.py:15, no background class), which its guard
+            (set_criterion.py:31) lets through, so ``UCE True`` at step 0 would merge every
+            class into no-object there; its scripts start step 1 from the plain mask-based
+            step-0 model (scripts/ade.sh:15, adps.sh:14), so that case is not reproduced.
         old_logits: the old model's final ``pred_logits``, or None (first step, no KD).
         weights: focal, KD and point-sampling settings.
         generator: optional generator on the masks' device; None = global (as official).
@@ -362,7 +444,9 @@ def comformer_criterion(
         indices = softmax_matcher(
             out["pred_logits"], out["pred_masks"], targets, weights.num_points, generator
         )
-        stage = {"loss_ce": _focal_labels(out["pred_logits"], targets, indices, weights)}
+        stage = {
+            "loss_ce": _focal_labels(out["pred_logits"], targets, indices, weights, num_old_classes)
+        }
         if suffix == "" and old_logits is not None:
             stage["loss_kd"] = unbiased_kd(
                 out["pred_logits"].float(),

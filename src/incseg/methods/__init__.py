@@ -26,6 +26,7 @@ METHOD_PATHS: dict[str, str] = {
     "ft": "incseg.methods.ft:FineTuning",
     "lwf": "incseg.methods.lwf:LwF",
     "m2f_ft": "incseg.methods.query:QueryFineTuning",
+    "m2f_mib": "incseg.methods.comformer:MaskMiB",
     "comformer": "incseg.methods.comformer:CoMFormer",
     "comformer_ft": "incseg.methods.comformer:CoMFormerFT",
     "lwf_mc": "incseg.methods.lwf:LwFMC",
@@ -42,7 +43,7 @@ METHOD_PATHS: dict[str, str] = {
 }
 METHOD_NAMES = tuple(sorted(METHOD_PATHS))
 # The built-in methods of the query-based model (model.architecture: mask2former).
-QUERY_METHOD_NAMES = ("comformer", "comformer_ft", "m2f_ft")
+QUERY_METHOD_NAMES = ("comformer", "comformer_ft", "m2f_ft", "m2f_mib")
 # Add-ons apply on top of any method (``method.name: mib+ewf``); they act at steps > 0 only.
 ADDON_PATHS: dict[str, str] = {
     "ewf": "incseg.methods.ewf:EWF",

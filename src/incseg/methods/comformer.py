@@ -148,3 +148,34 @@ class CoMFormer(CoMFormerFT):
             pseudo_labels(logits[b], masks[b], target, self.pseudo_threshold)
             for b, target in enumerate(targets)
         ]
+
+
+@dataclass
+class MaskMiB(CoMFormerFT):
+    """MiB on Mask2Former as CoMFormer's code trains it (README.md:32-33: ``KD_WEIGHT 200``,
+    ``UKD True``, ``UCE True``; no reweighting, no pseudo-labels): at steps > 0 the class loss of
+    every prediction is the unbiased focal CE (a no-object target scores no-object plus the old
+    classes, :func:`incseg.comformer_losses.unbiased_focal_ce`, ``loss.py:16-37``,
+    ``set_criterion.py:60-62``) and the unbiased distillation of the last prediction weighs every
+    query alike. Step 0 is CoMFormer's."""
+
+    needs_old_model: ClassVar[bool] = True
+
+    kd_weight: float = ranged(200.0, Range(0, 10_000, "weight of the unbiased distillation"))
+    kd_alpha: float = ranged(1.0, Range(0, 100, "factor of the old logits in the distillation"))
+
+    def losses(
+        self,
+        output: QueryOutput,
+        old_output: QueryOutput | None,
+        targets: torch.Tensor,
+        info: StepInfo,
+    ) -> dict[str, torch.Tensor]:
+        """:class:`CoMFormerFT`'s terms with, at steps > 0, the unbiased class loss and ``kd``."""
+        found = targets_of(targets, output.first_channel)
+        if old_output is None:
+            return self.terms(output, found, None, self.comformer_weights())
+        weights = self.comformer_weights(
+            self.kd_weight, kd_alpha=self.kd_alpha, kd_reweight_gamma=None, uce=True
+        )
+        return self.terms(output, found, old_output.pred_logits.float(), weights)
