@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -43,3 +45,18 @@ def machine() -> dict:
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+
+
+def run_in_process(module: str, *args: str) -> dict:
+    """``python -m MODULE ARGS`` in a process of its own (its peak memory is its own); returns
+    the JSON object of its last output line.
+
+    Raises:
+        RuntimeError: the process failed; the message holds the end of its stderr.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

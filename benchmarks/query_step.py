@@ -59,6 +59,7 @@ import time
 
 import torch
 
+from benchmarks.common import run_in_process
 from incseg.config import Mask2FormerConfig, TrainConfig
 from incseg.engine.runtime import Runtime
 from incseg.engine.train import Optimisation, Step, train_one_epoch
@@ -332,17 +333,7 @@ if __name__ == "__main__":
 
 
 def _subprocess(*args: str) -> dict:
-    import subprocess
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.query_step", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmarks.query_step {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_process("benchmarks.query_step", *args)
 
 
 def bench_query_step(crops=(512,)) -> list:

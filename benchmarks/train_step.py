@@ -40,6 +40,7 @@ import time
 
 import torch
 
+from benchmarks.common import run_in_process
 from incseg.config import MethodConfig
 from incseg.engine.evaluate import evaluate
 from incseg.engine.runtime import Runtime
@@ -297,17 +298,7 @@ if __name__ == "__main__":
 
 
 def _subprocess(*args: str) -> dict:
-    import subprocess
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.train_step", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmarks.train_step {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_process("benchmarks.train_step", *args)
 
 
 def bench_train_step(crops=(256, 512)) -> list:

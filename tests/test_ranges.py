@@ -144,6 +144,18 @@ def _walk(key: str, prefix: list[str], valid: Range | None, tmp_path, capsys) ->
     return accepted
 
 
+# The zeros every query-based method accepts (the set criterion's weights and sampling), and
+# those of CoMFormer's criterion (its focal loss) on top.
+QUERY_ZEROS = [
+    "method.class_weight=0",
+    "method.mask_weight=0",
+    "method.dice_weight=0",
+    "method.no_object_weight=0",
+    "method.importance_ratio=0",
+    "method.backbone_lr=0",
+]
+COMFORMER_FT_ZEROS = [*QUERY_ZEROS, "method.focal_alpha=0", "method.focal_gamma=0"]
+
 ACCEPTED_RUNS = {  # the in-range values the walk meets, grouped into real runs
     "config": [
         "protocol.last_step=0",
@@ -200,45 +212,11 @@ ACCEPTED_RUNS = {  # the in-range values the walk meets, grouped into real runs
         "method.classifier_lr_scale=0",
         "method.new_classifier_lr_scale=0",
     ],
-    "m2f_ft": [
-        "method.class_weight=0",
-        "method.mask_weight=0",
-        "method.dice_weight=0",
-        "method.no_object_weight=0",
-        "method.importance_ratio=0",
-        "method.backbone_lr=0",
-    ],
-    "comformer_ft": [
-        "method.class_weight=0",
-        "method.mask_weight=0",
-        "method.dice_weight=0",
-        "method.no_object_weight=0",
-        "method.importance_ratio=0",
-        "method.backbone_lr=0",
-        "method.focal_alpha=0",
-        "method.focal_gamma=0",
-    ],
-    "m2f_mib": [
-        "method.class_weight=0",
-        "method.mask_weight=0",
-        "method.dice_weight=0",
-        "method.no_object_weight=0",
-        "method.importance_ratio=0",
-        "method.backbone_lr=0",
-        "method.focal_alpha=0",
-        "method.focal_gamma=0",
-        "method.kd_weight=0",
-        "method.kd_alpha=0",
-    ],
+    "m2f_ft": QUERY_ZEROS,
+    "comformer_ft": COMFORMER_FT_ZEROS,
+    "m2f_mib": [*COMFORMER_FT_ZEROS, "method.kd_weight=0", "method.kd_alpha=0"],
     "comformer": [
-        "method.class_weight=0",
-        "method.mask_weight=0",
-        "method.dice_weight=0",
-        "method.no_object_weight=0",
-        "method.importance_ratio=0",
-        "method.backbone_lr=0",
-        "method.focal_alpha=0",
-        "method.focal_gamma=0",
+        *COMFORMER_FT_ZEROS,
         "method.kd_weight=0",
         "method.kd_alpha=0",
         "method.kd_reweight_gamma=0",
