@@ -926,15 +926,14 @@ COMFORMER_TEMPLATE = """\
 # Base-ADE20K-SemanticSegmentation.yaml: MAX_ITER 160000 despite the name, AdamW, weight decay
 # 0.05, BACKBONE_MULTIPLIER 0.1, full-model gradient clipping 0.01, poly 0.9, AMP); written by
 # tools/make_configs.py. Step 0 has no script at {commit}: the maintainer's answer in issue #1
-# trains it with the config's defaults (160k iterations, LR 1e-4). Not yet matched by incseg:
-# the recipe's ADE20K mapper (short-side resize, category-area crop, colour jitter) and its
-# whole-image test at short side 512; its "mIoU" counts class 0 (incseg's "w/ bg" column,
-# docs/protocol.md "The query-based papers' two evaluations").
+# trains it with the config's defaults (160k iterations, LR 1e-4). Its "mIoU" counts class 0
+# (incseg's "w/ bg" column, docs/protocol.md "The query-based papers' two evaluations").
 name: ade-{setting}-comformer
 data:
   dataset: ade
   root: data/ade
-  test_crop: 512
+  pipeline: mask2former   # the semantic mapper (INPUT keys of the base yaml) and the test
+  crop_size: 512          # at short side 512 (MIN_SIZE_TEST), whole image (docs/protocol.md)
 protocol:
   setting: {setting}
   mode: overlap           # the scripts' "-ov" index files (datasets/mya_{setting}-ov.npy)

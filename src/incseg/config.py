@@ -45,6 +45,10 @@ from incseg.ranges import SEED, Range, check_range, ranged, ranges_of
 log = logging.getLogger(__name__)
 DATASETS = {"shapes": "voc", "voc": "voc", "ade": "ade"}  # dataset name -> class family
 Dataset = Literal["shapes", "voc", "ade"]
+# mib: MiB / PLOP's random resized crop, flip, test resize + centre crop (data/transforms.py);
+# mask2former: the Mask2Former recipe's mapper and CoMFormer's whole-image test
+# (data/query_transforms.py, docs/protocol.md "Resampling")
+Pipeline = Literal["mib", "mask2former"]
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 MAX_SHAPES_BYTES = 8 * 2**30
 SHAPES_ONLY = ("image_size", "num_train", "num_test", "seed")  # data keys of the shapes dataset
@@ -87,6 +91,7 @@ class DataConfig:
     # folder of saliency maps, one <image id>.png each (SSUL's release), for methods that take the
     # unknown class from them (ssul); shapes has exact maps built in
     saliency: str | None = None
+    pipeline: Pipeline = "mib"
 
     def __post_init__(self) -> None:
         if self.dataset == "shapes":
@@ -109,6 +114,24 @@ class DataConfig:
             raise ConfigError(
                 "data.scale_min/scale_max: need scale_min <= scale_max, got "
                 f"{self.scale_min}, {self.scale_max}"
+            )
+        if self.pipeline == "mask2former":
+            self._check_mask2former_pipeline()
+
+    def _check_mask2former_pipeline(self) -> None:
+        for key in ("scale_min", "scale_max"):
+            value = getattr(self, key)
+            if abs(value * 10 - round(value * 10)) > 1e-9:
+                raise ConfigError(
+                    f"data.{key}: {value}; data.pipeline mask2former draws short sides "
+                    "int(x * 0.1 * crop_size) for x from 10 * scale_min to 10 * scale_max, so the "
+                    "scales must be multiples of 0.1 (the recipe: 0.5 and 2.0)"
+                )
+        if self.test_crop is not None:
+            raise ConfigError(
+                f"data.test_crop: {self.test_crop}; data.pipeline mask2former tests whole images "
+                "resized to short side data.crop_size (CoMFormer's MIN_SIZE_TEST): leave "
+                "test_crop unset"
             )
 
 
@@ -571,6 +594,17 @@ def check_query_model(config: Config) -> None:
             "model.architecture: mask2former is query-based (class scores per query and masks, "
             f"no per-pixel logits), and method {config.method.name!r} trains per-pixel logits; "
             f"the methods that train it: {list(QUERY_METHOD_NAMES)}"
+        )
+    if config.model.architecture == "mask2former" and config.data.crop_size % 32:
+        raise ConfigError(
+            f"data.crop_size: {config.data.crop_size}; Mask2Former trains on images whose sides "
+            "divide by 32 (MODEL.MASK_FORMER.SIZE_DIVISIBILITY), e.g. 512"
+        )
+    least = getattr(method_class(config.method.name), "min_crop_size", 0)
+    if config.data.crop_size < least:
+        raise ConfigError(
+            f"data.crop_size: {config.data.crop_size}; method {config.method.name!r} needs at "
+            f"least {least} (its local POD's finest grid needs res5, at stride 32, 4 wide)"
         )
 
 

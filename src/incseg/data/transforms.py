@@ -190,7 +190,8 @@ class ToFloat(v2.Transform):
         return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
 
 
-def _to_float() -> list[v2.Transform]:
+def to_float() -> list[v2.Transform]:
+    """uint8 -> float32 in [0, 1] (:class:`ToFloat`), then ImageNet normalisation."""
     return [ToFloat(), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
@@ -200,7 +201,7 @@ def train_transform(crop_size: int, scale: tuple[float, float] = (0.5, 2.0)) -> 
         [
             RandomResizedCrop(crop_size, scale=scale, ratio=(3 / 4, 4 / 3), antialias=True),
             v2.RandomHorizontalFlip(),
-            *_to_float(),
+            *to_float(),
         ]
     )
 
@@ -210,7 +211,7 @@ def test_transform(crop_size: int | None) -> v2.Compose:
     geometry: list[v2.Transform] = []
     if crop_size is not None:
         geometry = [ResizeShorter(crop_size), v2.CenterCrop(crop_size)]
-    return v2.Compose([*geometry, *_to_float()])
+    return v2.Compose([*geometry, *to_float()])
 
 
 def apply_pair(

@@ -10,10 +10,12 @@ from typing import Literal
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 
-from incseg.config import Config
+from incseg.config import Config, DataConfig
 from incseg.data import Source, StepDataset, build_source
 from incseg.data.datasets import WithMemory
+from incseg.data.query_transforms import query_test_transform, query_train_transform
 from incseg.data.transforms import test_transform, train_transform
 from incseg.engine.distributed import (
     SINGLE,
@@ -143,7 +145,8 @@ def build_train_loader(
     indices = _selected(train_indices(config, source, presence, info), "training", config, info)
     check_batches(config, info, len(indices), dist)
     lut = make_lut(info, "train", proto.labels)
-    transform = train_transform(data.crop_size, (data.scale_min, data.scale_max))
+    build = query_train_transform if data.pipeline == "mask2former" else train_transform
+    transform = build(data.crop_size, (data.scale_min, data.scale_max))
     memory = np.asarray(extras.memory, dtype=np.int64)
     if extras.mixing == "concat":
         indices = np.concatenate([indices, memory])
@@ -165,6 +168,14 @@ def build_train_loader(
         num_workers=data.num_workers,
         generator=torch.Generator().manual_seed(0),
     )
+
+
+def eval_transform(data: DataConfig) -> v2.Compose:
+    """The test images' transform of ``data.pipeline``: MiB's resize and centre crop to
+    ``test_crop`` (or the whole image), or CoMFormer's whole image at short side ``crop_size``."""
+    if data.pipeline == "mask2former":
+        return query_test_transform(data.crop_size)
+    return test_transform(data.test_crop)
 
 
 def build_test_loader(
@@ -190,9 +201,10 @@ def build_test_loader(
         chosen = select_train(presence, info, "overlap")
     indices = _selected(chosen, split, config, info)
     lut = make_lut(info, split, proto.labels, ignore_zero_at_test=ignore_zero)
-    dataset = StepDataset(source, indices, lut, test_transform(config.data.test_crop))
+    dataset = StepDataset(source, indices, lut, eval_transform(config.data))
     # Full images of different sizes cannot share a batch; padding would change the ASPP's
-    # image-level pooling, so they are evaluated one at a time.
+    # image-level pooling (Mask2Former's too: the official tests one image per batch), so they
+    # are evaluated one at a time.
     same_size = config.data.test_crop is not None or getattr(source, "fixed_size", True)
     batch = config.train.eval_batch_size if same_size else 1
     # An own generator: starting this loader must not draw from the global RNG that drives the

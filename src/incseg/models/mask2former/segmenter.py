@@ -30,9 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from incseg.comformer_losses import comformer_inference
+from incseg.models.choices import QUERY_FEATURE_NAMES
 from incseg.models.mask2former.decoder import DecoderSizes, MultiScaleMaskedTransformerDecoder
 from incseg.models.mask2former.pixel_decoder import MSDeformAttnPixelDecoder, PixelDecoderSizes
 from incseg.query_losses import semantic_inference
+
+# MODEL.MASK_FORMER.SIZE_DIVISIBILITY of every ADE20K config: images are padded with zeros (after
+# normalisation) to multiples of it (maskformer_model.py:276, detectron2 ImageList.from_tensors).
+SIZE_DIVISIBILITY = 32
 
 
 @dataclass
@@ -44,11 +49,16 @@ class QueryOutput:
         pred_masks: ``(B, Q, H/4, W/4)`` mask logits per query.
         aux_outputs: the same pair for each earlier prediction of the decoder (deep
             supervision), as ``{"pred_logits", "pred_masks"}`` dicts.
-        size: ``(H, W)`` of the input, what predictions are upsampled to.
+        size: ``(H, W)`` of the input, what predictions are scored at.
+        padded: ``(H', W')``, the input padded to multiples of :data:`SIZE_DIVISIBILITY`, what
+            the masks cover.
         first_channel: the channel of class index 0 of the logits: 0, or 1 when the head has no
             background class.
         queries: the decoder's query states per prediction ``(B, Q, hidden)``, only when asked
             for (feature name ``queries``); empty otherwise.
+        maps: the backbone's res2-res5 (after their last ReLU) and the pixel decoder's
+            ``mask_features``, only when asked for (feature name ``maps``, what CoMFormer's
+            PLOP distils, ``continual/method_wrapper/maskformer.py:11-20``); empty otherwise.
     """
 
     pred_logits: torch.Tensor
@@ -57,6 +67,8 @@ class QueryOutput:
     size: tuple[int, int]
     first_channel: int = 0
     queries: list[torch.Tensor] = field(default_factory=list)
+    padded: tuple[int, int] | None = None
+    maps: list[torch.Tensor] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """The official output dict (``pred_logits``, ``pred_masks``, ``aux_outputs``)."""
@@ -157,11 +169,28 @@ class QuerySegmenter(nn.Module):
         return layer
 
     def forward(self, images: torch.Tensor, features: Collection[str] = ()) -> QueryOutput:
-        """``(B, 3, H, W)`` normalised images -> :class:`QueryOutput`. The only feature name is
-        ``queries`` (the decoder's query states per prediction)."""
-        unknown = set(features) - {"queries"}
+        """``(B, 3, H, W)`` normalised images -> :class:`QueryOutput`. Feature names:
+        ``queries`` (the decoder's query states per prediction) and ``maps`` (backbone and
+        pixel-decoder maps, :attr:`QueryOutput.maps`).
+
+        Images whose sides are not multiples of :data:`SIZE_DIVISIBILITY` are padded with zeros
+        at the bottom and right, as the official model pads its test images; in training that
+        would misplace the targets, so training images must come padded (the mapper pads its
+        crops) and others are refused."""
+        unknown = set(features) - set(QUERY_FEATURE_NAMES)
         if unknown:
-            raise ValueError(f"unknown feature names {sorted(unknown)}; valid: ['queries']")
+            raise ValueError(
+                f"unknown feature names {sorted(unknown)}; valid: {list(QUERY_FEATURE_NAMES)}"
+            )
+        size = (images.shape[-2], images.shape[-1])
+        pad_h, pad_w = -size[0] % SIZE_DIVISIBILITY, -size[1] % SIZE_DIVISIBILITY
+        if pad_h or pad_w:
+            if self.training:
+                raise ValueError(
+                    f"training images of {size[0]}x{size[1]}: Mask2Former needs sides divisible "
+                    f"by {SIZE_DIVISIBILITY}"
+                )
+            images = F.pad(images, (0, pad_w, 0, pad_h))
         maps = self.backbone(images)
         mask_features, _, multi_scale = self.pixel_decoder.forward_features(maps)
         out = self.predictor(multi_scale, mask_features, return_queries="queries" in features)
@@ -169,26 +198,35 @@ class QuerySegmenter(nn.Module):
             out["pred_logits"],
             out["pred_masks"],
             out["aux_outputs"],
-            tuple(images.shape[-2:]),
+            size,
             self.first_channel,
             out.get("queries", []),
+            (images.shape[-2], images.shape[-1]),
+            [*maps.values(), mask_features] if "maps" in features else [],
         )
 
     def prediction_scores(self, output: QueryOutput) -> torch.Tensor:
         """``(B, C_t, H, W)`` scores at input size whose argmax is the prediction: the masks
-        upsampled bilinearly to the input (``maskformer_model.py:214-219``), then Mask2Former's
-        :func:`~incseg.query_losses.semantic_inference` (without a background class, channel 0
+        upsampled bilinearly to the padded input (``maskformer_model.py:202-207``), then
+        Mask2Former's :func:`~incseg.query_losses.semantic_inference` (without a background class, channel 0
         scores 0 and so is predicted only where every class scores 0) or, with ``inference:
         comformer``, the one-hot of CoMFormer's
         :func:`~incseg.comformer_losses.comformer_inference` (a pixel no query paints: 0)."""
+        height, width = output.size
         masks = F.interpolate(
-            output.pred_masks.float(), size=output.size, mode="bilinear", align_corners=False
+            output.pred_masks.float(),
+            size=output.padded or output.size,
+            mode="bilinear",
+            align_corners=False,
         )
         logits = output.pred_logits.float()
         num = logits.shape[-1] - 1 + output.first_channel
         if self.inference == "comformer":
             labels = comformer_inference(logits, masks) - 1 + output.first_channel
             labels = labels.clamp(min=0)  # with a background class, an unpainted pixel is 0 too
-            return F.one_hot(labels, num).permute(0, 3, 1, 2).float()
-        scores = semantic_inference(logits, masks)
-        return F.pad(scores, (0, 0, 0, 0, output.first_channel, 0))
+            scores = F.one_hot(labels, num).permute(0, 3, 1, 2).float()
+        else:
+            scores = semantic_inference(logits, masks)
+            scores = F.pad(scores, (0, 0, 0, 0, output.first_channel, 0))
+        # the padding is scored and then cut off (sem_seg_postprocess, maskformer_model.py:233)
+        return scores[..., :height, :width]
