@@ -215,6 +215,7 @@ ACCEPTED_RUNS = {  # the in-range values the walk meets, grouped into real runs
     "m2f_ft": QUERY_ZEROS,
     "comformer_ft": COMFORMER_FT_ZEROS,
     "m2f_mib": [*COMFORMER_FT_ZEROS, "method.kd_weight=0", "method.kd_alpha=0"],
+    "m2f_plop": [*COMFORMER_FT_ZEROS, "method.pod_weight=0", "method.pseudo_threshold=0"],
     "comformer": [
         *COMFORMER_FT_ZEROS,
         "method.kd_weight=0",
@@ -243,8 +244,10 @@ METHOD_SETS = {
         "--set",
         "method.num_points=16",
     ]
-    for name in ("comformer", "comformer_ft", "m2f_ft", "m2f_mib")
+    for name in ("comformer", "comformer_ft", "m2f_ft", "m2f_mib", "m2f_plop")
 }
+# POD's finest grid needs res5 (stride 32) 4 wide
+METHOD_SETS["m2f_plop"] += ["--set", "data.image_size=128", "--set", "data.crop_size=128"]
 
 
 def test_walk_every_numeric_key_with_zero_negative_and_absurd(tmp_path, capsys):

@@ -59,6 +59,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from incseg.losses import local_pod_embedding
 from incseg.query_losses import (
     Indices,
     Targets,
@@ -563,6 +564,33 @@ def pseudo_labels(
         "labels": torch.cat((target["labels"], pseudo_classes)),
         "masks": torch.cat((target["masks"], torch.stack(masks))),
     }
+
+
+def mask2former_pod(
+    old_maps: list[torch.Tensor], new_maps: list[torch.Tensor], scales: tuple[int, ...] = (1, 2, 4)
+) -> torch.Tensor:
+    """PLOP's local POD as CoMFormer's code applies it to Mask2Former (``continual/modeling/
+    pod.py:5-20``, called by ``continual/method_wrapper/maskformer.py:11-20`` on res2-res5 and
+    the pixel decoder's ``mask_features`` with scales 1, 2, 4):
+    ``mean_b sum_l ||phi(new_l)_b - phi(old_l)_b||_2 / L`` with ``phi`` the local POD embedding
+    (:func:`incseg.losses.local_pod_embedding`, the same pooling as ``pod.py:23-38``). Unlike
+    PLOP's own (:func:`incseg.losses.local_pod`) the maps are not squared first and no factor
+    weighs a layer. Computed in float32; the old maps are detached.
+
+    Args:
+        old_maps, new_maps: matching ``(B, C_l, h_l, w_l)`` maps, square (the recipe's crops are).
+
+    Returns:
+        Scalar.
+    """
+    if len(old_maps) != len(new_maps) or not old_maps:
+        raise ValueError("mask2former_pod: as many old maps as new maps are needed (at least 1)")
+    total = torch.zeros((), device=new_maps[0].device)
+    for old, new in zip(old_maps, new_maps, strict=True):
+        old_emb = local_pod_embedding(old.detach().float(), scales)
+        new_emb = local_pod_embedding(new.float(), scales)
+        total = total + torch.linalg.vector_norm(new_emb - old_emb, dim=-1)
+    return total.mean() / len(new_maps)
 
 
 def _inference_one(

@@ -16,7 +16,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 from incseg.errors import ConfigError
-from incseg.models.choices import FEATURE_NAMES
+from incseg.models.choices import FEATURE_NAMES, QUERY_FEATURE_NAMES
 
 if TYPE_CHECKING:
     from incseg.methods.base import Method
@@ -27,6 +27,7 @@ METHOD_PATHS: dict[str, str] = {
     "lwf": "incseg.methods.lwf:LwF",
     "m2f_ft": "incseg.methods.query:QueryFineTuning",
     "m2f_mib": "incseg.methods.comformer:MaskMiB",
+    "m2f_plop": "incseg.methods.comformer:MaskPLOP",
     "comformer": "incseg.methods.comformer:CoMFormer",
     "comformer_ft": "incseg.methods.comformer:CoMFormerFT",
     "lwf_mc": "incseg.methods.lwf:LwFMC",
@@ -43,7 +44,7 @@ METHOD_PATHS: dict[str, str] = {
 }
 METHOD_NAMES = tuple(sorted(METHOD_PATHS))
 # The built-in methods of the query-based model (model.architecture: mask2former).
-QUERY_METHOD_NAMES = ("comformer", "comformer_ft", "m2f_ft", "m2f_mib")
+QUERY_METHOD_NAMES = ("comformer", "comformer_ft", "m2f_ft", "m2f_mib", "m2f_plop")
 # Add-ons apply on top of any method (``method.name: mib+ewf``); they act at steps > 0 only.
 ADDON_PATHS: dict[str, str] = {
     "ewf": "incseg.methods.ewf:EWF",
@@ -134,10 +135,11 @@ def method_class(name: str) -> type[Method]:
             f"method.name: {name!r} is not a method: expected a @dataclass subclass of "
             "incseg.methods.base.Method"
         )
-    unknown = sorted(set(cls.features) - set(FEATURE_NAMES))
+    valid = FEATURE_NAMES + QUERY_FEATURE_NAMES
+    unknown = sorted(set(cls.features) - set(valid))
     if unknown:
         raise ConfigError(
-            f"method.name: {name!r} asks for unknown features {unknown}; valid: {list(FEATURE_NAMES)}"
+            f"method.name: {name!r} asks for unknown features {unknown}; valid: {list(valid)}"
         )
     return cls
 

@@ -30,7 +30,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from incseg.comformer_losses import CoMFormerWeights, comformer_criterion, pseudo_labels
+from incseg.comformer_losses import (
+    CoMFormerWeights,
+    comformer_criterion,
+    mask2former_pod,
+    pseudo_labels,
+)
 from incseg.methods.query import QueryMethod, grouped_terms, targets_of
 from incseg.protocol.steps import StepInfo
 from incseg.ranges import Range, ranged
@@ -139,15 +144,21 @@ class CoMFormer(CoMFormerFT):
     def with_pseudo_labels(
         self, old_output: QueryOutput, targets: list[dict], size: torch.Size
     ) -> list[dict]:
-        """Each image's targets with the old model's pseudo-labels appended."""
-        masks = F.interpolate(
-            old_output.pred_masks.float(), size=tuple(size), mode="bilinear", align_corners=False
-        )
-        logits = old_output.pred_logits.float()
-        return [
-            pseudo_labels(logits[b], masks[b], target, self.pseudo_threshold)
-            for b, target in enumerate(targets)
-        ]
+        return with_pseudo_labels(old_output, targets, size, self.pseudo_threshold)
+
+
+def with_pseudo_labels(
+    old_output: QueryOutput, targets: list[dict], size: torch.Size, threshold: float
+) -> list[dict]:
+    """Each image's targets with the old model's pseudo-labels appended (its masks upsampled
+    bilinearly to the labels' ``size`` first, ``maskformer.py:99-106``)."""
+    masks = F.interpolate(
+        old_output.pred_masks.float(), size=tuple(size), mode="bilinear", align_corners=False
+    )
+    logits = old_output.pred_logits.float()
+    return [
+        pseudo_labels(logits[b], masks[b], target, threshold) for b, target in enumerate(targets)
+    ]
 
 
 @dataclass
@@ -179,3 +190,45 @@ class MaskMiB(CoMFormerFT):
             self.kd_weight, kd_alpha=self.kd_alpha, kd_reweight_gamma=None, uce=True
         )
         return self.terms(output, found, old_output.pred_logits.float(), weights)
+
+
+@dataclass
+class MaskPLOP(CoMFormerFT):
+    """PLOP on Mask2Former as CoMFormer's code trains it (README.md:36: ``PSEUDO True``,
+    ``PSEUDO_TYPE 1``, ``POD_WEIGHT 0.001``; no ``KD_WEIGHT``, ``UKD``, ``UCE``): at steps > 0 the
+    old model's pseudo-labels join the targets, as CoMFormer's (``make_pseudolabels2``; at
+    640496b ``PSEUDO_TYPE`` is read and unused, ``maskformer.py:41, 166-167``), and the
+    local POD of res2-res5 and ``mask_features`` (:func:`incseg.comformer_losses.
+    mask2former_pod`) is added with weight ``pod_weight * sqrt(new / all)``: the step's classes
+    over every class so far, background excluded when the head has none (``maskformer.py:64-66``,
+    ``continual/method_wrapper/base.py:11-20``). No logit distillation. Step 0 is CoMFormer's."""
+
+    needs_old_model: ClassVar[bool] = True
+    features: ClassVar[tuple[str, ...]] = ("maps",)
+    # res5 (stride 32) must be 4 wide for POD's finest grid; checked by the config
+    min_crop_size: ClassVar[int] = 128
+
+    pod_weight: float = ranged(0.001, Range(0, 1000, "weight of the local POD"))
+    pseudo_threshold: float = ranged(
+        0.0, Range(0, 1, "class score an old query needs to give a pseudo-label")
+    )
+
+    def losses(
+        self,
+        output: QueryOutput,
+        old_output: QueryOutput | None,
+        targets: torch.Tensor,
+        info: StepInfo,
+    ) -> dict[str, torch.Tensor]:
+        """:class:`CoMFormerFT`'s terms on the targets with pseudo-labels, and ``pod``."""
+        found = targets_of(targets, output.first_channel)
+        if old_output is None:
+            return self.terms(output, found, None, self.comformer_weights())
+        found = with_pseudo_labels(old_output, found, targets.shape[-2:], self.pseudo_threshold)
+        terms = self.terms(output, found, None, self.comformer_weights())
+        # base.py:11-20: each count gains the background only with a background class
+        bg = 1 - output.first_channel
+        new, every = len(info.new_classes) + bg, info.num_channels - 1 + bg
+        pod = mask2former_pod(old_output.maps, output.maps)
+        terms["pod"] = self.pod_weight * (new / every) ** 0.5 * pod
+        return terms

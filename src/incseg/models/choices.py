@@ -26,7 +26,9 @@ NORMS: tuple[str, ...] = get_args(Norm)
 #   "pre_logits", arthurdouillard/CVPR2021_PLOP ``modules/deeplab.py:37, 69``);
 # ``logits_small``: all classifiers' logits at feature resolution, before upsampling;
 # ``logits_pos`` / ``logits_neg``: the dkd architecture's class logits at feature resolution from
-#   the positive / negative parts of the weights, no bias (models/heads.py).
+#   the positive / negative parts of the weights, no bias (models/heads.py);
+# ``maps`` / ``queries`` (the mask2former architecture only): res2-res5 and the pixel decoder's
+#   mask features; the decoder's query states per prediction (models/mask2former/segmenter.py).
 FEATURE_NAMES = (
     "stage1",
     "stage2",
@@ -42,6 +44,7 @@ FEATURE_NAMES = (
     "logits_pos",
     "logits_neg",
 )
+QUERY_FEATURE_NAMES = ("maps", "queries")
 # deeplabv3: DeepLabV3 as MiB builds it; rcil: RCIL's two parallel branches for every 3x3 conv +
 # norm of the backbone's blocks and the ASPP convs (models/rcil.py), for method rcil; ssul / dkd:
 # torchvision's DeepLabV3 head with SSUL's unknown + background + per-step heads, or DKD's
