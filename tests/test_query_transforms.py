@@ -250,21 +250,24 @@ def test_the_pipeline_config_checks(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data: {pipeline: mask2former}\n")
     assert load_config(path).data.pipeline == "mask2former"
-    with pytest.raises(ConfigError, match="data.test_crop: 512; .* leave"):
+    with pytest.raises(
+        ConfigError, match="data.test_crop: 512; data.pipeline mask2former .* leave"
+    ):
         load_config(path, ["data.test_crop=512"])
     with pytest.raises(ConfigError, match="data.scale_min: 0.55; .* multiples of 0.1"):
-        load_config(path, ["data.scale_min=0.55"])
-    with pytest.raises(ConfigError, match="data.pipeline.*'mib', 'mask2former'"):
+        load_config(path, ["data.scale_min=0.55", "data.pipeline=comformer"])
+    with pytest.raises(ConfigError, match="data.pipeline.*'mib', 'mask2former', 'comformer'"):
         load_config(path, ["data.pipeline=detectron2"])
     path.write_text("model: {architecture: mask2former}\nmethod: {name: m2f_ft}\n")
     with pytest.raises(ConfigError, match="data.crop_size: 48; .* divide by 32"):
         load_config(path, ["data.crop_size=48"])
 
 
-def test_a_mask2former_run_on_real_images_of_different_sizes(tmp_path):
+@pytest.mark.parametrize("pipeline", ["comformer", "mask2former"])
+def test_a_mask2former_run_on_real_images_of_different_sizes(tmp_path, pipeline):
     config = tmp_path / "voc.yaml"
     config.write_text(
-        f'data: {{dataset: voc, root: "{VOC_ROOT}", crop_size: 64, pipeline: mask2former}}\n'
+        f'data: {{dataset: voc, root: "{VOC_ROOT}", crop_size: 64, pipeline: {pipeline}}}\n'
         "protocol: {setting: 15-5, mode: overlap, last_step: 0}\n"
         "model: {backbone: tiny, norm: bn}\n"
         "train: {epochs: 1, batch_size: 4, eval_batch_size: 3}\n"
@@ -274,14 +277,15 @@ def test_a_mask2former_run_on_real_images_of_different_sizes(tmp_path):
     step = json.loads((out / "metrics.json").read_text())["steps"][0]
     assert step["num_test_images"] == 4 and len(step["per_class"]) == 16
     saved = load_config(out / "config.yaml")
-    assert saved.data.pipeline == "mask2former" and saved.data.test_crop is None
+    assert saved.data.pipeline == pipeline and saved.data.test_crop is None
     source = build_source(saved.data, "test")
     loader = build_test_loader(
-        saved,
-        source,
-        source.presence(),
-        step_info(get_setting(saved.family, saved.protocol.setting), 0),
+        saved, source, source.presence(), step_info(get_setting("voc", "15-5"), 0)
     )
-    shapes = {tuple(label.shape[-2:]) for _, label in loader}
-    assert loader.batch_size == 1 and len(shapes) > 1  # whole images, one per batch
-    assert all(min(s) == 64 and max(s) % 32 for s in shapes)  # short side 64, padded by the model
+    pairs = [(tuple(image.shape[-2:]), tuple(label.shape[-2:])) for image, label in loader]
+    assert loader.batch_size == 1 and len(set(pairs)) > 1  # whole images, one per batch
+    assert all(min(i) == 64 and max(i) % 32 for i, _ in pairs)  # short side 64, padded by the model
+    if pipeline == "comformer":  # labels resized with the image
+        assert all(i == lab for i, lab in pairs)
+    else:  # labels at their size (VOC's ~500 px), the scores upsampled to them
+        assert all(min(lab) > 64 for _, lab in pairs)

@@ -932,7 +932,7 @@ name: ade-{setting}-comformer
 data:
   dataset: ade
   root: data/ade
-  pipeline: mask2former   # the semantic mapper (INPUT keys of the base yaml) and the test
+  pipeline: comformer     # the semantic mapper (INPUT keys of the base yaml) and the test
   crop_size: 512          # at short side 512 (MIN_SIZE_TEST), whole image (docs/protocol.md)
 protocol:
   setting: {setting}

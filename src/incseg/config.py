@@ -46,9 +46,10 @@ log = logging.getLogger(__name__)
 DATASETS = {"shapes": "voc", "voc": "voc", "ade": "ade"}  # dataset name -> class family
 Dataset = Literal["shapes", "voc", "ade"]
 # mib: MiB / PLOP's random resized crop, flip, test resize + centre crop (data/transforms.py);
-# mask2former: the Mask2Former recipe's mapper and CoMFormer's whole-image test
-# (data/query_transforms.py, docs/protocol.md "Resampling")
-Pipeline = Literal["mib", "mask2former"]
+# mask2former / comformer: the Mask2Former recipe's mapper, and Mask2Former's whole-image test
+# (labels at their size) or CoMFormer's (labels resized with the image)
+# (data/query_transforms.py, docs/protocol.md "The Mask2Former recipe")
+Pipeline = Literal["mib", "mask2former", "comformer"]
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 MAX_SHAPES_BYTES = 8 * 2**30
 SHAPES_ONLY = ("image_size", "num_train", "num_test", "seed")  # data keys of the shapes dataset
@@ -115,7 +116,7 @@ class DataConfig:
                 "data.scale_min/scale_max: need scale_min <= scale_max, got "
                 f"{self.scale_min}, {self.scale_max}"
             )
-        if self.pipeline == "mask2former":
+        if self.pipeline != "mib":
             self._check_mask2former_pipeline()
 
     def _check_mask2former_pipeline(self) -> None:
@@ -123,13 +124,13 @@ class DataConfig:
             value = getattr(self, key)
             if abs(value * 10 - round(value * 10)) > 1e-9:
                 raise ConfigError(
-                    f"data.{key}: {value}; data.pipeline mask2former draws short sides "
+                    f"data.{key}: {value}; data.pipeline {self.pipeline} draws short sides "
                     "int(x * 0.1 * crop_size) for x from 10 * scale_min to 10 * scale_max, so the "
                     "scales must be multiples of 0.1 (the recipe: 0.5 and 2.0)"
                 )
         if self.test_crop is not None:
             raise ConfigError(
-                f"data.test_crop: {self.test_crop}; data.pipeline mask2former tests whole images "
+                f"data.test_crop: {self.test_crop}; data.pipeline {self.pipeline} tests whole images "
                 "resized to short side data.crop_size (CoMFormer's MIN_SIZE_TEST): leave "
                 "test_crop unset"
             )

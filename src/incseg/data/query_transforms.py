@@ -12,10 +12,15 @@ continual Mask2Former vendors:
   ``RandomCrop_CategoryAreaConstraint`` the plain crop, ``augmentation_impl.py:462-463``),
   :class:`ColorAugSSD`, a horizontal flip with probability 0.5, then :class:`PadTo` 512 (image
   128, label 255: the mapper's ``F.pad``, lines 135-145);
-- test, detectron2's ``DatasetMapper(cfg, False)`` as CoMFormer's ``train_inc.py:398`` builds it
-  (``detectron2/data/dataset_mapper.py:154-173``, ``detection_utils.py:644-648``): image and label
-  resized to short side 512 (at most 2048 long), whole image, scored at that size
-  (``maskformer_model.py:215-216``: the output takes the label's shape).
+- test (``data.pipeline: comformer``), detectron2's ``DatasetMapper(cfg, False)`` as
+  CoMFormer's ``train_inc.py:398`` builds it (``detectron2/data/dataset_mapper.py:154-173``,
+  ``detection_utils.py:644-648``): image and label resized to short side 512 (at most 2048
+  long), whole image, scored at that size (``maskformer_model.py:215-216``: the output takes the
+  label's shape);
+- test (``data.pipeline: mask2former``), Mask2Former's own: the image resized as above, the
+  label read at its original size by the evaluator, the scores upsampled bilinearly to it
+  (``sem_seg_postprocess``, ``maskformer_model.py``), as BalConpas evaluates
+  (``continual/evaluator.py:66-70``).
 
 Resampling follows detectron2's ``ResizeTransform.apply_image`` (``transforms/transform.py:
 112-147``): uint8 images through PIL BILINEAR; the training label is read as float64
@@ -75,14 +80,16 @@ def _label_nearest_torch(label: torch.Tensor, size: tuple[int, int]) -> torch.Te
 class ResizeShortestEdge(v2.Transform):
     """Resize to a short side drawn uniformly from ``sides`` (long side at most ``max_size``).
 
-    ``label_resize``: ``"torch"`` (training: ``F.interpolate`` nearest) or ``"pil"`` (test: PIL
-    NEAREST). Images: PIL BILINEAR (:func:`incseg.data.transforms.resized_crop_image`).
+    ``label_resize``: ``"torch"`` (training: ``F.interpolate`` nearest), ``"pil"`` (CoMFormer's
+    test: PIL NEAREST) or ``"keep"`` (Mask2Former's test: the label stays at its size, the
+    scores are upsampled to it). Images: PIL BILINEAR
+    (:func:`incseg.data.transforms.resized_crop_image`).
     """
 
     def __init__(self, sides: list[int], max_size: int, label_resize: str = "torch") -> None:
         super().__init__()
-        if label_resize not in ("torch", "pil"):
-            raise ValueError(f"label_resize: 'torch' or 'pil', got {label_resize!r}")
+        if label_resize not in ("torch", "pil", "keep"):
+            raise ValueError(f"label_resize: 'torch', 'pil' or 'keep', got {label_resize!r}")
         self.sides, self.max_size, self.label_resize = list(sides), int(max_size), label_resize
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
@@ -98,6 +105,8 @@ class ResizeShortestEdge(v2.Transform):
             return inpt
         plain = inpt.as_subclass(torch.Tensor)
         if isinstance(inpt, tv_tensors.Mask):
+            if self.label_resize == "keep":
+                return inpt
             if self.label_resize == "torch":
                 out = _label_nearest_torch(plain, size)
             else:
@@ -250,7 +259,10 @@ def query_train_transform(crop_size: int, scale: tuple[float, float]) -> v2.Comp
     )
 
 
-def query_test_transform(short: int) -> v2.Compose:
-    """CoMFormer's test: image and label to short side ``short``, at most ``4 * short`` long
-    (``MIN_SIZE_TEST`` 512, ``MAX_SIZE_TEST`` 2048), whole image, then normalisation."""
-    return v2.Compose([ResizeShortestEdge([short], 4 * short, label_resize="pil"), *to_float()])
+def query_test_transform(short: int, resize_labels: bool) -> v2.Compose:
+    """The test: the image to short side ``short``, at most ``4 * short`` long (``MIN_SIZE_TEST``
+    512, ``MAX_SIZE_TEST`` 2048), whole image, then normalisation. ``resize_labels``: the label
+    too (CoMFormer's, ``label_resize="pil"``), else it keeps its size (Mask2Former's evaluator
+    reads the label file, ``sem_seg_evaluation.py``, and the scores are upsampled to it)."""
+    resize = ResizeShortestEdge([short], 4 * short, label_resize="pil" if resize_labels else "keep")
+    return v2.Compose([resize, *to_float()])

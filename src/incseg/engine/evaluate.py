@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -29,7 +30,8 @@ def predict_channels(logits: torch.Tensor) -> torch.Tensor:
 def evaluate(model: nn.Module, loader, num_classes: int, rt: Runtime) -> torch.Tensor:
     """Return the ``(K, K)`` int64 confusion matrix of ``model`` on ``loader``.
 
-    The matrix stays on the device while batches accumulate (no host copy per batch). Under
+    Scores of another size than the labels are upsampled bilinearly to them first. The matrix
+    stays on the device while batches accumulate (no host copy per batch). Under
     ``torchrun`` each rank evaluates its own shard of the images (``build_test_loader``) and the
     matrices are summed over ranks here, so every rank returns the matrix of the whole test set.
     """
@@ -40,6 +42,12 @@ def evaluate(model: nn.Module, loader, num_classes: int, rt: Runtime) -> torch.T
         targets = targets.to(rt.device, non_blocking=True)
         with rt.autocast():
             scores = model.prediction_scores(model(images))
+        if scores.shape[-2:] != targets.shape[-2:]:
+            # labels kept at their size (data.pipeline: mask2former): the scores are upsampled
+            # to them as Mask2Former's sem_seg_postprocess does (maskformer_model.py)
+            scores = F.interpolate(
+                scores.float(), size=targets.shape[-2:], mode="bilinear", align_corners=False
+            )
         matrix += confusion_matrix(predict_channels(scores), targets, num_classes)
     return all_reduce_sum(matrix, rt.dist)
 

@@ -145,7 +145,7 @@ def build_train_loader(
     indices = _selected(train_indices(config, source, presence, info), "training", config, info)
     check_batches(config, info, len(indices), dist)
     lut = make_lut(info, "train", proto.labels)
-    build = query_train_transform if data.pipeline == "mask2former" else train_transform
+    build = train_transform if data.pipeline == "mib" else query_train_transform
     transform = build(data.crop_size, (data.scale_min, data.scale_max))
     memory = np.asarray(extras.memory, dtype=np.int64)
     if extras.mixing == "concat":
@@ -172,10 +172,11 @@ def build_train_loader(
 
 def eval_transform(data: DataConfig) -> v2.Compose:
     """The test images' transform of ``data.pipeline``: MiB's resize and centre crop to
-    ``test_crop`` (or the whole image), or CoMFormer's whole image at short side ``crop_size``."""
-    if data.pipeline == "mask2former":
-        return query_test_transform(data.crop_size)
-    return test_transform(data.test_crop)
+    ``test_crop`` (or the whole image), or the whole image at short side ``crop_size`` with its
+    label at its size (Mask2Former's) or resized with it (CoMFormer's)."""
+    if data.pipeline == "mib":
+        return test_transform(data.test_crop)
+    return query_test_transform(data.crop_size, resize_labels=data.pipeline == "comformer")
 
 
 def build_test_loader(
