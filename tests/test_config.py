@@ -147,6 +147,7 @@ def test_every_builtin_config_loads_and_paper_configs_hold_the_paper_setting():
                 "-star",
                 "-star-m",
                 "-comformer",
+                "-balconpas",
             )
         )
     ]
@@ -843,3 +844,20 @@ def test_comformer_configs_resolve_to_the_official_scripts(setting, iterations, 
     assert (m2f.mask_activation, m2f.background, m2f.inference) == ("softmax", False, "comformer")
     assert (m2f.num_queries, m2f.dec_layers, m2f.enc_layers) == (100, 9, 6)
     assert config.model.backbone == "resnet101" and config.protocol.labels == "plop"
+    assert config.data.pipeline == "comformer" and config.data.test_crop is None
+
+
+@pytest.mark.parametrize(
+    ("setting", "iterations"),
+    [("100-50", 50000), ("100-10", 10000), ("100-5", 5000), ("50-50", 50000)],
+)
+def test_balconpas_configs_resolve_to_the_official_scripts(setting, iterations):
+    """jinpeng0528/BalConpas scripts/sem_*.sh on continual_maskformer2_R101_bs8_160k.yaml (160k
+    iterations at 1e-4, then 5e-5; batch 8; MED_TOKENS_WEIGHT 5)."""
+    config = load_config(f"ade/{setting}-balconpas", [])
+    train, m2f = config.train, config.model.mask2former
+    assert (train.iterations, train.iterations_incremental) == (160000, iterations)
+    assert (train.lr, train.lr_incremental, train.batch_size) == (1e-4, 5e-5, 8)
+    assert config.method.name == "balconpas" and config.method.params["med_tokens_weight"] == 5.0
+    assert (m2f.mask_activation, m2f.background, m2f.inference) == ("sigmoid", False, "semantic")
+    assert config.data.pipeline == "mask2former" and config.protocol.labels == "mib"

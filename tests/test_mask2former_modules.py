@@ -1061,8 +1061,9 @@ def test_return_queries_align_with_predictions():
     assert len(queries) == DECODER_KW["dec_layers"] + 1
     assert all(q.shape == (2, 6, 32) for q in queries)
     logits = [aux["pred_logits"] for aux in out["aux_outputs"]] + [out["pred_logits"]]
-    for q, lg in zip(queries, logits, strict=True):
-        torch.testing.assert_close(decoder.class_embed(q), lg)
+    for q, lg in zip(queries, logits, strict=True):  # states before decoder_norm
+        torch.testing.assert_close(decoder.class_embed(decoder.decoder_norm(q)), lg)
+    torch.testing.assert_close(queries[0][1], decoder.query_feat.weight)  # the learnable queries
 
 
 def test_class_embed_is_replaceable():

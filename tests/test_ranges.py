@@ -216,6 +216,7 @@ ACCEPTED_RUNS = {  # the in-range values the walk meets, grouped into real runs
     "comformer_ft": COMFORMER_FT_ZEROS,
     "m2f_mib": [*COMFORMER_FT_ZEROS, "method.kd_weight=0", "method.kd_alpha=0"],
     "m2f_plop": [*COMFORMER_FT_ZEROS, "method.pod_weight=0", "method.pseudo_threshold=0"],
+    "balconpas": [*QUERY_ZEROS, "method.med_tokens_weight=0", "method.overlap_threshold=0"],
     "comformer": [
         *COMFORMER_FT_ZEROS,
         "method.kd_weight=0",
@@ -244,7 +245,7 @@ METHOD_SETS = {
         "--set",
         "method.num_points=16",
     ]
-    for name in ("comformer", "comformer_ft", "m2f_ft", "m2f_mib", "m2f_plop")
+    for name in ("balconpas", "comformer", "comformer_ft", "m2f_ft", "m2f_mib", "m2f_plop")
 }
 # POD's finest grid needs res5 (stride 32) 4 wide
 METHOD_SETS["m2f_plop"] += ["--set", "data.image_size=128", "--set", "data.crop_size=128"]

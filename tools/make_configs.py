@@ -975,6 +975,65 @@ def _comformer(setting: str) -> str:
     )
 
 
+BALCONPAS_COMMIT = "3b76142"
+# setting -> (script, iterations per step > 0)
+BALCONPAS_SETTINGS = {
+    "100-50": ("scripts/sem_100-50.sh:4-5", 50000),
+    "100-10": ("scripts/sem_100-10.sh:4-6", 10000),
+    "100-5": ("scripts/sem_100-5.sh:4-6", 5000),
+    "50-50": ("scripts/sem_50-50.sh:4-6", 50000),
+}
+BALCONPAS_TEMPLATE = """\
+# BalConpas (Chen et al., ECCV 2024) on ADE20K {setting} without replay, as {script} trains it
+# but for the memory (its configs set CONT.MEMORY True; incseg's replay variant is to come).
+# Cited files are in github.com/jinpeng0528/BalConpas (commit {commit}):
+# configs/ade20k/semantic-segmentation/continual_maskformer2_R101_bs8_160k.yaml on
+# maskformer2_R101_bs16_160k.yaml and Base-ADE20K-SemanticSegmentation.yaml (AdamW, weight decay
+# 0.05, BACKBONE_MULTIPLIER 0.1, full-model gradient clipping 0.01, poly 0.9, AMP); written by
+# tools/make_configs.py. Its backbone weights are detectron2's MSRA R-101.pkl (caffe, BGR)
+# loaded with torchvision's mean and std; incseg has torchvision's R-101 (docs/methods.md,
+# "balconpas"). Evaluation as its continual/evaluator.py: ADE20K's 0 and classes not yet seen
+# ignored, labels at their size (the "all" column; docs/protocol.md).
+name: ade-{setting}-balconpas
+data:
+  dataset: ade
+  root: data/ade
+  pipeline: mask2former   # the semantic mapper; test at short side 512, labels at their size
+  crop_size: 512
+protocol:
+  setting: {setting}
+  mode: overlap           # CONT.SETTING overlapped
+  labels: mib             # 0 void (datasets/prepare_ade20k_sem_seg.py:15), unseen ignored at test
+model:
+  backbone: resnet101
+  pretrained: imagenet
+  norm: bn                # RESNETS.NORM BN (maskformer2_R101_bs16_160k.yaml:10)
+  architecture: mask2former
+  mask2former:
+    background: false     # 150 classes and no-object; 0 is void
+method:
+  name: balconpas
+  med_tokens_weight: 5.0  # CONT.MED_TOKENS_WEIGHT (continual_maskformer2_R101_bs8_160k.yaml:13)
+train:
+  optimizer: adamw
+  weight_decay: 0.05
+  clip_grad_norm: 0.01
+  iterations: 160000      # step 1 of the script
+  iterations_incremental: {iterations}
+  batch_size: 8           # IMS_PER_BATCH 8
+  lr: 0.0001              # BASE_LR
+  lr_incremental: 0.00005  # SOLVER.BASE_LR of the later steps
+  amp: fp16               # SOLVER.AMP.ENABLED True
+"""
+
+
+def _balconpas(setting: str) -> str:
+    script, iterations = BALCONPAS_SETTINGS[setting]
+    return BALCONPAS_TEMPLATE.format(
+        setting=setting, script=script, commit=BALCONPAS_COMMIT, iterations=iterations
+    )
+
+
 def main() -> None:
     jobs = [
         ("voc", s, mode, m)
@@ -1048,10 +1107,13 @@ def _official_successors() -> dict[Path, str]:
 
 def _query_based() -> dict[Path, str]:
     """Configs of the query-based methods (Mask2Former), from their official scripts."""
-    return {
+    files = {
         OUT / "ade" / f"{setting}-comformer.yaml": _comformer(setting)
         for setting in COMFORMER_SETTINGS
     }
+    for setting in BALCONPAS_SETTINGS:
+        files[OUT / "ade" / f"{setting}-balconpas.yaml"] = _balconpas(setting)
+    return files
 
 
 def _write_successors() -> int:

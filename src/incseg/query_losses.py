@@ -267,7 +267,7 @@ def matched_queries(indices: Indices) -> tuple[torch.Tensor, torch.Tensor]:
     return batch, torch.cat([src for src, _ in indices])
 
 
-def _loss_labels(
+def labels_loss(
     pred_logits: torch.Tensor, targets: Targets, indices: Indices, num_classes: int, eos: float
 ) -> torch.Tensor:
     """Weighted CE; unmatched queries target no-object ``K`` (criterion.py:113-115, 122-138)."""
@@ -299,7 +299,7 @@ def matched_target_masks(targets: Targets, indices: Indices, like: torch.Tensor)
     return torch.cat(selected).to(like)
 
 
-def _loss_masks(
+def masks_loss(
     pred_masks: torch.Tensor,
     targets: Targets,
     indices: Indices,
@@ -381,12 +381,12 @@ def set_criterion(
             out["pred_logits"], out["pred_masks"], targets, matcher_weights, generator=generator
         )
         stage = {
-            "loss_ce": _loss_labels(
+            "loss_ce": labels_loss(
                 out["pred_logits"], targets, indices, num_classes, weights.no_object_weight
             )
         }
         stage.update(
-            _loss_masks(out["pred_masks"], targets, indices, normalizer, weights, generator)
+            masks_loss(out["pred_masks"], targets, indices, normalizer, weights, generator)
         )
         losses.update({key + suffix: value for key, value in stage.items()})
     return losses

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from incseg.methods.base import Method
 
 METHOD_PATHS: dict[str, str] = {
+    "balconpas": "incseg.methods.balconpas:BalConpas",
     "dkd": "incseg.methods.dkd:DKD",
     "ft": "incseg.methods.ft:FineTuning",
     "lwf": "incseg.methods.lwf:LwF",
@@ -44,7 +45,7 @@ METHOD_PATHS: dict[str, str] = {
 }
 METHOD_NAMES = tuple(sorted(METHOD_PATHS))
 # The built-in methods of the query-based model (model.architecture: mask2former).
-QUERY_METHOD_NAMES = ("comformer", "comformer_ft", "m2f_ft", "m2f_mib", "m2f_plop")
+QUERY_METHOD_NAMES = ("balconpas", "comformer", "comformer_ft", "m2f_ft", "m2f_mib", "m2f_plop")
 # Add-ons apply on top of any method (``method.name: mib+ewf``); they act at steps > 0 only.
 ADDON_PATHS: dict[str, str] = {
     "ewf": "incseg.methods.ewf:EWF",

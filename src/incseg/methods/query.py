@@ -14,6 +14,7 @@ normalisation layers and embeddings.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -154,11 +155,22 @@ def grouped_terms(
     return terms
 
 
+def mask2former_first_step_key(params: dict[str, Any]) -> object:
+    """The step-0 key of the methods whose step 0 is Mask2Former's own training (``m2f_ft``,
+    ``balconpas``): the set criterion's hyperparameters, :class:`QueryMethod`'s fields."""
+    step_0 = {f.name for f in dataclasses.fields(QueryMethod)}
+    return ("mask2former first step", {k: v for k, v in params.items() if k in step_0})
+
+
 @dataclass
 class QueryFineTuning(QueryMethod):
     """Fine-tuning of the query-based model: the set criterion on the step's labels only (old
     classes are background, as the step's labels give them); the lower bound of the query-based
     tables."""
+
+    @classmethod
+    def first_step_key(cls, params: dict[str, Any]) -> object | None:
+        return mask2former_first_step_key(params)
 
     def losses(
         self,

@@ -276,13 +276,14 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
       every self-attention layer (e.g. to keep groups of queries apart). Each row must allow at
       least one query (usually the query itself), or that query's output is NaN; this is not
       checked, to keep the forward free of device synchronisation.
-    * ``forward(..., return_queries=True)``: adds ``"queries"``, the normalised decoder outputs
-      (B, Q, hidden_dim), one per prediction, in the order of the predictions (aux first).
+    * ``forward(..., return_queries=True)``: adds ``"queries"``, the query states each
+      prediction is made from, before ``decoder_norm`` (B, Q, hidden_dim): the learnable
+      ``query_feat`` first, then each layer's output after its FFN, in the order of the
+      predictions (aux first); BalConpas's ``med_tokens``
+      (jinpeng0528/BalConpas ``mask2former_transformer_decoder.py:404-456``).
     * ``sizes.mask_activation``: how the predicted masks become the attention mask: ``"sigmoid"``
       (official) or ``"softmax"`` over the queries (CoMFormer), see
       :func:`attention_mask_from_masks`.
-
-    Deviation: ``forward_prediction_heads`` returns the normalised queries as a 4th element.
     """
 
     _version = 2
@@ -426,7 +427,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             mask_features: (B, mask_dim, H/4, W/4), the per-pixel embeddings.
             mask: ignored, as in the official decoder (it "does not affect performance").
             self_attn_mask: optional bool (Q, Q), True = query i may not attend to query j.
-            return_queries: also return the normalised queries of every prediction.
+            return_queries: also return the query states (before ``decoder_norm``) of every
+                prediction.
 
         Returns:
             ``{"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/4, W/4), "aux_outputs":
@@ -445,14 +447,14 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
         classes, masks, queries = [], [], []
         # The learnable queries are supervised too: one prediction before the first layer.
-        logits, pred_masks, attn_mask, normed = self.forward_prediction_heads(
+        logits, pred_masks, attn_mask = self.forward_prediction_heads(
             output, mask_features, sizes[0]
         )
         for i in range(self.num_layers + 1):
             classes.append(logits)
             masks.append(pred_masks)
             if return_queries:
-                queries.append(normed)
+                queries.append(output.transpose(0, 1))
             if i == self.num_layers:
                 break
             level = i % self.num_feature_levels
@@ -468,7 +470,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 output, tgt_mask=self_attn_mask, tgt_key_padding_mask=None, query_pos=query_embed
             )
             output = self.transformer_ffn_layers[i](output)
-            logits, pred_masks, attn_mask, normed = self.forward_prediction_heads(
+            logits, pred_masks, attn_mask = self.forward_prediction_heads(
                 output, mask_features, sizes[(i + 1) % self.num_feature_levels]
             )
         out = {
@@ -482,13 +484,12 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
     def forward_prediction_heads(
         self, output: Tensor, mask_features: Tensor, attn_mask_target_size: Sequence[int]
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Class logits, mask logits and next attention mask from the queries (m2f_decoder.py:433-448).
 
         ``output`` (Q, B, C) -> (B, Q, K+1) logits, (B, Q, H/4, W/4) masks (dot products of the
-        mask embeddings with ``mask_features``), the bool (B*heads, Q, h*w) attention mask at
-        ``attn_mask_target_size`` (without the empty-row rule) and the normalised queries
-        (B, Q, C).
+        mask embeddings with ``mask_features``) and the bool (B*heads, Q, h*w) attention mask at
+        ``attn_mask_target_size`` (without the empty-row rule), as the official.
         """
         normed = self.decoder_norm(output).transpose(0, 1)
         logits = self.class_embed(normed)
@@ -497,7 +498,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         attn_mask = attention_mask_from_masks(
             pred_masks, attn_mask_target_size, self.num_heads, self.mask_activation
         )
-        return logits, pred_masks, attn_mask, normed
+        return logits, pred_masks, attn_mask
 
     def _set_aux_loss(self, classes: list[Tensor], masks: list[Tensor]) -> list[dict]:
         """Every prediction but the last (m2f_decoder.py:450-461)."""
