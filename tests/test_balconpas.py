@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from helpers.method_runs import run_method
@@ -387,7 +388,10 @@ def test_balconpas_shares_step_0_with_m2f_ft(tmp_path):
     from incseg.engine.adopt import shared_steps_key
 
     path = tmp_path / "c.yaml"
-    path.write_text("model: {architecture: mask2former}\nmethod: {name: balconpas}\n")
+    path.write_text(
+        "model: {architecture: mask2former, mask2former: {background: false}}\n"
+        "method: {name: balconpas}\n"
+    )
     ours = load_config(path, ["method.med_tokens_weight=2"])
     ft = load_config(path, ["method.name=m2f_ft"])
     assert shared_steps_key(ours, 0) == shared_steps_key(ft, 0)
@@ -400,3 +404,117 @@ def test_a_tiny_balconpas_run_reports_the_distillation_after_step_0(tiny_config_
     run_method(tiny_config_path, out, *sets, "model.mask2former.background=false")
     steps = json.loads((out / "metrics.json").read_text())["steps"]
     assert len(steps) == 2 and "med" in steps[1]["losses"][0] and "med" not in steps[0]["losses"][0]
+
+
+def test_a_background_class_is_refused_for_the_pseudo_labelling_methods(tmp_path):
+    from incseg.config import load_config
+    from incseg.errors import ConfigError
+
+    path = tmp_path / "c.yaml"
+    for name in ("balconpas", "comformer", "m2f_plop"):
+        path.write_text(f"model: {{architecture: mask2former}}\nmethod: {{name: {name}}}\n")
+        with pytest.raises(ConfigError, match="background: true; method .* set it false"):
+            load_config(path, ["data.crop_size=128"])
+    path.write_text("model: {architecture: mask2former}\nmethod: {name: m2f_ft}\n")
+    assert load_config(path).model.mask2former.background  # FT has no pseudo-labels
+
+
+def ref_greedy_selection(images_data, num_categories, num_selections, target, current=None):
+    """``memory_selection_sem.py:60-85``, restated."""
+    import numpy as np
+
+    selected_images = []
+    if current is None:
+        current = np.zeros(num_categories)
+    for _ in range(num_selections):
+        best_img, best_score = None, float("inf")
+        for img, segment_num in images_data.items():
+            if img in selected_images:
+                continue
+            new = current + np.array(segment_num)
+            ratio = new / np.sum(new)
+            diff = np.sum(np.abs(ratio - target))
+            if diff < best_score:
+                best_score, best_img = diff, img
+        selected_images.append(best_img)
+        current = current + np.array(images_data[best_img])
+    return selected_images, current
+
+
+def test_greedy_selection_matches_the_official_and_a_hand_table():
+    import numpy as np
+
+    from incseg.protocol.memory import greedy_by_frequency
+
+    # hand table: target 3:1 between classes 0 and 1; images hold {0}, {1}, {0, 1}, {0}
+    vectors = np.array([[1, 0], [0, 1], [1, 1], [1, 0]], dtype=float)
+    target = np.array([0.75, 0.25])
+    taken, counts = greedy_by_frequency(vectors, target, 3, np.zeros(2))
+    # first: {0} (1, 0) -> |1-.75|+|0-.25| = 0.5, {0,1} -> 0.5, {1} -> 1.5: the first of the tie
+    # then with (1, 0): +{1} -> (.5,.5): 0.5; +{0,1} -> (2/3, 1/3): 1/6; +{0} -> 0.5: image 2
+    # then with (2, 1): +{1} -> (.5,.5) 0.5; +{0} -> (.75,.25) 0: image 3
+    assert taken == [0, 2, 3] and counts.tolist() == [3.0, 1.0]
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        vectors = (rng.random((40, 12)) < 0.2).astype(float)
+        target = rng.random(12)
+        target /= target.sum()
+        start = (rng.random(12) < 0.5).astype(float)
+        data = {f"img{i}": list(v) for i, v in enumerate(vectors)}
+        with np.errstate(invalid="ignore"):
+            ref, ref_counts = ref_greedy_selection(data, 12, 15, target, start.copy())
+        mine, counts = greedy_by_frequency(vectors, target, 15, start)
+        assert [f"img{i}" for i in mine] == ref and np.array_equal(counts, ref_counts)
+
+
+def test_the_frequency_memory_keeps_a_share_of_the_previous_one():
+    import numpy as np
+
+    from incseg.protocol.memory import Exemplar, select_by_frequency
+
+    previous = [Exemplar(i, f"p{i}", 0, (1,) if i % 2 else (2,)) for i in range(6)]
+    candidates = [Exemplar(10 + i, f"c{i}", 1, (3,)) for i in range(6)]
+    candidates.append(Exemplar(0, "p0", 1, (3,)))  # also in the previous memory: not fresh
+    counts = np.zeros(256)
+    counts[[1, 2, 3]] = [10, 10, 5]
+    chosen = select_by_frequency(previous, candidates, counts, keep=4, size=6)
+    assert [e.index for e in chosen[:4]] == [0, 1, 2, 3]  # 2:2 of classes 1 and 2, as 10:10
+    assert all(e.index >= 10 for e in chosen[4:]) and all(e.chosen_for == 0 for e in chosen)
+
+
+@pytest.fixture(scope="module")
+def replay_run(tiny_config_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("balconpas-r") / "run"
+    sets = [s.replace("method.name=m2f_ft", "method.name=balconpas") for s in M2F_SETS]
+    sets += ["model.mask2former.background=false", "method.memory_size=6"]
+    return out, run_method(tiny_config_path, out, *sets)
+
+
+def test_a_tiny_replay_run_keeps_its_memory_and_resumes_exactly(replay_run, tmp_path):
+    from helpers.method_runs import check_exact_resume
+
+    out, args = replay_run
+    raw = json.loads((out / "memory_step_1.json").read_text())
+    assert raw["step"] == 1 and len(raw["images"]) == 6
+    assert all(e["chosen_for"] == 0 and e["step"] == 0 for e in raw["images"])
+    steps = json.loads((out / "metrics.json").read_text())["steps"]
+    assert steps[1]["memory"]["images"] == 6 and "holding" in steps[1]["memory"]["summary"]
+    check_exact_resume(out, args, tmp_path)
+
+
+def test_a_changed_replay_memory_file_is_named_on_resume(replay_run, tmp_path, capsys):
+    import shutil
+
+    from incseg.cli import main
+
+    out, _ = replay_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    path = copy / "memory_step_1.json"
+    raw = json.loads(path.read_text())
+    raw["images"][0]["classes"] = [99]
+    path.write_text(json.dumps(raw))
+    (copy / "step_1.pt").unlink()
+    code = main(["run", "--resume", str(copy), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code != 0 and "memory_step_1.json: not the exemplar memory of step 1" in err, err

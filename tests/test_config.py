@@ -148,6 +148,7 @@ def test_every_builtin_config_loads_and_paper_configs_hold_the_paper_setting():
                 "-star-m",
                 "-comformer",
                 "-balconpas",
+                "-balconpas-m",
             )
         )
     ]
@@ -861,3 +862,6 @@ def test_balconpas_configs_resolve_to_the_official_scripts(setting, iterations):
     assert config.method.name == "balconpas" and config.method.params["med_tokens_weight"] == 5.0
     assert (m2f.mask_activation, m2f.background, m2f.inference) == ("sigmoid", False, "semantic")
     assert config.data.pipeline == "mask2former" and config.protocol.labels == "mib"
+    assert config.method.params["memory_size"] == 0
+    replay = load_config(f"ade/{setting}-balconpas-m", [])
+    assert replay.method.params["memory_size"] == 300 and replay.train == config.train

@@ -118,7 +118,10 @@ def test_crops_too_small_for_pod_are_refused_before_training(tmp_path):
     from incseg.errors import ConfigError
 
     path = tmp_path / "c.yaml"
-    path.write_text("model: {architecture: mask2former}\nmethod: {name: m2f_plop}\n")
+    path.write_text(
+        "model: {architecture: mask2former, mask2former: {background: false}}\n"
+        "method: {name: m2f_plop}\n"
+    )
     assert load_config(path, ["data.crop_size=128"]).method.name == "m2f_plop"
     with pytest.raises(
         ConfigError, match="data.crop_size: 64; method 'm2f_plop' needs at least 128"

@@ -105,7 +105,7 @@ HOOK_USERS = {
         "m2f_plop",
         "balconpas",
     },
-    "memory_lut": {"ssul"},
+    "memory_lut": {"ssul", "balconpas"},
     "memory_pseudo_labels": {"ssul", "dkd", "star"},
     "scan": {"plop", "reminder", "star"},
     "end_scan": {"plop", "reminder", "star"},

@@ -273,7 +273,10 @@ def test_comformer_and_its_ft_share_step_0_but_not_later_steps(tmp_path):
     from incseg.engine.adopt import shared_steps_key
 
     path = tmp_path / "c.yaml"
-    path.write_text("model: {architecture: mask2former}\nmethod: {name: comformer}\n")
+    path.write_text(
+        "model: {architecture: mask2former, mask2former: {background: false}}\n"
+        "method: {name: comformer}\n"
+    )
     comformer = load_config(path, ["method.kd_weight=0.5", "method.pseudo=false"])
     ft = load_config(path, ["method.name=comformer_ft"])
     assert shared_steps_key(comformer, 0) == shared_steps_key(ft, 0)

@@ -216,7 +216,12 @@ ACCEPTED_RUNS = {  # the in-range values the walk meets, grouped into real runs
     "comformer_ft": COMFORMER_FT_ZEROS,
     "m2f_mib": [*COMFORMER_FT_ZEROS, "method.kd_weight=0", "method.kd_alpha=0"],
     "m2f_plop": [*COMFORMER_FT_ZEROS, "method.pod_weight=0", "method.pseudo_threshold=0"],
-    "balconpas": [*QUERY_ZEROS, "method.med_tokens_weight=0", "method.overlap_threshold=0"],
+    "balconpas": [
+        *QUERY_ZEROS,
+        "method.med_tokens_weight=0",
+        "method.overlap_threshold=0",
+        "method.memory_size=0",
+    ],
     "comformer": [
         *COMFORMER_FT_ZEROS,
         "method.kd_weight=0",
@@ -249,6 +254,9 @@ METHOD_SETS = {
 }
 # POD's finest grid needs res5 (stride 32) 4 wide
 METHOD_SETS["m2f_plop"] += ["--set", "data.image_size=128", "--set", "data.crop_size=128"]
+# pseudo-labels on old-class pixels need a head without a background class
+for _name in ("balconpas", "comformer", "m2f_plop"):
+    METHOD_SETS[_name] += ["--set", "model.mask2former.background=false"]
 
 
 def test_walk_every_numeric_key_with_zero_negative_and_absurd(tmp_path, capsys):

@@ -984,8 +984,8 @@ BALCONPAS_SETTINGS = {
     "50-50": ("scripts/sem_50-50.sh:4-6", 50000),
 }
 BALCONPAS_TEMPLATE = """\
-# BalConpas (Chen et al., ECCV 2024) on ADE20K {setting} without replay, as {script} trains it
-# but for the memory (its configs set CONT.MEMORY True; incseg's replay variant is to come).
+# BalConpas{variant} (Chen et al., ECCV 2024) on ADE20K {setting},
+# {how}.
 # Cited files are in github.com/jinpeng0528/BalConpas (commit {commit}):
 # configs/ade20k/semantic-segmentation/continual_maskformer2_R101_bs8_160k.yaml on
 # maskformer2_R101_bs16_160k.yaml and Base-ADE20K-SemanticSegmentation.yaml (AdamW, weight decay
@@ -994,7 +994,7 @@ BALCONPAS_TEMPLATE = """\
 # loaded with torchvision's mean and std; incseg has torchvision's R-101 (docs/methods.md,
 # "balconpas"). Evaluation as its continual/evaluator.py: ADE20K's 0 and classes not yet seen
 # ignored, labels at their size (the "all" column; docs/protocol.md).
-name: ade-{setting}-balconpas
+name: ade-{setting}-balconpas{suffix}
 data:
   dataset: ade
   root: data/ade
@@ -1014,6 +1014,7 @@ model:
 method:
   name: balconpas
   med_tokens_weight: 5.0  # CONT.MED_TOKENS_WEIGHT (continual_maskformer2_R101_bs8_160k.yaml:13)
+  memory_size: {memory}{memory_note}
 train:
   optimizer: adamw
   weight_decay: 0.05
@@ -1027,10 +1028,23 @@ train:
 """
 
 
-def _balconpas(setting: str) -> str:
+def _balconpas(setting: str, replay: bool) -> str:
     script, iterations = BALCONPAS_SETTINGS[setting]
+    how = (
+        f"as {script} trains it (CONT.MEMORY True: 300 replayed images)"
+        if replay
+        else f"without replay: {script}'s recipe with CONT.MEMORY False (no script runs it)"
+    )
     return BALCONPAS_TEMPLATE.format(
-        setting=setting, script=script, commit=BALCONPAS_COMMIT, iterations=iterations
+        setting=setting,
+        script=script,
+        commit=BALCONPAS_COMMIT,
+        iterations=iterations,
+        variant="-R" if replay else "",
+        how=how,
+        suffix="-m" if replay else "",
+        memory=300 if replay else 0,
+        memory_note="  # memory_selection_sem.py:102" if replay else "",
     )
 
 
@@ -1112,7 +1126,8 @@ def _query_based() -> dict[Path, str]:
         for setting in COMFORMER_SETTINGS
     }
     for setting in BALCONPAS_SETTINGS:
-        files[OUT / "ade" / f"{setting}-balconpas.yaml"] = _balconpas(setting)
+        files[OUT / "ade" / f"{setting}-balconpas.yaml"] = _balconpas(setting, replay=False)
+        files[OUT / "ade" / f"{setting}-balconpas-m.yaml"] = _balconpas(setting, replay=True)
     return files
 
 

@@ -601,6 +601,15 @@ def check_query_model(config: Config) -> None:
             f"data.crop_size: {config.data.crop_size}; Mask2Former trains on images whose sides "
             "divide by 32 (MODEL.MASK_FORMER.SIZE_DIVISIBILITY), e.g. 512"
         )
+    if getattr(method_class(config.method.name), "pseudo_labels_old_pixels", False) and (
+        config.model.mask2former.background
+    ):
+        raise ConfigError(
+            f"model.mask2former.background: true; method {config.method.name!r} gives old-class "
+            "pixels pseudo-labels where the step's labels have no mask, and a background class "
+            "gives every such pixel one (old classes are background in a step's labels): set "
+            "it false, as the official (ADE20K's 0 is void, no class of the head)"
+        )
     least = getattr(method_class(config.method.name), "min_crop_size", 0)
     if config.data.crop_size < least:
         raise ConfigError(

@@ -116,4 +116,10 @@ PUBLISHED: dict[str, tuple[float, str]] = {
     "ade/100-10-comformer": (40.6, "CoMFormer paper, old classes 1-100"),
     "ade/100-5-comformer": (39.5, "CoMFormer paper, old classes 1-100"),
     "ade/50-50-comformer": (49.2, "CoMFormer paper, old classes 1-50"),
+    # BalConpas-R (replay, 300 images): jinpeng0528/BalConpas README.md:113-115 (model zoo, CSS),
+    # mIoU after the last step over every seen class, ADE20K's 0 ignored (continual/evaluator.py)
+    "ade/100-50-balconpas-m": (44.01, "BalConpas README, classes 1-150 (all)"),
+    "ade/100-10-balconpas-m": (40.43, "BalConpas README, classes 1-150 (all)"),
+    "ade/100-5-balconpas-m": (36.79, "BalConpas README, classes 1-150 (all)"),
+    "ade/50-50-balconpas-m": (41.33, "BalConpas README, classes 1-150 (all)"),
 }

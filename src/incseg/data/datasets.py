@@ -35,7 +35,9 @@ class Source(Protocol):
 
 
 class StepDataset(Dataset):
-    """Images ``indices`` of ``source`` with labels remapped by ``lut`` after ``transform``.
+    """Images ``indices`` of ``source`` with labels remapped by ``lut`` after ``transform``:
+    one ``(256,)`` table, or ``(len(indices), 256)``, one per image (BalConpas's memory keeps
+    each image's own classes).
 
     Items are ``(image, label)``: float32 ``(3, h, w)`` normalised image and uint8 ``(h, w)``
     channel-index label (255 = ignore). Remapping is one lookup-table gather per label.
@@ -63,6 +65,8 @@ class StepDataset(Dataset):
         self.source = source
         self.unknown_from = unknown_from
         self.indices = np.asarray(indices, dtype=np.int64)
+        if lut.ndim == 2 and len(lut) != len(self.indices):
+            raise ValueError(f"{len(lut)} lookup tables for {len(self.indices)} images")
         self.lut = lut
         self.transform = transform
 
@@ -84,12 +88,13 @@ class StepDataset(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 image, label = apply_pair(self.transform, image, label)
+        lut = self.lut if self.lut.ndim == 1 else self.lut[item]
         if self.unknown_from is None:
-            return image, remap(label, self.lut)
+            return image, remap(label, lut)
         if self.unknown_from == "background":
-            label = remap(label, self.lut)
+            label = remap(label, lut)
             return image, label.masked_fill(label == 0, UNKNOWN_INDEX)
-        label, salient = remap(label[0], self.lut), label[1] > 0
+        label, salient = remap(label[0], lut), label[1] > 0
         return image, label.masked_fill((label == 0) & salient, UNKNOWN_INDEX)
 
 

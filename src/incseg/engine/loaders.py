@@ -41,7 +41,8 @@ class Extras:
         unknown_from: which background pixels of the training images become unknown (254):
             ``"saliency"``, ``"background"`` or None (:class:`incseg.data.StepDataset`).
         memory: training-source indices of the step's memory images.
-        memory_lut: their label lookup table (None: the step's training labels).
+        memory_lut: their label lookup tables, ``(M, 256)`` in the order of ``memory`` (None:
+            the step's training labels).
         mixing: ``concat``: memory images join the training images (DKD
             ``data_loaders.py:64-76``); ``half_batch``: they fill half of every batch
             (:class:`incseg.engine.distributed.HalfMemorySampler`, SSUL).
@@ -148,17 +149,19 @@ def build_train_loader(
     build = train_transform if data.pipeline == "mib" else query_train_transform
     transform = build(data.crop_size, (data.scale_min, data.scale_max))
     memory = np.asarray(extras.memory, dtype=np.int64)
-    if extras.mixing == "concat":
+    own_labels = extras.memory_lut is not None and len(memory) > 0
+    if extras.mixing == "concat" and not own_labels:
         indices = np.concatenate([indices, memory])
     dataset = StepDataset(source, indices, lut, transform, unknown_from=extras.unknown_from)
     seed = step_seed(cfg.seed, info.step)
-    if extras.mixing == "half_batch" and len(memory):
+    if own_labels or (extras.mixing == "half_batch" and len(memory)):
         memory_lut = lut if extras.memory_lut is None else extras.memory_lut
         dataset = WithMemory(dataset, StepDataset(source, memory, memory_lut, transform))
+    if extras.mixing == "half_batch" and len(memory):
         sampler = HalfMemorySampler(
             len(indices), len(memory), cfg.batch_size, seed, dist.rank, dist.world_size
         )
-    else:
+    else:  # concat: one shuffled stream over the step's images and the memory's
         sampler = EpochBatchSampler(len(dataset), cfg.batch_size, seed, dist.rank, dist.world_size)
     # The generator only seeds the workers (transforms are seeded per image); having one keeps
     # starting an epoch from drawing on the global RNG.

@@ -22,7 +22,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ from incseg.engine.checkpoint import atomic_write
 from incseg.engine.runtime import Runtime
 from incseg.errors import DataError
 from incseg.protocol import StepInfo, get_setting, make_lut, step_info
-from incseg.protocol.memory import Exemplar, select_balanced
+from incseg.protocol.memory import Exemplar, select_balanced, select_by_frequency
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,10 @@ class StepMemory:
         previous: step ``t - 1``'s memory (empty at step 1).
         indices: step ``t - 1``'s training images, the other candidates.
         size: images to keep (``method.memory_size``).
+        earlier: with the ``frequency`` rule, the training images of steps ``0..t - 2``, whose
+            classes the target histogram counts too.
+        rule: ``balanced`` (SSUL's turns, :func:`~incseg.protocol.memory.select_balanced`) or
+            ``frequency`` (BalConpas's, :func:`~incseg.protocol.memory.select_by_frequency`).
     """
 
     config: Config
@@ -70,6 +74,8 @@ class StepMemory:
     previous: list[Exemplar]
     indices: np.ndarray
     size: int
+    earlier: tuple[np.ndarray, ...] = ()
+    rule: str = "balanced"
 
     @property
     def previous_step(self) -> StepInfo:
@@ -107,6 +113,8 @@ class StepMemory:
         """The memory: :attr:`previous` and :attr:`indices` as candidates, :attr:`size` taken, the
         old model's pseudo-labels used from step 2 on. The draws come from a generator seeded by
         ``train.seed`` and the step, so the same run chooses the same images."""
+        if self.rule == "frequency":
+            return self.choose_by_frequency()
         prev = self.previous_step
         start = time.perf_counter()
         use_model = prev.step > 0 and pseudo is not None
@@ -122,6 +130,41 @@ class StepMemory:
             f"candidates in {time.perf_counter() - start:.1f} s"
         )
         return chosen
+
+    def choose_by_frequency(self) -> list[Exemplar]:
+        """BalConpas's memory (:func:`~incseg.protocol.memory.select_by_frequency`), from the
+        ground truth's class presence: step ``t - 1``'s images count the classes that step
+        introduced; a previous memory image counts its own classes and, if it is one of step
+        ``t - 1``'s images too, those (``memory_selection_sem.py:24-57``); the target counts every
+        class over the images of the step that introduced it. No pass over images, no draw."""
+        presence = self.source.presence()
+        setting = get_setting(self.config.family, self.config.protocol.setting)
+        counts = np.zeros(256)
+        for step, indices in enumerate([*self.earlier, self.indices]):
+            new = list(step_info(setting, step).new_classes)
+            counts[new] += presence[np.asarray(indices, dtype=np.int64)][:, new].sum(axis=0)
+        prev = self.previous_step
+        new = np.array([c for c in prev.new_classes if c != 0], dtype=np.int64)
+
+        def held(index: int) -> tuple[int, ...]:
+            return tuple(int(c) for c in new[presence[index, new]])
+
+        in_step = {int(i) for i in self.indices}
+        previous = [
+            replace(
+                e,
+                classes=tuple(sorted({*e.classes, *(held(e.index) if e.index in in_step else ())})),
+            )
+            for e in self.previous
+        ]
+        candidates = [
+            Exemplar(int(i), self.source.names[int(i)], prev.step, held(int(i)))
+            for i in self.indices
+        ]
+        old = len(prev.old_classes) if prev.step > 0 else 0
+        seen = old + len(new)
+        keep = int(self.size * old / seen) if self.previous else 0
+        return select_by_frequency(previous, candidates, counts, keep, self.size)
 
     def old_classes(self) -> list[int]:
         return sorted(c for c in self.info.old_classes if c != 0)
@@ -178,7 +221,8 @@ class StepMemory:
                 raise _Malformed(f"entry {n} (index {e.index}, {e.name!r}) is not a candidate")
             if left[key] == 0:
                 raise _Malformed(f"entry {n}: image {e.index} of step {e.step} is listed twice")
-            if not set(e.classes) <= old or e.chosen_for not in e.classes:
+            turn_ok = e.chosen_for == 0 if self.rule == "frequency" else e.chosen_for in e.classes
+            if not set(e.classes) <= old or not turn_ok:
                 raise _Malformed(
                     f"entry {n}: classes {list(e.classes)} / {e.chosen_for} are not old ones"
                 )

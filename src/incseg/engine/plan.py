@@ -163,11 +163,14 @@ def _memory_lines(config: Config, method: Method) -> list[str]:
         how = f"joining each step's training images (about {size // config.train.batch_size} more iterations per epoch)"
     else:
         how = "filling half of every batch (no more iterations)"
-    line = (
-        f"memory: {size} images from step 1 on, {how}; chosen at each step's start from one pass "
-        "over the previous step's training images (not counted above)"
-    )
-    return [line]
+    if method.memory_rule == "frequency":
+        chosen = "chosen at each step's start from the labels' class index (no image pass)"
+    else:
+        chosen = (
+            "chosen at each step's start from one pass over the previous step's training "
+            "images (not counted above)"
+        )
+    return [f"memory: {size} images from step 1 on, {how}; {chosen}"]
 
 
 def _checks_line(plans: list[StepPlan], refusal: str | None) -> str:

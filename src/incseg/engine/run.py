@@ -179,10 +179,12 @@ class Run:
         mid-step state."""
         info = step_info(self.setting, index)
         memory = self.step_memory(info)
+        listed = sorted(memory, key=lambda e: e.index)  # by image id, as the codes list them
+        luts = [self.method.memory_lut(info, e) for e in listed]
         extras = Extras(
             self.method.unknown_from,
-            tuple(sorted(e.index for e in memory)),  # by image id, as both codes list them
-            self.method.memory_lut(info) if memory else None,
+            tuple(e.index for e in listed),
+            torch.stack(luts) if luts and luts[0] is not None else None,
             self.method.memory_mixing,
         )
         loader = self.data.train_loader(info, extras)
@@ -212,8 +214,14 @@ class Run:
         if info.step == 0 or size == 0:
             return []
         previous = self.data.train_indices(step_info(self.setting, info.step - 1))
+        rule = self.method.memory_rule
+        earlier = tuple(
+            self.data.train_indices(step_info(self.setting, s))
+            for s in range(info.step - 1)
+            if rule == "frequency"
+        )
         memory = StepMemory(
-            self.config, self.data.train, self.rt, info, self.memory, previous, size
+            self.config, self.data.train, self.rt, info, self.memory, previous, size, earlier, rule
         )
         path = self.files.memory_file(info.step)
         if self.rt.dist.is_main and not (self.resume and path.is_file()):

@@ -28,26 +28,48 @@ from incseg.methods.query import (
     mask2former_first_step_key,
     targets_of,
 )
+from incseg.methods.ssul import MEMORY_SIZE
+from incseg.protocol.choices import IGNORE_INDEX
 from incseg.protocol.steps import StepInfo
 from incseg.ranges import Range, ranged
 
 if TYPE_CHECKING:
     from incseg.models.mask2former.segmenter import QueryOutput
+    from incseg.protocol.memory import Exemplar
 
 
 @dataclass
 class BalConpas(QueryMethod):
-    """Hyperparameters: ``med_tokens_weight`` (``CONT.MED_TOKENS_WEIGHT`` 5.0) and
+    """Hyperparameters: ``med_tokens_weight`` (``CONT.MED_TOKENS_WEIGHT`` 5.0),
     ``overlap_threshold`` (the share of its own area an old query's pseudo target must keep,
-    ``MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD`` 0.8), besides Mask2Former's criterion's."""
+    ``MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD`` 0.8) and ``memory_size`` (0: BalConpas; 300:
+    BalConpas-R, ``memory_selection_sem.py:102``), besides Mask2Former's criterion's.
 
+    The memory (from step 1): images chosen so that the class histogram of the memory follows
+    the global one (:func:`incseg.protocol.memory.select_by_frequency`), joined to the step's
+    images (``train_continual.py:193-210``), each labelled with the classes it was counted for,
+    everything else ignored (``memory_selection_sem.py:88-98``, :meth:`memory_lut`)."""
+
+    memory_rule: ClassVar[str] = "frequency"
     needs_old_model: ClassVar[bool] = True
+    # pseudo-labels go where the labels have no mask: a background class would cover them all
+    pseudo_labels_old_pixels: ClassVar[bool] = True
     features: ClassVar[tuple[str, ...]] = ("queries",)
 
     med_tokens_weight: float = ranged(5.0, Range(0, 1000, "weight of the query distillation"))
     overlap_threshold: float = ranged(
         OVERLAP_THRESHOLD, Range(0, 1, "share of its area an old query's target must keep")
     )
+    memory_size: int = ranged(0, MEMORY_SIZE)
+
+    def memory_lut(self, info: StepInfo, exemplar: Exemplar) -> torch.Tensor:
+        """A memory image's labels: the classes it was counted for at their channels, every other
+        value 255 (ignored)."""
+        lut = torch.full((256,), IGNORE_INDEX, dtype=torch.uint8)
+        channel = {c: k for k, c in enumerate(info.order)}
+        for c in exemplar.classes:
+            lut[c] = channel[c]
+        return lut
 
     @classmethod
     def first_step_key(cls, params: dict[str, Any]) -> object | None:

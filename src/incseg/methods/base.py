@@ -51,6 +51,7 @@ from incseg.protocol.steps import StepInfo
 
 if TYPE_CHECKING:  # annotations only: the model modules import torchvision
     from incseg.models.segmenter import SegmenterOutput
+    from incseg.protocol.memory import Exemplar
 
 
 class StepData(Protocol):
@@ -112,6 +113,9 @@ class Method:
     # join a step's batches (engine/loaders.py Extras).
     memory_size: ClassVar[int] = 0
     memory_mixing: ClassVar[str] = "concat"
+    # which images: "balanced" (SSUL's class turns) or "frequency" (BalConpas's histogram
+    # matching), incseg.protocol.memory
+    memory_rule: ClassVar[str] = "balanced"
     # Which background pixels of the training labels become 254, SSUL's unknown class:
     # "saliency" (the salient ones, data.saliency), "background" (all), None (none).
     unknown_from: ClassVar[str | None] = None
@@ -127,9 +131,9 @@ class Method:
             return ("plain first step", params.get("ce_reduction", "valid"))
         return None
 
-    def memory_lut(self, info: StepInfo) -> torch.Tensor | None:
-        """The ``(256,)`` uint8 label lookup table of the step's memory images (dataset ids ->
-        training labels); None (default): the step's training labels."""
+    def memory_lut(self, info: StepInfo, exemplar: Exemplar) -> torch.Tensor | None:
+        """The ``(256,)`` uint8 label lookup table of one of the step's memory images (dataset
+        ids -> training labels); None (default): the step's training labels."""
         return None
 
     def memory_pseudo_labels(
@@ -305,6 +309,7 @@ class WithAddOns(Method):
             setattr(self, capability, getattr(method, capability))
         self.needs_old_model = method.needs_old_model or any(a.needs_old_model for a in addons)
         self.memory_size, self.memory_mixing = method.memory_size, method.memory_mixing
+        self.memory_rule = method.memory_rule
         self.unknown_from = method.unknown_from
         self.memory_lut, self.memory_pseudo_labels = method.memory_lut, method.memory_pseudo_labels
         features = [*method.features, *(f for a in addons for f in a.features)]

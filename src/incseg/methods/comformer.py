@@ -111,6 +111,8 @@ class CoMFormer(CoMFormerFT):
     """
 
     needs_old_model: ClassVar[bool] = True
+    # pseudo-labels go where the labels have no mask: a background class would cover them all
+    pseudo_labels_old_pixels: ClassVar[bool] = True
 
     kd_weight: float = ranged(10.0, Range(0, 10_000, "weight of the unbiased distillation"))
     kd_alpha: float = ranged(1.0, Range(0, 100, "factor of the old logits in the distillation"))
@@ -204,6 +206,8 @@ class MaskPLOP(CoMFormerFT):
     ``continual/method_wrapper/base.py:11-20``). No logit distillation. Step 0 is CoMFormer's."""
 
     needs_old_model: ClassVar[bool] = True
+    # pseudo-labels go where the labels have no mask: a background class would cover them all
+    pseudo_labels_old_pixels: ClassVar[bool] = True
     features: ClassVar[tuple[str, ...]] = ("maps",)
     # res5 (stride 32) must be 4 wide for POD's finest grid; checked by the config
     min_crop_size: ClassVar[int] = 128

@@ -43,6 +43,7 @@ from incseg.ranges import Range, ranged
 
 if TYPE_CHECKING:
     from incseg.models.segmenter import SegmenterOutput
+    from incseg.protocol.memory import Exemplar
 
 MEMORY_SIZE = Range(
     0, 100_000, "exemplar images kept in total (0: none; 100 VOC / 300 ADE20K for -M)"
@@ -191,11 +192,12 @@ class SSUL(Method):
     ) -> dict[str, torch.Tensor]:
         return {"bce": bce_all_channels(output.logits, targets)}
 
-    def memory_lut(self, info: StepInfo) -> torch.Tensor:
+    def memory_lut(self, info: StepInfo, exemplar: Exemplar | None = None) -> torch.Tensor:
         """Memory labels (module docstring), in incseg's training values that :func:`shift_labels`
         turns into SSUL's channels: ``unshifted``: background and future classes 254 (-> the
         unknown), the class of channel ``k`` ``k - 1`` (-> SSUL channel ``k``, that of the class
-        before it); ``shifted``: the class of channel ``k`` ``k``, everything else 254."""
+        before it); ``shifted``: the class of channel ``k`` ``k``, everything else 254. The same
+        for every image."""
         lut = torch.full((256,), UNKNOWN_INDEX, dtype=torch.uint8)
         lut[IGNORE_INDEX] = IGNORE_INDEX
         offset = 1 if self.memory_labels == "unshifted" else 0

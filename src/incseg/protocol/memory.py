@@ -128,10 +128,99 @@ def select_balanced(
     return sorted(chosen, key=lambda e: e.chosen_for)  # stable: the order taken within a class
 
 
+def greedy_by_frequency(
+    vectors: np.ndarray, target: np.ndarray, count: int, start: np.ndarray
+) -> tuple[list[int], np.ndarray]:
+    """BalConpas's greedy selection (jinpeng0528/BalConpas 3b76142
+    ``continual/memory_generator/memory_selection_sem.py:60-85``): ``count`` times, take the
+    remaining row of ``vectors`` whose addition to the running counts brings their normalised
+    histogram closest, in L1, to ``target``; ties go to the first row (the official's strict
+    ``<`` in iteration order). A row that leaves the counts all zero scores NaN there and is
+    never taken.
+
+    Args:
+        vectors: ``(N, K)`` per candidate the classes it counts (0 / 1).
+        target: ``(K,)`` the histogram to follow (sums to 1).
+        count: rows to take (at most ``N``).
+        start: ``(K,)`` the counts so far.
+
+    Returns:
+        The rows taken, in order, and the counts after them.
+    """
+    taken: list[int] = []
+    current = start.astype(np.float64)
+    free = np.ones(len(vectors), dtype=bool)
+    for _ in range(count):
+        counts = current + vectors
+        totals = counts.sum(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            score = np.abs(counts / totals - target).sum(axis=1)
+        score[~free | ~np.isfinite(score)] = np.inf
+        best = int(np.argmin(score))
+        if not np.isfinite(score[best]):
+            raise DataError(
+                f"exemplar memory: only {len(taken)} candidates hold a class to count, fewer "
+                f"than the {count} to take (method.memory_size); lower it"
+            )
+        taken.append(best)
+        free[best] = False
+        current = current + vectors[best]
+    return taken, current
+
+
+def select_by_frequency(
+    previous: list[Exemplar],
+    candidates: list[Exemplar],
+    counts: np.ndarray,
+    keep: int,
+    size: int,
+) -> list[Exemplar]:
+    """BalConpas's memory (``memory_selection_sem.py:101-199``): the global class histogram
+    ``counts / counts.sum()`` is the target; first ``keep`` images of the previous memory are
+    taken greedily (:func:`greedy_by_frequency`) from zero counts, then ``size - keep`` of the
+    candidates that are not in the previous memory, the counts carried on.
+
+    Args:
+        previous: the previous memory, each with the classes it counts now (its own kept
+            classes, and the previous step's classes if it is one of that step's images too,
+            ``:40-57``).
+        candidates: the previous step's training images with its classes they hold.
+        counts: ``(256,)`` per dataset class the number of training images that hold it, each
+            class counted over the step that introduced it (``:8-21``, carried over steps).
+        keep: images of the previous memory to keep (``int(size * old / seen)``, ``:104-121``).
+        size: images in all.
+
+    Returns:
+        The memory, previous images first, each with ``chosen_for`` 0 (no class's turn).
+    """
+    target = counts / counts.sum()
+
+    def rows(group: list[Exemplar]) -> np.ndarray:
+        vectors = np.zeros((len(group), len(counts)))
+        for row, e in enumerate(group):
+            vectors[row, list(e.classes)] = 1.0
+        return vectors
+
+    kept, current = greedy_by_frequency(
+        rows(previous), target, min(keep, len(previous)), np.zeros(len(counts))
+    )
+    seen = {e.index for e in previous}
+    fresh = [e for e in candidates if e.index not in seen]
+    added, _ = greedy_by_frequency(rows(fresh), target, size - len(kept), current)
+    return [replace(previous[i], chosen_for=0) for i in kept] + [
+        replace(fresh[i], chosen_for=0) for i in added
+    ]
+
+
 def memory_summary(exemplars: list[Exemplar], names: dict[int, str]) -> str:
-    """``"100 images: aeroplane 7, bicycle 7, ..."``: how many images each class's turn took."""
+    """``"100 images: aeroplane 7, bicycle 7, ..."``: how many images each class's turn took
+    (a selection without turns, BalConpas's: how many images hold each class)."""
     if not exemplars:
         return "no images"
+    if all(e.chosen_for == 0 for e in exemplars):
+        counts = Counter(c for e in exemplars for c in e.classes)
+        parts = ", ".join(f"{names.get(c, c)} {n}" for c, n in sorted(counts.items()))
+        return f"{len(exemplars)} images holding {parts}"
     counts = Counter(e.chosen_for for e in exemplars)
     parts = ", ".join(f"{names.get(c, c)} {n}" for c, n in sorted(counts.items()))
     return f"{len(exemplars)} images: {parts}"
