@@ -168,7 +168,7 @@ def test_methods_lists_every_method_and_shows_hyperparameters(capsys):
     rows = capsys.readouterr().out.splitlines()
     assert any(r.split() == ["plop", "incseg.methods.plop:PLOP"] for r in rows)
     methods = rows[: rows.index("")]
-    assert len(methods) == 20 and all(":" in r for r in methods)
+    assert len(methods) == 21 and all(":" in r for r in methods)
     assert any(r.split() == ["ewf", "incseg.methods.ewf:EWF"] for r in rows)  # the add-ons
     assert main(["methods", "plop"]) == 0
     shown = capsys.readouterr().out

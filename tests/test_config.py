@@ -149,6 +149,7 @@ def test_every_builtin_config_loads_and_paper_configs_hold_the_paper_setting():
                 "-comformer",
                 "-balconpas",
                 "-balconpas-m",
+                "-eclipse",
             )
         )
     ]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_ranges import LIST_KEYS
 
 from incseg.cli import main
 from incseg.config import RANGES
@@ -683,7 +684,7 @@ CASES = [
     (
         "a DeepLab method on the query-based model",
         lambda t: ["run", "--set", "model.architecture=mask2former", "--out", str(t / "o")],
-        "model.architecture: mask2former is query-based (class scores per query and masks, no per-pixel logits), and method 'mib' trains per-pixel logits; the methods that train it: ['balconpas', 'comformer', 'comformer_ft', 'm2f_ft', 'm2f_mib', 'm2f_plop']",
+        "model.architecture: mask2former is query-based (class scores per query and masks, no per-pixel logits), and method 'mib' trains per-pixel logits; the methods that train it: ['balconpas', 'comformer', 'comformer_ft', 'eclipse', 'm2f_ft', 'm2f_mib', 'm2f_plop']",
     ),
     (
         "a query-based method on DeepLab",
@@ -769,6 +770,12 @@ if not torch.cuda.is_available():
 def _below_case(key: str, valid: Range, method: str | None = None) -> tuple:
     """The case of ``key`` set just below its range (``method``: a hyperparameter of it)."""
     value = valid.low if valid.low_open else valid.low - 1
+    if method is None and key in LIST_KEYS:  # a list: its first element named
+        return (
+            f"{key} = [{value:g}]",
+            lambda t: ["run", "--set", f"{key}=[{value}]", "--out", str(t / "o")],
+            f"{key}[0]: must be in {valid.describe()}",
+        )
     if method is None:
         return (
             f"{key} = {value:g}",

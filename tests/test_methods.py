@@ -80,8 +80,9 @@ def test_method_lookup_and_validation():
 # Which built-in methods (and, as "+name", add-ons) implement each hook of the interface
 # (docs/design.md has this table); a hook that none implements does not belong in the interface.
 HOOK_USERS = {
-    "init_new_classifier": {"mib", "plop", "rcil", "reminder", "ssul", "dkd", "+ewf"},
+    "init_new_classifier": {"mib", "plop", "rcil", "reminder", "ssul", "dkd", "+ewf", "eclipse"},
     "begin_step": {
+        "eclipse",
         "ewc",
         "pi",
         "rw",
@@ -104,6 +105,7 @@ HOOK_USERS = {
         "m2f_mib",
         "m2f_plop",
         "balconpas",
+        "eclipse",
     },
     "memory_lut": {"ssul", "balconpas"},
     "memory_pseudo_labels": {"ssul", "dkd", "star"},
@@ -118,6 +120,7 @@ HOOK_USERS = {
         "m2f_mib",
         "m2f_plop",
         "balconpas",
+        "eclipse",
         "lwf",
         "lwf_mc",
         "ilt",

@@ -37,6 +37,8 @@ WALK = (0, -1, 10**15)  # zero, negative, absurd
 
 
 def _numeric(annotation) -> bool:
+    if typing.get_origin(annotation) is tuple:  # a list of numbers: LIST_KEYS
+        return False
     if typing.get_origin(annotation) is typing.Literal:  # a choice of numbers (output_stride)
         return all(isinstance(v, int) for v in typing.get_args(annotation))
     options = typing.get_args(annotation) or (annotation,)
@@ -76,15 +78,31 @@ def addon_numeric_keys() -> list[tuple[str, str]]:
     return pairs
 
 
+# Keys holding a list of numbers, each element checked against the key's range (negative values
+# valid, so the walk's zero / negative / absurd values do not apply): tested below.
+LIST_KEYS = {"model.mask2former.logit_deltas"}
+
+
 def test_every_numeric_key_has_a_range():
-    assert set(config_numeric_keys()) == set(RANGES) | set(RELATIVE_KEYS)
+    assert set(config_numeric_keys()) | LIST_KEYS == set(RANGES) | set(RELATIVE_KEYS)
     for name, key in method_numeric_keys():
         assert key in ranges_of(METHODS[name]), f"{name}.{key} has no range"
     for name, key in addon_numeric_keys():
         assert key in ranges_of(addon_class(name)), f"{name}.{key} has no range"
     # Every upper bound is below the walk's absurd value, so the walk meets it.
-    every = list(RANGES.values()) + [r for cls in METHODS.values() for r in ranges_of(cls).values()]
+    every = [r for k, r in RANGES.items() if k not in LIST_KEYS]
+    every += [r for cls in METHODS.values() for r in ranges_of(cls).values()]
     assert all(r.high < WALK[-1] and r.low >= 0 for r in every)
+
+
+def test_list_keys_check_each_element(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {mask2former: {logit_deltas: [0.1, -0.6]}}\n")
+    assert load_config(path).model.mask2former.logit_deltas == (0.1, -0.6)
+    with pytest.raises(ConfigError, match=r"logit_deltas\[1\]: must be in \[-10, 10\], got -11"):
+        load_config(path, ["model.mask2former.logit_deltas=[0.1, -11]"])
+    with pytest.raises(ConfigError, match="logit_deltas: expected tuple, got 0.5"):
+        load_config(path, ["model.mask2former.logit_deltas=0.5"])
 
 
 def test_range_ends_and_message():
@@ -169,6 +187,7 @@ ACCEPTED_RUNS = {  # the in-range values the walk meets, grouped into real runs
         "train.val_interval=0",
         "train.checkpoint_every=0",
         "model.mask2former.enc_layers=0",
+        "model.mask2former.prompts=0",
     ],
     "mib": ["method.kd_weight=0"],
     "lwf": ["method.kd_weight=0"],
@@ -216,6 +235,12 @@ ACCEPTED_RUNS = {  # the in-range values the walk meets, grouped into real runs
     "comformer_ft": COMFORMER_FT_ZEROS,
     "m2f_mib": [*COMFORMER_FT_ZEROS, "method.kd_weight=0", "method.kd_alpha=0"],
     "m2f_plop": [*COMFORMER_FT_ZEROS, "method.pod_weight=0", "method.pseudo_threshold=0"],
+    "eclipse": [
+        *QUERY_ZEROS,
+        "method.class_weight_incremental=0",
+        "method.focal_alpha=0",
+        "method.focal_gamma=0",
+    ],
     "balconpas": [
         *QUERY_ZEROS,
         "method.med_tokens_weight=0",
@@ -250,13 +275,22 @@ METHOD_SETS = {
         "--set",
         "method.num_points=16",
     ]
-    for name in ("balconpas", "comformer", "comformer_ft", "m2f_ft", "m2f_mib", "m2f_plop")
+    for name in (
+        "balconpas",
+        "comformer",
+        "comformer_ft",
+        "eclipse",
+        "m2f_ft",
+        "m2f_mib",
+        "m2f_plop",
+    )
 }
 # POD's finest grid needs res5 (stride 32) 4 wide
 METHOD_SETS["m2f_plop"] += ["--set", "data.image_size=128", "--set", "data.crop_size=128"]
 # pseudo-labels on old-class pixels need a head without a background class
 for _name in ("balconpas", "comformer", "m2f_plop"):
     METHOD_SETS[_name] += ["--set", "model.mask2former.background=false"]
+METHOD_SETS["eclipse"] += ["--set", "model.mask2former.prompts=2"]
 
 
 def test_walk_every_numeric_key_with_zero_negative_and_absurd(tmp_path, capsys):

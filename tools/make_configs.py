@@ -1048,6 +1048,77 @@ def _balconpas(setting: str, replay: bool) -> str:
     )
 
 
+ECLIPSE_COMMIT = "9266720"
+# setting -> (script, iterations per step > 0, prompts per step, training deltas, evaluation
+# deltas), script/ade_ss/*.sh lines 43-86
+ECLIPSE_SETTINGS = {
+    "100-50": ("script/ade_ss/100_50.sh", 120000, 50, "[-0.3, -0.6]", "[0.0, -0.1]"),
+    "100-10": ("script/ade_ss/100_10.sh", 24000, 10, "[0.1" + ", 0.7" * 5 + "]", "the same"),
+    "100-5": ("script/ade_ss/100_5.sh", 12000, 5, "[0.1" + ", 0.8" * 10 + "]", "the same"),
+}
+ECLIPSE_TEMPLATE = """\
+# ECLIPSE (Kim et al., CVPR 2024) on ADE20K {setting}, as {script} trains it (step 0 at lines
+# 14-37, commented out there: the release's step-0 weights, ade_ss_100_step0.pth, start the later
+# steps). Cited files are in github.com/clovaai/ECLIPSE (commit {commit}) and its base config
+# configs/ade20k/semantic-segmentation/maskformer2_R101_bs16_90k.yaml (CoMFormer's: 160k
+# iterations, AdamW 0.05, BACKBONE_MULTIPLIER 0.1, clipping 0.01, poly 0.9, AMP); written by
+# tools/make_configs.py. Deltas of the logit manipulation: the script trains (and validates)
+# with {train_deltas} and evaluates the final model with {eval_deltas} (lines 63 and 80-86);
+# the config keeps the training ones (the deltas act at inference only: training is the same;
+# setting the evaluation ones evaluates as the script's last lines). Evaluation as CoMFormer's
+# (labels resized with the image, class 0 kept; docs/protocol.md). No published number: the
+# README gives weights, not ADE20K semantic figures.
+name: ade-{setting}-eclipse
+data:
+  dataset: ade
+  root: data/ade
+  pipeline: comformer     # DatasetMapper(cfg, False) at test (train_inc.py:440)
+  crop_size: 512
+protocol:
+  setting: {setting}
+  mode: overlap           # CONT.MODE overlap
+  labels: plop            # CoMFormer's evaluator (continual/evaluation/continual_evaluation.py)
+model:
+  backbone: resnet101
+  pretrained: imagenet
+  norm: bn                # NORM SyncBN
+  architecture: mask2former
+  mask2former:
+    background: false     # MASK_BG False
+    inference: eclipse    # SOFTCLS False, SOFTMASK False (maskformer_model.py:372-420)
+    class_head: mlp       # CONT.DEEP_CLS True
+    prompts: {prompts}           # CONT.NUM_PROMPTS of steps > 0
+    logit_deltas: {train_deltas}  # CONT.LOGIT_MANI_DELTAS of training
+method:
+  name: eclipse
+  class_weight: 2.0       # MODEL.MASK_FORMER.CLASS_WEIGHT of step 0
+  class_weight_incremental: 10.0  # of steps > 0
+train:
+  optimizer: adamw
+  weight_decay: 0.05
+  clip_grad_norm: 0.01
+  iterations: 160000
+  iterations_incremental: {iterations}
+  batch_size: 16          # IMS_PER_BATCH 16
+  lr: 0.0001              # base_lr of step 0
+  lr_incremental: 0.001   # base_lr of steps > 0
+  amp: fp16               # SOLVER.AMP.ENABLED True
+"""
+
+
+def _eclipse(setting: str) -> str:
+    script, iterations, prompts, train_deltas, eval_deltas = ECLIPSE_SETTINGS[setting]
+    return ECLIPSE_TEMPLATE.format(
+        setting=setting,
+        script=script,
+        commit=ECLIPSE_COMMIT,
+        iterations=iterations,
+        prompts=prompts,
+        train_deltas=train_deltas,
+        eval_deltas=eval_deltas,
+    )
+
+
 def main() -> None:
     jobs = [
         ("voc", s, mode, m)
@@ -1125,6 +1196,8 @@ def _query_based() -> dict[Path, str]:
         OUT / "ade" / f"{setting}-comformer.yaml": _comformer(setting)
         for setting in COMFORMER_SETTINGS
     }
+    for setting in ECLIPSE_SETTINGS:
+        files[OUT / "ade" / f"{setting}-eclipse.yaml"] = _eclipse(setting)
     for setting in BALCONPAS_SETTINGS:
         files[OUT / "ade" / f"{setting}-balconpas.yaml"] = _balconpas(setting, replay=False)
         files[OUT / "ade" / f"{setting}-balconpas-m.yaml"] = _balconpas(setting, replay=True)

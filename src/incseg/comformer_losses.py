@@ -594,12 +594,18 @@ def mask2former_pod(
 
 
 def _inference_one(
-    mask_cls: torch.Tensor, mask_pred: torch.Tensor, object_threshold: float, overlap: float
+    mask_cls: torch.Tensor,
+    mask_pred: torch.Tensor,
+    object_threshold: float,
+    overlap: float,
+    sigmoid: bool = False,
 ) -> torch.Tensor:
     """One image's ``(H, W)`` label map (maskformer_model.py:333, 342-374)."""
     num_classes = mask_cls.shape[-1] - 1
-    probs = mask_pred.softmax(dim=0)
-    scores, classes = F.softmax(mask_cls, dim=-1).max(-1)
+    if sigmoid:  # ECLIPSE: SOFTMASK False, SOFTCLS False (its maskformer_model.py:373, 385)
+        probs, (scores, classes) = mask_pred.sigmoid(), mask_cls.sigmoid().max(-1)
+    else:
+        probs, (scores, classes) = mask_pred.softmax(dim=0), F.softmax(mask_cls, dim=-1).max(-1)
     keep = classes.ne(num_classes) & (scores > object_threshold)
     scores, classes, probs = scores[keep], classes[keep], probs[keep]
     semseg = torch.zeros(mask_pred.shape[-2:], dtype=torch.long, device=mask_pred.device)
@@ -624,8 +630,11 @@ def comformer_inference(
     pred_masks: torch.Tensor,
     object_threshold: float = 0.0,
     overlap_threshold: float = 0.0,
+    sigmoid: bool = False,
 ) -> torch.Tensor:
-    """CoMFormer's semantic inference (maskformer_model.py:332-376, softmask, not mask_bg).
+    """CoMFormer's semantic inference (maskformer_model.py:332-376, softmask, not mask_bg);
+    with ``sigmoid``, ECLIPSE's (clovaai/ECLIPSE ``mask2former/maskformer_model.py:372-420``:
+    class scores ``sigmoid`` over every column, no-object included, masks ``sigmoid``).
 
     Per image: masks softmaxed over all queries; queries whose top class is not no-object with
     score ``> object_threshold`` are kept; each pixel goes to the kept query with the largest
@@ -647,7 +656,7 @@ def comformer_inference(
         ``(B, H, W)`` int64 in ``[0, K]``.
     """
     maps = [
-        _inference_one(logits, masks, object_threshold, overlap_threshold)
+        _inference_one(logits, masks, object_threshold, overlap_threshold, sigmoid)
         for logits, masks in zip(pred_logits, pred_masks)
     ]
     return torch.stack(maps)

@@ -180,8 +180,21 @@ class Mask2FormerConfig:
     background: bool = True
     # semantic: Mask2Former's (sum over queries of class probability x mask probability);
     # comformer: CoMFormer's (each pixel to the query of highest score x mask probability, kept
-    # where that mask is >= 0.5, otherwise 0), fcdl94/CoMFormer maskformer_model.py:340-375
-    inference: Literal["semantic", "comformer"] = "semantic"
+    # where that mask is >= 0.5, otherwise 0), fcdl94/CoMFormer maskformer_model.py:340-375;
+    # eclipse: the same with sigmoid class scores and masks (clovaai/ECLIPSE
+    # maskformer_model.py:372-420)
+    inference: Literal["semantic", "comformer", "eclipse"] = "semantic"
+    # the class head per step: one Linear, or ECLIPSE's 3-layer MLP (CONT.DEEP_CLS)
+    class_head: Literal["linear", "mlp"] = "linear"
+    # ECLIPSE's visual prompts: queries added at each step after step 0, each group attending to
+    # itself only (CONT.NUM_PROMPTS; 0: none)
+    prompts: int = ranged(0, Range(0, 1000, "prompt queries per step after step 0 (ECLIPSE)"))
+    # ECLIPSE's logit manipulation at inference, one delta per query group (the base queries,
+    # then each step's prompts; a shorter list repeats its last value; empty: 0 for all;
+    # CONT.LOGIT_MANI_DELTAS, docs/methods.md "eclipse")
+    logit_deltas: tuple[float, ...] = ranged(
+        (), Range(-10, 10, "logit manipulation delta of a query group (the scripts: -0.6 to 0.8)")
+    )
 
     def __post_init__(self) -> None:
         if self.hidden_dim % self.nheads or self.conv_dim % self.nheads:
@@ -458,15 +471,10 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
             return None
         raise ConfigError(f"{key}: a value is required (null given)")
     for option in options:
+        if typing.get_origin(option) is tuple and isinstance(value, list | tuple):
+            return _check_items(value, typing.get_args(option)[0], key)
         if typing.get_origin(option) is Literal:
-            choices = typing.get_args(option)
-            if isinstance(value, bool) and {"on", "off"} & set(
-                choices
-            ):  # YAML 1.1 on/off: booleans
-                value = "on" if value else "off"
-            if value in choices and type(value) is type(choices[choices.index(value)]):
-                return value
-            raise ConfigError(f"{key}: unknown value {value!r}; valid choices: {list(choices)}")
+            return _check_literal(value, typing.get_args(option), key)
         if option is bool and isinstance(value, bool):
             return value
         if option is int and isinstance(value, int) and not isinstance(value, bool):
@@ -479,6 +487,21 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
             return float(value)  # YAML 1.1 reads 1e-4 (no dot, no sign) as a string
     expected = " or ".join("null" if o is type(None) else o.__name__ for o in options)
     raise ConfigError(f"{key}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _check_literal(value: Any, choices: tuple, key: str) -> Any:
+    """``value`` if it is one of ``choices`` (YAML 1.1's on / off booleans read as the strings),
+    else an error listing them."""
+    if isinstance(value, bool) and {"on", "off"} & set(choices):
+        value = "on" if value else "off"
+    if value in choices and type(value) is type(choices[choices.index(value)]):
+        return value
+    raise ConfigError(f"{key}: unknown value {value!r}; valid choices: {list(choices)}")
+
+
+def _check_items(values: list | tuple, item: Any, key: str) -> tuple:
+    """A list value of a ``tuple[item, ...]`` field, each element checked (``key[i]``)."""
+    return tuple(_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(values))
 
 
 def checked_fields(cls: type, data: Any, prefix: str) -> dict[str, Any]:
@@ -610,11 +633,30 @@ def check_query_model(config: Config) -> None:
             "gives every such pixel one (old classes are background in a step's labels): set "
             "it false, as the official (ADE20K's 0 is void, no class of the head)"
         )
+    _check_prompts(config)
     least = getattr(method_class(config.method.name), "min_crop_size", 0)
     if config.data.crop_size < least:
         raise ConfigError(
             f"data.crop_size: {config.data.crop_size}; method {config.method.name!r} needs at "
             f"least {least} (its local POD's finest grid needs res5, at stride 32, 4 wide)"
+        )
+
+
+def _check_prompts(config: Config) -> None:
+    """``model.mask2former.prompts`` (ECLIPSE's prompt queries) with the method that trains
+    them, and that method with them."""
+    prompts = config.model.mask2former.prompts
+    uses = getattr(method_class(config.method.name), "uses_prompts", False)
+    if uses and not prompts:
+        raise ConfigError(
+            f"model.mask2former.prompts: 0; method {config.method.name!r} trains a group of "
+            "prompt queries at each step after step 0: set how many (ECLIPSE: as many as the "
+            "step's new classes)"
+        )
+    if prompts and not uses and config.model.architecture == "mask2former":
+        raise ConfigError(
+            f"model.mask2former.prompts: {prompts}; only method 'eclipse' trains prompt queries "
+            f"(method {config.method.name!r} trains the base queries): set it to 0"
         )
 
 
@@ -811,6 +853,10 @@ class _PlainDumper(yaml.SafeDumper):
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
+
+
+# tuple fields (model.mask2former.logit_deltas) are written as YAML lists
+_PlainDumper.add_representer(tuple, lambda dumper, value: dumper.represent_list(list(value)))
 
 
 SECTIONS = ("data", "protocol", "model", "method", "train")

@@ -341,6 +341,7 @@ def set_criterion(
     generator: torch.Generator | None = None,
     matcher: Callable[..., Indices] = hungarian_match,
     mean_over_processes: Callable[[torch.Tensor], torch.Tensor] = one_process,
+    class_loss: Callable[..., torch.Tensor] = labels_loss,
 ) -> dict[str, torch.Tensor]:
     """Mask2Former's unweighted set losses (criterion.py:212-247, ``SetCriterion.forward``).
 
@@ -365,6 +366,9 @@ def set_criterion(
             generator=generator)``.
         mean_over_processes: maps the ``(1,)`` float count tensor to its mean over processes;
             official is ``all_reduce`` (sum) then ``/ world_size``. Identity = one process.
+        class_loss: ``loss_ce`` as ``class_loss(pred_logits, targets, indices, num_classes,
+            no_object_weight)`` (default :func:`labels_loss`; ECLIPSE's sigmoid focal loss,
+            :func:`incseg.eclipse_losses.sigmoid_focal_labels_loss`).
 
     Returns:
         Dict of 0-dim tensors ``loss_ce, loss_mask, loss_dice, loss_ce_0, ...``, unweighted.
@@ -381,7 +385,7 @@ def set_criterion(
             out["pred_logits"], out["pred_masks"], targets, matcher_weights, generator=generator
         )
         stage = {
-            "loss_ce": labels_loss(
+            "loss_ce": class_loss(
                 out["pred_logits"], targets, indices, num_classes, weights.no_object_weight
             )
         }

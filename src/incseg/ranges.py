@@ -62,8 +62,13 @@ def ranges_of(cls: type) -> dict[str, Range]:
     return {f.name: f.metadata["range"] for f in dataclasses.fields(cls) if "range" in f.metadata}
 
 
-def check_range(value: float | None, valid: Range, key: str) -> None:
-    """Raise :class:`ConfigError` naming ``key`` unless ``value`` is None or inside ``valid``."""
+def check_range(value: float | tuple[float, ...] | None, valid: Range, key: str) -> None:
+    """Raise :class:`ConfigError` naming ``key`` unless ``value`` is None or inside ``valid``
+    (each element of a tuple, named ``key[i]``)."""
+    if isinstance(value, tuple):
+        for i, item in enumerate(value):
+            check_range(item, valid, f"{key}[{i}]")
+        return
     if value is None or valid.contains(value):
         return
     raise ConfigError(f"{key}: must be in {valid.describe()}, got {value!r} ({valid.why})")

@@ -48,23 +48,31 @@ def build_model(config: Config, info: StepInfo, *, pretrained: bool = True) -> I
     return model
 
 
+def _stand_in(model: object) -> str:
+    """The built-in method a checkpoint's config names in place of its own: fine-tuning of its
+    architecture (ECLIPSE for a Mask2Former with prompt queries)."""
+    if not (isinstance(model, dict) and model.get("architecture") == "mask2former"):
+        return "ft"
+    sizes = model.get("mask2former")
+    return "eclipse" if isinstance(sizes, dict) and sizes.get("prompts") else "m2f_ft"
+
+
 def restore_step(checkpoint: dict) -> tuple[Config, StepInfo, IncrementalSegmenter]:
     """Rebuild the config, step and model saved in a loaded checkpoint (see ``load_checkpoint``):
     a step checkpoint ``step_K.pt``, an epoch checkpoint ``last.pt`` (the model part-way through
     its step) or an imported one.
 
     The model does not depend on the method, so the checkpoint's ``method`` section is not read:
-    the returned config names fine-tuning in its place (``m2f_ft`` for the query-based model). A
-    method named inside a checkpoint (a ``module:Class`` path could run any module's code) is
-    therefore never imported.
+    the returned config names fine-tuning in its place (``m2f_ft`` for the query-based model;
+    ``eclipse``, the only method of its prompt queries, for a model with them). A method named
+    inside a checkpoint (a ``module:Class`` path could run any module's code) is therefore never
+    imported.
     """
     raw = checkpoint["config"]
     if not isinstance(raw, dict):
         raise CheckpointError(f"checkpoint config is not a mapping: {raw!r}")
-    model = raw.get("model")
-    query = isinstance(model, dict) and model.get("architecture") == "mask2former"
     try:
-        config = config_from_dict({**raw, "method": {"name": "m2f_ft" if query else "ft"}})
+        config = config_from_dict({**raw, "method": {"name": _stand_in(raw.get("model"))}})
     except ConfigError as err:
         raise CheckpointError(f"checkpoint config does not load: {err}") from None
     setting = get_setting(config.family, config.protocol.setting)

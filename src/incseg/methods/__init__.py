@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 METHOD_PATHS: dict[str, str] = {
     "balconpas": "incseg.methods.balconpas:BalConpas",
     "dkd": "incseg.methods.dkd:DKD",
+    "eclipse": "incseg.methods.eclipse:ECLIPSE",
     "ft": "incseg.methods.ft:FineTuning",
     "lwf": "incseg.methods.lwf:LwF",
     "m2f_ft": "incseg.methods.query:QueryFineTuning",
@@ -45,7 +46,15 @@ METHOD_PATHS: dict[str, str] = {
 }
 METHOD_NAMES = tuple(sorted(METHOD_PATHS))
 # The built-in methods of the query-based model (model.architecture: mask2former).
-QUERY_METHOD_NAMES = ("balconpas", "comformer", "comformer_ft", "m2f_ft", "m2f_mib", "m2f_plop")
+QUERY_METHOD_NAMES = (
+    "balconpas",
+    "comformer",
+    "comformer_ft",
+    "eclipse",
+    "m2f_ft",
+    "m2f_mib",
+    "m2f_plop",
+)
 # Add-ons apply on top of any method (``method.name: mib+ewf``); they act at steps > 0 only.
 ADDON_PATHS: dict[str, str] = {
     "ewf": "incseg.methods.ewf:EWF",

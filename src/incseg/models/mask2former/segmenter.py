@@ -31,8 +31,9 @@ from torch import nn
 
 from incseg.comformer_losses import comformer_inference
 from incseg.models.choices import QUERY_FEATURE_NAMES
-from incseg.models.mask2former.decoder import DecoderSizes, MultiScaleMaskedTransformerDecoder
+from incseg.models.mask2former.decoder import MLP, DecoderSizes, MultiScaleMaskedTransformerDecoder
 from incseg.models.mask2former.pixel_decoder import MSDeformAttnPixelDecoder, PixelDecoderSizes
+from incseg.models.mask2former.prompts import PromptedDecoder
 from incseg.query_losses import semantic_inference
 
 # MODEL.MASK_FORMER.SIZE_DIVISIBILITY of every ADE20K config: images are padded with zeros (after
@@ -80,13 +81,21 @@ class QueryOutput:
 
 
 class IncrementalClassHead(nn.Module):
-    """``(B, Q, hidden) -> (B, Q, C_t + 1)``: each step's linear classes, then no-object."""
+    """``(B, Q, hidden) -> (B, Q, C_t + 1)``: each step's classes, then no-object; each a
+    ``Linear`` or, with ``deep``, ECLIPSE's 3-layer MLP (``CONT.DEEP_CLS``, clovaai/ECLIPSE
+    ``continual/modeling/classifier.py:48-70``)."""
 
-    def __init__(self, hidden_dim: int) -> None:
+    def __init__(self, hidden_dim: int, deep: bool = False) -> None:
         super().__init__()
         self.hidden_dim = hidden_dim
+        self.deep = deep
         self.classifiers = nn.ModuleList()
-        self.no_object = nn.Linear(hidden_dim, 1)
+        self.no_object = self.layer(1)
+
+    def layer(self, outputs: int) -> nn.Module:
+        if self.deep:
+            return MLP(self.hidden_dim, self.hidden_dim, outputs, 3)
+        return nn.Linear(self.hidden_dim, outputs)
 
     def forward(self, queries: torch.Tensor) -> torch.Tensor:
         return torch.cat([c(queries) for c in self.classifiers] + [self.no_object(queries)], -1)
@@ -117,20 +126,24 @@ class QuerySegmenter(nn.Module):
                 dim_feedforward=sizes["enc_dim_feedforward"],
             ),
         )
-        self.predictor = MultiScaleMaskedTransformerDecoder(
-            in_channels=sizes["conv_dim"],
-            num_classes=1,  # replaced by the growing head below
-            sizes=DecoderSizes(
-                hidden_dim=sizes["hidden_dim"],
-                num_queries=sizes["num_queries"],
-                nheads=sizes["nheads"],
-                dim_feedforward=sizes["dim_feedforward"],
-                dec_layers=sizes["dec_layers"],
-                mask_dim=sizes["mask_dim"],
-                mask_activation=sizes["mask_activation"],
-            ),
+        decoder_sizes = DecoderSizes(
+            hidden_dim=sizes["hidden_dim"],
+            num_queries=sizes["num_queries"],
+            nheads=sizes["nheads"],
+            dim_feedforward=sizes["dim_feedforward"],
+            dec_layers=sizes["dec_layers"],
+            mask_dim=sizes["mask_dim"],
+            mask_activation=sizes["mask_activation"],
         )
-        self.predictor.class_embed = IncrementalClassHead(sizes["hidden_dim"])
+        prompts = sizes.get("prompts", 0)
+        # num_classes=1: the class head is replaced by the growing one below
+        if prompts:
+            self.predictor = PromptedDecoder(sizes["conv_dim"], 1, decoder_sizes, prompts)
+            self.predictor.deltas = list(sizes.get("logit_deltas", ()))
+        else:
+            self.predictor = MultiScaleMaskedTransformerDecoder(sizes["conv_dim"], 1, decoder_sizes)
+        deep = sizes.get("class_head", "linear") == "mlp"
+        self.predictor.class_embed = IncrementalClassHead(sizes["hidden_dim"], deep)
         self.background = sizes.get("background", True)
         self.inference = sizes.get("inference", "semantic")
         for num in channels_per_step:
@@ -148,7 +161,7 @@ class QuerySegmenter(nn.Module):
     def channels_per_step(self) -> tuple[int, ...]:
         """Channels of steps 0..t as every incseg model counts them (step 0's with the
         background, whether or not the head has a row for it)."""
-        sizes = [c.out_features for c in self.classifiers]
+        sizes = [_outputs(c) for c in self.classifiers]
         if sizes:
             sizes[0] += self.first_channel
         return tuple(sizes)
@@ -158,14 +171,19 @@ class QuerySegmenter(nn.Module):
         return sum(self.channels_per_step)
 
     def add_classifier(self, num_channels: int) -> nn.Module:
-        """Append the next step's ``Linear(hidden, num_channels)`` on the model's device (step 0's
-        without the background row when the head has none)."""
+        """Append the next step's classifier (a ``Linear(hidden, num_channels)`` or an MLP) on the
+        model's device (step 0's without the background row when the head has none), and after
+        step 0 the step's prompt group when the decoder has prompts."""
         head = self.predictor.class_embed
         if not self.classifiers:
             num_channels -= self.first_channel
-        ref = head.no_object.weight
-        layer = nn.Linear(head.hidden_dim, num_channels).to(device=ref.device, dtype=ref.dtype)
+        elif isinstance(self.predictor, PromptedDecoder):
+            self.predictor.add_prompt_group()
+        ref = next(head.no_object.parameters())
+        layer = head.layer(num_channels).to(device=ref.device, dtype=ref.dtype)
         self.classifiers.append(layer)
+        if isinstance(self.predictor, PromptedDecoder):
+            self.predictor.class_groups = [_outputs(c) for c in self.classifiers]
         return layer
 
     def forward(self, images: torch.Tensor, features: Collection[str] = ()) -> QueryOutput:
@@ -221,8 +239,9 @@ class QuerySegmenter(nn.Module):
         )
         logits = output.pred_logits.float()
         num = logits.shape[-1] - 1 + output.first_channel
-        if self.inference == "comformer":
-            labels = comformer_inference(logits, masks) - 1 + output.first_channel
+        if self.inference in ("comformer", "eclipse"):
+            sigmoid = self.inference == "eclipse"
+            labels = comformer_inference(logits, masks, sigmoid=sigmoid) - 1 + output.first_channel
             labels = labels.clamp(min=0)  # with a background class, an unpainted pixel is 0 too
             scores = F.one_hot(labels, num).permute(0, 3, 1, 2).float()
         else:
@@ -230,3 +249,8 @@ class QuerySegmenter(nn.Module):
             scores = F.pad(scores, (0, 0, 0, 0, output.first_channel, 0))
         # the padding is scored and then cut off (sem_seg_postprocess, maskformer_model.py:233)
         return scores[..., :height, :width]
+
+
+def _outputs(layer: nn.Module) -> int:
+    """The outputs of a classifier: a ``Linear``'s, or an MLP's last layer's."""
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.layers[-1].out_features
