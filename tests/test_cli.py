@@ -166,9 +166,11 @@ def test_validation_needs_the_mib_convention(tmp_path, capsys):
 def test_methods_lists_every_method_and_shows_hyperparameters(capsys):
     assert main(["methods"]) == 0
     rows = capsys.readouterr().out.splitlines()
-    assert any(r.split() == ["plop", "incseg.methods.plop:PLOP"] for r in rows)
-    methods = rows[: rows.index("")]
+    assert any(r.split() == ["plop", "nothing", "incseg.methods.plop:PLOP"] for r in rows)
+    assert any(r.startswith("ssul") and "images if memory_size > 0" in r for r in rows)
+    methods = rows[1 : rows.index("")]  # after the header
     assert len(methods) == 21 and all(":" in r for r in methods)
+    assert [r.split()[0] for r in methods] == sorted(r.split()[0] for r in methods)
     assert any(r.split() == ["ewf", "incseg.methods.ewf:EWF"] for r in rows)  # the add-ons
     assert main(["methods", "plop"]) == 0
     shown = capsys.readouterr().out

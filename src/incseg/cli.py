@@ -8,6 +8,7 @@ without a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import logging
 import sys
@@ -641,6 +642,15 @@ def _config_list() -> str:
     return "\n".join(lines)
 
 
+def _stores(cls: type) -> str:
+    """What a method keeps of earlier steps' data besides the model: images when it has a
+    memory (``method.memory_size``), else nothing."""
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    if "memory_size" in fields:
+        return "images if memory_size > 0"
+    return "nothing"
+
+
 def _methods(name: str | None) -> str:
     from incseg.methods import (
         ADDON_PATHS,
@@ -658,9 +668,13 @@ def _methods(name: str | None) -> str:
         parts = [_describe(base, method_class(base), "method.KEY", engine=True)]
         parts += [_describe(a, addon_class(a), f"method.{a}.KEY", engine=False) for a in addons]
         return "\n\n".join(parts)
-    rows = [f"{key:<8} {path}" for key, path in {**METHOD_PATHS, **plugin_paths()}.items()]
+    methods = dict(sorted(METHOD_PATHS.items())) | plugin_paths()
+    width = max(map(len, [*methods, *ADDON_PATHS]))
+    rows = [f"{'method':<{width}}  {'stores':<24} class"]
+    for key, path in methods.items():
+        rows.append(f"{key:<{width}}  {_stores(method_class(key)):<24} {path}")
     rows += ["", "add-ons (method.name: METHOD+ADDON, e.g. mib+ewf):"]
-    rows += [f"{key:<8} {path}" for key, path in ADDON_PATHS.items()]
+    rows += [f"{key:<{width}}  {path}" for key, path in ADDON_PATHS.items()]
     return "\n".join(
         [*rows, "", "incseg methods NAME shows a method's or add-on's hyperparameters."]
     )
