@@ -10,6 +10,7 @@ from pathlib import Path
 
 from benchmarks.common import machine
 from benchmarks.data_path import BENCHMARKS as DATA_BENCHMARKS
+from benchmarks.incremental_query import bench_incremental_query
 from benchmarks.memory import bench_memory
 from benchmarks.query_step import bench_query_step
 from benchmarks.train_step import bench_prediction, bench_train_step
@@ -20,6 +21,7 @@ BENCHMARKS = {
     "train_step": bench_train_step,
     "memory": bench_memory,
     "query_step": bench_query_step,
+    "incremental_query": bench_incremental_query,
 }
 
 
