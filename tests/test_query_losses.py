@@ -489,25 +489,22 @@ def test_set_criterion_num_masks_over_processes():
     torch.testing.assert_close(other["loss_dice"], base["loss_dice"] * 7 / 5)
 
 
-def test_custom_matcher_is_used():
+def test_a_custom_class_loss_replaces_the_cross_entropy_at_every_prediction():
     gen = torch.Generator().manual_seed(2)
-    outputs = random_outputs(gen, batch=1, queries=3, num_classes=4, size=(6, 6), num_aux=0)
+    outputs = random_outputs(gen, batch=1, queries=3, num_classes=4, size=(6, 6), num_aux=2)
     targets = random_targets(gen, [2], 4, (6, 6))
     calls = []
 
-    def fixed(pred_logits, pred_masks, targets, weights, generator=None):
-        calls.append(weights)
-        return [(torch.tensor([0, 2]), torch.tensor([1, 0]))]
+    def constant(pred_logits, targets, indices, num_classes, eos):
+        calls.append((pred_logits.shape, len(indices[0][0]), num_classes, eos))
+        return torch.tensor(7.0)
 
-    losses = ql.set_criterion(
-        outputs, targets, 4, ql.CriterionWeights(num_points=16), matcher=fixed
-    )
-    assert calls == [ql.MatcherWeights(2.0, 5.0, 5.0, 16)]
-    classes = torch.tensor([[targets[0]["labels"][1], 4, targets[0]["labels"][0]]])
-    expected = F.cross_entropy(
-        outputs["pred_logits"].transpose(1, 2), classes, torch.tensor([1, 1, 1, 1, 0.1])
-    )
-    torch.testing.assert_close(losses["loss_ce"], expected)
+    weights = ql.CriterionWeights(num_points=16)
+    losses = ql.set_criterion(outputs, targets, 4, weights, class_loss=constant)
+    assert calls == [((1, 3, 5), 2, 4, 0.1)] * 3
+    assert [losses[k].item() for k in ("loss_ce", "loss_ce_0", "loss_ce_1")] == [7.0] * 3
+    plain = ql.set_criterion(outputs, targets, 4, weights)
+    assert plain["loss_ce"].item() != 7.0
 
 
 def test_semantic_inference_matches_official():

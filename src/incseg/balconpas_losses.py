@@ -22,7 +22,7 @@ head (no-object ``K`` excluded), as :mod:`incseg.query_losses`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -138,7 +138,6 @@ def balconpas_criterion(
     replayed: Sequence[bool],
     distill: tuple[list[torch.Tensor], list[torch.Tensor], list[int]] | None = None,
     generator: torch.Generator | None = None,
-    matcher: Callable[..., Indices] = hungarian_match,
 ) -> dict[str, torch.Tensor]:
     """BalConpas's unweighted losses (``SetCriterion.forward``, ``criterion.py:238-317``).
 
@@ -153,7 +152,7 @@ def balconpas_criterion(
             of both models (``(B, Q, C)`` each, aux first) and per image the count of pseudo
             targets leading its targets; adds ``loss_med_tokens`` (final) and
             ``loss_med_tokens_i``, each the MSE on the queries the *final* matching gives them.
-        generator, matcher: as :func:`incseg.query_losses.set_criterion`.
+        generator: as :func:`incseg.query_losses.set_criterion`.
 
     Returns:
         ``loss_ce``, ``loss_mask``, ``loss_dice`` (and ``loss_med_tokens``) for the final
@@ -167,7 +166,7 @@ def balconpas_criterion(
     final: Indices | None = None
     losses: dict[str, torch.Tensor] = {}
     for position, (suffix, out) in enumerate(stages):
-        indices = matcher(
+        indices = hungarian_match(
             out["pred_logits"],
             out["pred_masks"],
             targets,

@@ -8,8 +8,8 @@ without a traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import contextlib
+import dataclasses
 import logging
 import sys
 import time

@@ -339,7 +339,6 @@ def set_criterion(
     weights: CriterionWeights = CriterionWeights(),
     num_masks: float | None = None,
     generator: torch.Generator | None = None,
-    matcher: Callable[..., Indices] = hungarian_match,
     mean_over_processes: Callable[[torch.Tensor], torch.Tensor] = one_process,
     class_loss: Callable[..., torch.Tensor] = labels_loss,
 ) -> dict[str, torch.Tensor]:
@@ -362,8 +361,6 @@ def set_criterion(
         num_masks: replaces this process's target count ``sum(n_i)`` if given; the
             normalizer is then ``max(mean_over_processes(count), 1)`` (criterion.py:225-231).
         generator: optional generator on the masks' device; None = global (as official).
-        matcher: called as ``matcher(pred_logits, pred_masks, targets, matcher_weights,
-            generator=generator)``.
         mean_over_processes: maps the ``(1,)`` float count tensor to its mean over processes;
             official is ``all_reduce`` (sum) then ``/ world_size``. Identity = one process.
         class_loss: ``loss_ce`` as ``class_loss(pred_logits, targets, indices, num_classes,
@@ -381,7 +378,7 @@ def set_criterion(
     stages += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
     losses = {}
     for suffix, out in stages:
-        indices = matcher(
+        indices = hungarian_match(
             out["pred_logits"], out["pred_masks"], targets, matcher_weights, generator=generator
         )
         stage = {

@@ -44,6 +44,10 @@ if TYPE_CHECKING:
     from incseg.models.mask2former.segmenter import QueryOutput
 
 
+# PSEUDO_THRESHOLD of CoMFormer's config (continual/config.py:35), 0.0 in every script
+PSEUDO_THRESHOLD = Range(0, 1, "class score an old query needs to give a pseudo-label")
+
+
 @dataclass
 class CoMFormerFT(QueryMethod):
     """Fine-tuning as CoMFormer's code trains it (its "FT" rows: no ``CONT.DIST`` flag): the
@@ -120,9 +124,7 @@ class CoMFormer(CoMFormerFT):
     # 0 = every query weighs the same
     kd_reweight_gamma: float = ranged(2.0, Range(0, 100, "exponent of the query reweighting"))
     pseudo: bool = True
-    pseudo_threshold: float = ranged(
-        0.0, Range(0, 1, "class score an old query needs to give a pseudo-label")
-    )
+    pseudo_threshold: float = ranged(0.0, PSEUDO_THRESHOLD)
 
     def losses(
         self,
@@ -213,9 +215,7 @@ class MaskPLOP(CoMFormerFT):
     min_crop_size: ClassVar[int] = 128
 
     pod_weight: float = ranged(0.001, Range(0, 1000, "weight of the local POD"))
-    pseudo_threshold: float = ranged(
-        0.0, Range(0, 1, "class score an old query needs to give a pseudo-label")
-    )
+    pseudo_threshold: float = ranged(0.0, PSEUDO_THRESHOLD)
 
     def losses(
         self,
