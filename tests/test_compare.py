@@ -35,7 +35,8 @@ def test_compare_writes_table_and_reuses_finished_runs(tiny_config_path, tmp_pat
     rows = list(csv.DictReader((out / "comparison.csv").open()))
     assert [r["method"] for r in rows] == ["ft", "mib", "joint"]
     assert {"old_1-19", "new_20-20", "all_1-20", "with_bg_0-20"} <= rows[0].keys()
-    assert "| mib |" in (out / "comparison.md").read_text()
+    assert "| mib | nothing |" in (out / "comparison.md").read_text()
+    assert {r["stores"] for r in rows} == {"nothing"}
     joint = json.loads((out / "joint" / "metrics.json").read_text())
     assert joint["setting"] == "offline" and len(joint["steps"]) == 1
     mtime = (out / "mib" / "step_1.pt").stat().st_mtime_ns
@@ -87,7 +88,7 @@ def test_failed_method_is_recorded_and_the_others_still_run(tiny_config_path, tm
         rows[0]["failed"].startswith("non-finite loss at step 1") and rows[1].get("failed") is None
     )
     text = (out / "comparison.md").read_text()
-    assert "| ewc | - | - | - | - | - |" in text and "- ewc: non-finite loss at step 1" in text
+    assert "| ewc | nothing | - | - | - | - | - |" in text and "- ewc: non-finite loss at step 1" in text
     csv_rows = list(csv.DictReader((out / "comparison.csv").open()))
     assert csv_rows[0]["all_1-20"] == "" and float(csv_rows[1]["with_bg_0-20"]) > 0
     assert (out / "comparison.png").is_file()
@@ -241,6 +242,9 @@ def test_a_memory_variant_is_its_method_with_the_official_memory_and_shares_step
     assert with_memory.model.architecture == "dkd"
     assert shared_steps_key(plain, 0) == shared_steps_key(with_memory, 0)
     assert shared_steps_key(plain, 1) != shared_steps_key(with_memory, 1)
+    from incseg.compare import stores
+
+    assert (stores(plain), stores(with_memory)) == ("nothing", "images (100)")
     assert method_config(base, "dkd-m", ["memory_size=7"]).method.params["memory_size"] == 7
 
 

@@ -190,6 +190,13 @@ def comparison_row(label: str, metrics: dict, old_names: set[str], background: s
     }
 
 
+def stores(config: Config) -> str:
+    """What a method keeps of earlier steps' data besides its model, for the tables:
+    ``"images (N)"`` with an exemplar memory (``method.memory_size``), else ``"nothing"``."""
+    size = config.method.params.get("memory_size", 0)
+    return f"images ({size})" if size else "nothing"
+
+
 def failed_row(label: str, reason: str) -> dict:
     """A row for a method whose run stopped with an error: no numbers, the reason kept."""
     nan = math.nan
@@ -226,17 +233,23 @@ def write_outputs(rows: list[dict], out: Path, title: str, ranges: dict[str, str
     note = (
         "mIoU (%) after the last step. Old / new / all as the MiB paper groups them (background "
         "excluded); w/ bg: every class with background (cssegmentation's and PLOP's mIoU); avg: "
-        "the paper's all averaged over steps."
+        "the paper's all averaged over steps; stores: what the method keeps of earlier steps' "
+        "images (replay) besides its model."
     )
     lines = [
         f"# {title}",
         "",
         note,
         "",
-        f"| method | {' | '.join(heads)} |",
-        "|---|---|---|---|---|---|",
+        f"| method | stores | {' | '.join(heads)} |",
+        "|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['method']} | " + " | ".join(_pct(r[k]) for k in COLUMNS) + " |" for r in rows]
+    lines += [
+        f"| {r['method']} | {r.get('stores', '')} | "
+        + " | ".join(_pct(r[k]) for k in COLUMNS)
+        + " |"
+        for r in rows
+    ]
     failures = [r for r in rows if r.get("failed")]
     if failures:
         lines += ["", "Failed runs (no numbers):", ""]
@@ -252,12 +265,12 @@ def write_outputs(rows: list[dict], out: Path, title: str, ranges: dict[str, str
                 f"all_{ranges['all']}",
                 f"with_bg_{ranges['with_bg']}",
                 "avg_over_steps",
+                "stores",
             ]
         )
         for r in rows:
-            writer.writerow(
-                [r["method"], *("" if math.isnan(r[k]) else f"{100 * r[k]:.2f}" for k in COLUMNS)]
-            )
+            numbers = ("" if math.isnan(r[k]) else f"{100 * r[k]:.2f}" for k in COLUMNS)
+            writer.writerow([r["method"], *numbers, r.get("stores", "")])
     _plot(rows, out / "comparison.png", title, ranges)
 
 
@@ -412,10 +425,10 @@ class _Members:
                 metrics = self._finished_metrics(label, config, member, table.steps(label), key)
         except IncsegError as err:
             log.info(f"[compare] {label}: FAILED: {err}")
-            return failed_row(label, str(err))
+            return failed_row(label, str(err)) | {"stores": stores(config)}
         if key is not None:
             self.first_steps.setdefault(key, member.path)
-        return table.row(label, metrics)
+        return table.row(label, metrics) | {"stores": stores(config)}
 
     def _finished_metrics(
         self, label: str, config: Config, member: RunDir, steps: int, key: str | None
