@@ -363,7 +363,7 @@ def _run(args: argparse.Namespace) -> int:
             )
         _notes(config)
         logger.info(
-            f"incseg run: {config.method.name} on {config.data.dataset} {config.protocol.setting} "
+            f"incseg run: {config.method.name} on {config.data.dataset} {config.setting.name} "
             f"({config.protocol.mode}) -> {out}"
         )
         if args.start_from is not None:
@@ -558,7 +558,7 @@ def _import_checkpoint(args: argparse.Namespace) -> int:
     from incseg.engine.checkpoint import save_checkpoint
     from incseg.engine.model_io import build_model
     from incseg.models.imports import checkpoint_step, convert_checkpoint, load_foreign_checkpoint
-    from incseg.protocol import get_setting, step_info
+    from incseg.protocol import step_info
 
     def refuse_existing_out() -> None:  # a link, even to nothing, is the user's: never replaced
         if args.out.is_symlink() and not args.out.exists():
@@ -571,7 +571,7 @@ def _import_checkpoint(args: argparse.Namespace) -> int:
 
     refuse_existing_out()
     config = load_config(args.config, args.overrides)
-    setting = get_setting(config.family, config.protocol.setting)
+    setting = config.setting
     if not 0 <= args.step < setting.num_steps:
         raise IncsegError(
             f"--step {args.step}: setting {setting.name} has steps 0..{setting.num_steps - 1}"

@@ -26,7 +26,7 @@ from incseg.engine.distributed import SINGLE, DistInfo
 from incseg.engine.rundir import METRICS_FILE, RunDir
 from incseg.errors import ConfigError, IncsegError
 from incseg.methods import check_method_name, method_class
-from incseg.protocol import StepInfo, get_setting, step_info
+from incseg.protocol import StepInfo, step_info
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ class _Table:
 
     @classmethod
     def of(cls, base: Config) -> _Table:
-        setting = get_setting(base.family, base.protocol.setting)
+        setting = base.setting
         last = setting.num_steps - 1 if base.protocol.last_step is None else base.protocol.last_step
         title = f"{base.data.dataset} {setting.name} ({base.protocol.mode})"
         return cls(title, last, step_info(setting, last))

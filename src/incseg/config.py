@@ -39,7 +39,8 @@ from incseg.methods import (
 from incseg.models.choices import Architecture, Backbone, Norm, OutputStride, Pretrained
 from incseg.protocol.choices import Convention, Mode, SplitSource, TestSelection
 from incseg.protocol.official import uses_official
-from incseg.protocol.settings import get_setting
+from incseg.protocol.orders import ordered_setting
+from incseg.protocol.settings import Setting, get_setting
 from incseg.ranges import SEED, Range, check_range, ranged, ranges_of
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,9 @@ class ProtocolConfig:
     split_source: SplitSource = "auto"
     test_selection: TestSelection = "seen"
     last_step: int | None = None
+    # which classes each step introduces: default, an official order's letter (ADE20K: b, c),
+    # random:K (a seeded permutation) or a list of every class but 0 (protocol/orders.py)
+    order: str | tuple[int, ...] = "default"
 
 
 @dataclass(frozen=True)
@@ -381,9 +385,10 @@ class Config:
             )
         proto = self.protocol
         try:
-            setting = get_setting(self.family, proto.setting)
+            get_setting(self.family, proto.setting)
         except ConfigError as err:
             raise ConfigError(f"protocol.setting: {err}") from None
+        setting = self.setting
         uses_official(self.data.dataset, setting.name, proto.mode, proto.split_source)
         if proto.last_step is not None and not 0 <= proto.last_step < setting.num_steps:
             raise ConfigError(
@@ -415,11 +420,18 @@ class Config:
         return DATASETS[self.data.dataset]
 
     @property
+    def setting(self) -> Setting:
+        """The run's setting in its class order (``protocol.order``,
+        :func:`incseg.protocol.orders.ordered_setting`)."""
+        base = get_setting(self.family, self.protocol.setting)
+        return ordered_setting(base, self.protocol.order)
+
+    @property
     def num_steps(self) -> int:
         """Steps this run trains: the setting's, or ``protocol.last_step + 1``."""
         if self.protocol.last_step is not None:
             return self.protocol.last_step + 1
-        return get_setting(self.family, self.protocol.setting).num_steps
+        return self.setting.num_steps
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict; ``method`` is flattened to ``{name, **params}`` as in YAML.

@@ -26,7 +26,7 @@ from incseg.engine.distributed import (
     shard_indices,
 )
 from incseg.errors import DataError
-from incseg.protocol import StepInfo, get_setting, make_lut, select_test, select_train
+from incseg.protocol import StepInfo, make_lut, select_test, select_train
 from incseg.protocol.official import official_split, select_listed, uses_official
 from incseg.protocol.selection import pack_presence
 
@@ -78,7 +78,7 @@ def train_indices(
     """Training images of a step: the official lists where ``protocol.split_source`` picks them
     (:mod:`incseg.protocol.official`), else the rule applied to the class-presence index."""
     proto = config.protocol
-    setting = get_setting(config.family, proto.setting).name
+    setting = config.setting.name
     if not uses_official(config.data.dataset, setting, proto.mode, proto.split_source):
         return select_train(presence, info, proto.mode)
     listed = official_split(config.data.dataset, setting, proto.mode)[info.step]

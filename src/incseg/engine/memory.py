@@ -36,7 +36,7 @@ from incseg.data.transforms import test_transform
 from incseg.engine.checkpoint import atomic_write
 from incseg.engine.runtime import Runtime
 from incseg.errors import DataError
-from incseg.protocol import StepInfo, get_setting, make_lut, step_info
+from incseg.protocol import StepInfo, make_lut, step_info
 from incseg.protocol.memory import Exemplar, select_balanced, select_by_frequency
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,7 @@ class StepMemory:
 
     @property
     def previous_step(self) -> StepInfo:
-        return step_info(
-            get_setting(self.config.family, self.config.protocol.setting), self.info.step - 1
-        )
+        return step_info(self.config.setting, self.info.step - 1)
 
     @torch.no_grad()
     def candidate_classes(
@@ -138,7 +136,7 @@ class StepMemory:
         ``t - 1``'s images too, those (``memory_selection_sem.py:24-57``); the target counts every
         class over the images of the step that introduced it. No pass over images, no draw."""
         presence = self.source.presence()
-        setting = get_setting(self.config.family, self.config.protocol.setting)
+        setting = self.config.setting
         counts = np.zeros(256)
         for step, indices in enumerate([*self.earlier, self.indices]):
             new = list(step_info(setting, step).new_classes)

@@ -15,7 +15,7 @@ from incseg.errors import CheckpointError, ConfigError
 from incseg.models import IncrementalSegmenter, build_segmenter
 from incseg.models.official import ensure_iabn_weights, load_iabn_imagenet
 from incseg.models.rcil import to_rcil
-from incseg.protocol import StepInfo, get_setting, step_info
+from incseg.protocol import StepInfo, step_info
 
 
 def fetch_backbone_weights(config: Config, dist: DistInfo) -> None:
@@ -75,7 +75,7 @@ def restore_step(checkpoint: dict) -> tuple[Config, StepInfo, IncrementalSegment
         config = config_from_dict({**raw, "method": {"name": _stand_in(raw.get("model"))}})
     except ConfigError as err:
         raise CheckpointError(f"checkpoint config does not load: {err}") from None
-    setting = get_setting(config.family, config.protocol.setting)
+    setting = config.setting
     if not (isinstance(checkpoint["step"], int) and 0 <= checkpoint["step"] < setting.num_steps):
         raise CheckpointError(
             f"checkpoint step {checkpoint['step']!r} is not a step of {setting.name}"

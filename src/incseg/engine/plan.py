@@ -11,7 +11,7 @@ from incseg.config import Config
 from incseg.engine.loaders import Sources, TooFewImages
 from incseg.errors import DataError, IncsegError
 from incseg.methods.base import Method
-from incseg.protocol import StepInfo, get_setting, step_info
+from incseg.protocol import StepInfo, step_info
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class StepPlan:
 def plan_steps(config: Config, data: Sources, first: int = 0) -> list[StepPlan]:
     """The plan of steps ``first..`` of ``config``'s run on ``data``: the same selection and the
     same loaders the run builds (cheap: the class index is cached), no model, nothing written."""
-    setting = get_setting(config.family, config.protocol.setting)
+    setting = config.setting
     return [
         _plan_step(config, data, step_info(setting, index))
         for index in range(first, config.num_steps)
@@ -88,7 +88,7 @@ def check_can_train(config: Config, data: Sources, method: Method, plans: list[S
     """
     check_plan(plans)
     size = method.memory_size
-    setting = get_setting(config.family, config.protocol.setting)
+    setting = config.setting
     if size and config.num_steps > 1:
         first = len(data.train_indices(step_info(setting, 0)))
         if size > first:
@@ -109,7 +109,7 @@ def format_plan(
     checks (``refusal``: why :func:`check_can_train` stops the run, None when it does not)."""
     c = config
     title = (
-        f"Plan of {c.name}: {c.method.name} on {c.data.dataset} {c.protocol.setting} ({c.protocol.mode}), "
+        f"Plan of {c.name}: {c.method.name} on {c.data.dataset} {c.setting.name} ({c.protocol.mode}), "
         f"{c.model.backbone}, crop {c.data.crop_size}, global batch {c.train.batch_size}"
     )
     lines = [

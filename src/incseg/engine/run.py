@@ -38,7 +38,7 @@ from incseg.engine.tensorboard import Scalars, check_tensorboard, open_scalars
 from incseg.engine.train import Optimisation, Step, StepData, scan_old_model, train_one_epoch
 from incseg.methods.base import Method
 from incseg.metrics import GROUPING, StepReport, iou_per_class
-from incseg.protocol import Setting, StepInfo, get_setting, step_info
+from incseg.protocol import Setting, StepInfo, step_info
 from incseg.protocol.memory import Exemplar, memory_summary
 from incseg.report import format_step_table, format_summary, summary_markdown
 
@@ -98,7 +98,7 @@ class Run:
     scalars: Scalars = field(default_factory=lambda: Scalars(None))
 
     def __post_init__(self) -> None:
-        self.setting = get_setting(self.config.family, self.config.protocol.setting)
+        self.setting = self.config.setting
         self.metrics = {
             "setting": self.setting.name,
             "mode": self.config.protocol.mode,
@@ -344,7 +344,7 @@ class Run:
         self.scalars.add("miou", groups, info.step)
         c = self.config
         title = (
-            f"Step {info.step} of {c.data.dataset} {c.protocol.setting} ({c.protocol.mode}, "
+            f"Step {info.step} of {c.data.dataset} {c.setting.name} ({c.protocol.mode}, "
             f"{c.method.name}): {num_train} train / {len(test.dataset)} test images"
         )
         if step.memory:
