@@ -88,7 +88,10 @@ def test_failed_method_is_recorded_and_the_others_still_run(tiny_config_path, tm
         rows[0]["failed"].startswith("non-finite loss at step 1") and rows[1].get("failed") is None
     )
     text = (out / "comparison.md").read_text()
-    assert "| ewc | nothing | - | - | - | - | - |" in text and "- ewc: non-finite loss at step 1" in text
+    assert (
+        "| ewc | nothing | - | - | - | - | - |" in text
+        and "- ewc: non-finite loss at step 1" in text
+    )
     csv_rows = list(csv.DictReader((out / "comparison.csv").open()))
     assert csv_rows[0]["all_1-20"] == "" and float(csv_rows[1]["with_bg_0-20"]) > 0
     assert (out / "comparison.png").is_file()
