@@ -187,9 +187,9 @@ class MaskMiB(CoMFormerFT):
         info: StepInfo,
     ) -> dict[str, torch.Tensor]:
         """:class:`CoMFormerFT`'s terms with, at steps > 0, the unbiased class loss and ``kd``."""
-        found = targets_of(targets, output.first_channel)
         if old_output is None:
-            return self.terms(output, found, None, self.comformer_weights())
+            return super().losses(output, None, targets, info)
+        found = targets_of(targets, output.first_channel)
         weights = self.comformer_weights(
             self.kd_weight, kd_alpha=self.kd_alpha, kd_reweight_gamma=None, uce=True
         )
@@ -225,9 +225,9 @@ class MaskPLOP(CoMFormerFT):
         info: StepInfo,
     ) -> dict[str, torch.Tensor]:
         """:class:`CoMFormerFT`'s terms on the targets with pseudo-labels, and ``pod``."""
-        found = targets_of(targets, output.first_channel)
         if old_output is None:
-            return self.terms(output, found, None, self.comformer_weights())
+            return super().losses(output, None, targets, info)
+        found = targets_of(targets, output.first_channel)
         found = with_pseudo_labels(old_output, found, targets.shape[-2:], self.pseudo_threshold)
         terms = self.terms(output, found, None, self.comformer_weights())
         # base.py:11-20: each count gains the background only with a background class

@@ -169,56 +169,50 @@ class PromptedDecoder(MultiScaleMaskedTransformerDecoder):
         return logits, pred_masks, attn_mask
 
     def _forward_new(self, src, pos, sizes, mask_features) -> dict:
-        """The current step's prompts alone (``D:551-630``)."""
-        batch = src[0].shape[1]
-        output = self.prompt_feat[-1].weight.unsqueeze(1).repeat(1, batch, 1)
-        mlps, groups = [self.prompt_mask_embed[-1]], [self.num_prompts]
-        first = self._heads(output, mlps, groups, mask_features, sizes[0])
-        logits, pred_masks, attn_mask = first
-        for i in range(self.num_layers):
-            query_pos = self.prompt_embed[-1][i].weight.unsqueeze(1).repeat(1, batch, 1)
-            level = i % self.num_feature_levels
-            output = self.transformer_cross_attention_layers[i](
-                output,
-                src[level],
-                memory_mask=allow_empty_rows(attn_mask),
-                memory_key_padding_mask=None,
-                pos=pos[level],
-                query_pos=query_pos,
-            )
-            output = self.transformer_self_attention_layers[i](
-                output, tgt_mask=None, tgt_key_padding_mask=None, query_pos=query_pos
-            )
-            output = self.transformer_ffn_layers[i](output)
-            size = sizes[(i + 1) % self.num_feature_levels]
-            logits, pred_masks, attn_mask = self._heads(output, mlps, groups, mask_features, size)
+        """The current step's prompts alone (``D:551-630``): two predictions, before the first
+        layer (the one "aux" output) and after the last."""
+        feats = [self.prompt_feat[-1].weight]
+        embeds = [[e.weight for e in self.prompt_embed[-1]]]
+        first, last = self._run(
+            feats, embeds, [self.prompt_mask_embed[-1]], src, pos, sizes, mask_features
+        )
         aux = [{"pred_logits": first[0], "pred_masks": first[1]}]
-        return {"pred_logits": logits, "pred_masks": pred_masks, "aux_outputs": aux}
+        return {"pred_logits": last[0], "pred_masks": last[1], "aux_outputs": aux}
 
     def _forward_groups(self, src, pos, sizes, mask_features) -> dict:
         """The base queries and every group of prompts (``D:633-745``)."""
-        batch = src[0].shape[1]
-        groups = [self.num_queries] + [self.num_prompts] * len(self.prompt_feat)
-        mlps = [self.mask_embed, *self.prompt_mask_embed]
         feats = [self.query_feat.weight, *(p.weight for p in self.prompt_feat)]
+        base = [self.query_embed.weight] * self.num_layers  # one position embedding for all layers
+        embeds = [base, *([e.weight for e in p] for p in self.prompt_embed)]
+        mlps = [self.mask_embed, *self.prompt_mask_embed]
+        _, last = self._run(feats, embeds, mlps, src, pos, sizes, mask_features)
+        return {"pred_logits": last[0], "pred_masks": last[1], "aux_outputs": []}
+
+    def _run(self, feats, embeds, mlps, src, pos, sizes, mask_features):
+        """The decoder over query groups (per group its content ``(P_g, C)``, its position
+        embedding per layer and its mask MLP): cross-attention over all queries at once (it is
+        per query), self-attention inside each group (one call per group, ``D:706-714``).
+        Returns the first and the last prediction, each ``(logits, masks, attention mask)``."""
+        batch = src[0].shape[1]
+        groups = [f.shape[0] for f in feats]
         output = torch.cat(feats).unsqueeze(1).repeat(1, batch, 1)
-        logits, pred_masks, attn_mask = self._heads(output, mlps, groups, mask_features, sizes[0])
-        bounds = torch.tensor([0, *groups]).cumsum(0).tolist()
+        first = self._heads(output, mlps, groups, mask_features, sizes[0])
+        last, bounds = first, list(itertools.accumulate(groups, initial=0))
         for i in range(self.num_layers):
-            embeds = [self.query_embed.weight, *(p[i].weight for p in self.prompt_embed)]
-            query_pos = torch.cat(embeds).unsqueeze(1).repeat(1, batch, 1)
+            query_pos = torch.cat([e[i] for e in embeds]).unsqueeze(1).repeat(1, batch, 1)
             level = i % self.num_feature_levels
             output = self.transformer_cross_attention_layers[i](
                 output,
                 src[level],
-                memory_mask=allow_empty_rows(attn_mask),
+                memory_mask=allow_empty_rows(last[2]),
                 memory_key_padding_mask=None,
                 pos=pos[level],
                 query_pos=query_pos,
             )
+            attend = self.transformer_self_attention_layers[i]
             output = torch.cat(
                 [
-                    self.transformer_self_attention_layers[i](
+                    attend(
                         output[a:b],
                         tgt_mask=None,
                         tgt_key_padding_mask=None,
@@ -229,5 +223,5 @@ class PromptedDecoder(MultiScaleMaskedTransformerDecoder):
             )
             output = self.transformer_ffn_layers[i](output)
             size = sizes[(i + 1) % self.num_feature_levels]
-            logits, pred_masks, attn_mask = self._heads(output, mlps, groups, mask_features, size)
-        return {"pred_logits": logits, "pred_masks": pred_masks, "aux_outputs": []}
+            last = self._heads(output, mlps, groups, mask_features, size)
+        return first, last
