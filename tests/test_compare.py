@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from incseg.cli import main
-from incseg.compare import comparison_row
+from incseg.compare_table import comparison_row
 
 
 def test_compare_writes_table_and_reuses_finished_runs(tiny_config_path, tmp_path, capsys):

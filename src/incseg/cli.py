@@ -172,6 +172,27 @@ def _add_compare(
         "its run only, e.g. --method-set dkd.train.lr=0.005 (repeatable); keys every row shares "
         "(protocol.*, data.*, model.* but model.architecture, train.seed) are refused: use --set",
     )
+    cmp.add_argument(
+        "--seeds",
+        default=None,
+        metavar="S,S,...",
+        help="run every method once per seed (train.seed), e.g. 0,1,2; the tables give mean ± "
+        "standard deviation and the number of runs (default: the config's seed, one run)",
+    )
+    cmp.add_argument(
+        "--orders",
+        default=None,
+        metavar="ORDER,...",
+        help="run every method once per class order (protocol.order: default, an official "
+        "letter such as ADE20K's b, c, or random:K), e.g. default,random:1,random:2; with "
+        "--seeds, every seed in every order (default: the config's order)",
+    )
+    cmp.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print how many runs and image passes the comparison makes (finished runs are not "
+        "re-run; shared step 0s are trained once) and exit; nothing is trained or written",
+    )
 
 
 def _add_import_checkpoint(
@@ -448,17 +469,30 @@ def _compare(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"compare-{base.name}"
     if out.exists() and not out.is_dir():
         raise IncsegError(f"--out {out}: exists and is not a directory")
-    from incseg.compare import ComparisonOptions, parse_method_sets, run_comparison
+    from incseg.compare import (
+        ComparisonOptions,
+        parse_method_sets,
+        parse_orders,
+        parse_seeds,
+        plan_comparison,
+        run_comparison,
+    )
     from incseg.engine.run import run_protocol
     from incseg.engine.rundir import RunDir
 
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     options = ComparisonOptions(
         methods=tuple(methods),
         joint=args.joint,
         joint_epochs=args.joint_epochs,
         method_sets=parse_method_sets(args.method_sets, methods),
         share_first_step=not args.retrain_first_step,
+        seeds=seeds,  # each checked against train.seed's range with its cell's config
+        orders=parse_orders(args.orders) if args.orders is not None else None,
     )
+    if args.dry_run:
+        print(plan_comparison(base, options, out, progress=not args.no_progress))
+        return 0
     dist = _join(base)
 
     def run(config, run_dir):

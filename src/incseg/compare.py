@@ -11,26 +11,33 @@ method's directory while it is read or run, as ``incseg run`` locks its run dire
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from incseg.compare_table import (
+    JOINT,
+    aggregate,
+    comparison_row,
+    failed_row,
+    write_outputs,
+    write_runs,
+)
 from incseg.config import Config, MethodConfig, apply_override, config_from_dict
 from incseg.engine.adopt import adopt_steps, shared_steps_key
 from incseg.engine.distributed import SINGLE, DistInfo
+from incseg.engine.loaders import Sources
+from incseg.engine.plan import image_passes, plan_steps
 from incseg.engine.rundir import METRICS_FILE, RunDir
 from incseg.errors import ConfigError, IncsegError
 from incseg.methods import check_method_name, method_class
 from incseg.protocol import StepInfo, step_info
+from incseg.published import published_for
 
 log = logging.getLogger(__name__)
-
-JOINT = "joint"
 
 
 RUN_SECTIONS = ("data", "protocol", "model", "train")  # --method-set NAME.train.lr=...
@@ -151,43 +158,11 @@ def joint_config(base: Config, epochs: int | None) -> Config:
     train = dataclasses.replace(
         base.train, epochs=epochs if epochs is not None else base.train.epochs
     )
-    proto = dataclasses.replace(base.protocol, setting="offline", last_step=None)
+    # Joint learns every class at once: the class order changes only how its table splits them
+    proto = dataclasses.replace(base.protocol, setting="offline", last_step=None, order="default")
     return dataclasses.replace(
         base, name=f"{base.name}-joint", protocol=proto, train=train, method=MethodConfig(name="ft")
     )
-
-
-def _mean(values: Sequence[float | None]) -> float:
-    kept = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(kept) / len(kept) if kept else math.nan
-
-
-def comparison_row(label: str, metrics: dict, old_names: set[str], background: str) -> dict:
-    """mIoU after the last step, grouped by class *name* (so Joint's single step is split like the
-    incremental runs): old / new / all as the MiB paper (``background`` excluded), ``with_bg``
-    over every class; ``avg`` = the paper's "all" averaged over steps."""
-
-    def groups(per_class: dict) -> tuple[float, float, float]:
-        old = _mean([v for n, v in per_class.items() if n in old_names and n != background])
-        return (
-            old,
-            _mean([v for n, v in per_class.items() if n != background]),
-            _mean(list(per_class.values())),
-        )
-
-    per_class = metrics["steps"][-1]["per_class"]
-    old, all_, with_bg = groups(per_class)
-    per_step = [groups(s["per_class"]) for s in metrics["steps"]]
-    return {
-        "method": label,
-        "old": old,
-        "new": _mean([v for n, v in per_class.items() if n not in old_names]),
-        "all": all_,
-        "with_bg": with_bg,
-        "avg": _mean([a for _, a, _ in per_step]),
-        "old_per_step": [o for o, _, _ in per_step],
-        "all_per_step": [a for _, a, _ in per_step],
-    }
 
 
 def stores(config: Config) -> str:
@@ -195,124 +170,6 @@ def stores(config: Config) -> str:
     ``"images (N)"`` with an exemplar memory (``method.memory_size``), else ``"nothing"``."""
     size = config.method.params.get("memory_size", 0)
     return f"images ({size})" if size else "nothing"
-
-
-def failed_row(label: str, reason: str) -> dict:
-    """A row for a method whose run stopped with an error: no numbers, the reason kept."""
-    nan = math.nan
-    return {
-        "method": label,
-        "old": nan,
-        "new": nan,
-        "all": nan,
-        "with_bg": nan,
-        "avg": nan,
-        "old_per_step": [],
-        "all_per_step": [],
-        "failed": reason,
-    }
-
-
-def _pct(value: float) -> str:
-    return "-" if math.isnan(value) else f"{100 * value:.1f}"
-
-
-COLUMNS = ("old", "new", "all", "with_bg", "avg")
-
-
-def write_outputs(rows: list[dict], out: Path, title: str, ranges: dict[str, str]) -> None:
-    """comparison.md / .csv / .png from :func:`comparison_row` rows; ``ranges`` names the
-    classes of ``old``, ``new``, ``all`` and ``with_bg`` (e.g. ``"1-15"``)."""
-    heads = [
-        f"old ({ranges['old']})",
-        f"new ({ranges['new']})",
-        f"all ({ranges['all']})",
-        f"w/ bg ({ranges['with_bg']})",
-        "avg",
-    ]
-    note = (
-        "mIoU (%) after the last step. Old / new / all as the MiB paper groups them (background "
-        "excluded); w/ bg: every class with background (cssegmentation's and PLOP's mIoU); avg: "
-        "the paper's all averaged over steps; stores: what the method keeps of earlier steps' "
-        "images (replay) besides its model."
-    )
-    lines = [
-        f"# {title}",
-        "",
-        note,
-        "",
-        f"| method | stores | {' | '.join(heads)} |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['method']} | {r.get('stores', '')} | "
-        + " | ".join(_pct(r[k]) for k in COLUMNS)
-        + " |"
-        for r in rows
-    ]
-    failures = [r for r in rows if r.get("failed")]
-    if failures:
-        lines += ["", "Failed runs (no numbers):", ""]
-        lines += [f"- {r['method']}: {r['failed']}" for r in failures]
-    (out / "comparison.md").write_text("\n".join(lines) + "\n")
-    with (out / "comparison.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(
-            [
-                "method",
-                f"old_{ranges['old']}",
-                f"new_{ranges['new']}",
-                f"all_{ranges['all']}",
-                f"with_bg_{ranges['with_bg']}",
-                "avg_over_steps",
-                "stores",
-            ]
-        )
-        for r in rows:
-            numbers = ("" if math.isnan(r[k]) else f"{100 * r[k]:.2f}" for k in COLUMNS)
-            writer.writerow([r["method"], *numbers, r.get("stores", "")])
-    _plot(rows, out / "comparison.png", title, ranges)
-
-
-def _plot(rows: list[dict], path: Path, title: str, ranges: dict[str, str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    # Twenty distinct colours, then the markers change, so that many methods stay apart.
-    colours = plt.get_cmap("tab20").colors
-    markers = "osD^v"
-    for index, r in enumerate(rows):
-        if r["method"] == JOINT:  # one step: its final numbers are the upper bound at every step
-            for ax, key in zip(axes, ("all", "old"), strict=True):
-                ax.axhline(100 * r[key], linestyle="--", color="black", alpha=0.6, label="joint")
-            continue
-        steps = range(len(r["all_per_step"]))
-        style = {
-            "label": r["method"],
-            "color": colours[index % len(colours)],
-            "marker": markers[index // len(colours) % len(markers)],
-        }
-        axes[0].plot(steps, [100 * v for v in r["all_per_step"]], **style)
-        axes[1].plot(steps, [100 * v for v in r["old_per_step"]], **style)
-    num_steps = max((len(r["all_per_step"]) for r in rows if r["method"] != JOINT), default=1)
-    names = (
-        f"all seen classes, background excluded ({ranges['all']})",
-        f"old classes ({ranges['old']})",
-    )
-    for ax, name in zip(axes, names, strict=True):
-        ax.set_xticks(range(num_steps))
-        ax.set_xlabel("step")
-        ax.set_ylabel("mIoU (%)")
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,6 +186,8 @@ class ComparisonOptions:
             in the method train step 0
             once: later ones start from the first one's finished step 0 (copied unchanged).
             False: ``--retrain-first-step``.
+        seeds: ``train.seed`` of each cell (``--seeds``); None: the config's, one cell.
+        orders: ``protocol.order`` of each cell (``--orders``); None: the config's.
     """
 
     methods: tuple[str, ...]
@@ -336,6 +195,8 @@ class ComparisonOptions:
     joint_epochs: int | None = None
     method_sets: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
     share_first_step: bool = True
+    seeds: tuple[int, ...] | None = None
+    orders: tuple[str, ...] | None = None
 
     def jobs(self, base: Config) -> list[tuple[str, Config]]:
         """(row label, its run's config) per row; every config validated before anything runs."""
@@ -343,6 +204,95 @@ class ComparisonOptions:
         if self.joint:
             jobs.append((JOINT, joint_config(base, self.joint_epochs)))
         return jobs
+
+    def cells(self, base: Config, out: Path) -> list[Cell]:
+        """Every (seed, order) combination, seeds outermost; one cell in ``out`` itself without
+        ``seeds`` and ``orders``, else one directory per cell (:meth:`Cell.name`)."""
+        if self.seeds is None and self.orders is None:
+            return [Cell(None, None, out, base, self.jobs(base))]
+        cells = []
+        for seed in self.seeds or (base.train.seed,):
+            for order in self.orders or (base.protocol.order,):
+                config = cell_config(base, seed, order)
+                cell = Cell(seed, order, out, config, self.jobs(config))
+                cells.append(dataclasses.replace(cell, path=out / cell.name()))
+        return cells
+
+    def spread(self, base: Config) -> str | None:
+        """What the runs of a table cell are, for the tables (None: one run)."""
+        if self.seeds is None and self.orders is None:
+            return None
+        seeds = self.seeds or (base.train.seed,)
+        orders = self.orders or (base.protocol.order,)
+        return (
+            f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}) x {len(orders)} class "
+            f"order(s) ({', '.join(map(str, orders))})"
+        )
+
+
+def cell_config(base: Config, seed: int, order: str | tuple[int, ...]) -> Config:
+    """``base`` with ``train.seed`` and ``protocol.order``; an order that is not one of the
+    setting's is refused here, before anything runs (``protocol.order``'s error)."""
+    raw = base.to_dict()
+    raw["train"]["seed"] = seed
+    raw["protocol"]["order"] = order if isinstance(order, str) else list(order)
+    try:
+        config = config_from_dict(raw)
+        config.setting  # noqa: B018 - the order is checked against the setting here
+    except ConfigError as err:
+        raise ConfigError(f"--seeds / --orders ({seed}, {order}): {err}") from None
+    return config
+
+
+def parse_orders(text: str) -> tuple[str, ...]:
+    """``"default,random:1,b"`` -> the orders; an explicit list is given with
+    ``--set protocol.order=[...]``, not here (its commas would split it)."""
+    orders = tuple(o.strip() for o in text.split(",") if o.strip())
+    if not orders:
+        raise ConfigError("--orders: give at least one order, e.g. default,random:1,random:2")
+    for order in orders:
+        if "[" in order or order.isdigit():
+            raise ConfigError(
+                f"--orders {text!r}: takes order names (default, b, c, random:K); give an explicit "
+                "list of classes with --set protocol.order=[...] instead"
+            )
+    if len(set(orders)) < len(orders):
+        raise ConfigError(f"--orders {text!r}: an order is listed twice")
+    return orders
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> the seeds (each in ``train.seed``'s range, none twice)."""
+    seeds = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item.isdigit():
+            raise ConfigError(f"--seeds {text!r}: {item!r} is not a non-negative integer")
+        seeds.append(int(item))
+    if len(set(seeds)) < len(seeds):
+        raise ConfigError(f"--seeds {text!r}: a seed is listed twice")
+    return tuple(seeds)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One (seed, order) combination of a comparison: its directory (each method runs into
+    ``path/<method>``), its base config and its rows' jobs."""
+
+    seed: int | None
+    order: str | tuple[int, ...] | None
+    path: Path
+    base: Config
+    jobs: list[tuple[str, Config]]
+
+    def name(self) -> str:
+        """``seed0-default``, ``seed1-random-3``: the cell's directory name."""
+        order = self.order if isinstance(self.order, str) else "list"
+        return f"seed{self.seed}-{order.replace(':', '-')}"
+
+    def tags(self) -> dict[str, Any]:
+        if self.seed is None:
+            return {}
+        return {"seed": self.seed, "order": self.order, "cell": f"seed {self.seed}, {self.order}"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,13 +302,14 @@ class _Table:
     title: str
     last: int  # the last step of the incremental rows
     info: StepInfo  # of that step: its classes, and which of them are old
+    complete: bool  # the last step is the setting's: published numbers compare
 
     @classmethod
     def of(cls, base: Config) -> _Table:
         setting = base.setting
         last = setting.num_steps - 1 if base.protocol.last_step is None else base.protocol.last_step
         title = f"{base.data.dataset} {setting.name} ({base.protocol.mode})"
-        return cls(title, last, step_info(setting, last))
+        return cls(title, last, step_info(setting, last), last == setting.num_steps - 1)
 
     def steps(self, label: str) -> int:
         return 1 if label == JOINT else self.last + 1
@@ -404,7 +355,6 @@ def _lock_alone(path: Path) -> AbstractContextManager[None]:
 class _Members:
     """Brings the comparison's runs up to date, one at a time, each under its directory's lock."""
 
-    out: Path
     run: Callable[[Config, Path], None]
     lock: Callable[[Path], AbstractContextManager[None]]
     dist: DistInfo
@@ -412,23 +362,24 @@ class _Members:
     # shared_steps_key -> the directory of a finished run with that step 0
     first_steps: dict[str, Path] = dataclasses.field(default_factory=dict)
 
-    def row(self, label: str, config: Config, table: _Table) -> dict:
-        """``label``'s row; a failed row with the message of a user-facing error that stopped it
-        (another process writing its directory, a non-finite loss...)."""
-        member = RunDir(self.out / label)
+    def row(self, member: RunDir, label: str, config: Config, table: _Table) -> dict:
+        """``label``'s row, run into ``member``; a failed row with the message of a user-facing
+        error that stopped it (another process writing its directory, a non-finite loss...)."""
         # Equal keys train the same step 0: plain-first-step methods, and a method with and
-        # without its memory (shared_steps_key).
+        # without its memory (shared_steps_key); the key holds the seed and the order.
         shared = self.share_first_step and label != JOINT
         key = shared_steps_key(config, 0) if shared else None
+        extra = {"stores": stores(config), "published": published_for(config)}
+        extra["complete"] = table.complete or label == JOINT
         try:
             with self.lock(member.path):  # one writer per run directory, as `incseg run`
                 metrics = self._finished_metrics(label, config, member, table.steps(label), key)
         except IncsegError as err:
             log.info(f"[compare] {label}: FAILED: {err}")
-            return failed_row(label, str(err)) | {"stores": stores(config)}
+            return failed_row(label, str(err)) | extra
         if key is not None:
             self.first_steps.setdefault(key, member.path)
-        return table.row(label, metrics) | {"stores": stores(config)}
+        return table.row(label, metrics) | extra
 
     def _finished_metrics(
         self, label: str, config: Config, member: RunDir, steps: int, key: str | None
@@ -446,9 +397,7 @@ class _Members:
             why = "plain cross-entropy" if cls.plain_first_step else "the same step 0"
             if config.method.params.get("memory_size"):
                 why += "; the memory starts at step 1"
-            log.info(
-                f"[compare] {label}: step 0 is the one of {source.name} ({why}), not retrained"
-            )
+            log.info(f"[compare] {label}: step 0 is the one of {source.name} ({why}), not retrained")
             adopt_steps(member.path, config, source, 0, self.dist)
         self.run(config, member.path)
         metrics = table_metrics(member, steps)
@@ -469,7 +418,8 @@ def run_comparison(
     dist: DistInfo = SINGLE,
     lock: Callable[[Path], AbstractContextManager[None]] = _lock_alone,
 ) -> list[dict]:
-    """Run (or reuse) every method of ``options``, then write the comparison files into ``out``.
+    """Run (or reuse) every method of ``options`` in every cell (seed and class order), then
+    write the comparison files into ``out``; returns the table's rows (:func:`aggregate`).
 
     Under ``torchrun`` every rank runs this (each method's training is distributed); only
     rank 0 logs and writes the comparison files.
@@ -478,7 +428,11 @@ def run_comparison(
     once; each method's directory is locked while it is read or run, so that no ``incseg run``
     writes it meanwhile. A method whose run fails with a user-facing error (e.g. a non-finite
     loss, or its directory locked by another process) is recorded as failed, with the message,
-    in ``comparison.md``; the other methods still run. Running the comparison again retries it.
+    in ``comparison.md``; the other methods still run. Running the comparison again retries it
+    and continues an interrupted one: finished runs are read, not re-run.
+
+    With several cells each cell's directory gets its own ``comparison.*`` of its runs, and
+    ``out`` the table over cells (mean ± standard deviation, runs counted) and ``runs.csv``.
 
     Args:
         run: ``run(config, run_dir)`` trains one configuration, continuing the finished steps
@@ -492,14 +446,98 @@ def run_comparison(
         IncsegError: a method's config is invalid, a method's directory holds a run of another
             config, or ``out`` is locked by another process; nothing has run then.
     """
+    cells = options.cells(base, out)
+    members = _Members(run, lock, dist, options.share_first_step)
     table = _Table.of(base)
-    jobs = options.jobs(base)
-    members = _Members(out, run, lock, dist, options.share_first_step)
     with lock(out):  # one comparison per directory, for its whole length
-        for label, config in jobs:
-            RunDir(out / label).check_config(config, "reuse or continue")
-        rows = [members.row(label, config, table) for label, config in jobs]
+        for cell in cells:
+            for label, config in cell.jobs:
+                RunDir(cell.path / label).check_config(config, "reuse or continue")
+        runs = [_cell_rows(cell, members) for cell in cells]
+        rows = aggregate(runs)
         if dist.is_main:  # under torchrun every rank trains; rank 0 writes
-            write_outputs(rows, out, table.title, table.ranges())
+            spread = options.spread(base)
+            if spread is not None:
+                for cell, cell_rows in zip(cells, runs, strict=True):
+                    title = f"{table.title}, {cell.tags()['cell']}"
+                    write_outputs(aggregate([cell_rows]), cell.path, title, table.ranges())
+                write_runs(runs, out / "runs.csv")
+            write_outputs(rows, out, table.title, table.ranges(), spread)
             log.info((out / "comparison.md").read_text())
     return rows
+
+
+def _cell_rows(cell: Cell, members: _Members) -> list[dict]:
+    table = _Table.of(cell.base)
+    rows = []
+    for label, config in cell.jobs:
+        row = members.row(RunDir(cell.path / label), label, config, table)
+        rows.append(row | cell.tags())
+    return rows
+
+
+@dataclasses.dataclass
+class _Planner:
+    """The plan of one comparison's runs: what each would do and the image passes it makes."""
+
+    share_first_step: bool
+    progress: bool
+    sources: Sources | None = None  # loaded once for every run that reads the same data
+    first_steps: set[str] = dataclasses.field(default_factory=set)
+    totals: list[int] = dataclasses.field(default_factory=lambda: [0, 0, 0, 0])
+
+    def line(self, cell: Cell, label: str, config: Config, table: _Table) -> str:
+        """The plan's line of ``label`` in ``cell``: its status, then its image passes."""
+        member, steps = RunDir(cell.path / label), table.steps(label)
+        key = shared_steps_key(config, 0) if self.share_first_step and label != JOINT else None
+        status, passes = "finished: read, not re-run", (0, 0, 0)
+        if table_metrics(member, steps) is None:
+            done = member.step_files()
+            first = next(k for k in range(steps + 1) if k not in done)
+            status = f"continues at step {first}" if first else "runs every step"
+            if first == 0 and key in self.first_steps and steps > 1:
+                first, status = 1, "step 0 from an earlier row, runs steps 1.."
+            plans = plan_steps(config, self._data(config), first)
+            passes = image_passes(plans, config.method.build())
+            problems = [p.step for p in plans if p.problem is not None]
+            if problems:
+                status += f"; steps {problems} cannot train"
+            self.totals[0] += 1
+        if key is not None:
+            self.first_steps.add(key)
+        for index, value in enumerate(passes, start=1):
+            self.totals[index] += value
+        where = cell.tags().get("cell", "")
+        return f"  {where:<24} {label:<14} {status:<44} " + " ".join(f"{v:>12,}" for v in passes)
+
+    def _data(self, config: Config) -> Sources:
+        if self.sources is None or self.sources.config.data != config.data:
+            self.sources = Sources.load(config, progress=self.progress)
+        return self.sources.for_config(config)
+
+
+def plan_comparison(
+    base: Config, options: ComparisonOptions, out: Path, *, progress: bool = False
+) -> str:
+    """What ``incseg compare --dry-run`` prints: for every cell (seed, order) and row, whether
+    its run is finished (read, not re-run), continues an interrupted one, or starts from an
+    earlier row's step 0, and the image passes it makes (:func:`incseg.engine.plan.image_passes`);
+    then how many runs and image passes the comparison makes in all. Nothing is trained or
+    written."""
+    cells = options.cells(base, out)
+    planner = _Planner(options.share_first_step, progress)
+    rows = len(cells[0].jobs)
+    heads = ("student f+b", "old model", "evaluation")
+    lines = [
+        f"Plan of the comparison into {out}: {len(cells)} cell(s) x {rows} row(s)",
+        f"  {'cell':<24} {'method':<14} {'status':<44} " + " ".join(f"{h:>12}" for h in heads),
+    ]
+    for cell in cells:
+        table = _Table.of(cell.base)
+        lines += [planner.line(cell, label, config, table) for label, config in cell.jobs]
+    runs, student, old, evaluated = planner.totals
+    lines.append(
+        f"{runs} of {len(cells) * rows} runs to make; image passes: {student:,} student "
+        f"forward+backward, {old:,} old-model forward, {evaluated:,} evaluation forward"
+    )
+    return "\n".join(lines)

@@ -83,8 +83,11 @@ def format_summary(reports: Sequence[StepReport]) -> str:
     return "\n".join(lines)
 
 
-def summary_markdown(reports: Sequence[StepReport], heading: str, config_yaml: str) -> str:
-    """``summary.md`` of a run: summary table, last step's per-class IoU, resolved config."""
+def summary_markdown(
+    reports: Sequence[StepReport], heading: str, config_yaml: str, published: Sequence[str] = ()
+) -> str:
+    """``summary.md`` of a run: summary table, the ``published`` section's Markdown lines
+    (:func:`incseg.published.summary_lines`), last step's per-class IoU, resolved config."""
     last = reports[-1]
     out = [
         f"# {heading}",
@@ -100,8 +103,8 @@ def summary_markdown(reports: Sequence[StepReport], heading: str, config_yaml: s
         "|---|---|---|---|---|",
     ]
     out += ["| " + " | ".join(v.strip() for v in row) + " |" for row in summary_rows(reports)]
+    out += ["", *published]
     out += [
-        "",
         f"## IoU per class after step {last.step} (%)",
         "",
         "| class | group | IoU |",

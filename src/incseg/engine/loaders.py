@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -237,6 +237,13 @@ class Sources:
     # A step's loaders, built once: the plan (engine/plan.py) and the run share them, so the
     # selection (and its notes) happens once per step.
     _loaders: dict[tuple, DataLoader] = field(default_factory=dict, repr=False, compare=False)
+
+    def for_config(self, config: Config) -> Sources:
+        """The same images for another config that reads the same data (``config.data``), with
+        loaders of its own: a comparison's plan loads the images once for all its runs."""
+        if config.data != self.config.data:
+            raise ValueError("for_config: the configs read different data")
+        return replace(self, config=config, _loaders={})
 
     @classmethod
     def load(cls, config: Config, dist: DistInfo = SINGLE, *, progress: bool = False) -> Sources:

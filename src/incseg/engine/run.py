@@ -40,6 +40,7 @@ from incseg.methods.base import Method
 from incseg.metrics import GROUPING, StepReport, iou_per_class
 from incseg.protocol import Setting, StepInfo, step_info
 from incseg.protocol.memory import Exemplar, memory_summary
+from incseg.published import summary_lines
 from incseg.report import format_step_table, format_summary, summary_markdown
 
 log = logging.getLogger(__name__)
@@ -363,7 +364,11 @@ class Run:
         heading = (
             f"{c.name}: {c.method.name} on {c.data.dataset} {self.setting.name} ({c.protocol.mode})"
         )
+        published = summary_lines(c, self.reports[-1], self.setting.num_steps)
+        if published:
+            log.info("\n".join(line for line in published if line))
         if self.rt.dist.is_main:  # metrics again: a resume with no step left rebuilt them
             self.files.write_metrics(self.metrics)
-            self.files.write_summary(summary_markdown(self.reports, heading, c.to_yaml()))
+            text = summary_markdown(self.reports, heading, c.to_yaml(), published)
+            self.files.write_summary(text)
         barrier(self.rt.dist)
