@@ -645,6 +645,13 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _published_note(name: str) -> str:
+    from incseg.published import published_numbers
+
+    p = published_numbers()[name]
+    return f"{p.miou}% ({p.source}; read as incseg's {p.column})"
+
+
 def _config_list() -> str:
     from incseg.configs import PUBLISHED, SEED_MIOU, ZOO_MIOU
 
@@ -658,14 +665,14 @@ def _config_list() -> str:
             elif zoo is not None:
                 note = f"not in the seed table; cssegmentation's zoo: {zoo}% (with background)"
             elif name in PUBLISHED:
-                note = "{}% ({})".format(*PUBLISHED[name])
+                note = _published_note(name)
             elif name.startswith(("seed/plop_", "seed/mib+ucd_", "seed/ilt_", "seed/rcil_")):
                 note = "cssegmentation's recipe, no number reported"
             else:
                 note = "seed mIoU not reported"
             name = f"{name:<58} {note}"
         elif name in PUBLISHED:
-            name = "{:<58} {}% ({})".format(name, *PUBLISHED[name])
+            name = f"{name:<58} {_published_note(name)}"
         lines.append(name)
     seed_note = (
         "Seed rows: the seed's own checkpoints can be imported and evaluated (download, incseg "

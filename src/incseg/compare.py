@@ -397,7 +397,9 @@ class _Members:
             why = "plain cross-entropy" if cls.plain_first_step else "the same step 0"
             if config.method.params.get("memory_size"):
                 why += "; the memory starts at step 1"
-            log.info(f"[compare] {label}: step 0 is the one of {source.name} ({why}), not retrained")
+            log.info(
+                f"[compare] {label}: step 0 is the one of {source.name} ({why}), not retrained"
+            )
             adopt_steps(member.path, config, source, 0, self.dist)
         self.run(config, member.path)
         metrics = table_metrics(member, steps)

@@ -187,9 +187,16 @@ class Mask2FormerConfig:
     # where that mask is >= 0.5, otherwise 0), fcdl94/CoMFormer maskformer_model.py:340-375;
     # eclipse: the same with sigmoid class scores and masks (clovaai/ECLIPSE
     # maskformer_model.py:372-420)
-    inference: Literal["semantic", "comformer", "eclipse"] = "semantic"
-    # the class head per step: one Linear, or ECLIPSE's 3-layer MLP (CONT.DEEP_CLS)
-    class_head: Literal["linear", "mlp"] = "linear"
+    # simcis: SimCIS's (sigmoid scores >= 0.4 rescored by softmax(p / 0.06), areas kept within
+    # 0.8 of each other both ways, unpainted pixels left out of the evaluation), SooLab/SimCIS
+    # maskformer_model.py:551-591
+    inference: Literal["semantic", "comformer", "eclipse", "simcis"] = "semantic"
+    # the class head: one Linear per step, ECLIPSE's 3-layer MLP per step (CONT.DEEP_CLS), or
+    # static: SimCIS's one Linear over every class of the setting from step 0, no no-object
+    class_head: Literal["linear", "mlp", "static"] = "linear"
+    # masked: Mask2Former's decoder with learnable queries; selection: SimCIS's, the queries
+    # chosen among the pixel decoder's tokens by the class head, with boxes (method simcis)
+    decoder: Literal["masked", "selection"] = "masked"
     # ECLIPSE's visual prompts: queries added at each step after step 0, each group attending to
     # itself only (CONT.NUM_PROMPTS; 0: none)
     prompts: int = ranged(0, Range(0, 1000, "prompt queries per step after step 0 (ECLIPSE)"))
@@ -646,6 +653,7 @@ def check_query_model(config: Config) -> None:
             "it false, as the official (ADE20K's 0 is void, no class of the head)"
         )
     _check_prompts(config)
+    _check_selection(config)
     least = getattr(method_class(config.method.name), "min_crop_size", 0)
     if config.data.crop_size < least:
         raise ConfigError(
@@ -669,6 +677,30 @@ def _check_prompts(config: Config) -> None:
         raise ConfigError(
             f"model.mask2former.prompts: {prompts}; only method 'eclipse' trains prompt queries "
             f"(method {config.method.name!r} trains the base queries): set it to 0"
+        )
+
+
+def _check_selection(config: Config) -> None:
+    """SimCIS's model (``decoder: selection`` with its static head and inference) with the
+    method that trains it, and that method with it."""
+    if config.model.architecture != "mask2former":
+        return
+    m = config.model.mask2former
+    mine = ("selection", "static", "simcis")
+    given = (m.decoder, m.class_head, m.inference)
+    uses = getattr(method_class(config.method.name), "decoder", "masked") == "selection"
+    if uses and given != mine:
+        raise ConfigError(
+            f"model.mask2former: decoder {m.decoder}, class_head {m.class_head}, inference "
+            f"{m.inference}; method {config.method.name!r} trains SimCIS's model: set decoder: "
+            "selection, class_head: static, inference: simcis"
+        )
+    if not uses and any(g == v for g, v in zip(given, mine, strict=True)):
+        raise ConfigError(
+            f"model.mask2former: decoder {m.decoder}, class_head {m.class_head}, inference "
+            f"{m.inference}; SimCIS's decoder, static head and inference are trained by method "
+            f"'simcis' only (method {config.method.name!r}): set decoder: masked and the head "
+            "and inference of that method"
         )
 
 

@@ -40,6 +40,7 @@ from incseg.engine.evaluate import predict_channels
 from incseg.engine.model_io import restore_step
 from incseg.engine.runtime import Runtime
 from incseg.errors import DataError
+from incseg.protocol.choices import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,8 @@ def predict_images(checkpoint: dict, images: Sequence[Path], out: Path) -> list[
     rt = Runtime.of(config)
     model = rt.place(model).eval()  # the run's memory format
     normalise = test_transform(None)  # full image: only scaling and ImageNet normalisation
-    to_class = torch.tensor(info.order, dtype=torch.uint8)
+    # the last entry: a model's "no prediction" channel (SimCIS's void), drawn as void (255)
+    to_class = torch.tensor([*info.order, IGNORE_INDEX], dtype=torch.uint8)
     palette = color_map()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -226,7 +228,8 @@ def predict_images(checkpoint: dict, images: Sequence[Path], out: Path) -> list[
         rgb = image.permute(1, 2, 0).numpy()
         blend = (0.5 * rgb + 0.5 * palette[mask]).astype(np.uint8)
         _write_png(Image.fromarray(np.concatenate([rgb, blend], axis=1)), overlay_path)
-        found = ", ".join(info.class_names[k] for k in np.unique(channels.numpy()))
+        names = [*info.class_names, "no prediction"]
+        found = ", ".join(names[k] for k in np.unique(channels.numpy()))
         log.info(f"{path} -> {mask_path}, {overlay_path} ({found})")
         written += [mask_path, overlay_path]
     log.info(f"wrote {len(images)} mask(s) and {len(images)} overlay(s), all PNG, into {out}")

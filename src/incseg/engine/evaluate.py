@@ -13,6 +13,7 @@ from incseg.engine.loaders import build_test_loader
 from incseg.engine.model_io import restore_step
 from incseg.engine.runtime import Runtime
 from incseg.metrics import StepReport, confusion_matrix
+from incseg.protocol.choices import IGNORE_INDEX
 
 
 def predict_channels(logits: torch.Tensor) -> torch.Tensor:
@@ -30,7 +31,10 @@ def predict_channels(logits: torch.Tensor) -> torch.Tensor:
 def evaluate(model: nn.Module, loader, num_classes: int, rt: Runtime) -> torch.Tensor:
     """Return the ``(K, K)`` int64 confusion matrix of ``model`` on ``loader``.
 
-    Scores of another size than the labels are upsampled bilinearly to them first. The matrix
+    Scores of another size than the labels are upsampled bilinearly to them first. Scores with
+    one channel more than ``num_classes`` end with "no prediction" (SimCIS's void): its pixels
+    are left out, as SimCIS's evaluator leaves out void predictions
+    (SooLab/SimCIS ``continual/evaluator.py:79-82, 114-116``). The matrix
     stays on the device while batches accumulate (no host copy per batch). Under
     ``torchrun`` each rank evaluates its own shard of the images (``build_test_loader``) and the
     matrices are summed over ranks here, so every rank returns the matrix of the whole test set.
@@ -48,7 +52,10 @@ def evaluate(model: nn.Module, loader, num_classes: int, rt: Runtime) -> torch.T
             scores = F.interpolate(
                 scores.float(), size=targets.shape[-2:], mode="bilinear", align_corners=False
             )
-        matrix += confusion_matrix(predict_channels(scores), targets, num_classes)
+        pred = predict_channels(scores)
+        if scores.shape[1] == num_classes + 1:  # the model's "no prediction" channel (SimCIS)
+            targets = torch.where(pred == num_classes, IGNORE_INDEX, targets)
+        matrix += confusion_matrix(pred, targets, num_classes)
     return all_reduce_sum(matrix, rt.dist)
 
 

@@ -39,7 +39,7 @@ def build_model(config: Config, info: StepInfo, *, pretrained: bool = True) -> I
         head_channels=m.head_channels,
         pretrained=m.pretrained if pretrained else "none",
         architecture=m.architecture,
-        query_sizes=dataclasses.asdict(m.mask2former),
+        query_sizes=dataclasses.asdict(m.mask2former) | {"total_classes": _head_classes(config)},
     )
     if pretrained and (m.backbone_weights or m.pretrained == "iabn"):
         load_iabn_imagenet(model, m.backbone_weights or str(ensure_iabn_weights()))
@@ -48,13 +48,25 @@ def build_model(config: Config, info: StepInfo, *, pretrained: bool = True) -> I
     return model
 
 
+def _head_classes(config: Config) -> int:
+    """The classes of a static class head (SimCIS's): every channel of the setting, less the
+    background when the head has no background class."""
+    setting = config.setting
+    channels = step_info(setting, setting.num_steps - 1).num_channels
+    return channels - (0 if config.model.mask2former.background else 1)
+
+
 def _stand_in(model: object) -> str:
     """The built-in method a checkpoint's config names in place of its own: fine-tuning of its
-    architecture (ECLIPSE for a Mask2Former with prompt queries)."""
+    architecture (ECLIPSE for a Mask2Former with prompt queries, SimCIS for its decoder)."""
     if not (isinstance(model, dict) and model.get("architecture") == "mask2former"):
         return "ft"
     sizes = model.get("mask2former")
-    return "eclipse" if isinstance(sizes, dict) and sizes.get("prompts") else "m2f_ft"
+    if not isinstance(sizes, dict):
+        return "m2f_ft"
+    if sizes.get("decoder") == "selection":
+        return "simcis"
+    return "eclipse" if sizes.get("prompts") else "m2f_ft"
 
 
 def restore_step(checkpoint: dict) -> tuple[Config, StepInfo, IncrementalSegmenter]:

@@ -40,6 +40,7 @@ METHOD_PATHS: dict[str, str] = {
     "mib": "incseg.methods.mib:MiB",
     "plop": "incseg.methods.plop:PLOP",
     "rcil": "incseg.methods.rcil:RCIL",
+    "simcis": "incseg.methods.simcis:SimCIS",
     "reminder": "incseg.methods.reminder:REMINDER",
     "ssul": "incseg.methods.ssul:SSUL",
     "star": "incseg.methods.star:STAR",
@@ -54,6 +55,7 @@ QUERY_METHOD_NAMES = (
     "m2f_ft",
     "m2f_mib",
     "m2f_plop",
+    "simcis",
 )
 # Add-ons apply on top of any method (``method.name: mib+ewf``); they act at steps > 0 only.
 ADDON_PATHS: dict[str, str] = {

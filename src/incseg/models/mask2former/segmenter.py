@@ -34,7 +34,9 @@ from incseg.models.choices import QUERY_FEATURE_NAMES
 from incseg.models.mask2former.decoder import MLP, DecoderSizes, MultiScaleMaskedTransformerDecoder
 from incseg.models.mask2former.pixel_decoder import MSDeformAttnPixelDecoder, PixelDecoderSizes
 from incseg.models.mask2former.prompts import PromptedDecoder
+from incseg.models.mask2former.selection import SelectionDecoder, SelectionInputs
 from incseg.query_losses import semantic_inference
+from incseg.simcis_losses import simcis_inference
 
 # MODEL.MASK_FORMER.SIZE_DIVISIBILITY of every ADE20K config: images are padded with zeros (after
 # normalisation) to multiples of it (maskformer_model.py:276, detectron2 ImageList.from_tensors).
@@ -46,7 +48,9 @@ class QueryOutput:
     """What the query-based model returns for ``(B, 3, H, W)`` images.
 
     Attributes:
-        pred_logits: ``(B, Q, C_t + 1)`` class logits per query, the last no-object.
+        pred_logits: ``(B, Q, C_t + 1)`` class logits per query, the last no-object; with
+            SimCIS's static head (``class_head: static``) ``(B, Q, C)`` over every class of the
+            setting, seen or not, and no no-object.
         pred_masks: ``(B, Q, H/4, W/4)`` mask logits per query.
         aux_outputs: the same pair for each earlier prediction of the decoder (deep
             supervision), as ``{"pred_logits", "pred_masks"}`` dicts.
@@ -60,6 +64,9 @@ class QueryOutput:
         maps: the backbone's res2-res5 (after their last ReLU) and the pixel decoder's
             ``mask_features``, only when asked for (feature name ``maps``, what CoMFormer's
             PLOP distils, ``continual/method_wrapper/maskformer.py:11-20``); empty otherwise.
+        extras: what SimCIS's decoder returns besides (``decoder: selection``,
+            :meth:`incseg.models.mask2former.selection.SelectionDecoder.forward`):
+            ``pred_boxes``, ``interm``, ``topk``, ``selected`` and ``distill``; empty otherwise.
     """
 
     pred_logits: torch.Tensor
@@ -70,6 +77,7 @@ class QueryOutput:
     queries: list[torch.Tensor] = field(default_factory=list)
     padded: tuple[int, int] | None = None
     maps: list[torch.Tensor] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """The official output dict (``pred_logits``, ``pred_masks``, ``aux_outputs``)."""
@@ -99,6 +107,34 @@ class IncrementalClassHead(nn.Module):
 
     def forward(self, queries: torch.Tensor) -> torch.Tensor:
         return torch.cat([c(queries) for c in self.classifiers] + [self.no_object(queries)], -1)
+
+
+class ClassSlice(nn.Module):
+    """A step's classes in :class:`StaticClassHead`: their number, no parameters."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+
+class StaticClassHead(nn.Module):
+    """SimCIS's class head: one ``Linear(hidden, C)`` over every class ``C`` of the setting
+    from step 0 on, seen or not, and no no-object output (``nn.Linear(hidden_dim, 150)``,
+    SooLab/SimCIS ``mask2former_transformer_decoder.py:377``); future classes' rows are trained
+    as negatives by the sigmoid focal loss until their step. ``classifiers`` holds one
+    :class:`ClassSlice` per step, so that the model counts its steps' classes as every incseg
+    model does."""
+
+    def __init__(self, hidden_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.full = nn.Linear(hidden_dim, num_classes)
+        self.classifiers = nn.ModuleList()
+
+    def layer(self, outputs: int) -> nn.Module:
+        return ClassSlice(outputs)
+
+    def forward(self, queries: torch.Tensor) -> torch.Tensor:
+        return self.full(queries)
 
 
 class QuerySegmenter(nn.Module):
@@ -140,10 +176,18 @@ class QuerySegmenter(nn.Module):
         if prompts:
             self.predictor = PromptedDecoder(sizes["conv_dim"], 1, decoder_sizes, prompts)
             self.predictor.deltas = list(sizes.get("logit_deltas", ()))
+        elif sizes.get("decoder", "masked") == "selection":
+            self.predictor = SelectionDecoder(sizes["conv_dim"], 1, decoder_sizes)
         else:
             self.predictor = MultiScaleMaskedTransformerDecoder(sizes["conv_dim"], 1, decoder_sizes)
-        deep = sizes.get("class_head", "linear") == "mlp"
-        self.predictor.class_embed = IncrementalClassHead(sizes["hidden_dim"], deep)
+        head = sizes.get("class_head", "linear")
+        if head == "static":
+            total = sizes["total_classes"]
+            self.predictor.class_embed = StaticClassHead(sizes["hidden_dim"], total)
+        else:
+            self.predictor.class_embed = IncrementalClassHead(sizes["hidden_dim"], head == "mlp")
+        # what the next forward passes to SimCIS's decoder (set by the method, used once)
+        self.selection_inputs: SelectionInputs | None = None
         self.background = sizes.get("background", True)
         self.inference = sizes.get("inference", "semantic")
         for num in channels_per_step:
@@ -179,7 +223,7 @@ class QuerySegmenter(nn.Module):
             num_channels -= self.first_channel
         elif isinstance(self.predictor, PromptedDecoder):
             self.predictor.add_prompt_group()
-        ref = next(head.no_object.parameters())
+        ref = next(head.parameters())
         layer = head.layer(num_channels).to(device=ref.device, dtype=ref.dtype)
         self.classifiers.append(layer)
         if isinstance(self.predictor, PromptedDecoder):
@@ -211,7 +255,11 @@ class QuerySegmenter(nn.Module):
             images = F.pad(images, (0, pad_w, 0, pad_h))
         maps = self.backbone(images)
         mask_features, _, multi_scale = self.pixel_decoder.forward_features(maps)
-        out = self.predictor(multi_scale, mask_features, return_queries="queries" in features)
+        if isinstance(self.predictor, SelectionDecoder):
+            inputs, self.selection_inputs = self.selection_inputs, None
+            out = self.predictor(multi_scale, mask_features, inputs=inputs)
+        else:
+            out = self.predictor(multi_scale, mask_features, return_queries="queries" in features)
         return QueryOutput(
             out["pred_logits"],
             out["pred_masks"],
@@ -221,6 +269,11 @@ class QuerySegmenter(nn.Module):
             out.get("queries", []),
             (images.shape[-2], images.shape[-1]),
             [*maps.values(), mask_features] if "maps" in features else [],
+            {
+                k: out[k]
+                for k in ("pred_boxes", "interm", "topk", "selected", "distill")
+                if k in out
+            },
         )
 
     def prediction_scores(self, output: QueryOutput) -> torch.Tensor:
@@ -239,6 +292,8 @@ class QuerySegmenter(nn.Module):
         )
         logits = output.pred_logits.float()
         num = logits.shape[-1] - 1 + output.first_channel
+        if self.inference == "simcis":
+            return self._simcis_scores(logits, masks, output.first_channel)[..., :height, :width]
         if self.inference in ("comformer", "eclipse"):
             sigmoid = self.inference == "eclipse"
             labels = comformer_inference(logits, masks, sigmoid=sigmoid) - 1 + output.first_channel
@@ -250,7 +305,23 @@ class QuerySegmenter(nn.Module):
         # the padding is scored and then cut off (sem_seg_postprocess, maskformer_model.py:233)
         return scores[..., :height, :width]
 
+    def _simcis_scores(self, logits: torch.Tensor, masks: torch.Tensor, first: int) -> torch.Tensor:
+        """``(B, C_t + 1, H, W)`` one-hot of SimCIS's inference
+        (:func:`~incseg.simcis_losses.simcis_inference`): a class not seen yet is predicted as
+        channel 0, and a pixel no query paints gets the last channel, "no prediction", which
+        evaluation leaves out as SimCIS's evaluator leaves out void predictions
+        (``continual/evaluator.py:79-82, 114-116``)."""
+        seen = self.num_channels - first
+        labels = simcis_inference(logits, masks, seen)
+        void = labels == logits.shape[-1]
+        channels = torch.where(labels < seen, labels + first, 0)
+        channels = torch.where(void, self.num_channels, channels)
+        return F.one_hot(channels, self.num_channels + 1).permute(0, 3, 1, 2).float()
+
 
 def _outputs(layer: nn.Module) -> int:
-    """The outputs of a classifier: a ``Linear``'s, or an MLP's last layer's."""
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.layers[-1].out_features
+    """The outputs of a classifier: a ``Linear``'s or a :class:`ClassSlice`'s, or an MLP's last
+    layer's."""
+    if isinstance(layer, (nn.Linear, ClassSlice)):
+        return layer.out_features
+    return layer.layers[-1].out_features
