@@ -1119,6 +1119,88 @@ def _eclipse(setting: str) -> str:
     )
 
 
+SIMCIS_COMMIT = "28bc91e"
+# setting -> (config, script, iterations per step > 0, CONT.VQ_NUMBER, CONT.DISTRIBUTION_ALPHA,
+# CONT.KD_DECODER, CONT.KD_TEMPERATURE2): configs/ade20k/semantic-segmentation/{setting}.yaml
+# and scripts/sem_{setting}.sh (SOLVER.STEPS at 0.85 and 0.95 of the iterations in all three)
+SIMCIS_SETTINGS = {
+    "100-50": ("100-50.yaml", "scripts/sem_100-50.sh:4-8", 50000, 1, 0.25, "false", 2.0),
+    "100-10": ("100-10.yaml", "scripts/sem_100-10.sh:13-16", 10000, 1, 0.5, "true", 4.0),
+    "100-5": ("100-5.yaml", "scripts/sem_100-5.sh:16-19", 5000, 3, 0.5, "true", 2.0),
+}
+SIMCIS_TEMPLATE = """\
+# SimCIS (Zhu et al., CVPR 2025) on ADE20K {setting}, as {script} trains the steps after the
+# first (a collection pass at LR 0, then the step; step 0's command is not in the scripts: the
+# release's weights start the later steps). Cited files are in github.com/SooLab/SimCIS (commit
+# {commit}): configs/ade20k/semantic-segmentation/{config} on
+# continual_maskformer2_R101_bs8_160k.yaml, maskformer2_R101_bs16_160k.yaml and
+# Base-ADE20K-SemanticSegmentation.yaml (AdamW, weight decay 0.05, BACKBONE_MULTIPLIER 0.1,
+# full-model gradient clipping 0.01, WarmupMultiStepLR without warmup, AMP); written by
+# tools/make_configs.py. The LR drops 10x at 0.85 and 0.95 of every step (SOLVER.STEPS of the
+# setting's config; Base's 135k and 150k of 160k for step 0, about the same fractions).
+# Evaluation as its continual/evaluator.py: ADE20K's 0 and classes not yet seen ignored, labels
+# at their size, pixels the model leaves unpainted left out (docs/methods.md, "simcis").
+name: ade-{setting}-simcis
+data:
+  dataset: ade
+  root: data/ade
+  pipeline: mask2former   # the continual semantic mapper; test at short side 512
+  crop_size: 512
+protocol:
+  setting: {setting}
+  mode: overlap           # CONT.SETTING overlapped
+  labels: mib             # 0 void, unseen ignored at test (continual/evaluator.py:75-79)
+model:
+  backbone: resnet101
+  pretrained: imagenet
+  norm: frozen_bn         # RESNETS.NORM FrozenBN (maskformer2_R101_bs16_160k.yaml:11)
+  architecture: mask2former
+  mask2former:
+    background: false     # 150 classes, 0 is void
+    decoder: selection    # the query-selection decoder (mask2former_transformer_decoder.py)
+    class_head: static    # nn.Linear(hidden_dim, 150) from step 0 on
+    inference: simcis     # maskformer_model.py:551-591
+method:
+  name: simcis
+  kl_weight: 2.0          # CONT.KL_WEIGHT
+  kd_temperature: 1.0     # CONT.KD_TEMPERATURE
+  kd_temperature_decoder: {t2}  # CONT.KD_TEMPERATURE2
+  kd_decoder: {kd_decoder}       # CONT.KD_DECODER
+  kl_all: true            # CONT.KL_ALL
+  virtual_queries: {vq}      # CONT.VQ_NUMBER
+  distribution_alpha: {alpha}  # CONT.DISTRIBUTION_ALPHA
+  bank_size: 80           # CONT.LIB_SIZE
+  overlap_threshold: 0.8  # CONT.PSD_OVERLAP_THRESHOLD
+train:
+  optimizer: adamw
+  weight_decay: 0.05
+  clip_grad_norm: 0.01
+  iterations: 160000      # SOLVER.MAX_ITER of step 0
+  iterations_incremental: {iterations}
+  batch_size: 8           # IMS_PER_BATCH 8 (4 GPUs in the scripts)
+  lr: 0.0001              # BASE_LR
+  lr_incremental: 0.00005  # SOLVER.BASE_LR of the scripts' steps
+  lr_power: 0.0
+  lr_decay_at: [0.85, 0.95]
+  amp: fp16               # SOLVER.AMP.ENABLED True
+"""
+
+
+def _simcis(setting: str) -> str:
+    config, script, iterations, vq, alpha, kd_decoder, t2 = SIMCIS_SETTINGS[setting]
+    return SIMCIS_TEMPLATE.format(
+        setting=setting,
+        config=config,
+        script=script,
+        commit=SIMCIS_COMMIT,
+        iterations=iterations,
+        vq=vq,
+        alpha=alpha,
+        kd_decoder=kd_decoder,
+        t2=t2,
+    )
+
+
 def main() -> None:
     jobs = [
         ("voc", s, mode, m)
@@ -1201,6 +1283,8 @@ def _query_based() -> dict[Path, str]:
     for setting in BALCONPAS_SETTINGS:
         files[OUT / "ade" / f"{setting}-balconpas.yaml"] = _balconpas(setting, replay=False)
         files[OUT / "ade" / f"{setting}-balconpas-m.yaml"] = _balconpas(setting, replay=True)
+    for setting in SIMCIS_SETTINGS:
+        files[OUT / "ade" / f"{setting}-simcis.yaml"] = _simcis(setting)
     return files
 
 

@@ -242,6 +242,14 @@ class ModelConfig:
                 "model.backbone_weights: needs a ResNet backbone and model.pretrained: iabn "
                 "or none (the file replaces torchvision's ImageNet weights)"
             )
+        if self.norm == "frozen_bn" and (
+            self.architecture != "mask2former" or self.backbone == "tiny"
+        ):
+            raise ConfigError(
+                "model.norm: frozen_bn (detectron2's FrozenBN) is for the ResNet backbones of "
+                f"model.architecture: mask2former (got architecture {self.architecture!r}, "
+                f"backbone {self.backbone!r}); use bn or iabn"
+            )
         if self.pretrained == "iabn" and self.backbone != "resnet101":
             raise ConfigError(
                 f"model.pretrained: iabn is In-Place ABN's ResNet-101; model.backbone is "
@@ -327,6 +335,12 @@ class TrainConfig:
     )
     # floor of every parameter group's LR (SSUL's PolyLR clamps at 1e-6, utils/scheduler.py:15)
     lr_min: float = ranged(0.0, Range(0, 1, "lowest LR of the poly schedule; 0 = no floor"))
+    # fractions of a step's iterations from which the LR is multiplied by 0.1 once more each
+    # (detectron2's WarmupMultiStepLR with gamma 0.1 and no warmup: SOLVER.STEPS over MAX_ITER;
+    # with lr_power 0 it is that schedule alone); empty = none
+    lr_decay_at: tuple[float, ...] = ranged(
+        (), Range(0, 1, "fraction of a step's iterations where the LR drops 10x")
+    )
     amp: Literal["off", "bf16", "fp16"] = "off"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = ranged(0, SEED)

@@ -130,4 +130,9 @@ PUBLISHED: dict[str, tuple[float, str, str]] = {
     "ade/100-10-balconpas-m": (40.43, "BalConpas README, classes 1-150 (all)", "all"),
     "ade/100-5-balconpas-m": (36.79, "BalConpas README, classes 1-150 (all)", "all"),
     "ade/50-50-balconpas-m": (41.33, "BalConpas README, classes 1-150 (all)", "all"),
+    # SimCIS paper, Table 3 (assets/CVPR_2025_SimCIS.pdf of SooLab/SimCIS 28bc91e; its README
+    # gives weights, not numbers): the "all" column, classes 1-150, ADE20K's 0 void.
+    "ade/100-50-simcis": (48.6, "SimCIS paper Table 3, classes 1-150 (all)", "all"),
+    "ade/100-10-simcis": (42.3, "SimCIS paper Table 3, classes 1-150 (all)", "all"),
+    "ade/100-5-simcis": (38.7, "SimCIS paper Table 3, classes 1-150 (all)", "all"),
 }

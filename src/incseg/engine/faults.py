@@ -2,7 +2,9 @@
 itself when it reaches ``POINT``.
 
 Points: ``epoch:STEP:EPOCHS_DONE`` (just after that epoch checkpoint), ``step:STEP`` (after the
-step's checkpoint and metrics), ``iteration:STEP:EPOCH:ITER`` (mid-epoch, EPOCH 0-based) and
+step's checkpoint and metrics), ``iteration:STEP:EPOCH:ITER`` (mid-epoch, EPOCH 0-based),
+``scan:STEP:BATCH`` (before batch BATCH, 0-based, of the pass before a step,
+``Method.scans_old_model``) and
 ``write:NAME`` (inside the atomic write of file NAME, after the data is on disk and before the
 rename). Unset, every call is one string comparison.
 """

@@ -28,7 +28,13 @@ class NonFiniteLossError(IncsegError):
     """The loss became NaN or infinite; the message names step, epoch, iteration and terms."""
 
 
-def poly_lr_lambda(total_iters: int, power: float, warmup: float = 0.0, floor: float = 0.0):
+def poly_lr_lambda(
+    total_iters: int,
+    power: float,
+    warmup: float = 0.0,
+    floor: float = 0.0,
+    decay_at: tuple[float, ...] = (),
+):
     """Poly factor ``(1 - it / total)^power``, updated per iteration, in the closed form of the
     official ``PolyLR`` (fcdl94/MiB ``utils/scheduler.py:9-11``). ``torch.optim.lr_scheduler.
     PolynomialLR`` is not used: it updates the LR multiplicatively, step by step, and so differs
@@ -39,11 +45,16 @@ def poly_lr_lambda(total_iters: int, power: float, warmup: float = 0.0, floor: f
     ``0.001 (1 - a) + a``, ``a = it / (warmup total)``, while ``it`` is below ``warmup total``
     (the linear ``WarmupPolyLR`` of clovaai/SSUL ``utils/scheduler.py:39-56, 78-85`` and
     cvlab-yonsei/DKD ``utils/lr_scheduler.py:32, 50-55, 77-84``). ``floor``: the factor never goes
-    below it (SSUL's ``PolyLR`` clamps each LR at ``min_lr``, ``scheduler.py:15``)."""
+    below it (SSUL's ``PolyLR`` clamps each LR at ``min_lr``, ``scheduler.py:15``).
+    ``decay_at`` (fractions of ``total_iters``): from each, the factor is 10x smaller
+    (detectron2's ``WarmupMultiStepLR``, gamma 0.1: ``bisect_right(milestones, it)``
+    decays)."""
     warm = warmup * total_iters
+    milestones = [d * total_iters for d in decay_at]
 
     def factor(it: int) -> float:
         value = max(0.0, 1.0 - it / max(total_iters, 1)) ** power
+        value *= 0.1 ** sum(it >= m for m in milestones)
         if it < warm:
             alpha = it / warm
             value *= 0.001 * (1 - alpha) + alpha
@@ -98,6 +109,7 @@ class Optimisation:
                 train.lr_power,
                 train.lr_warmup,
                 train.lr_min / g["lr"] if g["lr"] > 0 else 0.0,
+                train.lr_decay_at,
             )
             for g in optimizer.param_groups
         ]
@@ -319,7 +331,8 @@ def scan_old_model(step: Step, method: Method, rt: Runtime) -> None:
     bar = tqdm(
         step.loader, desc=f"step {step.info.step} scan", leave=False, disable=not rt.progress
     )
-    for images, targets in bar:
+    for index, (images, targets) in enumerate(bar):
+        fault_point(f"scan:{step.info.step}:{index}")
         images = images.to(rt.device, non_blocking=True, memory_format=rt.memory_format)
         targets = targets.to(rt.device, non_blocking=True)
         with rt.autocast():

@@ -50,18 +50,20 @@ def build_segmenter(
 def query_backbone(name: str, norm: str, pretrained: str) -> nn.Module:
     """The res2..res5 backbone of the query-based model: a torchvision ResNet (with
     ``model.pretrained: imagenet``, torchvision's ImageNet weights, the file detectron2's
-    ``convert-torchvision-to-d2.py`` converts for CoMFormer, ECLIPSE and SimCIS) with BatchNorm,
+    ``convert-torchvision-to-d2.py`` converts for CoMFormer, ECLIPSE and SimCIS) with BatchNorm
+    or, ``frozen_bn``, torchvision's ``FrozenBatchNorm2d`` (detectron2's FrozenBN, SimCIS's),
     or the tiny CPU backbone."""
-    if norm != "bn" or pretrained == "iabn":
+    if norm not in ("bn", "frozen_bn") or pretrained == "iabn":
         raise ConfigError(
-            "model.norm / model.pretrained: the mask2former architecture takes norm: bn and "
-            f"pretrained: none or imagenet (got norm: {norm}, pretrained: {pretrained})"
+            "model.norm / model.pretrained: the mask2former architecture takes norm: bn or "
+            f"frozen_bn and pretrained: none or imagenet (got norm: {norm}, pretrained: "
+            f"{pretrained})"
         )
     if name == "tiny":
         if pretrained != "none":
             raise ConfigError("model.pretrained must be 'none' for the tiny backbone")
         return TinyFeatures()
-    net = ResNetFeatures(int(name.removeprefix("resnet")), "bn", None)
+    net = ResNetFeatures(int(name.removeprefix("resnet")), norm, None)
     if pretrained == "imagenet":
         name = f"ResNet{name.removeprefix('resnet')}_Weights.IMAGENET1K_V1"
         state = {k: v for k, v in download_weights(name).items() if not k.startswith("fc.")}

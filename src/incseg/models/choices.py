@@ -10,7 +10,9 @@ OutputStride = Literal[8, 16]
 # ResNet-101, the MiB paper's (loaded into the built model by the engine, models/official.py).
 Pretrained = Literal["none", "imagenet", "iabn"]
 # bn: BatchNorm + ReLU; iabn: BatchNorm + LeakyReLU(0.01), In-Place ABN's function
-Norm = Literal["bn", "iabn"]
+# frozen_bn: BatchNorm with frozen statistics and affine (detectron2's FrozenBN, SimCIS's
+# RESNETS.NORM), for the mask2former architecture only
+Norm = Literal["bn", "iabn", "frozen_bn"]
 
 BACKBONE_NAMES: tuple[str, ...] = get_args(Backbone)
 OUTPUT_STRIDES: tuple[int, ...] = get_args(OutputStride)
