@@ -169,7 +169,8 @@ def test_methods_lists_every_method_and_shows_hyperparameters(capsys):
     assert any(r.split() == ["plop", "nothing", "incseg.methods.plop:PLOP"] for r in rows)
     assert any(r.startswith("ssul") and "images if memory_size > 0" in r for r in rows)
     methods = rows[1 : rows.index("")]  # after the header
-    assert len(methods) == 21 and all(":" in r for r in methods)
+    assert len(methods) == 22 and all(":" in r for r in methods)
+    assert any(r.split()[:4] == ["simcis", "query", "features", "(80"] for r in rows)
     assert [r.split()[0] for r in methods] == sorted(r.split()[0] for r in methods)
     assert any(r.split() == ["ewf", "incseg.methods.ewf:EWF"] for r in rows)  # the add-ons
     assert main(["methods", "plop"]) == 0

@@ -685,11 +685,11 @@ def _config_list() -> str:
 
 def _stores(cls: type) -> str:
     """What a method keeps of earlier steps' data besides the model: images when it has a
-    memory (``method.memory_size``), else nothing."""
+    memory (``method.memory_size``), else what its defaults store (``Method.stores``)."""
     fields = {f.name: f.default for f in dataclasses.fields(cls)}
     if "memory_size" in fields:
         return "images if memory_size > 0"
-    return "nothing"
+    return cls().stores()
 
 
 def _methods(name: str | None) -> str:
@@ -711,9 +711,9 @@ def _methods(name: str | None) -> str:
         return "\n\n".join(parts)
     methods = dict(sorted(METHOD_PATHS.items())) | plugin_paths()
     width = max(map(len, [*methods, *ADDON_PATHS]))
-    rows = [f"{'method':<{width}}  {'stores':<24} class"]
+    rows = [f"{'method':<{width}}  {'stores':<30} class"]
     for key, path in methods.items():
-        rows.append(f"{key:<{width}}  {_stores(method_class(key)):<24} {path}")
+        rows.append(f"{key:<{width}}  {_stores(method_class(key)):<30} {path}")
     rows += ["", "add-ons (method.name: METHOD+ADDON, e.g. mib+ewf):"]
     rows += [f"{key:<{width}}  {path}" for key, path in ADDON_PATHS.items()]
     return "\n".join(

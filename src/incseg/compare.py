@@ -166,10 +166,10 @@ def joint_config(base: Config, epochs: int | None) -> Config:
 
 
 def stores(config: Config) -> str:
-    """What a method keeps of earlier steps' data besides its model, for the tables:
-    ``"images (N)"`` with an exemplar memory (``method.memory_size``), else ``"nothing"``."""
-    size = config.method.params.get("memory_size", 0)
-    return f"images ({size})" if size else "nothing"
+    """What a method keeps of earlier steps' data besides its model, for the tables
+    (:meth:`incseg.methods.base.Method.stores`): ``"nothing"``, ``"images (N)"`` or
+    ``"query features (N per class)"``."""
+    return config.method.build().stores()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -104,6 +104,7 @@ class Run:
             "setting": self.setting.name,
             "mode": self.config.protocol.mode,
             "method": self.config.method.name,
+            "stores": self.config.method.build().stores(),
             "grouping": GROUPING,
             "steps": [],
         }
@@ -350,6 +351,8 @@ class Run:
         )
         if step.memory:
             title += f"; memory {memory_summary(step.memory, names)}"
+        elif self.method.stores() != "nothing":
+            title += f"; stores {self.method.stores()}"
         log.info(format_step_table(report, title))
         self.reports.append(report)
         self.model, self.old_model = step.model, frozen_copy(step.model)

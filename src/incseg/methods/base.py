@@ -131,6 +131,11 @@ class Method:
             return ("plain first step", params.get("ce_reduction", "valid"))
         return None
 
+    def stores(self) -> str:
+        """What the method keeps of earlier steps' data besides its model, for the tables:
+        ``"images (N)"`` with an exemplar memory of ``N`` images, else ``"nothing"``."""
+        return f"images ({self.memory_size})" if self.memory_size else "nothing"
+
     def memory_lut(self, info: StepInfo, exemplar: Exemplar) -> torch.Tensor | None:
         """The ``(256,)`` uint8 label lookup table of one of the step's memory images (dataset
         ids -> training labels); None (default): the step's training labels."""
@@ -314,6 +319,9 @@ class WithAddOns(Method):
         self.memory_lut, self.memory_pseudo_labels = method.memory_lut, method.memory_pseudo_labels
         features = [*method.features, *(f for a in addons for f in a.features)]
         self.features = tuple(dict.fromkeys(features))
+
+    def stores(self) -> str:
+        return self.method.stores()
 
     def init_new_classifier(self, model: nn.Module, info: StepInfo) -> None:
         for addon in self.addons:

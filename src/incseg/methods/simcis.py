@@ -102,6 +102,9 @@ class SimCIS(QueryMethod):
             set=self.criterion_weights, box_weight=self.mask_weight, kl_weight=self.kl_weight
         )
 
+    def stores(self) -> str:
+        return f"query features ({self.bank_size} per class)"
+
     def begin_step(self, info: StepInfo, model: nn.Module) -> None:
         """Keep the model: its next forward takes the virtual queries and the old positions."""
         self._model = model
