@@ -150,6 +150,7 @@ def test_every_builtin_config_loads_and_paper_configs_hold_the_paper_setting():
                 "-balconpas",
                 "-balconpas-m",
                 "-eclipse",
+                "-simcis",
             )
         )
     ]
