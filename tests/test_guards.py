@@ -684,7 +684,7 @@ CASES = [
     (
         "a DeepLab method on the query-based model",
         lambda t: ["run", "--set", "model.architecture=mask2former", "--out", str(t / "o")],
-        "model.architecture: mask2former is query-based (class scores per query and masks, no per-pixel logits), and method 'mib' trains per-pixel logits; the methods that train it: ['balconpas', 'comformer', 'comformer_ft', 'eclipse', 'm2f_ft', 'm2f_mib', 'm2f_plop']",
+        "model.architecture: mask2former is query-based (class scores per query and masks, no per-pixel logits), and method 'mib' trains per-pixel logits; the methods that train it: ['balconpas', 'comformer', 'comformer_ft', 'eclipse', 'm2f_ft', 'm2f_mib', 'm2f_plop', 'simcis']",
     ),
     (
         "a query-based method on DeepLab",

@@ -80,7 +80,7 @@ def addon_numeric_keys() -> list[tuple[str, str]]:
 
 # Keys holding a list of numbers, each element checked against the key's range (negative values
 # valid, so the walk's zero / negative / absurd values do not apply): tested below.
-LIST_KEYS = {"model.mask2former.logit_deltas"}
+LIST_KEYS = {"model.mask2former.logit_deltas", "train.lr_decay_at"}
 
 
 def test_every_numeric_key_has_a_range():
@@ -103,6 +103,9 @@ def test_list_keys_check_each_element(tmp_path):
         load_config(path, ["model.mask2former.logit_deltas=[0.1, -11]"])
     with pytest.raises(ConfigError, match="logit_deltas: expected tuple, got 0.5"):
         load_config(path, ["model.mask2former.logit_deltas=0.5"])
+    assert load_config(path, ["train.lr_decay_at=[0.85, 0.95]"]).train.lr_decay_at == (0.85, 0.95)
+    with pytest.raises(ConfigError, match=r"lr_decay_at\[0\]: must be in \[0, 1\], got -1"):
+        load_config(path, ["train.lr_decay_at=[-1]"])
 
 
 def test_range_ends_and_message():
@@ -254,6 +257,13 @@ ACCEPTED_RUNS = {  # the in-range values the walk meets, grouped into real runs
         "method.kd_reweight_gamma=0",
         "method.pseudo_threshold=0",
     ],
+    "simcis": [
+        *QUERY_ZEROS,
+        "method.kl_weight=0",
+        "method.virtual_queries=0",
+        "method.distribution_alpha=0",
+        "method.overlap_threshold=0",
+    ],
     "mib+nest": ["method.nest.epochs=0"],
     "mib+ucd": ["method.ucd.weight=0"],
 }
@@ -283,14 +293,23 @@ METHOD_SETS = {
         "m2f_ft",
         "m2f_mib",
         "m2f_plop",
+        "simcis",
     )
 }
 # POD's finest grid needs res5 (stride 32) 4 wide
 METHOD_SETS["m2f_plop"] += ["--set", "data.image_size=128", "--set", "data.crop_size=128"]
 # pseudo-labels on old-class pixels need a head without a background class
-for _name in ("balconpas", "comformer", "m2f_plop"):
+for _name in ("balconpas", "comformer", "m2f_plop", "simcis"):
     METHOD_SETS[_name] += ["--set", "model.mask2former.background=false"]
 METHOD_SETS["eclipse"] += ["--set", "model.mask2former.prompts=2"]
+METHOD_SETS["simcis"] += [
+    "--set",
+    "model.mask2former.decoder=selection",
+    "--set",
+    "model.mask2former.class_head=static",
+    "--set",
+    "model.mask2former.inference=simcis",
+]
 
 
 def test_walk_every_numeric_key_with_zero_negative_and_absurd(tmp_path, capsys):
