@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from helpers.method_runs import check_exact_resume, run_method
 from test_query_model import TINY
 
+from incseg.cli import main
 from incseg.comformer_losses import comformer_inference
 from incseg.eclipse_losses import sigmoid_focal_loss
+from incseg.errors import ConfigError
 from incseg.models.build import build_segmenter
 from incseg.models.mask2former.prompts import expand_deltas, manipulate_logits
 
@@ -248,3 +250,39 @@ def test_a_tiny_eclipse_run_freezes_the_old_model_and_resumes_exactly(tiny_confi
     assert frozen and all(torch.equal(first[k], second[k]) for k in frozen)  # nothing old trained
     assert any(k.startswith("predictor.prompt_feat.0") for k in second)
     check_exact_resume(out, args, tmp_path)
+    _eval_with_other_deltas(out)
+
+
+def _eval_with_other_deltas(out) -> None:
+    """``incseg eval --set`` re-evaluates with the scripts' evaluation deltas: the model it builds
+    holds them and its table is the one of the checkpoint with its config changed by hand."""
+    import io
+    from contextlib import redirect_stdout
+
+    from incseg.cli import _eval_overrides
+    from incseg.engine.checkpoint import load_checkpoint
+    from incseg.engine.evaluate import evaluate_checkpoint
+    from incseg.engine.model_io import restore_step
+
+    checkpoint = load_checkpoint(out / "step_1.pt")
+    _eval_overrides(checkpoint["config"], ["model.mask2former.logit_deltas=[0.0, -0.1]"])
+    assert restore_step(checkpoint)[2].predictor.deltas == [0.0, -0.1]
+    report, _ = evaluate_checkpoint(checkpoint)
+    text = io.StringIO()
+    with redirect_stdout(text):
+        code = main(
+            [
+                "eval",
+                str(out),
+                "--no-progress",
+                "--set",
+                "model.mask2former.logit_deltas=[0.0, -0.1]",
+            ]
+        )
+    assert code == 0
+    assert "changed: model.mask2former.logit_deltas=[0.0, -0.1]" in text.getvalue()
+    assert f"all (1-20) {100 * report.miou_all:5.1f}" in text.getvalue()
+    with pytest.raises(ConfigError, match=r"'model.mask2former.prompts' is not a key that acts at"):
+        _eval_overrides(checkpoint["config"], ["model.mask2former.prompts=3"])
+    with pytest.raises(ConfigError, match=r"--set .*logit_deltas\[0\]: must be in \[-10, 10\]"):
+        _eval_overrides(checkpoint["config"], ["model.mask2former.logit_deltas=[-11]"])

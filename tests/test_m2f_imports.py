@@ -390,3 +390,46 @@ def test_layouts_are_told_apart(tmp_path):
     assert converted.keys() == model.state_dict().keys()
     with pytest.raises(CheckpointError, match="not found"):
         load_foreign_checkpoint(tmp_path / "missing.pkl")
+
+
+SIMCIS_SIZES = SIZES % "false"
+SIMCIS_CONFIG = CONFIG.replace("m2f_ft", "simcis") % (
+    SIMCIS_SIZES[:-1] + ", decoder: selection, class_head: static, inference: simcis}"
+)
+
+
+def simcis_as_detectron2(model):
+    """SimCIS's model as its repository saves it (SooLab/SimCIS
+    ``mask2former_transformer_decoder.py:343-410``): incseg's selection decoder carries the
+    official names (``enc_output``, ``encoder_norm``, ``ref_point_head``, ``query_scale``,
+    ``_bbox_embed`` and the shared ``bbox_embed.i``), and the static head is one
+    ``class_embed = Linear(hidden, C)`` over every class, with no no-object row."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("backbone."):
+            out[key] = value
+        else:
+            out["sem_seg_head." + key.replace("class_embed.full.", "class_embed.")] = value
+    return out
+
+
+@pytest.mark.parametrize("step", [0, 1])
+def test_simcis_weights_import_into_its_decoder(tmp_path, step, capsys):
+    config = tmp_path / "simcis.yaml"
+    config.write_text(SIMCIS_CONFIG)
+    original = query_model(config, step, seed=20 + step)
+    state = simcis_as_detectron2(original)
+    assert P + "class_embed.weight" in state and state[P + "class_embed.weight"].shape[0] == 20
+    source = tmp_path / "model_final.pth"
+    torch.save({"model": state, "iteration": 159999}, source)
+    assert import_cli(source, config, step, tmp_path / "imported.pt") == 0
+    assert_same_model(restore_step(load_checkpoint(tmp_path / "imported.pt"))[2], original)
+    # into Mask2Former's decoder: refused with the keys that build SimCIS's
+    plain = query_model(write_config(tmp_path, background=False), step)
+    with pytest.raises(CheckpointError, match="decoder: selection, class_head: static"):
+        detectron2_to_incseg(state, plain.state_dict())
+    narrow = state | {P + "class_embed.weight": state[P + "class_embed.weight"][:15]}
+    with pytest.raises(
+        CheckpointError, match="class_embed has 15 rows, the model's static head 20"
+    ):
+        detectron2_to_incseg(narrow, original.state_dict())

@@ -18,10 +18,23 @@ from pathlib import Path
 
 from incseg import __version__, log
 from incseg.config import RANGES, builtin_configs, load_config
-from incseg.errors import DiskFullError, IncsegError
+from incseg.errors import ConfigError, DiskFullError, IncsegError
 from incseg.ranges import check_range
 
 logger = logging.getLogger("incseg.cli")
+
+# What `incseg eval --set` may change: where the data is and how the test pass runs, and
+# ECLIPSE's logit deltas (its scripts evaluate with other deltas than they train with,
+# docs/methods.md "eclipse"); none changes the weights or the step's classes.
+EVAL_KEYS = (
+    "data.root",
+    "data.num_workers",
+    "data.test_crop",
+    "train.eval_batch_size",
+    "train.device",
+    "train.amp",
+    "model.mask2former.logit_deltas",
+)
 
 
 def _shared_options() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -292,6 +305,17 @@ def _add_eval(sub: argparse._SubParsersAction, progress: argparse.ArgumentParser
         action="store_true",
         help="evaluate full images (batch 1), not the config's test crop",
     )
+    ev.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=(
+            "change a key that acts at evaluation only (repeatable): "
+            + ", ".join(EVAL_KEYS)
+            + "; e.g. ECLIPSE's evaluation deltas: --set 'model.mask2former.logit_deltas=[0.0, -0.1]'"
+        ),
+    )
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -531,6 +555,32 @@ def _checkpoint_path(path: Path, step: int | None) -> Path:
     return files[max(files)]
 
 
+def _eval_overrides(config: dict, assignments: list[str]) -> None:
+    """Apply ``incseg eval --set`` to a checkpoint's config dict: only :data:`EVAL_KEYS`, which
+    change neither the trained weights nor what the step's classes are."""
+    import copy
+
+    from incseg.config import apply_override, config_from_dict
+    from incseg.engine.model_io import stand_in_method
+
+    changed = copy.deepcopy(config)
+    for assignment in assignments:
+        key = assignment.partition("=")[0].strip()
+        if key not in EVAL_KEYS:
+            raise ConfigError(
+                f"--set {assignment!r}: {key!r} is not a key that acts at evaluation only; "
+                f"valid keys: {', '.join(EVAL_KEYS)} (to change anything else, train a run)"
+            )
+        apply_override(changed, assignment)
+    if changed == config:
+        return
+    try:  # a bad value is the option's error, not the checkpoint's
+        config_from_dict({**changed, "method": {"name": stand_in_method(changed.get("model"))}})
+    except ConfigError as err:
+        raise ConfigError(f"--set {' '.join(assignments)}: {err}") from None
+    config.update(changed)
+
+
 def _eval(args: argparse.Namespace) -> int:
     from incseg.engine.checkpoint import load_checkpoint
     from incseg.engine.evaluate import evaluate_checkpoint
@@ -540,6 +590,7 @@ def _eval(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(path)
     if args.full_image:
         checkpoint["config"]["data"]["test_crop"] = None
+    _eval_overrides(checkpoint["config"], args.set)
     report, num_images = evaluate_checkpoint(checkpoint, progress=not args.no_progress)
     cfg = checkpoint["config"]
     partial = (
@@ -550,7 +601,7 @@ def _eval(args: argparse.Namespace) -> int:
     title = (
         f"Evaluation of {path}: step {report.step}{partial} of {cfg['data']['dataset']} "
         f"{cfg['protocol']['setting']} ({cfg['protocol']['mode']}, {cfg['method']['name']}): "
-        f"{num_images} test images"
+        f"{num_images} test images" + (f"; changed: {', '.join(args.set)}" if args.set else "")
     )
     print(format_step_table(report, title))
     return 0

@@ -56,7 +56,7 @@ def _head_classes(config: Config) -> int:
     return channels - (0 if config.model.mask2former.background else 1)
 
 
-def _stand_in(model: object) -> str:
+def stand_in_method(model: object) -> str:
     """The built-in method a checkpoint's config names in place of its own: fine-tuning of its
     architecture (ECLIPSE for a Mask2Former with prompt queries, SimCIS for its decoder)."""
     if not (isinstance(model, dict) and model.get("architecture") == "mask2former"):
@@ -84,7 +84,7 @@ def restore_step(checkpoint: dict) -> tuple[Config, StepInfo, IncrementalSegment
     if not isinstance(raw, dict):
         raise CheckpointError(f"checkpoint config is not a mapping: {raw!r}")
     try:
-        config = config_from_dict({**raw, "method": {"name": _stand_in(raw.get("model"))}})
+        config = config_from_dict({**raw, "method": {"name": stand_in_method(raw.get("model"))}})
     except ConfigError as err:
         raise CheckpointError(f"checkpoint config does not load: {err}") from None
     setting = config.setting

@@ -80,9 +80,13 @@ Class heads (incseg: ``classifiers.{s}`` per step, then ``no_object``; logits in
   (``:465-468``). So ``class_embeds.0`` rows ``[:-1]`` -> ``classifiers.0``, its last row ->
   ``no_object``, ``class_embeds.{s}`` -> ``classifiers.{s}``.
 * SimCIS: a MaskDINO-style decoder (no ``query_feat`` / ``query_embed``, ``:347-349``; query
-  selection by ``enc_output``, ``ref_point_head``, ``query_scale``, ``bbox_embed``, ``:400-410``)
-  with a fixed ``class_embed = Linear(hidden, 150)`` and no no-object row (``:378``): no
-  counterpart in incseg's Mask2Former, refused.
+  selection by ``enc_output``, ``encoder_norm``, ``ref_point_head``, ``query_scale``,
+  ``_bbox_embed`` shared as ``bbox_embed.{l}``, ``:400-410``) with a fixed ``class_embed =
+  Linear(hidden, 150)`` and no no-object row (``:378``). incseg's selection decoder
+  (``model.mask2former.decoder: selection``, ``class_head: static``) carries the same names;
+  ``class_embed.{weight,bias}`` -> ``class_embed.full.*``, every class's row, seen or not, so
+  the base step's file loads at any step's model. Into Mask2Former's decoder it is refused,
+  naming those keys.
 """
 
 from __future__ import annotations
@@ -110,6 +114,7 @@ _CLASSIFIER = re.compile(r"(backbone\.)?(stem\.fc|fc|linear)\.(weight|bias)")
 # incseg's class head
 _STEP = "predictor.class_embed.classifiers.{}.{}"
 _NO_OBJECT = "predictor.class_embed.no_object.{}"
+_STATIC = "predictor.class_embed.full.{}"  # SimCIS's one layer over every class
 _SHOWN = 6  # names listed per kind in an error message
 
 
@@ -340,20 +345,21 @@ def is_detectron2(data: Any) -> bool:
 # --- mapping ----------------------------------------------------------------------------------
 
 
-def _refuse_variants(state: Mapping[str, Any]) -> None:
-    """Heads and decoders that incseg's Mask2Former cannot compute, refused with the option that
-    made them (module docstring, "Class heads")."""
+def _refuse_variants(state: Mapping[str, Any], selection: bool) -> None:
+    """Heads and decoders that the model built cannot compute, refused with the option that made
+    them (module docstring, "Class heads"); ``selection``: the model has SimCIS's decoder."""
     keys = list(state)
 
     def having(pattern: str) -> list[str]:
         return [k for k in keys if re.match(pattern, k)]
 
     simcis = having(rf"{re.escape(PREDICTOR)}(ref_point_head|enc_output|query_scale|bbox_embed)\.")
-    if simcis:
+    if simcis and not selection:
         raise CheckpointError(
-            f"a SimCIS decoder ({simcis[0]}, ...): its MaskDINO-style query selection and fixed "
-            "150-class head without no-object (SimCIS mask2former_transformer_decoder.py:378, "
-            "400-410) have no counterpart in incseg's Mask2Former"
+            f"a SimCIS decoder ({simcis[0]}, ...; query selection and a static class head, "
+            "SimCIS mask2former_transformer_decoder.py:378, 400-410): build the model with "
+            "model.mask2former.decoder: selection, class_head: static, background: false "
+            "(the ade/*-simcis configs)"
         )
     prompts = having(rf"{re.escape(PREDICTOR)}prompt_(feat|embed|mask_embed|no_obj_embed)\.")
     if prompts:
@@ -479,6 +485,40 @@ def _class_head(
     return out, used, kind
 
 
+def _static_head(
+    state: Mapping[str, Any], model_state: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], set[str], str]:
+    """SimCIS's ``class_embed = Linear(hidden, 150)`` (module docstring, "Class heads") as
+    incseg's static head ``class_embed.full``: every class's row, seen or not, no no-object."""
+    used = {f"{PREDICTOR}class_embed.{leaf}" for leaf in ("weight", "bias")}
+    if not used <= set(state):
+        return {}, set(), ""
+    rows = state[f"{PREDICTOR}class_embed.weight"].shape[0]
+    want = model_state[_STATIC.format("weight")].shape[0]
+    if rows != want:
+        raise CheckpointError(
+            f"{PREDICTOR}class_embed has {rows} rows, the model's static head {want} (every "
+            "class of the setting, no background, no no-object: SimCIS's is 150 on ADE20K)"
+        )
+    out = {
+        _STATIC.format(leaf): state[f"{PREDICTOR}class_embed.{leaf}"].clone()
+        for leaf in ("weight", "bias")
+    }
+    return out, used, "SimCIS class_embed (static)"
+
+
+def _head_of_model(
+    state: Mapping[str, Any], model_state: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], set[str], str]:
+    """The class head read as the model's kind of head wants it (SimCIS's static head or a head
+    per step), after refusing what the model cannot compute."""
+    static = _STATIC.format("weight") in model_state
+    _refuse_variants(state, selection=static)
+    if static:
+        return _static_head(state, model_state)
+    return _class_head(state, _model_sizes(model_state))
+
+
 def _background_hint(extra: int) -> str:
     if extra == 1:
         return " (the checkpoint has a background class: set model.mask2former.background: true)"
@@ -578,7 +618,7 @@ def detectron2_to_incseg(
     state: Mapping[str, Any], model_state: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """A detectron2 model state dict (Mask2Former, CoMFormer, ECLIPSE at step 0 without
-    ``DEEP_CLS``, BalConpas) -> the state dict of the incseg query model whose state is
+    ``DEEP_CLS``, BalConpas, SimCIS) -> the state dict of the incseg query model whose state is
     ``model_state`` (its keys and shapes), complete: it loads with ``strict=True``.
 
     Args:
@@ -599,9 +639,7 @@ def detectron2_to_incseg(
                 f"detectron2 entry {key!r} is a {type(value).__name__}, not a tensor"
             )
     given = {k: v for k, v in given.items() if not _DROPPED.fullmatch(k)}
-    _refuse_variants(given)
-    sizes = _model_sizes(model_state)
-    out, used, head_kind = _class_head(given, sizes)
+    out, used, head_kind = _head_of_model(given, model_state)
     unexpected = []
     for key, value in given.items():
         if key in used:
@@ -664,7 +702,8 @@ def convert_detectron2(data: Any, model: nn.Module) -> dict[str, torch.Tensor]:
         CheckpointError: ``model`` is not the query-based model, no state dict in ``data``, or
             what :func:`detectron2_to_incseg` refuses.
     """
-    if not hasattr(getattr(getattr(model, "predictor", None), "class_embed", None), "no_object"):
+    head = getattr(getattr(model, "predictor", None), "class_embed", None)
+    if not (hasattr(head, "no_object") or hasattr(head, "full")):
         raise CheckpointError(
             "detectron2 checkpoints hold Mask2Former: build the model with "
             "model.architecture: mask2former"
