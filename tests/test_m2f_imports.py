@@ -433,3 +433,46 @@ def test_simcis_weights_import_into_its_decoder(tmp_path, step, capsys):
         CheckpointError, match="class_embed has 15 rows, the model's static head 20"
     ):
         detectron2_to_incseg(narrow, original.state_dict())
+
+
+ECLIPSE_CONFIG = CONFIG.replace("m2f_ft", "eclipse") % (
+    (SIZES % "false")[:-1]
+    + ", class_head: mlp, inference: eclipse, mask_activation: sigmoid, prompts: 5}"
+)
+
+
+def eclipse_as_detectron2(model):
+    """ECLIPSE's step-0 model as its repository saves it with ``CONT.DEEP_CLS`` (clovaai/ECLIPSE
+    ``continual/modeling/classifier.py:49-70``): CoMFormer's ``class_embed.cls.i`` with
+    no-object at 0, each a 3-layer MLP (``layers.0..2``)."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("backbone."):
+            out[key] = value
+            continue
+        key = key.replace("class_embed.no_object.", "class_embed.cls.0.")
+        for step in range(len(model.classifiers)):
+            key = key.replace(f"class_embed.classifiers.{step}.", f"class_embed.cls.{step + 1}.")
+        out["sem_seg_head." + key] = value
+    return out
+
+
+def test_eclipse_step0_weights_with_mlp_classifiers_import(tmp_path):
+    config = tmp_path / "eclipse.yaml"
+    config.write_text(ECLIPSE_CONFIG)
+    original = query_model(config, 0, seed=30)
+    state = eclipse_as_detectron2(original)
+    assert P + "class_embed.cls.0.layers.2.weight" in state
+    assert P + "class_embed.cls.1.layers.2.weight" in state
+    source = tmp_path / "ade_ss_100_step0.pth"
+    torch.save({"model": state, "iteration": 159999}, source)
+    assert import_cli(source, config, 0, tmp_path / "imported.pt") == 0
+    assert_same_model(restore_step(load_checkpoint(tmp_path / "imported.pt"))[2], original)
+    linear = query_model(write_config(tmp_path, background=False), 0)
+    with pytest.raises(CheckpointError, match="CONT.DEEP_CLS True .*class_head: mlp"):
+        detectron2_to_incseg(state, linear.state_dict())
+    with pytest.raises(CheckpointError, match="linear classifiers, the model mlp ones"):
+        detectron2_to_incseg(as_detectron2(linear, "comformer"), original.state_dict())
+    broken = {k: v for k, v in state.items() if k != P + "class_embed.cls.1.layers.1.bias"}
+    with pytest.raises(CheckpointError, match="not the 3-layer MLP of the others"):
+        detectron2_to_incseg(broken, original.state_dict())

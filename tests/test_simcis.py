@@ -8,6 +8,7 @@ that resumes exactly after a kill in the collection pass and in step 1."""
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from incseg import simcis_losses as sl
 from incseg.config import load_config
 from incseg.errors import ConfigError
+from incseg.metrics import StepReport
 from incseg.models.mask2former.decoder import DecoderSizes
 from incseg.models.mask2former.selection import (
     SelectionDecoder,
@@ -25,6 +27,7 @@ from incseg.models.mask2former.selection import (
     inverse_sigmoid,
 )
 from incseg.query_losses import CriterionWeights, point_sample
+from incseg.report import format_step_table
 from tests.helpers.method_runs import check_exact_resume, run_method
 from tests.test_query_model import M2F_SETS
 
@@ -485,6 +488,8 @@ def test_a_model_that_abstains_leaves_those_pixels_out_of_the_evaluation():
     from incseg.engine.runtime import Runtime
 
     class Abstains(torch.nn.Module):
+        inference = "simcis"
+
         def forward(self, images):
             return images
 
@@ -496,8 +501,17 @@ def test_a_model_that_abstains_leaves_those_pixels_out_of_the_evaluation():
 
     targets = torch.ones(1, 4, 4, dtype=torch.long)  # all class 1
     rt = Runtime.of(load_config("demo"))
+    targets[:, 0] = 0  # but the top row is background
     matrix = evaluate(Abstains(), [(torch.zeros(1, 3, 4, 4), targets)], 2, rt)
-    assert matrix.tolist() == [[0, 0], [0, 8]]  # the right half counts nowhere
+    # the right half counts nowhere in the IoU; the last column says how much of each class
+    assert matrix.tolist() == [[0, 2, 2], [0, 6, 6]]
+    info = SimpleNamespace(step=0, class_names=("background", "a"), num_base_channels=2)
+    report = StepReport.from_confusion(matrix, info)
+    assert report.abstained == 0.5 and report.to_dict()["abstained"] == 0.5
+    assert report.iou == (0.0, 0.75)  # class 1: 6 of its 8 predicted pixels right
+    assert "no prediction on 50.00% of the labelled pixels" in format_step_table(report, "t")
+    plain = StepReport.from_confusion(matrix[:, :2], info)
+    assert plain.abstained is None and "abstained" not in plain.to_dict()
 
 
 def test_config_pairs_simcis_with_its_model_only(tmp_path):

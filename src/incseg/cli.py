@@ -218,9 +218,9 @@ def _add_import_checkpoint(
         help="convert a MiB, PLOP, cssegmentation or detectron2 (Mask2Former) step checkpoint "
         "into an incseg checkpoint",
         description="Convert a step checkpoint of the official MiB code, PLOP, cssegmentation "
-        "or a detectron2-based query model (Mask2Former, CoMFormer, BalConpas) into an incseg step "
-        "checkpoint for the given config and step, so that `incseg eval` can evaluate it. Every "
-        "key is accounted for (docs/reproduction.md).",
+        "or a detectron2-based query model (Mask2Former, CoMFormer, BalConpas, ECLIPSE's step 0, "
+        "SimCIS) into an incseg step checkpoint for the given config and step, so that "
+        "`incseg eval` can evaluate it. Every key is accounted for (docs/reproduction.md).",
     )
     imp.add_argument(
         "source",

@@ -93,6 +93,8 @@ class StepReport:
         present: per channel, whether it has ground-truth pixels in the test set.
         num_base_channels: channels of step 0 (background and the base classes).
         pixel_accuracy: fraction of valid pixels predicted correctly.
+        abstained: for a model with a "no prediction" output (SimCIS), the fraction of labelled
+            pixels it left without a class, which the IoU leaves out; ``None`` otherwise.
     """
 
     step: int
@@ -101,12 +103,21 @@ class StepReport:
     present: tuple[bool, ...]
     num_base_channels: int
     pixel_accuracy: float
+    abstained: float | None = None
 
     @classmethod
     def from_confusion(cls, matrix: torch.Tensor, info: StepInfo) -> StepReport:
+        """``matrix``: ``(K, K)`` (rows ground truth, columns prediction) or ``(K, K + 1)``, the
+        last column the labelled pixels of each class that got no prediction
+        (:func:`incseg.engine.evaluate.evaluate`)."""
         matrix = matrix.cpu()
+        abstained = None
+        if matrix.shape[1] == matrix.shape[0] + 1:
+            abstained = float(matrix[:, -1].sum() / matrix.sum().clamp(min=1))
+            matrix = matrix[:, :-1]
         total = matrix.sum().clamp(min=1)
         return cls(
+            abstained=abstained,
             step=info.step,
             class_names=info.class_names,
             iou=tuple(iou_per_class(matrix).tolist()),
@@ -164,6 +175,7 @@ class StepReport:
             "miou_all": self.miou_all,
             "miou_with_bg": self.miou_with_bg,
             "pixel_accuracy": self.pixel_accuracy,
+            **({} if self.abstained is None else {"abstained": self.abstained}),
             "per_class": {
                 name: (iou if present else None)
                 for name, iou, present in zip(self.class_names, self.iou, self.present, strict=True)

@@ -29,6 +29,11 @@ def format_step_table(report: StepReport, title: str) -> str:
         f"new ({report.new_range}) {_pct(report.miou_new)} | all ({report.all_range}) "
         f"{_pct(report.miou_all)} | w/ bg ({report.with_bg_range}) {_pct(report.miou_with_bg)}"
     )
+    if report.abstained is not None:
+        lines.append(
+            f"  no prediction on {100 * report.abstained:.2f}% of the labelled pixels "
+            "(left out of the IoU, as SimCIS's evaluator leaves them out)"
+        )
     return "\n".join(lines)
 
 

@@ -29,18 +29,24 @@ def predict_channels(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, num_classes: int, rt: Runtime) -> torch.Tensor:
-    """Return the ``(K, K)`` int64 confusion matrix of ``model`` on ``loader``.
+    """Return the ``(K, K)`` int64 confusion matrix of ``model`` on ``loader`` (rows ground
+    truth, columns prediction), ``(K, K + 1)`` for a model that abstains.
 
     Scores of another size than the labels are upsampled bilinearly to them first. Scores with
     one channel more than ``num_classes`` end with "no prediction" (SimCIS's void): its pixels
-    are left out, as SimCIS's evaluator leaves out void predictions
-    (SooLab/SimCIS ``continual/evaluator.py:79-82, 114-116``). The matrix
+    are left out of the ``K x K`` part, as SimCIS's evaluator leaves out void predictions
+    (SooLab/SimCIS ``continual/evaluator.py:79-82, 114-116``), and counted per ground-truth
+    class in the extra last column, so that the report says how much was left out. The matrix
     stays on the device while batches accumulate (no host copy per batch). Under
     ``torchrun`` each rank evaluates its own shard of the images (``build_test_loader``) and the
     matrices are summed over ranks here, so every rank returns the matrix of the whole test set.
     """
     model.eval()
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=rt.device)
+    # per class, labelled pixels without a prediction; made before any batch for SimCIS's
+    # inference, so that a rank without test images sums a matrix of the same shape
+    abstains = getattr(getattr(model, "module", model), "inference", None) == "simcis"
+    abstained = torch.zeros(num_classes, dtype=torch.int64, device=rt.device) if abstains else None
     for images, targets in tqdm(loader, desc="eval", leave=False, disable=not rt.progress):
         images = images.to(rt.device, non_blocking=True, memory_format=rt.memory_format)
         targets = targets.to(rt.device, non_blocking=True)
@@ -54,8 +60,13 @@ def evaluate(model: nn.Module, loader, num_classes: int, rt: Runtime) -> torch.T
             )
         pred = predict_channels(scores)
         if scores.shape[1] == num_classes + 1:  # the model's "no prediction" channel (SimCIS)
+            missed = targets[(pred == num_classes) & (targets < num_classes)].long()
+            counts = torch.bincount(missed, minlength=num_classes)
+            abstained = counts if abstained is None else abstained + counts
             targets = torch.where(pred == num_classes, IGNORE_INDEX, targets)
         matrix += confusion_matrix(pred, targets, num_classes)
+    if abstained is not None:
+        matrix = torch.cat([matrix, abstained[:, None]], dim=1)
     return all_reduce_sum(matrix, rt.dist)
 
 

@@ -303,6 +303,7 @@ class Run:
             step.model, loader, step.info.num_channels, replace(self.rt, progress=False)
         )
         step.model.train()
+        matrix = matrix[:, : step.info.num_channels]  # an abstaining model's last column
         first_new = step.info.num_old_channels
         iou, present = iou_per_class(matrix)[first_new:], matrix.sum(1)[first_new:] > 0
         return float(iou[present].mean()) if bool(present.any()) else float("nan")

@@ -71,9 +71,10 @@ Class heads (incseg: ``classifiers.{s}`` per step, then ``no_object``; logits in
 * ECLIPSE: CoMFormer's head (``continual/modeling/classifier.py:49-70``; decoder
   ``mask2former_transformer_decoder.py:399-410``), but with ``CONT.DEEP_CLS`` each ``cls.{i}`` is
   a 3-layer MLP (``classifier.py:53-55``, keys ``cls.{i}.layers.{0,1,2}``), which every released
-  script sets (``script/ade_ss/100_5.sh:26``, also for step 0): refused. From step 1 its visual
-  prompts (``prompt_feat``, ``prompt_embed``, ``prompt_mask_embed``, ``prompt_no_obj_embed``,
-  ``:365-382, 416-424``) are extra queries incseg does not have: refused.
+  script sets (``script/ade_ss/100_5.sh:26``, also for step 0): read into incseg's MLP
+  classifiers (``class_head: mlp``, the same ``layers.k`` names), ``cls.0`` -> ``no_object``.
+  From step 1 its visual prompts (``prompt_feat``, ``prompt_embed``, ``prompt_mask_embed``,
+  ``prompt_no_obj_embed``, ``:365-382, 416-424``) are refused: only its step-0 file imports.
 * BalConpas: ``class_embeds.{i}`` (``mask2former_transformer_decoder.py:337-342``), one per
   step seen (``n_cls_in_tasks[:task]``, ``CONT.TASK`` counted from 1, ``:371-379``), the first
   ``Linear(hidden, C_0 + 1)`` whose last row is no-object, moved last in the logits
@@ -345,9 +346,10 @@ def is_detectron2(data: Any) -> bool:
 # --- mapping ----------------------------------------------------------------------------------
 
 
-def _refuse_variants(state: Mapping[str, Any], selection: bool) -> None:
+def _refuse_variants(state: Mapping[str, Any], selection: bool, mlp: bool) -> None:
     """Heads and decoders that the model built cannot compute, refused with the option that made
-    them (module docstring, "Class heads"); ``selection``: the model has SimCIS's decoder."""
+    them (module docstring, "Class heads"); ``selection``: the model has SimCIS's decoder,
+    ``mlp``: MLP classifiers (``class_head: mlp``)."""
     keys = list(state)
 
     def having(pattern: str) -> list[str]:
@@ -364,15 +366,15 @@ def _refuse_variants(state: Mapping[str, Any], selection: bool) -> None:
     prompts = having(rf"{re.escape(PREDICTOR)}prompt_(feat|embed|mask_embed|no_obj_embed)\.")
     if prompts:
         raise CheckpointError(
-            f"ECLIPSE visual prompts ({prompts[0]}, ...; CONT.NUM_PROMPTS > 0, steps >= 1): extra "
-            "prompt queries incseg's Mask2Former does not have"
+            f"ECLIPSE visual prompts ({prompts[0]}, ...; CONT.NUM_PROMPTS > 0, steps >= 1): "
+            "incseg imports ECLIPSE's step-0 weights (no prompts) only"
         )
     deep = having(rf"{re.escape(PREDICTOR)}class_embed\.cls\.\d+\.layers\.")
-    if deep:
+    if deep and not mlp:
         raise CheckpointError(
             f"an ECLIPSE class head with CONT.DEEP_CLS True ({deep[0]}: a 3-layer MLP per step, "
-            "ECLIPSE continual/modeling/classifier.py:53-55): incseg's head is one linear layer "
-            "per step"
+            "ECLIPSE continual/modeling/classifier.py:53-55): build the model with "
+            "model.mask2former.class_head: mlp (the ade/*-eclipse configs)"
         )
     for key in having(rf"{re.escape(PREDICTOR)}class_embeds?\.(cls\.)?\d+\.weight$"):
         if key.removesuffix("weight") + "bias" not in state:
@@ -389,20 +391,34 @@ def _refuse_variants(state: Mapping[str, Any], selection: bool) -> None:
         )
 
 
+_MLP_LEAVES = {f"layers.{k}.{leaf}" for k in range(3) for leaf in ("weight", "bias")}
+
+
+def _rows(group: Mapping[str, Any]) -> int:
+    """Outputs of a classifier given as ``{leaf: tensor}``: a linear layer's ``weight`` rows or
+    an MLP's last layer's (``layers.2.weight``)."""
+    return group["weight" if "weight" in group else "layers.2.weight"].shape[0]
+
+
 def _model_sizes(model_state: Mapping[str, torch.Tensor]) -> list[int]:
     """Rows of each step's classifier in the model (step 0's without background when the head
-    has none)."""
+    has none), linear layers or MLPs."""
     sizes = []
-    while (key := _STEP.format(len(sizes), "weight")) in model_state:
+    while True:
+        step = len(sizes)
+        key = _STEP.format(step, "weight")
+        key = key if key in model_state else _STEP.format(step, "layers.2.weight")
+        if key not in model_state:
+            return sizes
         sizes.append(model_state[key].shape[0])
-    return sizes
 
 
 def _indexed(state: Mapping[str, Any], prefix: str) -> dict[int, dict[str, Any]]:
-    """``prefix{i}.{leaf}`` entries grouped by ``i``."""
+    """``prefix{i}.{leaf}`` entries grouped by ``i`` (``leaf``: ``weight``, ``bias``, or an
+    MLP's ``layers.k.weight`` / ``layers.k.bias``)."""
     groups: dict[int, dict[str, Any]] = {}
     for key, value in state.items():
-        match = re.fullmatch(re.escape(prefix) + r"(\d+)\.(weight|bias)", key)
+        match = re.fullmatch(re.escape(prefix) + r"(\d+)\.((?:layers\.\d+\.)?(?:weight|bias))", key)
         if match:
             groups.setdefault(int(match[1]), {})[match[2]] = value
     return groups
@@ -454,8 +470,11 @@ def _class_head(
     if parts is None:
         return {}, set(), ""
     kind, used, steps, no_object = parts
-    if any(set(group) != {"weight", "bias"} for group in (*steps, no_object)):
-        raise CheckpointError(f"{kind}: a layer without weight or bias")
+    leaves = set(no_object)
+    if leaves not in ({"weight", "bias"}, _MLP_LEAVES) or any(set(g) != leaves for g in steps):
+        raise CheckpointError(
+            f"{kind}: a classifier without weight or bias, or not the 3-layer MLP of the others"
+        )
     if kind.startswith("Mask2Former"):  # one layer for every class: split by the model's steps
         total = steps[0]["weight"].shape[0]
         if total != sum(sizes):
@@ -474,7 +493,7 @@ def _class_head(
         )
     out = {}
     for step, (group, size) in enumerate(zip(steps, sizes)):
-        have = group["weight"].shape[0]
+        have = _rows(group)
         if have != size:
             hint = _background_hint(have - size) if step == 0 else ""
             raise CheckpointError(
@@ -513,10 +532,18 @@ def _head_of_model(
     """The class head read as the model's kind of head wants it (SimCIS's static head or a head
     per step), after refusing what the model cannot compute."""
     static = _STATIC.format("weight") in model_state
-    _refuse_variants(state, selection=static)
+    mlp = _NO_OBJECT.format("layers.0.weight") in model_state
+    _refuse_variants(state, selection=static, mlp=mlp)
     if static:
         return _static_head(state, model_state)
-    return _class_head(state, _model_sizes(model_state))
+    out, used, kind = _class_head(state, _model_sizes(model_state))
+    if any(key not in model_state for key in out):
+        have, want = ("mlp", "linear") if mlp else ("linear", "mlp")
+        raise CheckpointError(
+            f"the checkpoint's class head ({kind}) has {want} classifiers, the model {have} "
+            f"ones: set model.mask2former.class_head: {want}"
+        )
+    return out, used, kind
 
 
 def _background_hint(extra: int) -> str:
@@ -617,8 +644,8 @@ def implied_sizes(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
 def detectron2_to_incseg(
     state: Mapping[str, Any], model_state: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """A detectron2 model state dict (Mask2Former, CoMFormer, ECLIPSE at step 0 without
-    ``DEEP_CLS``, BalConpas, SimCIS) -> the state dict of the incseg query model whose state is
+    """A detectron2 model state dict (Mask2Former, CoMFormer, ECLIPSE at step 0, BalConpas,
+    SimCIS) -> the state dict of the incseg query model whose state is
     ``model_state`` (its keys and shapes), complete: it loads with ``strict=True``.
 
     Args:
