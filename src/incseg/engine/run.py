@@ -345,11 +345,7 @@ class Run:
             self.files.save_step(info.step, payload, self.metrics)
         groups = {k: 100 * getattr(report, f"miou_{k}") for k in ("old", "new", "all", "with_bg")}
         self.scalars.add("miou", groups, info.step)
-        c = self.config
-        title = (
-            f"Step {info.step} of {c.data.dataset} {c.setting.name} ({c.protocol.mode}, "
-            f"{c.method.name}): {num_train} train / {len(test.dataset)} test images"
-        )
+        title = self._step_title(info, f"{num_train} train / {len(test.dataset)} test images")
         if step.memory:
             title += f"; memory {memory_summary(step.memory, names)}"
         elif self.method.stores() != "nothing":
@@ -359,6 +355,14 @@ class Run:
         self.model, self.old_model = step.model, frozen_copy(step.model)
         self.memory = step.memory
         return report
+
+    def _step_title(self, info: StepInfo, images: str) -> str:
+        """The step table's title: the step, the setting, the method and ``images``."""
+        c = self.config
+        return (
+            f"Step {info.step} of {c.data.dataset} {c.setting.name} ({c.protocol.mode}, "
+            f"{c.method.name}): {images}"
+        )
 
     def summarise(self) -> None:
         """Log the summary over steps and write ``metrics.json`` and ``summary.md`` (rank 0); no
