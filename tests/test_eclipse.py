@@ -230,6 +230,9 @@ ECLIPSE_SETS = (
     "train.weight_decay=0.05",
     "train.lr=0.001",
     "train.lr_incremental=0.001",
+    # Mask2Former's full-model clipping at the official 0.01: with every old weight frozen after
+    # step 0, the exact resume below checks that their step-0 gradients never enter the norm
+    "train.clip_grad_norm=0.01",
 )
 
 

@@ -1,5 +1,5 @@
 """End-to-end runs of a method through ``cli.main`` and the check that an interrupted step
-resumes to the same numbers (shared by the tests of each method and add-on)."""
+resumes to the same numbers and weights (shared by the tests of each method and add-on)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from incseg.cli import main
+from incseg.engine.checkpoint import load_checkpoint
 
 
 def run_method(config: Path, out: Path, *sets: str) -> list[str]:
@@ -28,7 +31,7 @@ def check_exact_resume(
 ) -> None:
     """Run ``args`` again into ``tmp / "run"``, killed (SIGKILL) at ``kill_at`` (by default in
     step 1's second epoch), resume it, and assert every per-class IoU and epoch loss equals the
-    uninterrupted run ``out``'s."""
+    uninterrupted run ``out``'s, and the last step's weights to the last bit."""
     run = tmp / "run"
     cmd = [sys.executable, "-m", "incseg", *args]
     cmd[cmd.index(str(out))] = str(run)
@@ -40,6 +43,9 @@ def check_exact_resume(
     assert [(s["per_class"], s["losses"]) for s in numbers[0]] == [
         (s["per_class"], s["losses"]) for s in numbers[1]
     ]
+    last = f"step_{len(numbers[0]) - 1}.pt"  # and the weights to the last bit
+    weights = [load_checkpoint(d / last)["model"] for d in (out, run)]
+    assert [k for k, v in weights[0].items() if not torch.equal(v, weights[1][k])] == []
 
 
 def step_training_images(out: Path, step: int) -> int:

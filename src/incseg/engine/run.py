@@ -312,6 +312,7 @@ class Run:
         """``end_step`` and ``after_training``; evaluate on all seen classes; record the step (checkpoint, metrics,
         scalars) and print its table; its model becomes the next step's old model."""
         info = step.info
+        step.model.zero_grad(set_to_none=True)  # the last gradients: not the next step's to keep
         self.method.end_step(info, step.model)
         self.method.after_training(StepData(step, self.rt, self.config.train), info, step.model)
         test = self.data.test_loader(info)

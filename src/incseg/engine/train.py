@@ -294,8 +294,11 @@ def train_batch(
         opt.scaler.unscale_(opt.optimizer)  # importance estimates and clipping: true gradients
     if method.needs_gradients:
         method.after_backward(step.model)
-    if opt.clip_grad_norm is not None:  # all parameters' gradients as one vector (Mask2Former's)
-        torch.nn.utils.clip_grad_norm_(step.model.parameters(), opt.clip_grad_norm)
+    if opt.clip_grad_norm is not None:
+        # Mask2Former's full-model clipping: the optimiser's parameters' gradients as one vector
+        # (facebookresearch/Mask2Former train_net.py:241-245); a frozen weight is not among them
+        trained = [p for group in opt.optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(trained, opt.clip_grad_norm)
     opt.scaler.step(opt.optimizer)
     opt.scaler.update()
     opt.scheduler.step()
