@@ -131,9 +131,11 @@ def _add_run(
         "--start-from",
         type=Path,
         default=None,
-        metavar="RUN_DIR",
+        metavar="RUN_DIR|FILE.pt",
         help="start with the finished steps 0..K of another run (copied unchanged; they must have been "
-        "trained as this config trains them, e.g. step 0 by another plain-cross-entropy method)",
+        "trained as this config trains them, e.g. step 0 by another plain-cross-entropy method), "
+        "or with the step-0 weights of a checkpoint file (from `incseg import-checkpoint`, or a "
+        "run's step_0.pt): step 0 is then evaluated on them, not trained",
     )
     run.add_argument(
         "--start-step",
@@ -361,6 +363,15 @@ def _start_arguments(args: argparse.Namespace) -> None:
             f"--start-step {args.start_step} names the last step taken from --start-from RUN_DIR, "
             "which is missing; give both, or neither"
         )
+    if args.start_from is not None and not args.start_from.exists():
+        raise IncsegError(
+            f"--start-from {args.start_from}: no such run directory or checkpoint file"
+        )
+    if args.start_step and args.start_from.is_file():
+        raise IncsegError(
+            f"--start-step {args.start_step}: --start-from {args.start_from} is a checkpoint file, "
+            "which seeds step 0 only; to take later steps, start from a run directory"
+        )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -377,7 +388,7 @@ def _run(args: argparse.Namespace) -> int:
         return _dry_run(args, config)
     if args.resume and args.out is None:
         raise IncsegError("--resume needs the run directory: --out DIR --resume, or --resume DIR")
-    from incseg.engine.adopt import adopt_steps  # heavy imports once the config is valid
+    from incseg.engine.adopt import adopt_steps, adopt_weights  # heavy: once the config is valid
     from incseg.engine.run import run_protocol
     from incseg.engine.rundir import RunDir
 
@@ -388,10 +399,12 @@ def _run(args: argparse.Namespace) -> int:
     )
     if out.exists() and not out.is_dir():
         raise IncsegError(f"--out {out}: exists and is not a directory")
-    if args.start_from is not None and Path(args.start_from).resolve() == Path(out).resolve():
+    source = None if args.start_from is None else Path(args.start_from).resolve()
+    if source is not None and Path(out).resolve() in (source, source.parent):
+        where = "the --out directory itself" if source.is_dir() else "in the --out directory"
         raise IncsegError(
-            f"--start-from {args.start_from} is the --out directory itself; start from another run "
-            "(to continue this one, pass --resume)"
+            f"--start-from {args.start_from} is {where}; start from another run or a file "
+            "elsewhere (to continue this one, pass --resume)"
         )
     args.out = out  # named by the message of an interrupted run
     run_dir = RunDir(out)
@@ -411,7 +424,9 @@ def _run(args: argparse.Namespace) -> int:
             f"incseg run: {config.method.name} on {config.data.dataset} {config.setting.name} "
             f"({config.protocol.mode}) -> {out}"
         )
-        if args.start_from is not None:
+        if args.start_from is not None and args.start_from.is_file():
+            adopt_weights(out, config, args.start_from, dist)
+        elif args.start_from is not None:
             adopt_steps(out, config, args.start_from, args.start_step, dist)
         resume = bool(args.resume) or args.start_from is not None
         run_protocol(config, out, dist=dist, progress=not args.no_progress, resume=resume)
@@ -792,6 +807,7 @@ def _describe(name: str, cls: type, key: str, *, engine: bool) -> str:
             "scans_old_model",
             "needs_gradients",
             "plain_first_step",
+            "trained_state",
         )
         lines += ["", f"  engine: {', '.join(f'{a}={getattr(cls, a)!r}' for a in asks)}"]
         needs = getattr(cls, "architecture", None)

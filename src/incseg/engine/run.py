@@ -96,6 +96,7 @@ class Run:
     model: nn.Module | None = None  # the last finished step's model
     old_model: nn.Module | None = None  # its frozen copy, the next step's old model
     memory: list[Exemplar] = field(default_factory=list)  # the last finished step's memory
+    seeded_from: str | None = None  # step 0's weights file, evaluated instead of trained
     scalars: Scalars = field(default_factory=lambda: Scalars(None))
 
     def __post_init__(self) -> None:
@@ -116,7 +117,9 @@ class Run:
         """Check and load everything a run needs before writing anything (backbone weights,
         data, the finished steps of a resumed run, the first model), then write the config."""
         check_tensorboard(config.train.tensorboard)
-        fetch_backbone_weights(config, rt.dist)
+        seed = RunDir(run_dir).seed() if resume else None  # --start-from FILE.pt's weights
+        if seed is None:
+            fetch_backbone_weights(config, rt.dist)
         data = Sources.load(config, rt.dist, progress=rt.progress)
         run = cls(config, RunDir(run_dir), method, rt, data, resume)
         if resume:
@@ -125,7 +128,10 @@ class Run:
         check_can_train(config, data, method, plan_steps(config, data, first=len(run.reports)))
         if run.model is None:  # built now: missing or foreign weights surface before any write
             torch.manual_seed(step_seed(config.train.seed, 0))
-            run.model = build_model(config, step_info(run.setting, 0))
+            if seed is None:
+                run.model = build_model(config, step_info(run.setting, 0))
+            else:
+                run.model, run.seeded_from = restore_step(seed)[2], seed.get("seeded_from", "?")
         barrier(rt.dist)  # every rank has read the run directory before rank 0 writes into it
         tensorboard = run.files.path / TENSORBOARD_DIR
         run.scalars = open_scalars(config.train.tensorboard, tensorboard, rt.dist.is_main)
@@ -198,6 +204,9 @@ class Run:
         model = self.rt.place(model)
         self.method.begin_step(info, model)
         epochs, iterations = self.config.train.schedule_at(index, len(loader))
+        if index == 0 and self.seeded_from is not None:
+            epochs = 0  # its weights are the seed's (engine/adopt.py adopt_weights)
+            log.info(f"step 0: the weights of {self.seeded_from}, evaluated, not trained")
         groups = self.method.param_groups(model, info)
         opt = Optimisation.for_step(model, self.config.train, index, iterations, self.rt, groups)
         step = Step(
@@ -325,6 +334,8 @@ class Run:
             "num_test_images": len(test.dataset),
             "losses": step.history,
         }
+        if info.step == 0 and self.seeded_from is not None:
+            entry["started_from"] = self.seeded_from
         names = dict(zip(info.order, info.class_names, strict=True))
         if step.memory:
             entry["memory"] = {

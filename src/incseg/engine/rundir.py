@@ -8,6 +8,8 @@
       step_K.pt        checkpoint of finished step K (model, method state, confusion matrix)
       last.pt          the latest epoch checkpoint of the unfinished step (removed when it ends)
       memory_step_K.json  the exemplar memory of step K (methods with one, engine/memory.py)
+      seed_step_0.pt   the step-0 weights a run was started from (``incseg run --start-from
+                       FILE.pt``, engine/adopt.py): step 0 is evaluated on them, not trained
       summary.md       written when the last step is done
       tensorboard/     scalars (train.tensorboard)
       .incseg.lock     held (``flock``) by the one process writing the run
@@ -44,6 +46,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "summary.md"
 LAST_FILE = "last.pt"
+SEED_FILE = "seed_step_0.pt"
 TENSORBOARD_DIR = "tensorboard"
 LOCK_FILE = ".incseg.lock"
 _HELD: dict[Path, list[int]] = {}  # run directories this process has locked: [fd, depth]
@@ -63,6 +66,15 @@ class RunDir:
     def memory_file(self, step: int) -> Path:
         return self.path / f"memory_step_{step}.json"
 
+    @property
+    def seed_file(self) -> Path:
+        return self.path / SEED_FILE
+
+    def seed(self) -> dict[str, Any] | None:
+        """The step-0 checkpoint the run was started from (loaded, checksum verified), or None
+        for a run that trains its step 0."""
+        return load_checkpoint(self.seed_file) if self.seed_file.is_file() else None
+
     def step_files(self) -> dict[int, Path]:
         """Finished-step checkpoints by step."""
         found = {}
@@ -76,7 +88,7 @@ class RunDir:
         """The files present that show the directory holds a run (empty: a fresh directory)."""
         return [
             n
-            for n in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, "step_0.pt")
+            for n in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, "step_0.pt", SEED_FILE)
             if (self.path / n).exists()
         ]
 
@@ -270,7 +282,7 @@ class RunDir:
     def clear(self) -> list[str]:
         """Remove every file of a run from the directory (``--overwrite``), so that it holds only the
         new run; files that are not a run's are left alone. Returns the names removed."""
-        fixed = {CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, LAST_FILE, TENSORBOARD_DIR}
+        fixed = {CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, LAST_FILE, TENSORBOARD_DIR, SEED_FILE}
         steps = {path.name for path in self.step_files().values()}
         removed = []
         for path in sorted(self.path.iterdir()) if self.path.is_dir() else []:

@@ -100,7 +100,10 @@ class Method:
     ``needs_gradients``: call :meth:`after_backward` (unscaled gradients in ``.grad``) every
     iteration;
     ``plain_first_step``: step 0 is plain cross-entropy and leaves no method state, so methods
-    that declare it train the very same step-0 model (``incseg compare`` trains it once).
+    that declare it train the very same step-0 model (``incseg compare`` trains it once);
+    ``trained_state``: :meth:`state_dict` holds what the training iterations gathered (EWC's
+    Fisher, SimCIS's query bank), which the weights alone do not give, so such a method cannot
+    start from a checkpoint file (``incseg run --start-from FILE.pt``).
     """
 
     needs_old_model: ClassVar[bool] = False
@@ -108,6 +111,7 @@ class Method:
     scans_old_model: ClassVar[bool] = False
     needs_gradients: ClassVar[bool] = False
     plain_first_step: ClassVar[bool] = False
+    trained_state: ClassVar[bool] = False
     # Exemplar memory (the -M variants, docs/methods.md "Exemplar memory"): images kept in total
     # from step 1 on (0: none; a method with a memory makes it a hyperparameter), and how they
     # join a step's batches (engine/loaders.py Extras).

@@ -89,6 +89,7 @@ class _Importance(Method):
     the raw importance (:meth:`update` every iteration, :meth:`finish_estimate` per step)."""
 
     needs_gradients: ClassVar[bool] = True
+    trained_state: ClassVar[bool] = True  # the importance is estimated along the iterations
     weight: float = ranged(500.0, LOSS_WEIGHT)
     _state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
     _names: list[str] = field(default_factory=list, init=False, repr=False)

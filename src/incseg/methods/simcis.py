@@ -77,6 +77,7 @@ class SimCIS(QueryMethod):
 
     decoder: ClassVar[str] = "selection"
     needs_old_model: ClassVar[bool] = True
+    trained_state: ClassVar[bool] = True  # the bank holds the training iterations' queries
     scans_old_model: ClassVar[bool] = True
     # pseudo targets go where the labels have no mask: a background class would cover them all
     pseudo_labels_old_pixels: ClassVar[bool] = True
