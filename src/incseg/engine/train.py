@@ -296,9 +296,11 @@ def train_batch(
         method.after_backward(step.model)
     if opt.clip_grad_norm is not None:
         # Mask2Former's full-model clipping: the optimiser's parameters' gradients as one vector
-        # (facebookresearch/Mask2Former train_net.py:241-245); a frozen weight is not among them
-        trained = [p for group in opt.optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(trained, opt.clip_grad_norm)
+        # (facebookresearch/Mask2Former train_net.py:241-245; a frozen weight is not among
+        # them), in the model's order, as its per-parameter groups list them (the float sum)
+        trained = {id(p) for group in opt.optimizer.param_groups for p in group["params"]}
+        clipped = [p for p in step.model.parameters() if id(p) in trained]
+        torch.nn.utils.clip_grad_norm_(clipped, opt.clip_grad_norm)
     opt.scaler.step(opt.optimizer)
     opt.scaler.update()
     opt.scheduler.step()
