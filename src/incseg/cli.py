@@ -399,7 +399,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     if out.exists() and not out.is_dir():
         raise IncsegError(f"--out {out}: exists and is not a directory")
-    source = None if args.start_from is None else Path(args.start_from).resolve()
+    source = None if args.start_from is None else args.start_from.resolve()
     if source is not None and Path(out).resolve() in (source, source.parent):
         where = "the --out directory itself" if source.is_dir() else "in the --out directory"
         raise IncsegError(

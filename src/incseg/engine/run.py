@@ -117,8 +117,8 @@ class Run:
         """Check and load everything a run needs before writing anything (backbone weights,
         data, the finished steps of a resumed run, the first model), then write the config."""
         check_tensorboard(config.train.tensorboard)
-        seed = RunDir(run_dir).seed() if resume else None  # --start-from FILE.pt's weights
-        if seed is None:
+        seeded = resume and RunDir(run_dir).seed_file.is_file()  # --start-from FILE.pt's weights
+        if not seeded:
             fetch_backbone_weights(config, rt.dist)
         data = Sources.load(config, rt.dist, progress=rt.progress)
         run = cls(config, RunDir(run_dir), method, rt, data, resume)
@@ -128,10 +128,12 @@ class Run:
         check_can_train(config, data, method, plan_steps(config, data, first=len(run.reports)))
         if run.model is None:  # built now: missing or foreign weights surface before any write
             torch.manual_seed(step_seed(config.train.seed, 0))
-            if seed is None:
+            if not seeded:
                 run.model = build_model(config, step_info(run.setting, 0))
-            else:
-                run.model, run.seeded_from = restore_step(seed)[2], seed.get("seeded_from", "?")
+            else:  # read only while step 0 is still to be evaluated
+                seed = run.files.seed()
+                run.model = restore_step(seed)[2]
+                run.seeded_from = seed.get("seeded_from", str(run.files.seed_file))
         barrier(rt.dist)  # every rank has read the run directory before rank 0 writes into it
         tensorboard = run.files.path / TENSORBOARD_DIR
         run.scalars = open_scalars(config.train.tensorboard, tensorboard, rt.dist.is_main)

@@ -66,12 +66,18 @@ def poly_lr_lambda(
 @dataclass
 class Optimisation:
     """SGD (Nesterov momentum) or AdamW, the per-iteration poly LR, the fp16 loss scaler and the
-    gradient clipping (``clip_grad_norm``, None: off) of one step."""
+    gradient clipping (``clip_grad_norm``, None: off) of one step, over ``clipped``: the
+    optimiser's parameters in the model's order (:meth:`for_step`)."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     clip_grad_norm: float | None = None
+    clipped: list[nn.Parameter] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.clip_grad_norm is not None and not self.clipped:
+            raise ValueError("clip_grad_norm needs the parameters to clip (Optimisation.for_step)")
 
     @classmethod
     def for_step(
@@ -116,7 +122,12 @@ class Optimisation:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
         fp16 = rt.amp_dtype == torch.float16
         scaler = torch.amp.GradScaler(rt.device.type, enabled=fp16)
-        return cls(optimizer, scheduler, scaler, train.clip_grad_norm)
+        # Mask2Former's full-model clipping takes the optimiser's parameters (a frozen weight is
+        # not among them: facebookresearch/Mask2Former train_net.py:241-245), listed in the
+        # model's order as its per-parameter groups are (the order of the norm's float sum)
+        trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        clipped = [p for p in model.parameters() if id(p) in trained]
+        return cls(optimizer, scheduler, scaler, train.clip_grad_norm, clipped)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -294,13 +305,8 @@ def train_batch(
         opt.scaler.unscale_(opt.optimizer)  # importance estimates and clipping: true gradients
     if method.needs_gradients:
         method.after_backward(step.model)
-    if opt.clip_grad_norm is not None:
-        # Mask2Former's full-model clipping: the optimiser's parameters' gradients as one vector
-        # (facebookresearch/Mask2Former train_net.py:241-245; a frozen weight is not among
-        # them), in the model's order, as its per-parameter groups list them (the float sum)
-        trained = {id(p) for group in opt.optimizer.param_groups for p in group["params"]}
-        clipped = [p for p in step.model.parameters() if id(p) in trained]
-        torch.nn.utils.clip_grad_norm_(clipped, opt.clip_grad_norm)
+    if opt.clip_grad_norm is not None:  # the trained parameters' gradients as one vector
+        torch.nn.utils.clip_grad_norm_(opt.clipped, opt.clip_grad_norm)
     opt.scaler.step(opt.optimizer)
     opt.scaler.update()
     opt.scheduler.step()
